@@ -1,0 +1,166 @@
+"""`podnetmon check`: can this host run the daemon? One sentence and a remedy per gap.
+
+Features are probed by trying them (a map created, a program loaded and
+attached in a throwaway netns, a trivial program compiled), never by asking
+a library what it believes.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from monitor import bpfsys
+from monitor.settings import Settings
+
+# Capability bits (include/uapi/linux/capability.h)
+CAP_SYS_PTRACE, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 19, 12, 21, 38, 39
+
+
+@dataclass(frozen=True)
+class Finding:
+    name: str
+    ok: bool
+    required: bool
+    sentence: str
+    remedy: str = ""
+
+
+def _effective_caps(proc_root: str = "/proc") -> int:
+    with open(os.path.join(proc_root, "self", "status"), encoding="ascii") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def check_privileges() -> Finding:
+    caps = _effective_caps()
+    need = {"CAP_BPF or CAP_SYS_ADMIN": (CAP_BPF, CAP_SYS_ADMIN),
+            "CAP_PERFMON or CAP_SYS_ADMIN": (CAP_PERFMON, CAP_SYS_ADMIN),
+            "CAP_NET_ADMIN": (CAP_NET_ADMIN,),
+            "CAP_SYS_PTRACE": (CAP_SYS_PTRACE,)}
+    missing = [name for name, bits in need.items() if not any(caps >> b & 1 for b in bits)]
+    if not missing:
+        return Finding("privileges", True, True, "running with the capabilities BPF, tc and "
+                       "reading other processes' namespaces need")
+    return Finding("privileges", False, True, f"missing capabilities: {', '.join(missing)}",
+                   "run as root, or grant these capabilities (see deploy/ for the DaemonSet's list)")
+
+
+def check_bpf_syscall() -> Finding:
+    try:
+        os.close(bpfsys.load_unspec_program())
+    except OSError as exc:
+        return Finding("bpf", False, True, f"the bpf() syscall refused to load a program: "
+                       f"{exc.strerror}", "run as root with CONFIG_BPF_SYSCALL; check "
+                       "kernel.unprivileged_bpf_disabled and seccomp/AppArmor profiles")
+    return Finding("bpf", True, True, "the bpf() syscall loads programs")
+
+
+def check_btf() -> Finding:
+    path = "/sys/kernel/btf/vmlinux"
+    if os.access(path, os.R_OK):
+        return Finding("btf", True, False, f"{path} is readable: struct offsets come from "
+                       "the running kernel")
+    return Finding("btf", False, False, f"{path} is missing: kernel struct offsets cannot "
+                   "be read from the running kernel",
+                   "use a kernel built with CONFIG_DEBUG_INFO_BTF=y; without it, probes that "
+                   "read kernel structs degrade to what needs no offsets")
+
+
+def check_headers() -> Finding:
+    release = platform.release()
+    build = os.environ.get("BCC_KERNEL_SOURCE") or f"/lib/modules/{release}/build"
+    if not os.path.isdir(os.path.join(build, "include")):
+        return Finding("headers", False, True, f"no kernel headers at {build}: BCC compiles "
+                       "the probes against them",
+                       "install the headers of this kernel (Debian: linux-headers-$(uname -r)); "
+                       "where none exist, link /lib/modules/$(uname -r) to another version's "
+                       "(make setup does this): uapi types stay right and struct offsets "
+                       "come from BTF")
+    from monitor import bpf  # imports bcc: only once we know there are headers
+
+    error = bpf.compile_trivial()
+    if error:
+        return Finding("headers", False, True, f"BCC could not compile a trivial program "
+                       f"with the headers at {build}: {error}",
+                       "check the headers match an installed kernel and that clang/libbcc work")
+    target = os.path.realpath(build)
+    note = "" if release in target else (f" ({os.path.basename(target)}, not this kernel's: "
+                                         "struct offsets come from BTF)")
+    return Finding("headers", True, True, f"BCC compiles against {build}{note}")
+
+
+def check_tracefs(settings: Settings) -> Finding:
+    events = os.path.join(settings.tracefs_root, "events")
+    if os.path.isdir(events):
+        return Finding("tracefs", True, True, f"tracefs is mounted at {settings.tracefs_root}")
+    return Finding("tracefs", False, True, f"tracefs is not mounted at {settings.tracefs_root}: "
+                   "BCC reads tracepoint formats there",
+                   f"mount -t tracefs tracefs {settings.tracefs_root}")
+
+
+def check_bpffs(settings: Settings) -> Finding:
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            mounted = any(line.split()[1] == settings.bpffs_root and line.split()[2] == "bpf"
+                          for line in f if len(line.split()) > 2)
+    except OSError:
+        mounted = False
+    if mounted:
+        return Finding("bpffs", True, False, f"bpffs is mounted at {settings.bpffs_root}")
+    return Finding("bpffs", False, False, f"bpffs is not mounted at {settings.bpffs_root}: "
+                   "nothing can be pinned, so counters restart with the daemon",
+                   f"mount -t bpf bpf {settings.bpffs_root}")
+
+
+def check_attach() -> Iterator[Finding]:
+    from monitor import bpf
+
+    result = bpf.probe_attach_features()
+    clsact, cls_bpf, tcx = result.get("clsact", "?"), result.get("cls_bpf", "?"), result.get("tcx", "?")
+    if not clsact:
+        yield Finding("clsact", True, True, "a clsact qdisc can be added (in a scratch netns)")
+    else:
+        yield Finding("clsact", False, True, f"adding a clsact qdisc failed: {clsact}",
+                      "use a kernel with CONFIG_NET_SCH_INGRESS (clsact) and CONFIG_NET_CLS_BPF")
+    if not cls_bpf:
+        yield Finding("cls_bpf", True, True, "a BPF tc filter attaches (in a scratch netns)")
+    else:
+        yield Finding("cls_bpf", False, True, f"attaching a BPF tc filter failed: {cls_bpf}",
+                      "use a kernel with CONFIG_NET_CLS_BPF")
+    if not tcx:
+        yield Finding("tcx", True, False, "tcx links attach (kernel >= 6.6): used where a "
+                      "device already carries tcx programs")
+    else:
+        yield Finding("tcx", False, False, f"tcx is not available: {tcx}",
+                      "nothing to do unless the CNI uses tcx (Cilium >= 1.16 on kernel >= 6.6); "
+                      "then a kernel with CONFIG_NET_XGRESS is needed for traffic not to "
+                      "bypass podnetmon")
+
+
+def run_checks(settings: Settings) -> list[Finding]:
+    findings = [check_privileges(), check_bpf_syscall(), check_btf()]
+    steps: list[Callable[[], Finding]] = [check_headers, lambda: check_tracefs(settings),
+                                          lambda: check_bpffs(settings)]
+    for step in steps:
+        findings.append(step())
+    if findings[1].ok:
+        findings.extend(check_attach())
+    return findings
+
+
+def report(findings: list[Finding]) -> tuple[str, int]:
+    lines = []
+    for f in findings:
+        mark = "ok  " if f.ok else ("FAIL" if f.required else "warn")
+        lines.append(f"{mark} {f.name:10} {f.sentence}")
+        if not f.ok and f.remedy:
+            lines.append(f"     {'':10} remedy: {f.remedy}")
+    failed = [f for f in findings if f.required and not f.ok]
+    lines.append("podnetmon can run on this host" if not failed else
+                 f"podnetmon cannot run here: {len(failed)} required check(s) failed")
+    return "\n".join(lines), 1 if failed else 0

@@ -1,0 +1,148 @@
+"""The `podnetmon` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from monitor import __version__, log, settings
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="podnetmon", description="Per-pod network monitor for Kubernetes nodes (BCC eBPF).")
+    parser.add_argument("--version", action="version", version=f"podnetmon {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the node daemon",
+                         description="Find every pod network on this node, attach to its host "
+                         "veth and serve per-pod metrics. Every flag also reads from the "
+                         "environment variable named in its help.")
+    run.add_argument("--check", action="store_true",
+                     help="load, attach to every pod found, report and exit (non-zero on any "
+                          "failure)")
+    settings.add_arguments(run)
+
+    check = sub.add_parser("check", help="preflight of this host: can the daemon run here?")
+    check.add_argument("--tracefs-root", default="/sys/kernel/tracing")
+    check.add_argument("--bpffs-root", default="/sys/fs/bpf")
+
+    pods = sub.add_parser("pods", help="the pods the daemon sees, as a table")
+    pods.add_argument("--address", default="127.0.0.1:9655",
+                      help="the daemon's listen address (host:port)")
+    pods.add_argument("--json", action="store_true", help="print the daemon's JSON as it is")
+
+    lab = sub.add_parser("lab", help="simulated pods on this machine")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    up = lab_sub.add_parser("up", help="make N lab pods (beside any there are)")
+    up.add_argument("--pods", type=int, default=4)
+    up.add_argument("--pinned", type=int, default=0,
+                    help="of those, how many are CRI-O style: a pinned netns, no pause process")
+    up.add_argument("--json", action="store_true", help="print the pods made as JSON")
+    lab_sub.add_parser("down", help="remove everything the lab made (idempotent)")
+    lab_sub.add_parser("status", help="the lab's pods as JSON")
+    add = lab_sub.add_parser("add", help="one more lab pod")
+    add.add_argument("--pinned", action="store_true")
+    add.add_argument("--name")
+    rm = lab_sub.add_parser("rm", help="remove one lab pod")
+    rm.add_argument("name")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    log.configure("info", "auto")
+    if args.command == "check":
+        return _check(args)
+    if args.command == "pods":
+        return _pods(args)
+    return _lab(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        conf = settings.from_sources(args)
+    except settings.SettingsError as exc:
+        print(f"podnetmon: bad setting: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    log.configure(conf.log_level, conf.log_format)
+    from monitor import daemon
+
+    return daemon.run(conf, check_only=args.check)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from monitor import check
+
+    conf = settings.Settings(tracefs_root=args.tracefs_root, bpffs_root=args.bpffs_root)
+    text, code = check.report(check.run_checks(conf))
+    print(text)
+    return code
+
+
+def _pods(args: argparse.Namespace) -> int:
+    url = f"http://{args.address}/api/v1/pods"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            doc = json.load(resp)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"podnetmon: cannot read {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(format_pods(doc.get("pods", [])))
+    return 0
+
+
+def format_pods(pods: list[dict[str, object]]) -> str:
+    columns = ("namespace", "pod", "interface", "ifindex", "attach_mode", "netns", "uid",
+               "last_error")
+    rows = [[str(p.get(c, "") if p.get(c) is not None else "") for c in columns] for p in pods]
+    header = [c.upper().replace("_", " ") for c in columns]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from monitor.lab import Lab, LabError
+
+    lab = Lab()
+    try:
+        if args.lab_command == "up":
+            made = lab.up(args.pods, pinned=args.pinned)
+            if args.json:
+                print(json.dumps([asdict(p) for p in made], indent=1))
+            else:
+                for p in made:
+                    kind = f"pinned {p.pinned}" if p.pinned else f"pause pid {p.pause_pid}"
+                    print(f"{p.namespace}/{p.name}  {p.ip}  {p.host_veth}  netns {p.netns}  {kind}")
+                print(f"inventory: {lab.inventory}")
+        elif args.lab_command == "down":
+            removed = lab.down()
+            print(f"lab down: removed {len(removed)} objects")
+        elif args.lab_command == "status":
+            print(json.dumps([asdict(p) for p in lab.pods()], indent=1))
+        elif args.lab_command == "add":
+            print(json.dumps(asdict(lab.add(pinned=args.pinned, name=args.name)), indent=1))
+        elif args.lab_command == "rm":
+            lab.remove(args.name)
+    except LabError as exc:
+        print(f"podnetmon lab: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The collector: reads the kernel maps when Prometheus scrapes, keeps no copy.
+
+Each scrape builds fresh metric families from the maps and the current
+identity snapshot. A probe whose maps cannot be read this time (an fd gone
+bad, a kernel error) costs that probe's families for this scrape, not the
+scrape: the failure is logged and counted.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterator, Sequence
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from monitor import __version__, log
+from monitor.kerneltypes import ProgramStats
+from monitor.maps import MapReader
+from monitor.probes.base import Probe
+from monitor.state import MonitorState
+
+POD_INFO_LABELS = ["namespace", "pod", "uid", "netns", "interface", "node", "workload",
+                   "workload_kind"]
+
+
+class PodCollector(Collector):
+    """Per-pod families from every enabled probe, podnet_pod_info and podnet_monitor_*."""
+
+    def __init__(self, *, probes: Sequence[Probe], maps: MapReader, state: MonitorState,
+                 node: str, program_stats: Callable[[], Sequence[ProgramStats]] | None = None,
+                 bcc_version: str = "") -> None:
+        self._probes, self._maps, self._state, self._node = list(probes), maps, state, node
+        self._program_stats, self._bcc_version = program_stats, bcc_version
+        self._log = log.get("collector")
+        self._probe_errors = 0
+
+    def describe(self) -> Iterator[Metric]:
+        """Names and types only: registering the collector reads no kernel map."""
+        for probe in self._probes:
+            yield from probe.describe()
+        yield from self._pod_info(describe=True)
+        yield from self._monitor(describe=True)
+
+    def collect(self) -> Iterator[Metric]:
+        index = self._state.snapshot.index
+        for probe in self._probes:
+            try:
+                families = list(probe.collect(self._maps, index))
+            except OSError as exc:
+                self._probe_errors += 1
+                self._log.error("probe maps unreadable", probe=probe.name, error=str(exc))
+                continue
+            yield from families
+        yield from self._pod_info()
+        yield from self._monitor()
+
+    def _pod_info(self, describe: bool = False) -> Iterator[Metric]:
+        info = GaugeMetricFamily("podnet_pod_info", "A monitored pod: always 1; its labels "
+                                 "join pod names to netns, interface and workload.",
+                                 labels=POD_INFO_LABELS)
+        if not describe:
+            for pod in self._state.snapshot.index.pods():
+                info.add_metric([
+                    pod.namespace, pod.name, pod.uid, str(pod.netns_inode),
+                    ",".join(v.name for v in pod.interfaces), self._node,
+                    pod.meta.workload, pod.meta.workload_kind], 1)
+        yield info
+
+    def _monitor(self, describe: bool = False) -> Iterator[Metric]:
+        state = self._state
+        attached = GaugeMetricFamily("podnet_monitor_attached_pods",
+                                     "Pods whose host veths carry our programs.")
+        errors = CounterMetricFamily("podnet_monitor_attach_errors",
+                                     "Failed attempts to attach to a pod's interface.")
+        reconciles = CounterMetricFamily("podnet_monitor_reconciles",
+                                         "Discovery and attach passes run.")
+        reconcile_seconds = CounterMetricFamily("podnet_monitor_reconcile_seconds",
+                                                "Time spent in discovery and attach passes.")
+        probe_errors = CounterMetricFamily("podnet_monitor_collect_errors",
+                                           "Scrapes in which a probe's maps could not be read.")
+        build = GaugeMetricFamily("podnet_monitor_build_info", "podnetmon's build: always 1.",
+                                  labels=["version", "bcc_version", "kernel"])
+        run_seconds = CounterMetricFamily(
+            "podnet_monitor_bpf_run_seconds", "Time the kernel spent running each of our BPF "
+            "programs (only while the kernel keeps BPF statistics).", labels=["program"])
+        runs = CounterMetricFamily("podnet_monitor_bpf_runs", "Runs of each of our BPF "
+                                   "programs (only while the kernel keeps BPF statistics).",
+                                   labels=["program"])
+        if not describe:
+            attached.add_metric([], state.attached_pods())
+            errors.add_metric([], state.attach_errors)
+            reconciles.add_metric([], state.reconciles)
+            reconcile_seconds.add_metric([], state.reconcile_seconds)
+            probe_errors.add_metric([], self._probe_errors)
+            build.add_metric([__version__, self._bcc_version, platform.release()], 1)
+            for stat in self._program_stats() if self._program_stats else ():
+                run_seconds.add_metric([stat.name], stat.run_time_ns / 1e9)
+                runs.add_metric([stat.name], stat.run_cnt)
+        yield from (attached, errors, reconciles, reconcile_seconds, probe_errors, build)
+        if describe or self._program_stats:
+            yield run_seconds
+            yield runs

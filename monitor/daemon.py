@@ -1,0 +1,118 @@
+"""`podnetmon run`: wires settings, the kernel adapter, the reconciler and HTTP together.
+
+Start-up is where failure is fatal (a bad setting or inventory: exit 2; programs
+that do not compile or verify: exit 1, with the reason). After that, failures
+are contained per pod. SIGTERM/SIGINT detach everything we attached and exit 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+from prometheus_client.registry import CollectorRegistry
+
+from monitor import log
+from monitor.collector import PodCollector
+from monitor.metadata import MetadataSource
+from monitor.metadata.static import InventoryError, NoMetadata, StaticInventory
+from monitor.probes import RegistryError, select
+from monitor.reconcile import Discovery, Loop, Reconciler
+from monitor.server import Api, Server
+from monitor.settings import Settings
+from monitor.state import MonitorState
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _metadata(settings: Settings) -> MetadataSource:
+    if settings.inventory:
+        return StaticInventory(settings.inventory)
+    return NoMetadata()
+
+
+def run(settings: Settings, *, check_only: bool = False) -> int:
+    logger = log.get("daemon")
+    try:
+        metadata = _metadata(settings)
+        probes = select(settings.probes)
+    except (InventoryError, RegistryError) as exc:
+        logger.error("bad configuration", error=str(exc))
+        return EXIT_USAGE
+
+    from monitor import bpf  # imports bcc: after the configuration is known to be good
+
+    try:
+        programs = bpf.Programs(probes, max_interfaces=settings.max_interfaces,
+                                bpf_stats=settings.bpf_stats)
+    except bpf.KernelError as exc:
+        logger.error("cannot load the BPF programs", error=str(exc))
+        return EXIT_FAILED
+    netlink = bpf.Netlink()
+    try:
+        attacher = bpf.Attacher(programs, netlink, mode=settings.attach_mode,
+                                tc_priority=settings.tc_priority, tc_handle=settings.tc_handle)
+    except bpf.KernelError as exc:
+        logger.error("cannot attach", error=str(exc))
+        programs.close()
+        return EXIT_FAILED
+    state = MonitorState()
+    interface_maps = [programs.maps.handle(name) for p in probes
+                      for name, layout in p.maps.items() if layout.per_interface]
+    reconciler = Reconciler(
+        discovery=Discovery(settings.proc_root, settings.pause_comm, settings.netns_dirs),
+        links=netlink, attacher=attacher, interface_maps=interface_maps,
+        metadata=metadata, state=state)
+    if check_only:
+        return _check_once(reconciler, state, netlink, programs)
+
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(PodCollector(
+        probes=probes, maps=programs.maps, state=state, node=settings.node_name,
+        program_stats=programs.program_stats if programs.stats_enabled() else None,
+        bcc_version=bpf.bcc_version()))
+    stop = threading.Event()
+    loop = Loop(reconciler, resync_interval=settings.resync_interval,
+                debounce=settings.event_debounce, events_factory=bpf.LinkEvents, state=state,
+                on_exit=netlink.close)
+    worker = threading.Thread(target=loop.run, args=(stop,), name="reconcile")
+    try:
+        server = Server(settings.listen_host, settings.listen_port,
+                        Api(registry, state, settings.node_name, alive=worker.is_alive))
+    except OSError as exc:
+        logger.error("cannot listen", address=settings.listen, error=exc.strerror)
+        programs.close()
+        return EXIT_FAILED
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        logger.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    worker.start()
+    while worker.is_alive():
+        worker.join(timeout=1.0)
+    server.stop()
+    programs.close()
+    logger.info("stopped")
+    return EXIT_OK
+
+
+def _check_once(reconciler: Reconciler, state: MonitorState, netlink: object,
+                programs: object) -> int:
+    """Load, attach to every pod found, report, detach: `podnetmon run --check`."""
+    logger = log.get("daemon")
+    try:
+        reconciler.reconcile()
+        pods = state.snapshot.pods
+        failed = [p for p in pods for i in p.interfaces if i.last_error]
+        logger.info("check done", pods=len(pods), attached=state.attached_pods(),
+                    failed=len(failed))
+    finally:
+        reconciler.detach_all()
+        netlink.close()  # type: ignore[attr-defined]
+        programs.close()  # type: ignore[attr-defined]
+    return EXIT_FAILED if failed or state.attach_errors else EXIT_OK

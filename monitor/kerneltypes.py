@@ -1,0 +1,38 @@
+"""Plain data the kernel adapter returns, importable without bcc or pyroute2."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class VethLink:
+    """A veth in the host namespace whose peer lives in another namespace."""
+
+    ifindex: int
+    name: str
+    link_netnsid: int
+    peer_ifindex: int
+
+
+@dataclass
+class Attachment:
+    """Our programs on one interface."""
+
+    ifindex: int
+    ifname: str
+    netns: int
+    mode: str  # "tc" or "tcx"
+    since: float = field(default_factory=time.time)
+    link_fds: list[int] = field(default_factory=list)  # tcx only
+
+
+@dataclass(frozen=True)
+class ProgramStats:
+    """The kernel's run statistics of one of our programs."""
+
+    name: str
+    prog_id: int
+    run_time_ns: int
+    run_cnt: int

@@ -1,0 +1,367 @@
+"""Simulated pods on one machine, for the demo, the tests and the benchmarks.
+
+A lab pod is what a node shows the monitor of a real pod: a network namespace
+held by a real process whose comm is `pause` (a link named pause to
+sleep(1), sleeping forever as the real one does), placed in a kubepods-style
+cgroup whose path carries a generated pod UID; a veth pair whose host side
+hangs on the lab bridge; addresses on a private lab subnet. Some pods can be
+CRI-O style instead: a pinned netns under /run/netns and no pause process.
+
+Everything the lab makes carries a name the lab alone uses (bridge pnmlab0,
+host veths pnml<N>, netns pnmlab-<N>, cgroups under podnetmon-lab/), and
+`down` finds it by those names as well as by its state file, so it works
+after a crash. The bridge has no address and pods have no default route:
+lab traffic stays among the lab's namespaces.
+
+The lab drives the kernel through the `ip` command, not through the monitor's
+own adapter, so that tests do not check the monitor with itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+LAB_DIR = Path(os.environ.get("PODNETMON_LAB_DIR", "/run/podnetmon-lab"))
+BRIDGE = "pnmlab0"
+VETH_PREFIX = "pnml"
+NETNS_PREFIX = "pnmlab-"
+NETNS_DIR = Path("/run/netns")
+CGROUP_PARENT = "podnetmon-lab"
+NAMESPACE = "lab"
+
+
+class LabError(RuntimeError):
+    """A lab operation failed; the message says which step and why."""
+
+
+@dataclass(frozen=True)
+class LabPod:
+    """One simulated pod, as `lab up --json` prints it."""
+
+    index: int
+    namespace: str
+    name: str
+    uid: str
+    netns: int
+    netns_path: str
+    pause_pid: int | None
+    pinned: str | None
+    host_veth: str
+    ip: str
+    ip6: str
+    cgroup: str
+    inventory: str
+
+    def exec_prefix(self) -> list[str]:
+        """A command prefix that runs a program inside this pod's network namespace."""
+        return ["nsenter", f"--net={self.netns_path}", "--"]
+
+
+def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(args), capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise LabError(f"`{' '.join(args)}` failed: {proc.stderr.strip() or proc.returncode}")
+    return proc
+
+
+def _sysctl(key: str, value: str) -> None:
+    path = Path("/proc/sys") / key.replace(".", "/")
+    try:
+        path.write_text(value)
+    except OSError:
+        pass  # an interface already gone, or a kernel without the knob: not lab-fatal
+
+
+def cgroup2_root() -> Path:
+    """The unified (v2) hierarchy's mount point, wherever this host put it."""
+    with open("/proc/self/mounts", encoding="utf-8") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2 and parts[2] == "cgroup2":
+                return Path(parts[1])
+    raise LabError("no cgroup2 hierarchy is mounted; the lab places pause processes in one")
+
+
+def pod_ips(index: int) -> tuple[str, str]:
+    return (f"10.213.{index // 250}.{index % 250 + 2}", f"fd00:213::{index + 2:x}")
+
+
+class Lab:
+    """Builds and removes lab pods; state lives in LAB_DIR/state.json."""
+
+    def __init__(self, lab_dir: Path = LAB_DIR) -> None:
+        self.dir = lab_dir
+        self.state_file = lab_dir / "state.json"
+        self.inventory = lab_dir / "inventory.yaml"
+        self.pause_bin = lab_dir / "pause"
+
+    # -- state ------------------------------------------------------------------
+
+    def pods(self) -> list[LabPod]:
+        try:
+            raw = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return []
+        return [LabPod(**p) for p in raw.get("pods", [])]
+
+    def pod(self, name: str) -> LabPod:
+        for p in self.pods():
+            if p.name == name:
+                return p
+        raise LabError(f"no lab pod named {name}")
+
+    def _save(self, pods: Sequence[LabPod]) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pods": [asdict(p) for p in pods]}, indent=1))
+        os.replace(tmp, self.state_file)
+        self._write_inventory(pods)
+
+    def _write_inventory(self, pods: Sequence[LabPod]) -> None:
+        entries = []
+        for p in pods:
+            entry: dict[str, object] = {"namespace": p.namespace, "name": p.name,
+                                        "labels": {"app": "lab", "lab-index": str(p.index)},
+                                        "owner": {"kind": "StatefulSet", "name": "lab"}}
+            if p.pinned:
+                entry["netns"] = p.pinned
+                entry["uid"] = p.uid
+            else:
+                entry["uid"] = p.uid
+            entries.append(entry)
+        tmp = self.inventory.with_suffix(".tmp")
+        tmp.write_text("# written by `podnetmon lab`\n" + yaml.safe_dump({"pods": entries}))
+        os.replace(tmp, self.inventory)
+
+    # -- up ---------------------------------------------------------------------
+
+    def up(self, count: int, *, pinned: int = 0) -> list[LabPod]:
+        """Make `count` pods (the last `pinned` of them CRI-O style), beside any there are."""
+        if count < 0 or pinned < 0 or pinned > count:
+            raise LabError("need 0 <= pinned <= pods")
+        self._prepare()
+        made = []
+        for i in range(count):
+            made.append(self.add(pinned=i >= count - pinned))
+        return made
+
+    def _prepare(self) -> None:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.pause_bin.exists():
+            sleep = shutil.which("sleep") or "/bin/sleep"
+            os.symlink(sleep, self.pause_bin)  # comm comes from the name exec'd: "pause"
+        if not Path(f"/sys/class/net/{BRIDGE}").exists():
+            _run("ip", "link", "add", BRIDGE, "type", "bridge", "stp_state", "0",
+                 "forward_delay", "0")
+            # No IPv6 on the host side: no router solicitations or MLD from the host
+            # into the lab, so what pods see is what the lab's traffic sends.
+            _sysctl(f"net.ipv6.conf.{BRIDGE}.disable_ipv6", "1")
+            _run("ip", "link", "set", BRIDGE, "up")
+        if not self.state_file.exists():
+            self._save([])
+
+    def add(self, *, pinned: bool = False, name: str | None = None) -> LabPod:
+        """One more pod; the state file is updated as soon as the pod exists."""
+        self._prepare()
+        pods = self.pods()
+        index = max((p.index for p in pods), default=-1) + 1
+        uid = str(uuid.uuid4())
+        pod_name = name or f"pod-{index}"
+        veth = f"{VETH_PREFIX}{index}"
+        ip4, ip6 = pod_ips(index)
+        cgroup, pause_pid, pinned_path = "", None, None
+        if pinned:
+            pinned_path = str(NETNS_DIR / f"{NETNS_PREFIX}{index}")
+            _run("ip", "netns", "add", f"{NETNS_PREFIX}{index}")
+            netns_path = pinned_path
+            target = ["netns", f"{NETNS_PREFIX}{index}"]
+        else:
+            cgroup = self._make_cgroup(index, uid)
+            pause_pid = self._start_pause(cgroup)
+            netns_path = f"/proc/{pause_pid}/ns/net"
+            target = ["netns", str(pause_pid)]
+        pod = LabPod(index, NAMESPACE, pod_name, uid, os.stat(netns_path).st_ino, netns_path,
+                     pause_pid, pinned_path, veth, ip4, ip6, cgroup, str(self.inventory))
+        self._save([*pods, pod])  # before wiring: a crash from here on is still cleaned up
+        self._wire(pod, target)
+        return pod
+
+    def _make_cgroup(self, index: int, uid: str) -> str:
+        """A kubelet-shaped cgroup: systemd driver for even pods, cgroupfs for odd ones."""
+        container = uuid.uuid4().hex + uuid.uuid4().hex
+        if index % 2 == 0:
+            rel = (f"{CGROUP_PARENT}/kubepods.slice/kubepods-besteffort.slice/"
+                   f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice/"
+                   f"cri-containerd-{container}.scope")
+        else:
+            rel = f"{CGROUP_PARENT}/kubepods/burstable/pod{uid}/{container}"
+        path = cgroup2_root() / rel
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+    def _start_pause(self, cgroup: str) -> int:
+        # The shell joins the cgroup first and then becomes the pause process, so the
+        # process is never seen outside its pod's cgroup.
+        script = f'echo $$ > "{cgroup}/cgroup.procs" && exec unshare --net "{self.pause_bin}" infinity'
+        proc = subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        host = os.stat("/proc/self/ns/net").st_ino
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                comm = Path(f"/proc/{proc.pid}/comm").read_text().strip()
+                if comm == "pause" and os.stat(f"/proc/{proc.pid}/ns/net").st_ino != host:
+                    return proc.pid
+            except OSError:
+                pass
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise LabError(f"the pause process exited: {err.strip()}")
+            time.sleep(0.005)
+        proc.kill()
+        raise LabError("the pause process did not start within 5 s")
+
+    def _wire(self, pod: LabPod, target: list[str]) -> None:
+        _run("ip", "link", "add", pod.host_veth, "type", "veth", "peer", "name", "eth0",
+             *target)
+        _sysctl(f"net.ipv6.conf.{pod.host_veth}.disable_ipv6", "1")
+        _run("ip", "link", "set", pod.host_veth, "master", BRIDGE, "up")
+        inside = pod.exec_prefix()
+        for key, value in (("net.ipv6.conf.eth0.accept_ra", "0"),
+                           ("net.ipv6.conf.eth0.router_solicitations", "0"),
+                           ("net.ipv6.conf.all.accept_dad", "0"),
+                           ("net.ipv6.conf.eth0.accept_dad", "0")):
+            _run(*inside, "sysctl", "-q", "-w", f"{key}={value}")
+        _run(*inside, "ip", "addr", "add", f"{pod.ip}/16", "dev", "eth0")
+        _run(*inside, "ip", "addr", "add", f"{pod.ip6}/64", "dev", "eth0", "nodad")
+        _run(*inside, "ip", "link", "set", "lo", "up")
+        _run(*inside, "ip", "link", "set", "eth0", "up")
+
+    # -- down -------------------------------------------------------------------
+
+    def remove(self, name: str) -> None:
+        """Remove one pod as its runtime would: processes, veth, netns, cgroup."""
+        pods = self.pods()
+        pod = next((p for p in pods if p.name == name), None)
+        if pod is None:
+            raise LabError(f"no lab pod named {name}")
+        self._kill_in_netns({pod.netns})
+        _run("ip", "link", "del", pod.host_veth, check=False)
+        if pod.pinned:
+            _run("ip", "netns", "del", Path(pod.pinned).name, check=False)
+        if pod.cgroup:
+            _rmdir_up(Path(pod.cgroup), stop=cgroup2_root() / CGROUP_PARENT)
+        self._save([p for p in pods if p.name != name])
+
+    def down(self) -> list[str]:
+        """Remove everything the lab ever made. Idempotent; works after a crash."""
+        removed: list[str] = []
+        inodes = {p.netns for p in self.pods()}
+        for entry in _list_dir(NETNS_DIR):
+            if entry.startswith(NETNS_PREFIX):
+                try:
+                    inodes.add(os.stat(NETNS_DIR / entry).st_ino)
+                except OSError:
+                    pass
+        inodes |= self._pause_netns()
+        removed += [f"process {pid}" for pid in self._kill_in_netns(inodes)]
+        for link in _lab_links():
+            if _run("ip", "link", "del", link, check=False).returncode == 0:
+                removed.append(f"link {link}")
+        for entry in _list_dir(NETNS_DIR):
+            if entry.startswith(NETNS_PREFIX):
+                _run("ip", "netns", "del", entry, check=False)
+                removed.append(f"netns {entry}")
+        try:
+            root = cgroup2_root() / CGROUP_PARENT
+        except LabError:
+            root = None
+        if root is not None and root.exists():
+            for dirpath, _dirs, _files in sorted(os.walk(root), key=lambda t: -len(t[0])):
+                try:
+                    os.rmdir(dirpath)
+                except OSError:
+                    pass
+            removed.append(f"cgroup {root}")
+        if self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+            removed.append(f"dir {self.dir}")
+        return removed
+
+    def _pause_netns(self) -> set[int]:
+        """Netns of processes running our pause link (found even without state)."""
+        found = set()
+        marker = str(self.pause_bin).encode()
+        for pid in _pids():
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == marker:
+                    found.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
+            except OSError:
+                pass
+        return found
+
+    def _kill_in_netns(self, inodes: set[int]) -> list[int]:
+        """Kill every process living in one of these namespaces (pause, traffic tools)."""
+        if not inodes:
+            return []
+        victims = []
+        for pid in _pids():
+            try:
+                if os.stat(f"/proc/{pid}/ns/net").st_ino in inodes:
+                    os.kill(pid, signal.SIGKILL)
+                    victims.append(pid)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        for pid in victims:
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                _reap(pid)
+                time.sleep(0.005)
+        return victims
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _pids() -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid()]
+
+
+def _list_dir(path: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
+def _lab_links() -> list[str]:
+    names = []
+    for entry in _list_dir(Path("/sys/class/net")):
+        if entry == BRIDGE or (entry.startswith(VETH_PREFIX) and entry[len(VETH_PREFIX):].isdigit()):
+            names.append(entry)
+    return sorted(names, key=lambda n: n == BRIDGE)  # veths first, then the bridge
+
+
+def _rmdir_up(path: Path, *, stop: Path) -> None:
+    """Remove a cgroup and its now-empty parents, up to (not including) `stop`."""
+    while path != stop and stop in path.parents:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        path = path.parent

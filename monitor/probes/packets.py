@@ -1,0 +1,76 @@
+"""Per-pod packets and bytes by direction and protocol (bpf/packets.c)."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from monitor.identity import IdentityIndex
+from monitor.maps import MapReader, decode
+from monitor.probes.base import MapLayout, Probe, ifindex_of
+
+# Index order of pnm_counts' arrays, as bpf/pnm.h numbers them.
+DIRECTIONS = ("ingress", "egress")  # PNM_DIR_INGRESS (pod receives), PNM_DIR_EGRESS (pod sends)
+PROTOCOLS = ("tcp", "udp", "icmp", "other")
+
+MAP = "pnm_packets"
+LABELS = ["namespace", "pod", "direction", "protocol"]
+
+
+class Counts(ctypes.Structure):
+    """struct pnm_counts."""
+
+    _fields_ = [
+        ("packets", (ctypes.c_uint64 * len(PROTOCOLS)) * len(DIRECTIONS)),
+        ("bytes", (ctypes.c_uint64 * len(PROTOCOLS)) * len(DIRECTIONS)),
+    ]
+
+
+def _families() -> tuple[CounterMetricFamily, CounterMetricFamily]:
+    return (
+        CounterMetricFamily("podnet_packets", "Packets the pod sent (egress) or received "
+                            "(ingress), counted on its host veth.", labels=LABELS),
+        CounterMetricFamily("podnet_bytes", "Bytes the pod sent (egress) or received "
+                            "(ingress), Ethernet header included, as the interface "
+                            "statistics count them.", labels=LABELS),
+    )
+
+
+def collect(maps: MapReader, index: IdentityIndex) -> Iterator[Metric]:
+    packets, byte_count = _families()
+    # Several interfaces (or a recreated sandbox) can map to one pod's labels:
+    # sum them rather than emit duplicate series.
+    totals: dict[tuple[str, ...], list[int]] = {}
+    for key, value in maps.items(MAP):
+        pod = index.by_ifindex(ifindex_of(key))
+        if pod is None:  # detached a moment ago; its entry goes with the reconcile
+            continue
+        counts = decode(Counts, value)
+        for d, direction in enumerate(DIRECTIONS):
+            for p, protocol in enumerate(PROTOCOLS):
+                acc = totals.setdefault((pod.namespace, pod.name, direction, protocol), [0, 0])
+                acc[0] += counts.packets[d][p]
+                acc[1] += counts.bytes[d][p]
+    for labels, (npackets, nbytes) in sorted(totals.items()):
+        packets.add_metric(list(labels), npackets)
+        byte_count.add_metric(list(labels), nbytes)
+    yield packets
+    yield byte_count
+
+
+def describe() -> Iterator[Metric]:
+    yield from _families()
+
+
+PROBE = Probe(
+    name="packets",
+    summary="packets and bytes per pod, direction and protocol (TC)",
+    c_file="packets.c",
+    tc_hook="packets_tc",
+    maps={MAP: MapLayout(ctypes.c_uint32, Counts, per_interface=True)},
+    collect=collect,
+    describe=describe,
+)

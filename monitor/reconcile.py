@@ -1,0 +1,247 @@
+"""Keeps what is attached equal to what the kernel shows, by set difference.
+
+One pass: discover pod netns (pause processes, pinned files), find each one's
+host veths through the host's nsid for it, look up metadata, then attach to
+new interfaces and detach from vanished ones (or ones whose ifindex now
+belongs to another netns: ifindexes are reused). Passes run on netlink link
+events (debounced) and on a periodic resync. Failure is contained per
+interface: logged, counted, retried with backoff. Detaching a vanished
+interface is normal.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from monitor import discovery, log
+from monitor.identity import HostVeth, IdentityIndex, Pod, PodNetwork, identify
+from monitor.kerneltypes import Attachment, VethLink
+from monitor.metadata import MetadataSource
+from monitor.probes.base import ifindex_key
+from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
+
+RETRY_FIRST = 1.0  # seconds before the first retry of a failed attach
+RETRY_MAX = 60.0
+
+
+class Links(Protocol):
+    def veths(self) -> Sequence[VethLink]: ...
+    def netnsid(self, netns_path: str) -> int | None: ...
+
+
+class AttachPort(Protocol):
+    def attach(self, ifindex: int, ifname: str, netns: int) -> Attachment: ...
+    def detach(self, att: Attachment) -> None: ...
+
+
+class EventSource(Protocol):
+    def fileno(self) -> int: ...
+    def drain(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class InterfaceMap(Protocol):
+    def put_zero(self, key: bytes) -> None: ...
+    def delete(self, key: bytes) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """Where and how to look for pod networks."""
+
+    proc_root: str
+    pause_comm: str
+    netns_dirs: Sequence[str]
+
+    def scan(self) -> list[PodNetwork]:
+        return discovery.discover(self.proc_root, self.pause_comm, self.netns_dirs)
+
+
+@dataclass
+class _Failure:
+    error: str
+    attempts: int
+    retry_at: float
+
+
+class Reconciler:
+    """Owns every attachment; runs in one thread (netlink sockets are per thread)."""
+
+    def __init__(self, *, discovery: Discovery, links: Links, attacher: AttachPort,
+                 interface_maps: Iterable[InterfaceMap], metadata: MetadataSource,
+                 state: MonitorState, clock: Callable[[], float] = time.monotonic) -> None:
+        self._discovery, self._links, self._attacher = discovery, links, attacher
+        self._maps = list(interface_maps)
+        self._metadata, self._state, self._clock = metadata, state, clock
+        self._attached: dict[int, Attachment] = {}
+        self._failures: dict[int, _Failure] = {}
+        self._log = log.get("reconcile")
+
+    # -- one pass -------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        started = self._clock()
+        self._metadata.refresh()
+        pods = self._current_pods()
+        desired = {veth.ifindex: (pod, veth) for pod in pods for veth in pod.interfaces}
+        for ifindex, att in list(self._attached.items()):
+            want = desired.get(ifindex)
+            if want is None or want[0].netns_inode != att.netns or want[1].name != att.ifname:
+                self._detach(att, reason="gone" if want is None else "reused")
+        for failed in set(self._failures) - set(desired):
+            del self._failures[failed]
+        for ifindex, (pod, veth) in sorted(desired.items()):
+            if ifindex not in self._attached:
+                self._try_attach(pod, veth)
+        self._publish(pods)
+        self._state.count_reconcile(self._clock() - started)
+
+    def _current_pods(self) -> list[Pod]:
+        by_nsid: dict[int, list[HostVeth]] = {}
+        for link in self._links.veths():
+            by_nsid.setdefault(link.link_netnsid, []).append(
+                HostVeth(link.ifindex, link.name, link.peer_ifindex))
+        pods = []
+        for network in self._discovery.scan():
+            nsid = self._links.netnsid(network.open_path)
+            interfaces = by_nsid.get(nsid, []) if nsid is not None else []
+            if not interfaces:
+                continue  # not wired yet, or host networking: nothing of its own to watch
+            paths = [p for p in (network.pinned_path,) if p]
+            meta = self._metadata.lookup(network.uid, paths)
+            pods.append(identify(network, sorted(interfaces, key=lambda v: v.ifindex), meta))
+        return pods
+
+    def _try_attach(self, pod: Pod, veth: HostVeth) -> None:
+        failure = self._failures.get(veth.ifindex)
+        if failure is not None and self._clock() < failure.retry_at:
+            return
+        bound = self._log.bind(namespace=pod.namespace, pod=pod.name, interface=veth.name,
+                               ifindex=veth.ifindex, netns=pod.netns_inode)
+        key = ifindex_key(veth.ifindex)
+        try:
+            for m in self._maps:  # entries first, so the first packet already counts
+                m.put_zero(key)
+            att = self._attacher.attach(veth.ifindex, veth.name, pod.netns_inode)
+        except Exception as exc:  # noqa: BLE001 - contained per interface by design
+            for m in self._maps:
+                self._forget(m, key)
+            if not _link_exists(veth.name):
+                bound.debug("interface vanished while attaching")
+                return
+            attempts = failure.attempts + 1 if failure else 1
+            delay = min(RETRY_FIRST * 2 ** (attempts - 1), RETRY_MAX)
+            self._failures[veth.ifindex] = _Failure(str(exc), attempts, self._clock() + delay)
+            self._state.count_attach_error()
+            bound.error("attach failed", error=str(exc), attempts=attempts, retry_in=delay)
+            return
+        self._failures.pop(veth.ifindex, None)
+        self._attached[veth.ifindex] = att
+        bound.info("attached", mode=att.mode)
+
+    def _detach(self, att: Attachment, *, reason: str) -> None:
+        self._attacher.detach(att)
+        key = ifindex_key(att.ifindex)
+        for m in self._maps:  # after the programs are off, so nothing re-creates them
+            self._forget(m, key)
+        del self._attached[att.ifindex]
+        self._log.info("detached", interface=att.ifname, ifindex=att.ifindex,
+                       netns=att.netns, reason=reason)
+
+    def _forget(self, m: InterfaceMap, key: bytes) -> None:
+        try:
+            m.delete(key)
+        except OSError as exc:
+            self._log.warning("map entry not deleted", error=str(exc))
+
+    def _publish(self, pods: list[Pod]) -> None:
+        statuses = []
+        for pod in pods:
+            ifs = []
+            for veth in pod.interfaces:
+                att = self._attached.get(veth.ifindex)
+                failure = self._failures.get(veth.ifindex)
+                ifs.append(InterfaceStatus(
+                    veth.name, veth.ifindex, att.mode if att else "",
+                    att.since if att else None, failure.error if failure else ""))
+            statuses.append(PodStatus(pod.namespace, pod.name, pod.uid, pod.netns_inode,
+                                      pod.has_metadata, pod.network.pause_pid,
+                                      pod.network.pinned_path, tuple(ifs)))
+        self._state.publish(Snapshot(IdentityIndex(pods), tuple(statuses)))
+
+    def next_retry(self) -> float | None:
+        return min((f.retry_at for f in self._failures.values()), default=None)
+
+    def detach_all(self) -> None:
+        for att in list(self._attached.values()):
+            self._detach(att, reason="shutdown")
+        self._state.publish(Snapshot())
+
+
+def _link_exists(name: str) -> bool:
+    return os.path.exists(f"/sys/class/net/{name}")
+
+
+class Loop:
+    """Runs passes on link events and on a timer until stopped; detaches on exit."""
+
+    def __init__(self, reconciler: Reconciler, *, resync_interval: float, debounce: float,
+                 events_factory: Callable[[], EventSource], state: MonitorState,
+                 on_exit: Callable[[], None] = lambda: None) -> None:
+        self._reconciler, self._resync, self._debounce = reconciler, resync_interval, debounce
+        self._events_factory, self._state, self._on_exit = events_factory, state, on_exit
+        self._log = log.get("reconcile")
+
+    def run(self, stop: threading.Event) -> None:
+        events = self._events_factory()
+        try:
+            self._pass()
+            self._state.ready = True
+            self._log.info("ready", pods=len(self._state.snapshot.pods))
+            next_resync = time.monotonic() + self._resync
+            while not stop.is_set():
+                now = time.monotonic()
+                wake = next_resync
+                retry = self._reconciler.next_retry()
+                if retry is not None:
+                    wake = min(wake, retry)
+                timeout = max(0.0, min(wake - now, 0.5))  # 0.5: notice `stop` promptly
+                readable, _, _ = select.select([events], [], [], timeout)
+                if readable:
+                    events.drain()
+                    self._settle(events)
+                elif time.monotonic() < wake:
+                    continue
+                self._pass()
+                next_resync = time.monotonic() + self._resync
+        finally:
+            try:
+                self._reconciler.detach_all()
+            finally:
+                events.close()
+                self._on_exit()
+
+    def _settle(self, events: EventSource) -> None:
+        """Wait out a burst of events so it costs one pass."""
+        deadline = time.monotonic() + self._debounce
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            readable, _, _ = select.select([events], [], [], left)
+            if readable:
+                events.drain()
+
+    def _pass(self) -> None:
+        try:
+            self._reconciler.reconcile()
+            self._state.last_reconcile_error = ""
+        except Exception as exc:  # noqa: BLE001 - the next pass retries; the thread lives on
+            self._state.last_reconcile_error = str(exc)
+            self._log.error("reconcile failed", error=str(exc))

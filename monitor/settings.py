@@ -1,0 +1,200 @@
+"""The daemon's settings: one frozen dataclass, filled from flags and PODNETMON_* env.
+
+Every field documents why its default is what it is. Every host path is a
+setting, so that a DaemonSet can point the daemon at the host's /proc,
+cgroup root, netns directories and bpffs mounted somewhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "PODNETMON_"
+ATTACH_MODES = ("auto", "tc", "tcx")
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the daemon cannot run with."""
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"doc": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon can be told; see each field's doc."""
+
+    listen: str = _doc(
+        "host:port of the one HTTP listener (/metrics, /healthz, /readyz, /api/v1). "
+        "Port 9655 is podnetmon's; 0.0.0.0 because Prometheus scrapes the node IP.",
+        default="0.0.0.0:9655")
+    node_name: str = _doc(
+        "This node's name, exported on podnet_pod_info. The DaemonSet sets NODE_NAME "
+        "from the downward API; the hostname is the fallback on plain hosts.",
+        default="")
+    proc_root: str = _doc("Where the host's /proc is mounted (hostPID DaemonSet: /proc).",
+                          default="/proc")
+    cgroup_root: str = _doc("Where the host's cgroup tree is mounted; pod UIDs are read "
+                            "from the cgroup paths of pause processes, relative to it.",
+                            default="/sys/fs/cgroup")
+    netns_dirs: tuple[str, ...] = _doc(
+        "Directories where runtimes pin network namespaces (containerd: cni-*, CRI-O: "
+        "a UUID). Both usual spellings by default, as /var/run is often a link to /run.",
+        default=("/run/netns", "/var/run/netns"))
+    bpffs_root: str = _doc("Where bpffs is mounted; objects the daemon pins live under it.",
+                           default="/sys/fs/bpf")
+    tracefs_root: str = _doc("Where tracefs is mounted; BCC reads tracepoint formats there.",
+                             default="/sys/kernel/tracing")
+    pause_comm: str = _doc("The comm (process name) of the pod infra container. 'pause' "
+                           "is what Kubernetes' pause image runs under every runtime.",
+                           default="pause")
+    inventory: str = _doc("A static inventory file (YAML) mapping pod UIDs to names, for "
+                          "hosts without a Kubernetes API and for the lab. Empty: none.",
+                          default="")
+    attach_mode: str = _doc(
+        "auto: tcx where the kernel has it and the device already carries tcx programs "
+        "(a CNI like Cilium that returns TCX_PASS would hide classic tc filters), classic "
+        "tc otherwise; tc or tcx force one.", default="auto")
+    tc_priority: int = _doc(
+        "Priority of our classic tc filters. 4096 runs after CNIs that take the first "
+        "slots (Cilium uses 1) and before filters added without a priority (the kernel "
+        "gives those 49152 and down).", default=4096)
+    tc_handle: int = _doc("Handle of our classic tc filters; with the priority and the "
+                          "filter name 'podnetmon' it identifies ours, and only ours are "
+                          "ever removed.", default=0x504E)
+    resync_interval: float = _doc(
+        "Seconds between full rescans. Netlink link events trigger a scan at once; the "
+        "periodic one catches what events cannot (a pause process that appears after its "
+        "veth, a missed event).", default=5.0)
+    event_debounce: float = _doc(
+        "Seconds to wait after a netlink event for more before scanning, so a CNI's burst "
+        "of link changes costs one scan. Well under the 1 s new-pod budget.", default=0.05)
+    max_interfaces: int = _doc("Size of the per-interface kernel maps (host veths); a node "
+                               "runs a few hundred pods at most.", default=4096)
+    bpf_stats: bool = _doc(
+        "Ask the kernel to time every BPF program run (podnet_monitor_bpf_run_seconds_total). "
+        "Off by default: the timing itself costs ~20-30 ns per packet.", default=False)
+    probes: tuple[str, ...] = _doc("The probes to load; see `podnetmon run --help`. Empty "
+                                   "means every probe.", default=())
+    log_level: str = _doc("debug, info, warning or error.", default="info")
+    log_format: str = _doc("auto (JSON unless stderr is a terminal), json or console.",
+                           default="auto")
+
+    def __post_init__(self) -> None:
+        if not self.node_name:
+            object.__setattr__(self, "node_name", socket.gethostname())
+        _validate(self)
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+def _validate(s: Settings) -> None:
+    _host, sep, port = s.listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SettingsError(f"listen: {s.listen!r} is not host:port (e.g. 0.0.0.0:9655)")
+    if s.attach_mode not in ATTACH_MODES:
+        raise SettingsError(f"attach_mode: {s.attach_mode!r} is not one of {', '.join(ATTACH_MODES)}")
+    if s.log_format not in LOG_FORMATS:
+        raise SettingsError(f"log_format: {s.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+    if s.log_level not in LOG_LEVELS:
+        raise SettingsError(f"log_level: {s.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    if not 1 <= s.tc_priority <= 0xFFFF:
+        raise SettingsError(f"tc_priority: {s.tc_priority} is outside 1..65535")
+    if not 1 <= s.tc_handle <= 0xFFFFFFFF:
+        raise SettingsError(f"tc_handle: {s.tc_handle} is outside 1..0xffffffff")
+    if not 0.1 <= s.resync_interval <= 3600:
+        raise SettingsError(f"resync_interval: {s.resync_interval} s is outside 0.1..3600")
+    if not 0 <= s.event_debounce <= 1:
+        raise SettingsError(f"event_debounce: {s.event_debounce} s is outside 0..1")
+    if not 16 <= s.max_interfaces <= 65536:
+        raise SettingsError(f"max_interfaces: {s.max_interfaces} is outside 16..65536")
+    if not s.pause_comm or len(s.pause_comm) > 15:
+        raise SettingsError("pause_comm: must be 1 to 15 characters (the kernel's comm length)")
+    for name in ("proc_root", "cgroup_root", "bpffs_root", "tracefs_root"):
+        if not os.path.isabs(getattr(s, name)):
+            raise SettingsError(f"{name}: {getattr(s, name)!r} must be an absolute path")
+    for d in s.netns_dirs:
+        if not os.path.isabs(d):
+            raise SettingsError(f"netns_dirs: {d!r} must be an absolute path")
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = f.type
+    try:
+        if kind == "int":
+            return int(raw, 0)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind == "tuple[str, ...]":
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
+    except ValueError:
+        raise SettingsError(f"{f.name}: {raw!r} is not a valid {kind}") from None
+    return raw
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; values stay strings here and are converted in from_sources."""
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar="VALUE",
+                            help=f"{f.metadata['doc']} [env {env_name(f.name)}; "
+                                 f"default {shown!r}]")
+
+
+def from_sources(flags: Mapping[str, Any] | argparse.Namespace,
+                 environ: Mapping[str, str] | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Flags win over env, env over defaults. Raises SettingsError on bad values."""
+    if isinstance(flags, argparse.Namespace):
+        flags = vars(flags)
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = flags.get(f.name)
+        if raw is None:
+            raw = environ.get(env_name(f.name))
+        if raw is not None:
+            values[f.name] = _convert(f, raw) if isinstance(raw, str) else raw
+    if "node_name" not in values and environ.get("NODE_NAME"):
+        values["node_name"] = environ["NODE_NAME"]  # the downward API's usual name
+    values.update(overrides or {})
+    return Settings(**values)
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    return dataclasses.asdict(settings)
+
+
+def names() -> Sequence[str]:
+    return [f.name for f in dataclasses.fields(Settings)]
