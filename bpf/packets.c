@@ -5,24 +5,22 @@
  *         as the interface statistics count it (skb->len, Ethernet header in).
  * Hook:   the TC programs of tc_main.c, TC ingress and egress (classic tc or tcx).
  * Kernel: 4.6 for per-CPU hash maps; tcx attachment needs 6.6.
- * Cost:   one per-CPU hash lookup keyed by ifindex and two plain (non-atomic,
- *         per-CPU) adds per packet; see bench/RESULTS.md for the measured figure.
+ * Cost:   one per-CPU array lookup by the interface's slot (inlined by the
+ *         verifier) and two plain adds (per-CPU, so no atomics) per packet.
  *
- * The entry for an interface is created by the daemon before the programs are
- * attached there and deleted after they are detached, so this program never
- * inserts: a miss means "not ours" and costs nothing more.
+ * The daemon zeroes a slot's counters before it gives the slot to an interface.
  */
 struct pnm_counts {
     __u64 packets[PNM_NDIR][PNM_NPROTO];
     __u64 bytes[PNM_NDIR][PNM_NPROTO];
 };
 
-BPF_PERCPU_HASH(pnm_packets, __u32, struct pnm_counts, PNM_MAX_INTERFACES);
+BPF_PERCPU_ARRAY(pnm_packets, struct pnm_counts, PNM_MAX_INTERFACES);
 
 static __always_inline void packets_tc(struct __sk_buff *skb, const struct pnm_pkt *pkt)
 {
-    __u32 ifindex = skb->ifindex;
-    struct pnm_counts *c = pnm_packets.lookup(&ifindex);
+    __u32 slot = pkt->slot;
+    struct pnm_counts *c = pnm_packets.lookup(&slot);
     if (!c)
         return;
     __u32 d = pkt->dir & 1;

@@ -5,10 +5,11 @@
  * (PNM_DIR_INGRESS).
  *
  * The packet is parsed once per run into struct pnm_pkt, and every probe's TC
- * hook reads that instead of parsing again. Parsing goes through
- * bpf_skb_load_bytes(), which copes with headers outside the linear area and
- * with truncated packets (it fails, and the packet counts as "other" or with
- * no L4 header) so no packet can make it read out of bounds.
+ * hook reads that instead of parsing again. Fixed headers are copied straight
+ * from the linear area when they are there (a few ns); otherwise, and for
+ * IPv6 extension headers, through bpf_skb_load_bytes() (~25 ns), which copes
+ * with paged data and fails on truncated packets (which then count as "other",
+ * or with no L4 header), so no packet can make a probe read out of bounds.
  *
  * This text is concatenated ahead of the probes' C by the kernel adapter
  * (monitor/bpf.py), not #included: BCC rewrites map syntax in the main file only.
@@ -37,10 +38,49 @@
 #define PNM_IPV6_MAX_EXT 6
 
 #ifndef PNM_MAX_INTERFACES
-#define PNM_MAX_INTERFACES 4096
+#define PNM_MAX_INTERFACES 1024
+#endif
+/* Buckets of the ifindex -> slot table; a power of two. */
+#ifndef PNM_IFSLOT_BUCKETS
+#define PNM_IFSLOT_BUCKETS 65536
 #endif
 
+/* Interface slots.
+ *
+ * Every attached host veth gets a slot, and every per-interface counter lives
+ * in a per-CPU ARRAY indexed by it: the verifier inlines array lookups, so a
+ * probe's counter costs about a nanosecond, where a hash lookup keyed by
+ * ifindex costs ~35 ns (bench/RESULTS.md). The slot is found from the ifindex
+ * through a direct-mapped table (bucket = ifindex mod PNM_IFSLOT_BUCKETS, the
+ * entry tagged with its ifindex); an ifindex whose bucket another attached
+ * interface holds goes to a small hash instead. The daemon writes both
+ * tables; the programs only read them.
+ */
+struct pnm_ifslot {
+    __u32 ifindex; /* 0: empty (no interface has index 0) */
+    __u32 slot;
+};
+BPF_ARRAY(pnm_ifslots, struct pnm_ifslot, PNM_IFSLOT_BUCKETS);
+BPF_HASH(pnm_ifslot_spill, __u32, __u32, PNM_MAX_INTERFACES);
+
+static __always_inline int pnm_slot_of(__u32 ifindex, __u32 *slot)
+{
+    __u32 bucket = ifindex & (PNM_IFSLOT_BUCKETS - 1);
+    struct pnm_ifslot *e = pnm_ifslots.lookup(&bucket);
+    if (e && e->ifindex == ifindex) {
+        *slot = e->slot;
+        return 1;
+    }
+    __u32 *spilled = pnm_ifslot_spill.lookup(&ifindex);
+    if (spilled) {
+        *slot = *spilled;
+        return 1;
+    }
+    return 0;
+}
+
 struct pnm_pkt {
+    __u32 slot;       /* the interface's slot (see above) */
     __u32 len;        /* skb->len: what the interface statistics count */
     __u16 l4_off;     /* offset of the L4 header from the Ethernet header; 0: none */
     __u8 dir;         /* PNM_DIR_* */
@@ -69,7 +109,11 @@ static __always_inline __u8 pnm_classify(__u8 l4proto)
 static __always_inline void pnm_parse_ipv4(struct __sk_buff *skb, struct pnm_pkt *pkt)
 {
     struct iphdr ip;
-    if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    if (data + ETH_HLEN + sizeof(ip) <= end)
+        __builtin_memcpy(&ip, data + ETH_HLEN, sizeof(ip));
+    else if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
         return; /* truncated: counted as other */
     pkt->family = 4;
     pkt->l4proto = ip.protocol;
@@ -86,7 +130,11 @@ static __always_inline void pnm_parse_ipv4(struct __sk_buff *skb, struct pnm_pkt
 static __always_inline void pnm_parse_ipv6(struct __sk_buff *skb, struct pnm_pkt *pkt)
 {
     struct ipv6hdr ip6;
-    if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    if (data + ETH_HLEN + sizeof(ip6) <= end)
+        __builtin_memcpy(&ip6, data + ETH_HLEN, sizeof(ip6));
+    else if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
         return;
     pkt->family = 6;
     __u8 next = ip6.nexthdr;

@@ -4,8 +4,9 @@
  *         (kernel >= 6.6). The same program serves both: TC_ACT_UNSPEC and
  *         TCX_NEXT are the same value (-1), "carry on with the next program".
  * Kernel: 4.5 (clsact) / 6.6 (tcx).
- * Cost:   one parse of the Ethernet/IP headers (one or two bpf_skb_load_bytes
- *         calls) plus what each enabled probe's hook costs.
+ * Cost:   the interface's slot (one inlined array lookup), one parse of the
+ *         IP header from the linear area, plus what each enabled probe's hook
+ *         costs (bench/RESULTS.md has the measured total).
  *
  * These programs never change, redirect or drop a packet: whatever the verdict
  * of other programs on the device, ours is "not decided".
@@ -14,6 +15,8 @@
 int pnm_tc_ingress(struct __sk_buff *skb)
 {
     struct pnm_pkt pkt = {};
+    if (!pnm_slot_of(skb->ifindex, &pkt.slot))
+        return TC_ACT_UNSPEC; /* no slot yet (attaching) or any more (detaching) */
     pnm_parse(skb, &pkt, PNM_DIR_EGRESS); /* host veth ingress: the pod sends */
     pnm_tc_probes(skb, &pkt);
     return TC_ACT_UNSPEC;
@@ -22,6 +25,8 @@ int pnm_tc_ingress(struct __sk_buff *skb)
 int pnm_tc_egress(struct __sk_buff *skb)
 {
     struct pnm_pkt pkt = {};
+    if (!pnm_slot_of(skb->ifindex, &pkt.slot))
+        return TC_ACT_UNSPEC;
     pnm_parse(skb, &pkt, PNM_DIR_INGRESS); /* host veth egress: the pod receives */
     pnm_tc_probes(skb, &pkt);
     return TC_ACT_UNSPEC;

@@ -39,6 +39,9 @@ PROG_EGRESS = "pnm_tc_egress"  # attached at its TC egress: the pod receives
 TC_PARENT_INGRESS = 0xFFFFFFF2  # ffff:fff2, clsact's ingress hook
 TC_PARENT_EGRESS = 0xFFFFFFF3
 _PERCPU_MAP_TYPES = {5, 6, 10}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
+IFSLOTS_MAP = "pnm_ifslots"  # bpf/pnm.h: ifindex bucket -> {ifindex, slot}
+IFSLOT_SPILL_MAP = "pnm_ifslot_spill"  # ifindex -> slot, where the bucket was taken
+IFSLOT_BUCKETS = 65536
 
 
 class KernelError(Exception):
@@ -96,12 +99,14 @@ class Programs:
         self.probes = list(probes)
         self._log = log.get("bpf")
         source = compose_source(self.probes)
-        cflags = [f"-DPNM_MAX_INTERFACES={max_interfaces}", "-Wno-macro-redefined"]
+        self.max_interfaces = max_interfaces
+        cflags = [f"-DPNM_MAX_INTERFACES={max_interfaces}",
+                  f"-DPNM_IFSLOT_BUCKETS={IFSLOT_BUCKETS}", "-Wno-macro-redefined"]
         started = time.monotonic()
         try:
             self._bpf = BPF(text=source, cflags=cflags)
-            self.ingress = self._bpf.load_func(PROG_INGRESS, BPF.SCHED_CLS)
-            self.egress = self._bpf.load_func(PROG_EGRESS, BPF.SCHED_CLS)
+            self.ingress = self._bpf.load_func(PROG_INGRESS.encode(), BPF.SCHED_CLS)
+            self.egress = self._bpf.load_func(PROG_EGRESS.encode(), BPF.SCHED_CLS)
         except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception; the compiler's text is on stderr
             raise CompileError(f"the BPF programs did not compile or load: {exc}",
                                probe=",".join(p.name for p in self.probes)) from None
@@ -124,23 +129,32 @@ class Programs:
         The sizes come from the kernel (BPF_OBJ_GET_INFO_BY_FD), not from BCC's
         generated ctypes, which drop dimensions of multi-dimensional arrays.
         """
-        handles = []
         ncpus = bpfsys.possible_cpus()
+        handles = [self._handle(IFSLOTS_MAP, 4, 8, ncpus, "core"),
+                   self._handle(IFSLOT_SPILL_MAP, 4, 4, ncpus, "core")]
         for probe in self.probes:
             for name, layout in probe.maps.items():
-                fd = self._bpf.get_table(name).map_fd
-                info = bpfsys.map_info(fd)
-                want = (ctypes.sizeof(layout.key), ctypes.sizeof(layout.value))
-                percpu = info.map_type in _PERCPU_MAP_TYPES
-                if percpu and not only_u64(layout.value):
+                handle = self._handle(name, ctypes.sizeof(layout.key), ctypes.sizeof(layout.value),
+                                      ncpus, probe.name)
+                if handle.percpu and not only_u64(layout.value):
                     raise CompileError(f"map {name}: per-CPU values must be u64 counters only, "
                                        "to be summed over CPUs", probe=probe.name)
-                if (info.key_size, info.value_size) != want:
-                    raise CompileError(
-                        f"map {name}: the kernel has key/value sizes {info.key_size}/"
-                        f"{info.value_size}, Python expects {want[0]}/{want[1]}", probe=probe.name)
-                handles.append(MapHandle(name, fd, info.key_size, info.value_size, percpu, ncpus))
+                if layout.per_slot and handle.max_entries != self.max_interfaces:
+                    raise CompileError(f"map {name}: a per-slot map needs PNM_MAX_INTERFACES "
+                                       "entries", probe=probe.name)
+                handles.append(handle)
         return handles
+
+    def _handle(self, name: str, key_size: int, value_size: int, ncpus: int,
+                owner: str) -> MapHandle:
+        fd = self._bpf.get_table(name.encode()).map_fd
+        info = bpfsys.map_info(fd)
+        if (info.key_size, info.value_size) != (key_size, value_size):
+            raise CompileError(f"map {name}: the kernel has key/value sizes {info.key_size}/"
+                               f"{info.value_size}, Python expects {key_size}/{value_size}",
+                               probe=owner)
+        return MapHandle(name, fd, info.key_size, info.value_size,
+                         info.map_type in _PERCPU_MAP_TYPES, ncpus, info.max_entries)
 
     def stats_enabled(self) -> bool:
         if self._stats_fd is not None:

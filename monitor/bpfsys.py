@@ -134,6 +134,20 @@ def map_update(map_fd: int, key: bytes, value: bytes) -> None:
     _bpf(BPF_MAP_UPDATE_ELEM, buf)
 
 
+def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
+    """One element's value, or None if there is no such key."""
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value_size)
+    buf = _attr((0, "I", map_fd), (8, "Q", ctypes.addressof(k)), (16, "Q", ctypes.addressof(v)))
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, buf)
+    except BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    return v.raw
+
+
 def map_delete(map_fd: int, key: bytes) -> bool:
     """Delete one element; False if it was not there."""
     k = ctypes.create_string_buffer(key, len(key))

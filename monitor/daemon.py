@@ -21,6 +21,7 @@ from monitor.probes import RegistryError, select
 from monitor.reconcile import Discovery, Loop, Reconciler
 from monitor.server import Api, Server
 from monitor.settings import Settings
+from monitor.slots import SlotTable
 from monitor.state import MonitorState
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -58,11 +59,14 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
         programs.close()
         return EXIT_FAILED
     state = MonitorState()
-    interface_maps = [programs.maps.handle(name) for p in probes
-                      for name, layout in p.maps.items() if layout.per_interface]
+    slots = SlotTable(ifslots=programs.maps.handle(bpf.IFSLOTS_MAP),
+                      spill=programs.maps.handle(bpf.IFSLOT_SPILL_MAP),
+                      per_slot=[programs.maps.handle(name) for p in probes
+                                for name, layout in p.maps.items() if layout.per_slot],
+                      capacity=settings.max_interfaces, buckets=bpf.IFSLOT_BUCKETS)
     reconciler = Reconciler(
         discovery=Discovery(settings.proc_root, settings.pause_comm, settings.netns_dirs),
-        links=netlink, attacher=attacher, interface_maps=interface_maps,
+        links=netlink, attacher=attacher, slots=slots,
         metadata=metadata, state=state)
     if check_only:
         return _check_once(reconciler, state, netlink, programs)

@@ -92,11 +92,15 @@ def identify(network: PodNetwork, interfaces: Iterable[HostVeth], meta: PodMeta 
 class IdentityIndex:
     """An immutable lookup from kernel keys (ifindex, netns inode) to pods."""
 
-    def __init__(self, pods: Iterable[Pod] = ()) -> None:
+    def __init__(self, pods: Iterable[Pod] = (), slots: Mapping[int, int] | None = None) -> None:
+        """`slots` maps the ifindex of each attached interface to its counter slot."""
         self._pods: tuple[Pod, ...] = tuple(pods)
         self._by_ifindex: Mapping[int, Pod] = {
             veth.ifindex: pod for pod in self._pods for veth in pod.interfaces}
         self._by_netns: Mapping[int, Pod] = {pod.netns_inode: pod for pod in self._pods}
+        self._slots: tuple[tuple[int, Pod], ...] = tuple(
+            (slot, self._by_ifindex[ifindex]) for ifindex, slot in sorted((slots or {}).items())
+            if ifindex in self._by_ifindex)
 
     def pods(self) -> tuple[Pod, ...]:
         return self._pods
@@ -106,6 +110,10 @@ class IdentityIndex:
 
     def by_netns(self, inode: int) -> Pod | None:
         return self._by_netns.get(inode)
+
+    def slots(self) -> tuple[tuple[int, Pod], ...]:
+        """(slot, pod) for every attached interface: where the TC counters are."""
+        return self._slots
 
     def __len__(self) -> int:
         return len(self._pods)

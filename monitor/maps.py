@@ -19,10 +19,13 @@ S = TypeVar("S", bound=ctypes.Structure)
 
 
 class MapReader(Protocol):
-    """What collectors need of the kernel's maps."""
+    """What collectors need of the kernel's maps. Per-CPU values come summed over CPUs."""
 
     def items(self, name: str) -> Iterable[tuple[bytes, bytes]]:
-        """(key, value) pairs; per-CPU values already summed over CPUs."""
+        """Every (key, value) pair of a hash map."""
+
+    def lookup(self, name: str, key: bytes) -> bytes | None:
+        """One value (of an array slot, say), or None if there is no such key."""
 
 
 def sum_u64_slots(raw: bytes, value_size: int, ncpus: int) -> bytes:
@@ -65,6 +68,7 @@ class MapHandle:
     value_size: int
     percpu: bool
     ncpus: int
+    max_entries: int = 0
 
     @property
     def raw_value_size(self) -> int:
@@ -75,6 +79,19 @@ class MapHandle:
         if not self.percpu:
             return pairs
         return [(k, sum_u64_slots(v, self.value_size, self.ncpus)) for k, v in pairs]
+
+    def lookup(self, key: bytes) -> bytes | None:
+        raw = bpfsys.map_lookup(self.fd, key, self.raw_value_size)
+        if raw is None or not self.percpu:
+            return raw
+        return sum_u64_slots(raw, self.value_size, self.ncpus)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        """Write one value (the same on every CPU for per-CPU maps)."""
+        if self.percpu:
+            slot = (self.value_size + 7) & ~7
+            value = value.ljust(slot, b"\0") * self.ncpus
+        bpfsys.map_update(self.fd, key, value)
 
     def put_zero(self, key: bytes) -> None:
         bpfsys.map_update(self.fd, key, bytes(self.raw_value_size))
@@ -94,3 +111,6 @@ class KernelMaps:
 
     def items(self, name: str) -> list[tuple[bytes, bytes]]:
         return self._handles[name].items()
+
+    def lookup(self, name: str, key: bytes) -> bytes | None:
+        return self._handles[name].lookup(key)

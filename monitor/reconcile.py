@@ -15,7 +15,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,7 +23,6 @@ from monitor import discovery, log
 from monitor.identity import HostVeth, IdentityIndex, Pod, PodNetwork, identify
 from monitor.kerneltypes import Attachment, VethLink
 from monitor.metadata import MetadataSource
-from monitor.probes.base import ifindex_key
 from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
 
 RETRY_FIRST = 1.0  # seconds before the first retry of a failed attach
@@ -46,9 +45,12 @@ class EventSource(Protocol):
     def close(self) -> None: ...
 
 
-class InterfaceMap(Protocol):
-    def put_zero(self, key: bytes) -> None: ...
-    def delete(self, key: bytes) -> bool: ...
+class Slots(Protocol):
+    """monitor.slots.SlotTable: counter slots for attached interfaces."""
+
+    def assign(self, ifindex: int) -> int: ...
+    def release(self, ifindex: int) -> None: ...
+    def assigned(self) -> dict[int, int]: ...
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,10 @@ class Reconciler:
     """Owns every attachment; runs in one thread (netlink sockets are per thread)."""
 
     def __init__(self, *, discovery: Discovery, links: Links, attacher: AttachPort,
-                 interface_maps: Iterable[InterfaceMap], metadata: MetadataSource,
+                 slots: Slots, metadata: MetadataSource,
                  state: MonitorState, clock: Callable[[], float] = time.monotonic) -> None:
         self._discovery, self._links, self._attacher = discovery, links, attacher
-        self._maps = list(interface_maps)
+        self._slots = slots
         self._metadata, self._state, self._clock = metadata, state, clock
         self._attached: dict[int, Attachment] = {}
         self._failures: dict[int, _Failure] = {}
@@ -124,14 +126,11 @@ class Reconciler:
             return
         bound = self._log.bind(namespace=pod.namespace, pod=pod.name, interface=veth.name,
                                ifindex=veth.ifindex, netns=pod.netns_inode)
-        key = ifindex_key(veth.ifindex)
         try:
-            for m in self._maps:  # entries first, so the first packet already counts
-                m.put_zero(key)
+            self._slots.assign(veth.ifindex)  # before attaching: the first packet counts
             att = self._attacher.attach(veth.ifindex, veth.name, pod.netns_inode)
         except Exception as exc:  # noqa: BLE001 - contained per interface by design
-            for m in self._maps:
-                self._forget(m, key)
+            self._release(veth.ifindex)
             if not _link_exists(veth.name):
                 bound.debug("interface vanished while attaching")
                 return
@@ -147,18 +146,16 @@ class Reconciler:
 
     def _detach(self, att: Attachment, *, reason: str) -> None:
         self._attacher.detach(att)
-        key = ifindex_key(att.ifindex)
-        for m in self._maps:  # after the programs are off, so nothing re-creates them
-            self._forget(m, key)
+        self._release(att.ifindex)
         del self._attached[att.ifindex]
         self._log.info("detached", interface=att.ifname, ifindex=att.ifindex,
                        netns=att.netns, reason=reason)
 
-    def _forget(self, m: InterfaceMap, key: bytes) -> None:
+    def _release(self, ifindex: int) -> None:
         try:
-            m.delete(key)
+            self._slots.release(ifindex)
         except OSError as exc:
-            self._log.warning("map entry not deleted", error=str(exc))
+            self._log.warning("slot not released", ifindex=ifindex, error=str(exc))
 
     def _publish(self, pods: list[Pod]) -> None:
         statuses = []
@@ -173,7 +170,7 @@ class Reconciler:
             statuses.append(PodStatus(pod.namespace, pod.name, pod.uid, pod.netns_inode,
                                       pod.has_metadata, pod.network.pause_pid,
                                       pod.network.pinned_path, tuple(ifs)))
-        self._state.publish(Snapshot(IdentityIndex(pods), tuple(statuses)))
+        self._state.publish(Snapshot(IdentityIndex(pods, self._slots.assigned()), tuple(statuses)))
 
     def next_retry(self) -> float | None:
         return min((f.retry_at for f in self._failures.values()), default=None)

@@ -78,8 +78,11 @@ class Settings:
     event_debounce: float = _doc(
         "Seconds to wait after a netlink event for more before scanning, so a CNI's burst "
         "of link changes costs one scan. Well under the 1 s new-pod budget.", default=0.05)
-    max_interfaces: int = _doc("Size of the per-interface kernel maps (host veths); a node "
-                               "runs a few hundred pods at most.", default=4096)
+    max_interfaces: int = _doc(
+        "Interface slots: how many host veths can be watched at once. The per-interface "
+        "counter arrays are per-CPU, so memory is slots x ~128 B x CPUs per probe; 1024 "
+        "covers Kubernetes' pod limits (110 by default, 250 recommended at most).",
+        default=1024)
     bpf_stats: bool = _doc(
         "Ask the kernel to time every BPF program run (podnet_monitor_bpf_run_seconds_total). "
         "Off by default: the timing itself costs ~20-30 ns per packet.", default=False)

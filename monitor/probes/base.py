@@ -25,8 +25,8 @@ class MapLayout:
 
     key: type[ctypes._SimpleCData[int]] | type[ctypes.Structure]
     value: type[ctypes.Structure] | type[ctypes._SimpleCData[int]]
-    per_interface: bool = False  # keyed by host-veth ifindex (u32): entry made at attach,
-    #                              deleted at detach, and never inserted by the BPF side
+    per_slot: bool = False  # an array indexed by interface slot (monitor/slots.py), with
+    #                         max_interfaces entries, zeroed before a slot is handed out
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,9 @@ class Probe:
     tracepoints: tuple[str, ...] = field(default=())  # "category:event", for `podnetmon check`
 
 
-def ifindex_key(ifindex: int) -> bytes:
-    return struct.pack("=I", ifindex)
+def u32_key(value: int) -> bytes:
+    return struct.pack("=I", value)
 
 
-def ifindex_of(key: bytes) -> int:
+def u32_of(key: bytes) -> int:
     return int(struct.unpack_from("=I", key)[0])

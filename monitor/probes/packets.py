@@ -10,7 +10,7 @@ from prometheus_client.metrics_core import Metric
 
 from monitor.identity import IdentityIndex
 from monitor.maps import MapReader, decode
-from monitor.probes.base import MapLayout, Probe, ifindex_of
+from monitor.probes.base import MapLayout, Probe, u32_key
 
 # Index order of pnm_counts' arrays, as bpf/pnm.h numbers them.
 DIRECTIONS = ("ingress", "egress")  # PNM_DIR_INGRESS (pod receives), PNM_DIR_EGRESS (pod sends)
@@ -44,9 +44,9 @@ def collect(maps: MapReader, index: IdentityIndex) -> Iterator[Metric]:
     # Several interfaces (or a recreated sandbox) can map to one pod's labels:
     # sum them rather than emit duplicate series.
     totals: dict[tuple[str, ...], list[int]] = {}
-    for key, value in maps.items(MAP):
-        pod = index.by_ifindex(ifindex_of(key))
-        if pod is None:  # detached a moment ago; its entry goes with the reconcile
+    for slot, pod in index.slots():
+        value = maps.lookup(MAP, u32_key(slot))
+        if value is None:
             continue
         counts = decode(Counts, value)
         for d, direction in enumerate(DIRECTIONS):
@@ -70,7 +70,7 @@ PROBE = Probe(
     summary="packets and bytes per pod, direction and protocol (TC)",
     c_file="packets.c",
     tc_hook="packets_tc",
-    maps={MAP: MapLayout(ctypes.c_uint32, Counts, per_interface=True)},
+    maps={MAP: MapLayout(ctypes.c_uint32, Counts, per_slot=True)},
     collect=collect,
     describe=describe,
 )

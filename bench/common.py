@@ -1,0 +1,124 @@
+"""What the benchmarks share: lab pods, traffic, the daemon, medians."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from monitor.lab import Lab, LabPod  # noqa: E402
+
+UDP_SENDER = """
+import socket, sys
+dst, port, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+payload = b'x' * size
+for _ in range(count):
+    try:
+        s.sendto(payload, (dst, port))
+    except OSError:
+        pass
+"""
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}), kernel {platform.release()}"
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def run_in(pod: LabPod, *cmd: str, timeout: float = 300, check: bool = True) -> str:
+    return subprocess.run([*pod.exec_prefix(), *cmd], capture_output=True, text=True,
+                          check=check, timeout=timeout).stdout
+
+
+def spawn_in(pod: LabPod, *cmd: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([*pod.exec_prefix(), *cmd], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def iperf3_gbits(client: LabPod, server: LabPod, seconds: float, streams: int = 1) -> float:
+    for _attempt in range(20):  # the server may still be starting, or finishing the last test
+        doc = json.loads(run_in(client, "iperf3", "-c", server.ip, "-t", str(seconds),
+                                "-P", str(streams), "-J", check=False))
+        if "error" not in doc:
+            return float(doc["end"]["sum_received"]["bits_per_second"]) / 1e9
+        time.sleep(0.25)
+    raise RuntimeError(f"iperf3 failed: {doc['error']}")
+
+
+@contextmanager
+def lab_pods(count: int) -> Iterator[tuple[Lab, list[LabPod]]]:
+    lab = Lab()
+    lab.down()
+    try:
+        pods = lab.up(count)
+        for p in pods[1:]:
+            run_in(p, "ping", "-c", "1", "-W", "1", pods[0].ip)
+        yield lab, pods
+    finally:
+        lab.down()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def daemon(inventory: Path, *args: str) -> Iterator[str]:
+    """The real `podnetmon run`; yields its address once it is ready."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--inventory", str(inventory),
+                             "--listen", f"127.0.0.1:{port}", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the daemon did not become ready") from None
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@contextmanager
+def tcpdump(dev: str) -> Iterator[None]:
+    proc = subprocess.Popen(["tcpdump", "-i", dev, "-w", "/dev/null", "-s", "0", "-n"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # tcpdump opens its socket and installs its filter before traffic
+    try:
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -1,0 +1,173 @@
+"""`make demo`: lab pods with real traffic, the monitor, and Debian's Prometheus scraping it.
+
+Runs until Ctrl-C (or --duration seconds), then tears everything down: the
+traffic, the monitor, Prometheus and the lab. Run as root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from monitor.lab import Lab, LabPod  # noqa: E402
+
+RATE_QUERY = 'sum by (pod, direction) (rate(podnet_bytes_total{namespace="lab"}[15s])) * 8'
+
+
+def _in_pod(pod: LabPod, *cmd: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([*pod.exec_prefix(), *cmd], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"demo: {url} did not answer within {timeout:.0f} s")
+
+
+def _query(prom: str, expr: str) -> list[dict[str, object]]:
+    url = f"http://{prom}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        doc = json.load(resp)
+    return list(doc.get("data", {}).get("result", []))
+
+
+def _print_rates(prom: str) -> int:
+    rows = _query(prom, RATE_QUERY)
+    if not rows:
+        print("  (Prometheus has no rates yet: it needs two scrapes)")
+        return 0
+    print(f"  {'pod':10} {'direction':9} {'Mbit/s':>10}")
+    for row in sorted(rows, key=lambda r: (r["metric"]["pod"], r["metric"]["direction"])):  # type: ignore[index]
+        metric, value = row["metric"], row["value"]
+        print(f"  {metric['pod']:10} {metric['direction']:9} {float(value[1]) / 1e6:10.2f}")  # type: ignore[index]
+    return len(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--pods", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=0, help="seconds; 0: until Ctrl-C")
+    parser.add_argument("--listen", default="127.0.0.1:9655", help="the monitor's address")
+    parser.add_argument("--prometheus", default="127.0.0.1:9090", help="Prometheus' address")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("demo: run as root (it makes network namespaces and loads BPF)")
+    if args.pods < 4:
+        raise SystemExit("demo: needs at least 4 pods (a server, TCP, ping and UDP clients)")
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        raise SystemExit("demo: prometheus is not installed (make setup installs it)")
+
+    stop = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    lab = Lab()
+    lab.down()
+    work = Path(tempfile.mkdtemp(prefix="podnetmon-demo-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    monitor: subprocess.Popen[bytes] | None = None
+    prom: subprocess.Popen[bytes] | None = None
+    try:
+        print(f"demo: making {args.pods} lab pods (the last one CRI-O style, pinned netns)")
+        pods = lab.up(args.pods, pinned=1)
+        server, tcp_client, pinger, udp_client = pods[0], pods[1], pods[2], pods[-1]
+        procs += [_in_pod(server, "iperf3", "-s", "-p", "5201"),
+                  _in_pod(server, "iperf3", "-s", "-p", "5202")]
+        time.sleep(0.5)
+        procs += [_in_pod(tcp_client, "iperf3", "-c", server.ip, "-p", "5201", "-t", "0",
+                          "-b", "200M"),
+                  _in_pod(pinger, "ping", "-i", "0.2", server.ip),
+                  _in_pod(udp_client, "iperf3", "-u", "-c", server.ip, "-p", "5202", "-t", "0",
+                          "-b", "2M")]
+        print(f"demo: traffic: {tcp_client.name} -> {server.name} TCP 200 Mbit/s, "
+              f"{pinger.name} pings, {udp_client.name} -> {server.name} UDP 2 Mbit/s")
+
+        log = (work / "monitor.log").open("wb")
+        monitor = subprocess.Popen(
+            [sys.executable, "-m", "monitor", "run", "--inventory", str(lab.inventory),
+             "--listen", args.listen, "--bpf-stats", "true"], cwd=ROOT, stdout=log, stderr=log)
+        _wait_http(f"http://{args.listen}/readyz", 60)
+        print(f"demo: podnetmon is up; its log: {work / 'monitor.log'}")
+
+        config = work / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\n"
+            "scrape_configs:\n  - job_name: podnetmon\n    static_configs:\n"
+            f"      - targets: ['{args.listen}']\n")
+        prom_log = (work / "prometheus.log").open("wb")
+        prom = subprocess.Popen(
+            [prometheus, f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
+             f"--web.listen-address={args.prometheus}"], stdout=prom_log, stderr=prom_log)
+        _wait_http(f"http://{args.prometheus}/-/ready", 60)
+
+        print(f"""
+demo: everything runs. Where to look:
+  metrics     curl -s http://{args.listen}/metrics | grep '^podnet_bytes_total'
+  pods        .venv/bin/podnetmon pods --address {args.listen}
+  Prometheus  http://{args.prometheus}/graph
+  PromQL      {RATE_QUERY}
+Ctrl-C tears everything down.
+""", flush=True)
+        started = time.monotonic()
+        next_print = started + 20
+        while not stop and (not args.duration or time.monotonic() - started < args.duration):
+            if monitor.poll() is not None:
+                print("demo: the monitor exited; see its log", file=sys.stderr)
+                return 1
+            if time.monotonic() >= next_print:
+                print(f"demo: from Prometheus, {RATE_QUERY}", flush=True)
+                _print_rates(args.prometheus)
+                sys.stdout.flush()
+                next_print = time.monotonic() + 10
+            time.sleep(0.2)
+        return 0
+    finally:
+        print("demo: tearing down", flush=True)
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            p.wait()
+        for p in (monitor, prom):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        lab.down()
+        shutil.rmtree(work, ignore_errors=True)
+        print("demo: done, nothing left behind")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Helpers for kernel tests: the daemon as a subprocess, scrapes, and the kernel's own counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from monitor.lab import LabPod
+
+ROOT = Path(__file__).resolve().parents[2]
+Sample = tuple[str, frozenset[tuple[str, str]]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def parse_metrics(text: str) -> dict[Sample, float]:
+    out: dict[Sample, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+class Metrics:
+    """One scrape, with sums over label subsets."""
+
+    def __init__(self, samples: dict[Sample, float]) -> None:
+        self.samples = samples
+
+    def sum(self, name: str, **labels: str) -> float:
+        want = set(labels.items())
+        return sum(v for (n, ls), v in self.samples.items() if n == name and want <= ls)
+
+    def has(self, name: str, **labels: str) -> bool:
+        want = set(labels.items())
+        return any(n == name and want <= ls for (n, ls) in self.samples)
+
+    def pods(self) -> set[tuple[str, str]]:
+        out = set()
+        for (n, ls) in self.samples:
+            if n == "podnet_pod_info":
+                d = dict(ls)
+                out.add((d["namespace"], d["pod"]))
+        return out
+
+
+class Daemon:
+    """`podnetmon run` as a real subprocess, stopped with SIGTERM."""
+
+    def __init__(self, *args: str, inventory: str | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "monitor", "run", "--listen", f"127.0.0.1:{self.port}",
+               "--log-format", "json", *args]
+        if inventory:
+            cmd += ["--inventory", inventory]
+        self.log_path = Path(f"/tmp/podnetmon-test-{self.port}.log")
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        self.wait_ready()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str, timeout: float = 10) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=timeout) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if self.get("/readyz", timeout=1)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"daemon not ready in {timeout} s:\n{self.logs()}")
+
+    def scrape(self) -> Metrics:
+        status, body = self.get("/metrics")
+        assert status == 200, body
+        return Metrics(parse_metrics(body.decode()))
+
+    def pods_api(self) -> list[dict[str, object]]:
+        status, body = self.get("/api/v1/pods")
+        assert status == 200
+        return list(json.loads(body)["pods"])
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text()[-8000:]
+        except OSError:
+            return ""
+
+    def log_events(self) -> list[dict[str, object]]:
+        events = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+        return events
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return int(self.proc.returncode)
+
+
+def iface_stats(name: str) -> dict[str, int]:
+    base = Path("/sys/class/net") / name / "statistics"
+    return {k: int((base / k).read_text()) for k in ("rx_packets", "rx_bytes",
+                                                      "tx_packets", "tx_bytes")}
+
+
+@dataclass(frozen=True)
+class Window:
+    """Interface statistics and a scrape taken while nothing moved in between."""
+
+    stats: dict[str, dict[str, int]]
+    metrics: Metrics
+
+
+def quiet_window(daemon: Daemon, pods: Sequence[LabPod], attempts: int = 50) -> Window:
+    """Read statistics, scrape, read again; keep the pair only if nothing moved.
+
+    Stray packets (ARP refreshes, IPv6 neighbour discovery) can cross a veth at
+    any moment; a window in which the kernel's own counters did not move is one
+    in which the scrape saw exactly the same traffic they did.
+    """
+    for _ in range(attempts):
+        before = {p.host_veth: iface_stats(p.host_veth) for p in pods}
+        metrics = daemon.scrape()
+        after = {p.host_veth: iface_stats(p.host_veth) for p in pods}
+        if before == after:
+            return Window(before, metrics)
+        time.sleep(0.05)
+    raise AssertionError("interfaces never stood still long enough to compare")
+
+
+def in_pod(pod: LabPod, *cmd: str, check: bool = True, timeout: float = 120,
+           ) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*pod.exec_prefix(), *cmd], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} in {pod.name} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def spawn_in_pod(pod: LabPod, *cmd: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*pod.exec_prefix(), *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate: object, timeout: float, interval: float = 0.02) -> float:
+    """Poll until predicate() is true; returns the seconds it took, or raises."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():  # type: ignore[operator]
+            return time.monotonic() - started
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def tc_filters(dev: str, hook: str) -> str:
+    return subprocess.run(["tc", "filter", "show", "dev", dev, hook], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def tc_qdiscs(dev: str) -> str:
+    return subprocess.run(["tc", "qdisc", "show", "dev", dev], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def bpftool_json(*args: str) -> object:
+    out = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout or "null")
+
+
+def _map_ids(map_name: str) -> list[int]:
+    maps = bpftool_json("map", "show")
+    assert isinstance(maps, list)
+    return [int(m["id"]) for m in maps if m.get("name") == map_name]
+
+
+def ifslot_of(ifindex: int, buckets: int = 65536) -> int | None:
+    """The slot the kernel's table gives an ifindex, read with bpftool; None if none."""
+    bucket = (ifindex & (buckets - 1)).to_bytes(4, "little")
+    for map_id in _map_ids("pnm_ifslots"):
+        entry = bpftool_json("map", "lookup", "id", str(map_id), "key", *(str(b) for b in bucket))
+        assert isinstance(entry, dict)
+        value = bytes(int(b, 16) for b in entry["value"])
+        if int.from_bytes(value[:4], "little") == ifindex:
+            return int.from_bytes(value[4:8], "little")
+    for map_id in _map_ids("pnm_ifslot_spil"):  # map names are cut at 15 characters
+        for e in bpftool_json("map", "dump", "id", str(map_id)) or []:  # type: ignore[union-attr]
+            if int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little") == ifindex:
+                return int.from_bytes(bytes(int(b, 16) for b in e["value"]), "little")
+    return None
+
+
+UDP_SENDER = """
+import socket, sys
+dst, port, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+family = socket.AF_INET6 if ':' in dst else socket.AF_INET
+s = socket.socket(family, socket.SOCK_DGRAM)
+payload = b'x' * size
+sent = 0
+for _ in range(count):
+    while True:
+        try:
+            s.sendto(payload, (dst, port)); sent += 1; break
+        except BlockingIOError:
+            pass
+print(sent)
+"""

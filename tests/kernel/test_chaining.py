@@ -1,0 +1,136 @@
+"""Beside other agents' programs: chain politely, remove only what is ours."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from monitor.lab import Lab
+from tests.kernel.foreign import ForeignPrograms
+from tests.kernel.support import (
+    Daemon,
+    bpftool_json,
+    in_pod,
+    quiet_window,
+    tc_filters,
+    tc_qdiscs,
+)
+
+
+@pytest.fixture
+def foreign() -> Iterator[ForeignPrograms]:
+    progs = ForeignPrograms()
+    try:
+        yield progs
+    finally:
+        progs.close()
+
+
+def _ours(w: object, pod: str, direction: str) -> int:
+    return int(w.metrics.sum("podnet_packets_total", pod=pod, direction=direction))  # type: ignore[attr-defined]
+
+
+def _our_programs_loaded() -> list[str]:
+    progs = bpftool_json("prog", "show")
+    assert isinstance(progs, list)
+    return [p.get("name", "") for p in progs if str(p.get("name", "")).startswith("pnm_tc_")]
+
+
+def test_foreign_filter_before_ours_both_count_everything(
+        lab: Lab, foreign: ForeignPrograms, daemons: list[Daemon]) -> None:
+    a, b = lab.up(2)
+    foreign.attach_tc(a.host_veth, prio=100)  # before ours (4096): it runs first
+    daemon = Daemon(inventory=str(lab.inventory))
+    daemons.append(daemon)
+    in_pod(a, "ping", "-c", "1", "-W", "1", b.ip)
+    before, f_before = quiet_window(daemon, [a, b]), foreign.counts()
+    in_pod(a, "ping", "-c", "23", "-i", "0.01", "-q", b.ip)
+    after, f_after = quiet_window(daemon, [a, b]), foreign.counts()
+    sysfs_rx = after.stats[a.host_veth]["rx_packets"] - before.stats[a.host_veth]["rx_packets"]
+    sysfs_tx = after.stats[a.host_veth]["tx_packets"] - before.stats[a.host_veth]["tx_packets"]
+    assert sysfs_rx >= 23 and sysfs_tx >= 23
+    # TC ingress of the host veth = what the pod sends; both programs saw every packet
+    assert f_after[0] - f_before[0] == sysfs_rx == _ours(after, a.name, "egress") - _ours(before, a.name, "egress")
+    assert f_after[1] - f_before[1] == sysfs_tx == _ours(after, a.name, "ingress") - _ours(before, a.name, "ingress")
+
+    assert daemon.stop() == 0
+    for hook in ("ingress", "egress"):
+        listing = tc_filters(a.host_veth, hook)
+        assert "pnmtest-" in listing, listing  # theirs stays
+        assert "podnetmon" not in listing, listing  # ours is gone
+    assert "clsact" in tc_qdiscs(a.host_veth)
+    assert _our_programs_loaded() == []
+    # and theirs keeps working after we left
+    f_mid = foreign.counts()
+    in_pod(a, "ping", "-c", "3", "-i", "0.01", "-q", b.ip)
+    assert foreign.counts()[0] - f_mid[0] >= 3
+
+
+def test_auto_mode_joins_tcx_where_the_device_has_tcx_programs(
+        lab: Lab, foreign: ForeignPrograms, daemons: list[Daemon]) -> None:
+    a, b = lab.up(2)
+    ifindex = int(open(f"/sys/class/net/{a.host_veth}/ifindex").read())
+    foreign.attach_tcx(ifindex)
+    daemon = Daemon(inventory=str(lab.inventory))
+    daemons.append(daemon)
+    modes = {p["pod"]: p["attach_mode"] for p in daemon.pods_api()}
+    assert modes == {a.name: "tcx", b.name: "tc"}
+    in_pod(a, "ping", "-c", "1", "-W", "1", b.ip)
+    before, f_before = quiet_window(daemon, [a, b]), foreign.counts()
+    in_pod(a, "ping", "-c", "23", "-i", "0.01", "-q", b.ip)
+    after, f_after = quiet_window(daemon, [a, b]), foreign.counts()
+    sysfs_rx = after.stats[a.host_veth]["rx_packets"] - before.stats[a.host_veth]["rx_packets"]
+    sysfs_tx = after.stats[a.host_veth]["tx_packets"] - before.stats[a.host_veth]["tx_packets"]
+    assert f_after[0] - f_before[0] == sysfs_rx == _ours(after, a.name, "egress") - _ours(before, a.name, "egress")
+    assert f_after[1] - f_before[1] == sysfs_tx == _ours(after, a.name, "ingress") - _ours(before, a.name, "ingress")
+    assert daemon.stop() == 0
+    assert _our_programs_loaded() == []  # our tcx links went with our programs
+    f_mid = foreign.counts()
+    in_pod(a, "ping", "-c", "3", "-i", "0.01", "-q", b.ip)
+    assert foreign.counts()[0] - f_mid[0] >= 3  # theirs is still attached and running
+
+
+@pytest.mark.parametrize("mode", ["tc", "tcx"])
+def test_forced_mode_counts_exactly_and_leaves_nothing(
+        lab: Lab, daemons: list[Daemon], mode: str) -> None:
+    pods = lab.up(2)
+    daemon = Daemon("--attach-mode", mode, inventory=str(lab.inventory))
+    daemons.append(daemon)
+    assert {p["attach_mode"] for p in daemon.pods_api()} == {mode}
+    in_pod(pods[0], "ping", "-c", "1", "-W", "1", pods[1].ip)
+    before = quiet_window(daemon, pods)
+    in_pod(pods[0], "ping", "-c", "23", "-i", "0.01", "-q", pods[1].ip)
+    after = quiet_window(daemon, pods)
+    for pod in pods:
+        for direction, stat in (("egress", "rx_packets"), ("ingress", "tx_packets")):
+            kernel = after.stats[pod.host_veth][stat] - before.stats[pod.host_veth][stat]
+            assert _ours(after, pod.name, direction) - _ours(before, pod.name, direction) == kernel
+    assert daemon.stop() == 0
+    for pod in pods:
+        assert "podnetmon" not in tc_filters(pod.host_veth, "ingress")
+        assert "podnetmon" not in tc_filters(pod.host_veth, "egress")
+    assert _our_programs_loaded() == []
+
+
+def test_someone_elses_filter_at_our_priority_and_handle_is_left_alone(
+        lab: Lab, foreign: ForeignPrograms, daemons: list[Daemon]) -> None:
+    a, b = lab.up(2)
+    # another agent happens to use our priority and handle (4096, 0x504e)
+    pin_prio = 4096
+    foreign.attach_tc(a.host_veth, prio=pin_prio)
+    listing = tc_filters(a.host_veth, "ingress")
+    assert "handle 0x1" in listing
+    daemon = Daemon("--tc-handle", "1", inventory=str(lab.inventory))
+    daemons.append(daemon)
+    by_pod = {p["pod"]: p for p in daemon.pods_api()}
+    assert by_pod[a.name]["attach_mode"] == ""  # refused, not overwritten
+    assert "another agent" in str(by_pod[a.name]["last_error"])
+    assert by_pod[b.name]["attach_mode"] == "tc"
+    assert daemon.scrape().sum("podnet_monitor_attach_errors_total") >= 1
+    assert daemon.stop() == 0
+    assert "pnmtest-" in tc_filters(a.host_veth, "ingress")  # theirs untouched
+    events = [e for e in daemon.log_events() if e.get("event") == "attach failed"]
+    assert events and events[0]["interface"] == a.host_veth
+    json.dumps(events)  # log lines are plain data

@@ -1,0 +1,379 @@
+"""The scrape-time collector over fake kernel maps, and the per-CPU folding helpers."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import struct
+from collections.abc import Callable, Iterable, Sequence
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+import monitor
+from monitor.collector import PodCollector
+from monitor.identity import IdentityIndex, Pod
+from monitor.kerneltypes import ProgramStats
+from monitor.maps import only_u64, sum_u64_slots
+from monitor.probes import packets
+from monitor.probes.packets import Counts
+from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
+
+INGRESS, EGRESS = 0, 1
+TCP, UDP, ICMP, OTHER = 0, 1, 2, 3
+
+PodFactory = Callable[..., Pod]  # the make_pod fixture (conftest.py)
+
+
+def counts(packets_: dict[tuple[int, int], int], bytes_: dict[tuple[int, int], int]) -> bytes:
+    """A pnm_counts value: {(direction, protocol): number}."""
+    c = Counts()
+    for (d, p), n in packets_.items():
+        c.packets[d][p] = n
+    for (d, p), n in bytes_.items():
+        c.bytes[d][p] = n
+    return bytes(c)
+
+
+class FakeMaps:
+    """A MapReader over pnm_packets, an array indexed by interface slot; records every read."""
+
+    def __init__(self, slots: dict[int, bytes] | None = None, error: OSError | None = None) -> None:
+        self.slots = slots or {}
+        self.error = error
+        self.reads: list[tuple[str, object]] = []
+
+    def items(self, name: str) -> Iterable[tuple[bytes, bytes]]:
+        self.reads.append(("items", name))
+        if self.error is not None:
+            raise self.error
+        return [(struct.pack("=I", slot), value) for slot, value in self.slots.items()]
+
+    def lookup(self, name: str, key: bytes) -> bytes | None:
+        (slot,) = struct.unpack("=I", key)
+        self.reads.append((name, slot))
+        if self.error is not None:
+            raise self.error
+        assert name == "pnm_packets"
+        return self.slots.get(slot)
+
+
+def status(pod: Pod, mode: str = "tc") -> PodStatus:
+    return PodStatus(pod.namespace, pod.name, pod.uid, pod.netns_inode, pod.has_metadata,
+                     pod.network.pause_pid, pod.network.pinned_path,
+                     tuple(InterfaceStatus(v.name, v.ifindex, mode, 1.0 if mode else None, "")
+                           for v in pod.interfaces))
+
+
+def setup(maps: FakeMaps, pods: Sequence[Pod], slots: dict[int, int] | None = None, *,
+          modes: Sequence[str] = (), program_stats: Sequence[ProgramStats] | None = None,
+          state: MonitorState | None = None) -> tuple[CollectorRegistry, MonitorState]:
+    """A registry over the collector; `slots` maps ifindex -> counter slot (the SlotTable's view)."""
+    state = state or MonitorState()
+    modes = list(modes) or ["tc"] * len(pods)
+    state.publish(Snapshot(IdentityIndex(pods, slots),
+                           tuple(status(p, m) for p, m in zip(pods, modes, strict=True))))
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(PodCollector(
+        probes=[packets.PROBE], maps=maps, state=state, node="node-1",
+        program_stats=(lambda: program_stats) if program_stats is not None else None,
+        bcc_version="0.26.0"))
+    return registry, state
+
+
+def value(registry: CollectorRegistry, name: str, pod: tuple[str, str], direction: str,
+          protocol: str) -> float | None:
+    return registry.get_sample_value(name, {"namespace": pod[0], "pod": pod[1],
+                                            "direction": direction, "protocol": protocol})
+
+
+def series(registry: CollectorRegistry, name: str) -> list[dict[str, str]]:
+    return [s.labels for m in registry.collect() for s in m.samples if s.name == name]
+
+
+# -- packets and bytes ----------------------------------------------------------------------------
+# Counters live in per-CPU arrays indexed by interface slot; the IdentityIndex says which
+# slot belongs to which pod (ifindex -> slot, as the SlotTable handed them out).
+
+def test_packets_and_bytes_per_direction_and_protocol(make_pod: PodFactory) -> None:
+    web = make_pod(4026532001, [(7, "veth7")], namespace="shop", name="web")
+    maps = FakeMaps({3: counts({(INGRESS, TCP): 10, (EGRESS, UDP): 3, (EGRESS, ICMP): 2,
+                                (INGRESS, OTHER): 1},
+                               {(INGRESS, TCP): 15000, (EGRESS, UDP): 384, (EGRESS, ICMP): 196,
+                                (INGRESS, OTHER): 60})})
+    registry, _ = setup(maps, [web], {7: 3})
+    expected = {
+        ("ingress", "tcp"): (10, 15000), ("ingress", "udp"): (0, 0), ("ingress", "icmp"): (0, 0),
+        ("ingress", "other"): (1, 60), ("egress", "tcp"): (0, 0), ("egress", "udp"): (3, 384),
+        ("egress", "icmp"): (2, 196), ("egress", "other"): (0, 0),
+    }
+    for (direction, protocol), (npackets, nbytes) in expected.items():
+        assert value(registry, "podnet_packets_total", ("shop", "web"), direction, protocol) == npackets
+        assert value(registry, "podnet_bytes_total", ("shop", "web"), direction, protocol) == nbytes
+
+
+def test_only_the_slots_of_the_index_are_read(make_pod: PodFactory) -> None:
+    web = make_pod(4026532001, [(7, "veth7"), (9, "veth9")], namespace="shop", name="web")
+    maps = FakeMaps({0: counts({(EGRESS, TCP): 1}, {})})
+    registry, _ = setup(maps, [web], {9: 4, 7: 0})
+    maps.reads.clear()
+    generate_latest(registry)
+    assert maps.reads == [("pnm_packets", 0), ("pnm_packets", 4)]  # by ifindex: 7, then 9
+
+
+def test_zero_series_for_every_direction_and_protocol(make_pod: PodFactory) -> None:
+    web = make_pod(4026532001, [(7, "veth7")], namespace="shop", name="web")
+    registry, _ = setup(FakeMaps({0: counts({}, {})}), [web], {7: 0})
+    got = series(registry, "podnet_packets_total")
+    assert len(got) == 8
+    assert {(s["direction"], s["protocol"]) for s in got} == {
+        (d, p) for d in ("ingress", "egress") for p in ("tcp", "udp", "icmp", "other")}
+    assert value(registry, "podnet_bytes_total", ("shop", "web"), "egress", "icmp") == 0
+
+
+def test_two_interfaces_of_one_pod_are_summed(make_pod: PodFactory) -> None:
+    web = make_pod(4026532001, [(7, "veth7"), (9, "veth9")], namespace="shop", name="web")
+    maps = FakeMaps({0: counts({(EGRESS, TCP): 5}, {(EGRESS, TCP): 500}),
+                     1: counts({(EGRESS, TCP): 6, (INGRESS, UDP): 1}, {(EGRESS, TCP): 700,
+                                                                      (INGRESS, UDP): 80})})
+    registry, _ = setup(maps, [web], {7: 0, 9: 1})
+    assert value(registry, "podnet_packets_total", ("shop", "web"), "egress", "tcp") == 11
+    assert value(registry, "podnet_bytes_total", ("shop", "web"), "egress", "tcp") == 1200
+    assert value(registry, "podnet_packets_total", ("shop", "web"), "ingress", "udp") == 1
+    assert len(series(registry, "podnet_packets_total")) == 8
+
+
+def test_slots_of_unknown_interfaces_are_skipped(make_pod: PodFactory) -> None:
+    web = make_pod(4026532001, [(7, "veth7")], namespace="shop", name="web")
+    maps = FakeMaps({0: counts({(EGRESS, TCP): 5}, {(EGRESS, TCP): 500}),
+                     1: counts({(EGRESS, TCP): 1000}, {(EGRESS, TCP): 99999}),  # ifindex 8: no pod
+                     2: counts({(EGRESS, TCP): 2000}, {(EGRESS, TCP): 88888})})  # no ifindex at all
+    registry, _ = setup(maps, [web], {7: 0, 8: 1})
+    assert value(registry, "podnet_packets_total", ("shop", "web"), "egress", "tcp") == 5
+    assert {s["pod"] for s in series(registry, "podnet_packets_total")} == {"web"}
+    assert ("pnm_packets", 1) not in maps.reads
+
+
+def test_interface_without_a_slot_or_value_has_no_series(make_pod: PodFactory) -> None:
+    web = make_pod(4026532001, [(7, "veth7")], namespace="shop", name="web")  # no slot: not attached
+    db = make_pod(4026532002, [(8, "veth8")], namespace="shop", name="db")  # a slot with no value
+    registry, _ = setup(FakeMaps({}), [web, db], {8: 5})
+    assert series(registry, "podnet_packets_total") == []
+    assert len(series(registry, "podnet_pod_info")) == 2
+
+
+def test_two_netns_with_the_same_labels_are_summed(make_pod: PodFactory) -> None:
+    old = make_pod(4026532001, [(7, "veth7")], namespace="shop", name="web")
+    new = make_pod(4026532002, [(12, "veth12")], namespace="shop", name="web")  # recreated sandbox
+    maps = FakeMaps({0: counts({(INGRESS, TCP): 4}, {(INGRESS, TCP): 400}),
+                     1: counts({(INGRESS, TCP): 6}, {(INGRESS, TCP): 600})})
+    registry, _ = setup(maps, [old, new], {7: 0, 12: 1})
+    assert value(registry, "podnet_packets_total", ("shop", "web"), "ingress", "tcp") == 10
+    assert value(registry, "podnet_bytes_total", ("shop", "web"), "ingress", "tcp") == 1000
+    assert len(series(registry, "podnet_packets_total")) == 8  # one set of series, not two
+
+
+def test_pods_kept_apart(make_pod: PodFactory) -> None:
+    web = make_pod(4026532001, [(7, "veth7")], namespace="shop", name="web")
+    db = make_pod(4026532002, [(8, "veth8")], namespace="shop", name="db")
+    maps = FakeMaps({0: counts({(INGRESS, TCP): 4}, {(INGRESS, TCP): 400}),
+                     1: counts({(INGRESS, TCP): 6}, {(INGRESS, TCP): 600})})
+    registry, _ = setup(maps, [web, db], {7: 1, 8: 0})
+    assert value(registry, "podnet_packets_total", ("shop", "web"), "ingress", "tcp") == 6
+    assert value(registry, "podnet_packets_total", ("shop", "db"), "ingress", "tcp") == 4
+
+
+def test_pod_without_metadata_gets_the_fallback_identity(make_pod: PodFactory) -> None:
+    anon = make_pod(4026532077, [(7, "veth7")], net_uid="1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+                    pause_pid=4242)
+    registry, _ = setup(FakeMaps({0: counts({(EGRESS, UDP): 3}, {(EGRESS, UDP): 300})}), [anon], {7: 0})
+    assert value(registry, "podnet_packets_total", ("_unknown", "netns-4026532077"), "egress", "udp") == 3
+    assert registry.get_sample_value("podnet_pod_info", {
+        "namespace": "_unknown", "pod": "netns-4026532077",
+        "uid": "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "netns": "4026532077", "interface": "veth7",
+        "node": "node-1", "workload": "", "workload_kind": ""}) == 1
+
+
+# -- podnet_pod_info ------------------------------------------------------------------------------
+
+def test_pod_info(make_pod: PodFactory) -> None:
+    web = make_pod(4026532001, [(7, "veth7"), (9, "veth9")], namespace="shop", name="web-abc",
+                   uid="uid-web", workload="web", workload_kind="Deployment")
+    db = make_pod(4026532002, [(8, "veth8")], namespace="shop", name="db-0", uid="uid-db",
+                  workload="db", workload_kind="StatefulSet")
+    registry, _ = setup(FakeMaps(), [web, db])
+    assert registry.get_sample_value("podnet_pod_info", {
+        "namespace": "shop", "pod": "web-abc", "uid": "uid-web", "netns": "4026532001",
+        "interface": "veth7,veth9", "node": "node-1", "workload": "web",
+        "workload_kind": "Deployment"}) == 1
+    assert registry.get_sample_value("podnet_pod_info", {
+        "namespace": "shop", "pod": "db-0", "uid": "uid-db", "netns": "4026532002",
+        "interface": "veth8", "node": "node-1", "workload": "db",
+        "workload_kind": "StatefulSet"}) == 1
+    assert len(series(registry, "podnet_pod_info")) == 2
+
+
+def test_no_pods_no_series() -> None:
+    registry, _ = setup(FakeMaps({0: counts({(EGRESS, TCP): 1}, {})}), [], {7: 0})
+    assert series(registry, "podnet_pod_info") == []
+    assert series(registry, "podnet_packets_total") == []
+    assert registry.get_sample_value("podnet_monitor_attached_pods") == 0
+
+
+# -- podnet_monitor_* -----------------------------------------------------------------------------
+
+def test_monitor_metrics(make_pod: PodFactory) -> None:
+    web = make_pod(4026532001, [(7, "veth7")], namespace="shop", name="web")
+    db = make_pod(4026532002, [(8, "veth8")], namespace="shop", name="db")
+    dns = make_pod(4026532003, [(9, "veth9")], namespace="kube-system", name="dns")
+    state = MonitorState()
+    for _ in range(3):
+        state.count_attach_error()
+    state.count_reconcile(0.25)
+    state.count_reconcile(0.5)
+    registry, _ = setup(FakeMaps(), [web, db, dns], modes=["tc", "", "tcx"], state=state)
+    assert registry.get_sample_value("podnet_monitor_attached_pods") == 2
+    assert registry.get_sample_value("podnet_monitor_attach_errors_total") == 3
+    assert registry.get_sample_value("podnet_monitor_reconciles_total") == 2
+    assert registry.get_sample_value("podnet_monitor_reconcile_seconds_total") == 0.75
+    assert registry.get_sample_value("podnet_monitor_collect_errors_total") == 0
+    assert registry.get_sample_value("podnet_monitor_build_info", {
+        "version": monitor.__version__, "bcc_version": "0.26.0",
+        "kernel": platform.release()}) == 1
+
+
+def test_no_bpf_stats_families_without_program_stats(make_pod: PodFactory) -> None:
+    registry, _ = setup(FakeMaps(), [])
+    text = generate_latest(registry).decode()
+    assert "podnet_monitor_bpf_run" not in text
+    assert "podnet_monitor_bpf_runs" not in text
+
+
+def test_bpf_program_stats() -> None:
+    stats = [ProgramStats("pnm_tc_ingress", 41, 1_500_000_000, 300),
+             ProgramStats("pnm_tc_egress", 42, 250_000_000, 120)]
+    registry, _ = setup(FakeMaps(), [], program_stats=stats)
+    assert registry.get_sample_value("podnet_monitor_bpf_run_seconds_total",
+                                     {"program": "pnm_tc_ingress"}) == 1.5
+    assert registry.get_sample_value("podnet_monitor_bpf_runs_total",
+                                     {"program": "pnm_tc_ingress"}) == 300
+    assert registry.get_sample_value("podnet_monitor_bpf_run_seconds_total",
+                                     {"program": "pnm_tc_egress"}) == 0.25
+    assert registry.get_sample_value("podnet_monitor_bpf_runs_total",
+                                     {"program": "pnm_tc_egress"}) == 120
+
+
+def test_unreadable_maps_cost_only_the_probe_families(make_pod: PodFactory) -> None:
+    web = make_pod(4026532001, [(7, "veth7")], namespace="shop", name="web", uid="uid-web")
+    maps = FakeMaps(error=OSError(9, "Bad file descriptor"))
+    registry, _ = setup(maps, [web], {7: 0})
+    assert registry.get_sample_value("podnet_monitor_collect_errors_total") == 1  # one scrape
+    assert registry.get_sample_value("podnet_monitor_collect_errors_total") == 2  # another one
+    assert series(registry, "podnet_packets_total") == []
+    assert series(registry, "podnet_bytes_total") == []
+    assert [s["pod"] for s in series(registry, "podnet_pod_info")] == ["web"]
+    assert registry.get_sample_value("podnet_monitor_attached_pods") == 1
+
+
+def test_registering_reads_no_map(make_pod: PodFactory) -> None:
+    maps = FakeMaps(error=OSError(9, "Bad file descriptor"))
+    setup(maps, [make_pod(4026532001, [(7, "veth7")], namespace="shop", name="web")], {7: 0})
+    assert maps.reads == []
+
+
+def test_registering_with_a_plain_registry_reads_no_map(make_pod: PodFactory) -> None:
+    maps = FakeMaps()
+    state = MonitorState()
+    state.publish(Snapshot(IdentityIndex([make_pod(4026532001, [(7, "veth7")])], {7: 2})))
+    registry = CollectorRegistry()
+    registry.register(PodCollector(probes=[packets.PROBE], maps=maps, state=state, node="node-1"))
+    assert maps.reads == []
+    generate_latest(registry)
+    assert maps.reads == [("pnm_packets", 2)]
+
+
+def test_describe_names_every_family_without_samples(make_pod: PodFactory) -> None:
+    state = MonitorState()
+    state.publish(Snapshot(IdentityIndex([make_pod(4026532001, [(7, "veth7")])])))
+    collector = PodCollector(probes=[packets.PROBE], maps=FakeMaps(), state=state,
+                             node="node-1", program_stats=list)
+    assert [m.samples for m in collector.describe()] == [[]] * 11
+    assert [m.name for m in collector.describe()] == [
+        "podnet_packets", "podnet_bytes", "podnet_pod_info", "podnet_monitor_attached_pods",
+        "podnet_monitor_attach_errors", "podnet_monitor_reconciles",
+        "podnet_monitor_reconcile_seconds", "podnet_monitor_collect_errors",
+        "podnet_monitor_build_info", "podnet_monitor_bpf_run_seconds", "podnet_monitor_bpf_runs"]
+
+
+def test_exposition_text(make_pod: PodFactory) -> None:
+    web = make_pod(4026532001, [(7, "veth7")], namespace="shop", name="web")
+    registry, _ = setup(FakeMaps({0: counts({(INGRESS, TCP): 10}, {(INGRESS, TCP): 1500})}), [web], {7: 0})
+    text = generate_latest(registry).decode()
+    assert "# TYPE podnet_packets_total counter" in text
+    assert ('podnet_packets_total{direction="ingress",namespace="shop",pod="web",protocol="tcp"} 10.0'
+            in text)
+    assert ('podnet_bytes_total{direction="ingress",namespace="shop",pod="web",protocol="tcp"} 1500.0'
+            in text)
+
+
+# -- maps helpers ---------------------------------------------------------------------------------
+
+def test_sum_u64_slots_one_word() -> None:
+    raw = struct.pack("<4Q", 1, 20, 300, 4000)
+    assert struct.unpack("<Q", sum_u64_slots(raw, 8, 4)) == (4321,)
+
+
+def test_sum_u64_slots_many_words() -> None:
+    raw = struct.pack("<6Q", 1, 10, 2, 20, 3, 30)  # three CPUs, two words each
+    assert struct.unpack("<2Q", sum_u64_slots(raw, 16, 3)) == (6, 60)
+
+
+def test_sum_u64_slots_counts_value() -> None:
+    size = ctypes.sizeof(Counts)
+    per_cpu = [counts({(INGRESS, TCP): n}, {(EGRESS, OTHER): 100 * n}) for n in (1, 2, 3, 4)]
+    folded = Counts.from_buffer_copy(sum_u64_slots(b"".join(per_cpu), size, 4))
+    assert folded.packets[INGRESS][TCP] == 10
+    assert folded.bytes[EGRESS][OTHER] == 1000
+    assert folded.packets[EGRESS][TCP] == 0
+
+
+def test_sum_u64_slots_ignores_cpus_beyond_ncpus() -> None:
+    raw = struct.pack("<3Q", 5, 6, 1000)
+    assert struct.unpack("<Q", sum_u64_slots(raw, 8, 2)) == (11,)
+
+
+def test_sum_u64_slots_wraps_like_a_u64() -> None:
+    raw = struct.pack("<2Q", 2**64 - 1, 2)
+    assert struct.unpack("<Q", sum_u64_slots(raw, 8, 2)) == (1,)
+
+
+def test_sum_u64_slots_slot_stride_is_rounded_up_to_8() -> None:
+    # A 12-byte value occupies a 16-byte slot per CPU; the u64 word is read from each slot start.
+    raw = struct.pack("<QIIQII", 5, 0xFFFFFFFF, 0, 7, 0xFFFFFFFF, 0)
+    assert struct.unpack_from("<Q", sum_u64_slots(raw, 12, 2)) == (12,)
+
+
+class U64Pair(ctypes.Structure):
+    _fields_ = [("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
+
+
+class Nested(ctypes.Structure):
+    _fields_ = [("pair", U64Pair), ("more", ctypes.c_uint64 * 3)]
+
+
+class Mixed(ctypes.Structure):
+    _fields_ = [("a", ctypes.c_uint64), ("b", ctypes.c_uint32)]
+
+
+class NestedMixed(ctypes.Structure):
+    _fields_ = [("ok", U64Pair), ("bad", Mixed)]
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    (ctypes.c_uint64, True), (ctypes.c_uint32, False), (ctypes.c_int32, False),
+    (ctypes.c_uint8, False), (ctypes.c_uint64 * 4, True), (ctypes.c_uint32 * 4, False),
+    ((ctypes.c_uint64 * 4) * 2, True), (Counts, True), (U64Pair, True), (Nested, True),
+    (Mixed, False), (NestedMixed, False),
+])
+def test_only_u64(kind: type, expected: bool) -> None:
+    assert only_u64(kind) is expected

@@ -1,0 +1,188 @@
+"""The HTTP listener on 127.0.0.1, an ephemeral port, over a trivial registry."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from monitor.server import Api, Server
+from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
+
+
+class Trivial:
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("unit_test_up", "Always 1.", value=1)
+
+
+@dataclass
+class Reply:
+    status: int
+    content_type: str
+    body: bytes
+
+    def json(self) -> dict[str, object]:
+        doc = json.loads(self.body)
+        assert isinstance(doc, dict)
+        return doc
+
+
+@dataclass
+class Live:
+    """The running server and the knobs the tests turn."""
+
+    state: MonitorState
+    port: int
+    alive: list[bool] = field(default_factory=lambda: [True])
+
+    def request(self, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> Reply:
+        data = b"{}" if method in ("POST", "PUT") else None
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                     method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - http on loopback
+                return Reply(resp.status, resp.headers["Content-Type"], resp.read())
+        except urllib.error.HTTPError as err:
+            with err:
+                return Reply(err.code, err.headers["Content-Type"], err.read())
+
+
+@pytest.fixture(scope="module")
+def running() -> Iterator[tuple[Server, Api]]:
+    """One server for the module: stopping one takes up to its 0.5 s poll interval."""
+    registry = CollectorRegistry()
+    registry.register(Trivial())  # type: ignore[arg-type]
+    api = Api(registry, MonitorState(), "node-1", alive=lambda: True)
+    server = Server("127.0.0.1", 0, api)
+    server.start()
+    try:
+        yield server, api
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def live(running: tuple[Server, Api]) -> Live:
+    """A fresh state and liveness flag for each test."""
+    server, api = running
+    live = Live(MonitorState(), server.port)
+    api.state = live.state
+    api.alive = lambda: live.alive[0]
+    return live
+
+
+def test_port_zero_picks_a_port(live: Live) -> None:
+    assert live.port > 0
+
+
+def test_metrics(live: Live) -> None:
+    reply = live.request("/metrics")
+    assert reply.status == 200
+    assert reply.content_type.startswith("text/plain; version=0.0.4")
+    assert b"# TYPE unit_test_up gauge\n" in reply.body
+    assert b"\nunit_test_up 1.0\n" in reply.body
+
+
+def test_metrics_openmetrics(live: Live) -> None:
+    reply = live.request("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert reply.status == 200
+    assert reply.content_type.startswith("application/openmetrics-text")
+    assert reply.body.endswith(b"# EOF\n")
+
+
+def test_healthz(live: Live) -> None:
+    assert live.request("/healthz") == Reply(200, "text/plain; charset=utf-8", b"ok\n")
+    live.alive[0] = False
+    assert live.request("/healthz") == Reply(503, "text/plain; charset=utf-8",
+                                             b"reconciler not running\n")
+
+
+def test_readyz(live: Live) -> None:
+    assert live.request("/readyz").status == 503
+    live.state.ready = True
+    assert live.request("/readyz") == Reply(200, "text/plain; charset=utf-8", b"ready\n")
+    live.alive[0] = False  # ready once, but the reconciler died since
+    assert live.request("/readyz").status == 503
+
+
+def test_pods(live: Live) -> None:
+    live.state.publish(Snapshot(pods=(
+        PodStatus("shop", "web-1", "uid-web", 4026532001, True, 100, None, (
+            InterfaceStatus("veth7", 7, "tc", 1700000000.5, ""),
+            InterfaceStatus("veth9", 9, "", None, "attach by tc failed: boom"))),
+        PodStatus("_unknown", "netns-4026532002", "", 4026532002, False, None, "/run/netns/cni-b",
+                  (InterfaceStatus("veth8", 8, "", None, "attach by tcx failed: busy"),)),
+        PodStatus("shop", "db-0", "uid-db", 4026532003, True, 300, None, ()),
+    )))
+    reply = live.request("/api/v1/pods")
+    assert (reply.status, reply.content_type) == (200, "application/json")
+    doc = reply.json()
+    assert doc["node"] == "node-1"
+    assert isinstance(doc["time"], float)
+    assert doc["pods"] == [
+        {"namespace": "shop", "pod": "web-1", "uid": "uid-web", "netns": 4026532001,
+         "has_metadata": True, "pause_pid": 100, "pinned_netns": None, "interface": "veth7",
+         "ifindex": 7, "attach_mode": "tc", "attached_since": 1700000000.5, "last_error": "",
+         "interfaces": [
+             {"name": "veth7", "ifindex": 7, "attach_mode": "tc", "attached_since": 1700000000.5,
+              "last_error": ""},
+             {"name": "veth9", "ifindex": 9, "attach_mode": "", "attached_since": None,
+              "last_error": "attach by tc failed: boom"}]},
+        {"namespace": "_unknown", "pod": "netns-4026532002", "uid": "", "netns": 4026532002,
+         "has_metadata": False, "pause_pid": None, "pinned_netns": "/run/netns/cni-b",
+         "interface": "veth8", "ifindex": 8, "attach_mode": "", "attached_since": None,
+         "last_error": "attach by tcx failed: busy", "interfaces": [
+             {"name": "veth8", "ifindex": 8, "attach_mode": "", "attached_since": None,
+              "last_error": "attach by tcx failed: busy"}]},
+        {"namespace": "shop", "pod": "db-0", "uid": "uid-db", "netns": 4026532003,
+         "has_metadata": True, "pause_pid": 300, "pinned_netns": None, "interface": "",
+         "ifindex": 0, "attach_mode": "", "attached_since": None, "last_error": "",
+         "interfaces": []},
+    ]
+
+
+def test_pods_empty(live: Live) -> None:
+    assert live.request("/api/v1/pods").json()["pods"] == []
+
+
+def test_unknown_path_404_json(live: Live) -> None:
+    reply = live.request("/nope?x=1")
+    assert (reply.status, reply.content_type) == (404, "application/json")
+    assert reply.json() == {"error": "no such endpoint: /nope",
+                            "endpoints": ["/api/v1/pods", "/healthz", "/metrics", "/readyz"]}
+    assert live.request("/").status == 404
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+def test_other_methods_405(live: Live, method: str) -> None:
+    reply = live.request("/metrics", method=method)
+    assert (reply.status, reply.content_type) == (405, "application/json")
+    assert reply.json() == {"error": f"{method} not allowed"}
+
+
+def test_trailing_slash_and_query(live: Live) -> None:
+    live.state.ready = True
+    assert live.request("/readyz/").status == 200
+    assert live.request("/metrics/?name[]=x").status == 200
+    assert live.request("/api/v1/pods/").json()["node"] == "node-1"
+
+
+def test_head(live: Live) -> None:
+    reply = live.request("/healthz", method="HEAD")
+    assert (reply.status, reply.body) == (200, b"")
+
+
+def test_stop_closes_the_port() -> None:
+    server = Server("127.0.0.1", 0, Api(CollectorRegistry(), MonitorState(), "n", alive=lambda: True))
+    server.start()
+    port = server.port
+    server.stop()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)

@@ -1,0 +1,223 @@
+"""Settings: defaults, precedence (flag > env > default), conversion and validation."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+import pytest
+
+from monitor import settings
+from monitor.settings import Settings, SettingsError, from_sources
+
+pytestmark = pytest.mark.usefixtures("clean_env")
+
+
+@pytest.fixture(autouse=True)
+def fixed_hostname(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "host-from-gethostname")
+
+
+def parse_flags(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_defaults() -> None:
+    s = from_sources({}, environ={})
+    assert s.listen == "0.0.0.0:9655"
+    assert (s.listen_host, s.listen_port) == ("0.0.0.0", 9655)
+    assert s.node_name == "host-from-gethostname"
+    assert s.proc_root == "/proc"
+    assert s.cgroup_root == "/sys/fs/cgroup"
+    assert s.netns_dirs == ("/run/netns", "/var/run/netns")
+    assert s.bpffs_root == "/sys/fs/bpf"
+    assert s.tracefs_root == "/sys/kernel/tracing"
+    assert s.pause_comm == "pause"
+    assert s.inventory == ""
+    assert s.attach_mode == "auto"
+    assert s.tc_priority == 4096
+    assert s.tc_handle == 0x504E
+    assert s.resync_interval == 5.0
+    assert s.event_debounce == 0.05
+    assert s.max_interfaces == 1024
+    assert s.bpf_stats is False
+    assert s.probes == ()
+    assert s.log_level == "info"
+    assert s.log_format == "auto"
+
+
+def test_defaults_from_an_empty_command_line() -> None:
+    assert from_sources(parse_flags(), environ={}) == Settings()
+
+
+def test_os_environ_is_read_when_no_environ_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PODNETMON_TC_PRIORITY", "77")
+    assert from_sources({}).tc_priority == 77
+
+
+def test_flag_beats_env_beats_default() -> None:
+    env = {"PODNETMON_TC_PRIORITY": "100", "PODNETMON_LOG_LEVEL": "debug",
+           "PODNETMON_PAUSE_COMM": "infra"}
+    s = from_sources(parse_flags("--tc-priority", "200", "--log-level", "warning"), environ=env)
+    assert s.tc_priority == 200  # flag over env
+    assert s.log_level == "warning"  # flag over env
+    assert s.pause_comm == "infra"  # env over default
+    assert s.max_interfaces == 1024  # default
+
+
+def test_overrides_beat_everything() -> None:
+    s = from_sources({"tc_priority": "5"}, environ={"PODNETMON_TC_PRIORITY": "6"},
+                     overrides={"tc_priority": 7})
+    assert s.tc_priority == 7
+
+
+@pytest.mark.parametrize(("flags", "env", "expected"), [
+    pytest.param({}, {"NODE_NAME": "node-downward"}, "node-downward", id="NODE_NAME"),
+    pytest.param({}, {"NODE_NAME": "node-downward", "PODNETMON_NODE_NAME": "node-ours"}, "node-ours",
+                 id="PODNETMON_NODE_NAME-wins"),
+    pytest.param({"node_name": "node-flag"}, {"NODE_NAME": "node-downward"}, "node-flag",
+                 id="flag-wins"),
+    pytest.param({}, {"NODE_NAME": ""}, "host-from-gethostname", id="empty-NODE_NAME"),
+    pytest.param({}, {}, "host-from-gethostname", id="hostname"),
+])
+def test_node_name(flags: dict[str, str], env: dict[str, str], expected: str) -> None:
+    assert from_sources(flags, environ=env).node_name == expected
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("1", True), ("true", True), ("YES", True), (" on ", True),
+    ("0", False), ("false", False), ("No", False), ("off", False), ("", False),
+])
+def test_bool_conversion(raw: str, expected: bool) -> None:
+    assert from_sources({}, environ={"PODNETMON_BPF_STATS": raw}).bpf_stats is expected
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("4096", 4096), ("0x100", 256), ("0o20", 16),
+                                              ("0b10000", 16), (" 32 ", 32)])
+def test_int_conversion(raw: str, expected: int) -> None:
+    assert from_sources({"max_interfaces": raw}, environ={}).max_interfaces == expected
+
+
+def test_int_hex_handle() -> None:
+    assert from_sources(parse_flags("--tc-handle", "0xBEEF"), environ={}).tc_handle == 0xBEEF
+
+
+def test_float_conversion() -> None:
+    s = from_sources({"resync_interval": "2.5"}, environ={"PODNETMON_EVENT_DEBOUNCE": "0"})
+    assert (s.resync_interval, s.event_debounce) == (2.5, 0.0)
+
+
+def test_tuple_conversion() -> None:
+    s = from_sources({"netns_dirs": " /a/netns, /b/netns ,,"}, environ={"PODNETMON_PROBES": "packets"})
+    assert s.netns_dirs == ("/a/netns", "/b/netns")
+    assert s.probes == ("packets",)
+    assert from_sources({"probes": ""}, environ={}).probes == ()
+
+
+def test_non_string_values_pass_through() -> None:
+    s = from_sources({"tc_priority": 9, "netns_dirs": ("/x",)}, environ={})
+    assert (s.tc_priority, s.netns_dirs) == (9, ("/x",))
+
+
+@pytest.mark.parametrize(("name", "raw", "message"), [
+    ("bpf_stats", "maybe", "bpf_stats: 'maybe' is not a valid bool"),
+    ("max_interfaces", "lots", "max_interfaces: 'lots' is not a valid int"),
+    ("tc_priority", "1.5", "tc_priority: '1.5' is not a valid int"),
+    ("resync_interval", "soon", "resync_interval: 'soon' is not a valid float"),
+])
+def test_conversion_errors_name_the_setting(name: str, raw: str, message: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        from_sources({}, environ={settings.env_name(name): raw})
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(("field", "value", "prefix"), [
+    ("listen", "0.0.0.0", "listen: "),
+    ("listen", "0.0.0.0:", "listen: "),
+    ("listen", "nope", "listen: "),
+    ("listen", "0.0.0.0:65536", "listen: "),
+    ("listen", "0.0.0.0:-1", "listen: "),
+    ("listen", "0.0.0.0:http", "listen: "),
+    ("attach_mode", "bogus", "attach_mode: 'bogus' is not one of auto, tc, tcx"),
+    ("log_format", "xml", "log_format: 'xml' is not one of auto, json, console"),
+    ("log_level", "trace", "log_level: 'trace' is not one of debug, info, warning, error"),
+    ("tc_priority", 0, "tc_priority: 0 is outside 1..65535"),
+    ("tc_priority", 65536, "tc_priority: 65536 is outside 1..65535"),
+    ("tc_handle", 0, "tc_handle: "),
+    ("resync_interval", 0.05, "resync_interval: 0.05 s is outside 0.1..3600"),
+    ("resync_interval", 3601.0, "resync_interval: 3601.0 s is outside 0.1..3600"),
+    ("resync_interval", float("nan"), "resync_interval: "),
+    ("event_debounce", 1.5, "event_debounce: "),
+    ("max_interfaces", 8, "max_interfaces: "),
+    ("pause_comm", "", "pause_comm: "),
+    ("pause_comm", "a" * 16, "pause_comm: must be 1 to 15 characters"),
+    ("proc_root", "proc", "proc_root: 'proc' must be an absolute path"),
+    ("cgroup_root", "./cg", "cgroup_root: "),
+    ("bpffs_root", "bpf", "bpffs_root: "),
+    ("tracefs_root", "", "tracefs_root: "),
+    ("netns_dirs", ("/run/netns", "var/run/netns"), "netns_dirs: 'var/run/netns' must be an absolute"),
+])
+def test_validation_errors_name_the_setting(field: str, value: object, prefix: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings(**{field: value})  # type: ignore[arg-type]
+    assert str(info.value).startswith(prefix)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("listen", "127.0.0.1:0"), ("listen", "[::1]:65535"), ("tc_priority", 1), ("tc_priority", 65535),
+    ("resync_interval", 0.1), ("resync_interval", 3600.0), ("pause_comm", "a" * 15),
+    ("event_debounce", 0.0), ("max_interfaces", 16), ("max_interfaces", 65536),
+])
+def test_edges_accepted(field: str, value: object) -> None:
+    assert getattr(Settings(**{field: value}), field) == value  # type: ignore[arg-type]
+
+
+def test_validation_error_through_env() -> None:
+    with pytest.raises(SettingsError, match=r"^attach_mode: 'tcz'"):
+        from_sources({}, environ={"PODNETMON_ATTACH_MODE": "tcz"})
+
+
+@pytest.mark.parametrize(("listen", "host", "port"), [
+    ("127.0.0.1:8080", "127.0.0.1", 8080),
+    ("[::1]:9655", "::1", 9655),
+    (":9000", "0.0.0.0", 9000),
+])
+def test_listen_host_and_port(listen: str, host: str, port: int) -> None:
+    s = Settings(listen=listen)
+    assert (s.listen_host, s.listen_port) == (host, port)
+
+
+def test_add_arguments_one_flag_per_field() -> None:
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser)
+    flags = {opt for action in parser._actions for opt in action.option_strings} - {"-h", "--help"}
+    assert flags == {
+        "--listen", "--node-name", "--proc-root", "--cgroup-root", "--netns-dirs", "--bpffs-root",
+        "--tracefs-root", "--pause-comm", "--inventory", "--attach-mode", "--tc-priority",
+        "--tc-handle", "--resync-interval", "--event-debounce", "--max-interfaces", "--bpf-stats",
+        "--probes", "--log-level", "--log-format"}
+    assert len(flags) == len(settings.names())
+
+
+def test_flags_default_to_none_and_name_their_env() -> None:
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser)
+    assert all(v is None for v in vars(parser.parse_args([])).values())
+    tc = next(a for a in parser._actions if "--tc-priority" in a.option_strings)
+    assert "PODNETMON_TC_PRIORITY" in (tc.help or "")
+    assert "4096" in (tc.help or "")
+
+
+def test_names_and_env_names() -> None:
+    assert settings.flag_name("netns_dirs") == "--netns-dirs"
+    assert settings.env_name("netns_dirs") == "PODNETMON_NETNS_DIRS"
+    assert settings.names()[:2] == ["listen", "node_name"]
+
+
+def test_describe_is_plain_data() -> None:
+    d = settings.describe(Settings(node_name="n1", probes=("packets",)))
+    assert d["node_name"] == "n1"
+    assert d["probes"] == ("packets",)
+    assert d["tc_handle"] == 0x504E

@@ -1,0 +1,187 @@
+"""The interface slot table over fake kernel maps: which writes, in which order."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from monitor.slots import SlotTable
+
+Op = tuple[object, ...]
+BUCKETS = 16
+
+
+class FakeMap:
+    """Records put/put_zero/delete as (map, op, key, value) in a log shared by all maps."""
+
+    def __init__(self, name: str, log: list[Op]) -> None:
+        self.name, self.log = name, log
+        self.data: dict[int, bytes] = {}
+        self.fail: set[str] = set()  # ops that raise OSError
+
+    def _key(self, op: str, key: bytes) -> int:
+        if op in self.fail:
+            raise OSError(28, f"{self.name}: {op} failed")
+        return int(struct.unpack("=I", key)[0])
+
+    def put(self, key: bytes, value: bytes) -> None:
+        k = self._key("put", key)
+        self.log.append((self.name, "put", k, value))
+        self.data[k] = value
+
+    def put_zero(self, key: bytes) -> None:
+        k = self._key("put_zero", key)
+        self.log.append((self.name, "put_zero", k))
+        self.data[k] = b"\0"
+
+    def delete(self, key: bytes) -> bool:
+        k = self._key("delete", key)
+        self.log.append((self.name, "delete", k))
+        return self.data.pop(k, None) is not None
+
+
+class Maps:
+    def __init__(self, capacity: int = 4) -> None:
+        self.log: list[Op] = []
+        self.ifslots = FakeMap("ifslots", self.log)
+        self.spill = FakeMap("spill", self.log)
+        self.packets = FakeMap("packets", self.log)
+        self.other = FakeMap("other", self.log)
+        self.table = SlotTable(ifslots=self.ifslots, spill=self.spill,
+                               per_slot=[self.packets, self.other], capacity=capacity,
+                               buckets=BUCKETS)
+
+    def take(self) -> list[Op]:
+        ops, self.log[:] = list(self.log), []
+        return ops
+
+
+def entry(ifindex: int, slot: int) -> bytes:
+    return struct.pack("=II", ifindex, slot)
+
+
+@pytest.fixture
+def maps() -> Maps:
+    return Maps()
+
+
+def test_assign_zeroes_the_slot_before_publishing_it(maps: Maps) -> None:
+    assert maps.table.assign(7) == 0
+    assert maps.take() == [("packets", "put_zero", 0), ("other", "put_zero", 0),
+                           ("ifslots", "put", 7, entry(7, 0))]
+    assert maps.table.assign(9) == 1
+    assert maps.take() == [("packets", "put_zero", 1), ("other", "put_zero", 1),
+                           ("ifslots", "put", 9, entry(9, 1))]
+    assert maps.table.assigned() == {7: 0, 9: 1}
+    assert (maps.table.slot_of(7), maps.table.slot_of(8)) == (0, None)
+
+
+def test_assign_twice_is_one_slot(maps: Maps) -> None:
+    maps.table.assign(7)
+    maps.take()
+    assert maps.table.assign(7) == 0
+    assert maps.take() == []
+
+
+def test_bucket_is_ifindex_modulo_buckets(maps: Maps) -> None:
+    maps.table.assign(BUCKETS * 3 + 5)
+    assert maps.take()[-1] == ("ifslots", "put", 5, entry(BUCKETS * 3 + 5, 0))
+
+
+def test_taken_bucket_spills(maps: Maps) -> None:
+    maps.table.assign(5)
+    maps.take()
+    assert maps.table.assign(5 + BUCKETS) == 1
+    assert maps.take() == [("packets", "put_zero", 1), ("other", "put_zero", 1),
+                           ("spill", "put", 5 + BUCKETS, struct.pack("=I", 1))]
+    assert maps.table.spilled() == 1
+
+
+def test_release_empties_the_bucket(maps: Maps) -> None:
+    maps.table.assign(7)
+    maps.take()
+    maps.table.release(7)
+    assert maps.take() == [("ifslots", "put", 7, bytes(8))]
+    assert maps.table.assigned() == {}
+    maps.table.release(7)  # idempotent
+    maps.table.release(99)  # never assigned
+    assert maps.take() == []
+
+
+def test_release_of_a_spilled_interface(maps: Maps) -> None:
+    maps.table.assign(5)
+    maps.table.assign(5 + BUCKETS)
+    maps.take()
+    maps.table.release(5 + BUCKETS)
+    assert maps.take() == [("spill", "delete", 5 + BUCKETS)]
+    assert maps.table.spilled() == 0
+    assert maps.ifslots.data[5] == entry(5, 0)  # the bucket's owner is untouched
+
+
+def test_released_bucket_is_taken_by_the_next_interface(maps: Maps) -> None:
+    maps.table.assign(5)
+    maps.table.assign(5 + BUCKETS)  # spilled
+    maps.table.release(5)
+    maps.take()
+    assert maps.table.assign(5 + 2 * BUCKETS) == 2  # fresh slots before the freed slot 0
+    assert maps.take()[-1] == ("ifslots", "put", 5, entry(5 + 2 * BUCKETS, 2))
+    assert maps.table.spilled() == 1
+
+
+def test_freed_slots_reused_oldest_first(maps: Maps) -> None:
+    for ifindex in (10, 11, 12, 13):
+        maps.table.assign(ifindex)
+    maps.table.release(12)
+    maps.table.release(10)
+    assert maps.table.assign(20) == 2  # freed first
+    assert maps.table.assign(21) == 0
+
+
+def test_fresh_slots_before_freed_ones(maps: Maps) -> None:
+    maps.table.assign(10)
+    maps.table.release(10)
+    assert maps.table.assign(11) == 1
+    assert maps.table.assign(12) == 2
+    assert maps.table.assign(13) == 3
+    assert maps.table.assign(14) == 0
+
+
+def test_exhausted(maps: Maps) -> None:
+    for ifindex in (10, 11, 12, 13):
+        maps.table.assign(ifindex)
+    maps.take()
+    with pytest.raises(RuntimeError, match=r"^all 4 interface slots are in use; raise max_interfaces$"):
+        maps.table.assign(14)
+    assert maps.take() == []
+    maps.table.release(11)
+    assert maps.table.assign(14) == 1
+
+
+@pytest.mark.parametrize(("map_name", "op"), [("packets", "put_zero"), ("other", "put_zero"),
+                                              ("ifslots", "put")])
+def test_failed_assign_gives_the_slot_back(maps: Maps, map_name: str, op: str) -> None:
+    getattr(maps, map_name).fail.add(op)
+    with pytest.raises(OSError, match="failed"):
+        maps.table.assign(7)
+    assert maps.table.assigned() == {}
+    getattr(maps, map_name).fail.clear()
+    assert maps.table.assign(7) == 0  # the same slot, and the bucket is free
+    assert maps.ifslots.data[7] == entry(7, 0)
+
+
+def test_failed_spill_gives_the_slot_back(maps: Maps) -> None:
+    maps.table.assign(5)
+    maps.spill.fail.add("put")
+    with pytest.raises(OSError):
+        maps.table.assign(5 + BUCKETS)
+    assert maps.table.spilled() == 0
+    maps.spill.fail.clear()
+    assert maps.table.assign(5 + BUCKETS) == 1
+
+
+def test_buckets_must_be_a_power_of_two() -> None:
+    log: list[Op] = []
+    with pytest.raises(ValueError, match="power of two"):
+        SlotTable(ifslots=FakeMap("a", log), spill=FakeMap("b", log), per_slot=[], capacity=4,
+                  buckets=24)
