@@ -16,15 +16,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bcc import BPF  # type: ignore[import-untyped]  # noqa: E402
-from pyroute2 import IPRoute  # type: ignore[import-untyped]  # noqa: E402
+from bcc import BPF  # type: ignore[import-untyped]
+from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
-from bench.common import UDP_SENDER, lab_pods, machine, median, run_in, spawn_in  # noqa: E402
-from monitor import bpfsys  # noqa: E402
-from monitor import bpf  # noqa: E402
-from monitor.bpf import TC_PARENT_INGRESS, Attacher, Netlink, Programs  # noqa: E402
-from monitor.probes import select  # noqa: E402
-from monitor.slots import SlotTable  # noqa: E402
+from bench.common import UDP_SENDER, lab_pods, machine, median, run_in, spawn_in
+from monitor import (
+    bpf,
+    bpfsys,
+)
+from monitor.bpf import TC_PARENT_INGRESS, Attacher, Netlink, Programs
+from monitor.probes import select
+from monitor.slots import SlotTable
 
 EMPTY = "#include <uapi/linux/pkt_cls.h>\nint empty_prog(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }\n"
 

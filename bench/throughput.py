@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import daemon, iperf3_gbits, lab_pods, machine, median, spawn_in, tcpdump  # noqa: E402
+from bench.common import daemon, iperf3_gbits, lab_pods, machine, median, spawn_in, tcpdump
 
 
 def main() -> int:

@@ -70,6 +70,7 @@ class _Failure:
     error: str
     attempts: int
     retry_at: float
+    netns: int  # an ifindex reused by another pod's veth starts afresh
 
 
 class Reconciler:
@@ -96,8 +97,10 @@ class Reconciler:
             want = desired.get(ifindex)
             if want is None or want[0].netns_inode != att.netns or want[1].name != att.ifname:
                 self._detach(att, reason="gone" if want is None else "reused")
-        for failed in set(self._failures) - set(desired):
-            del self._failures[failed]
+        for ifindex, failure in list(self._failures.items()):
+            want = desired.get(ifindex)
+            if want is None or want[0].netns_inode != failure.netns:
+                del self._failures[ifindex]
         for ifindex, (pod, veth) in sorted(desired.items()):
             if ifindex not in self._attached:
                 self._try_attach(pod, veth)
@@ -136,7 +139,8 @@ class Reconciler:
                 return
             attempts = failure.attempts + 1 if failure else 1
             delay = min(RETRY_FIRST * 2 ** (attempts - 1), RETRY_MAX)
-            self._failures[veth.ifindex] = _Failure(str(exc), attempts, self._clock() + delay)
+            self._failures[veth.ifindex] = _Failure(str(exc), attempts, self._clock() + delay,
+                                                    pod.netns_inode)
             self._state.count_attach_error()
             bound.error("attach failed", error=str(exc), attempts=attempts, retry_in=delay)
             return

@@ -140,7 +140,7 @@ def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
     kind = f.type
     try:
         if kind == "int":
-            return int(raw, 0)
+            return int(raw, 0) if not raw.strip().isdigit() else int(raw, 10)
         if kind == "float":
             return float(raw)
         if kind == "bool":
@@ -186,7 +186,7 @@ def from_sources(flags: Mapping[str, Any] | argparse.Namespace,
     for f in dataclasses.fields(Settings):
         raw = flags.get(f.name)
         if raw is None:
-            raw = environ.get(env_name(f.name))
+            raw = environ.get(env_name(f.name)) or None  # an empty variable means unset
         if raw is not None:
             values[f.name] = _convert(f, raw) if isinstance(raw, str) else raw
     if "node_name" not in values and environ.get("NODE_NAME"):

@@ -89,10 +89,14 @@ class SlotTable:
         if slot is None:
             return
         bucket = ifindex & (self._buckets - 1)
-        if ifindex in self._spilled:
-            self._spilled.discard(ifindex)
-            self._spill.delete(u32(ifindex))
-        elif self._bucket_owner.get(bucket) == ifindex:
-            del self._bucket_owner[bucket]
-            self._ifslots.put(u32(bucket), bytes(8))
-        self._free.append(slot)
+        try:
+            if ifindex in self._spilled:
+                self._spilled.discard(ifindex)
+                self._spill.delete(u32(ifindex))
+            elif self._bucket_owner.get(bucket) == ifindex:
+                del self._bucket_owner[bucket]
+                self._ifslots.put(u32(bucket), bytes(8))
+        finally:
+            # Even if the kernel write failed: the entry names an ifindex that is gone,
+            # and a slot kept out of the free list would be lost for good.
+            self._free.append(slot)

@@ -47,6 +47,19 @@ def _text(value: Any) -> bool:
     return isinstance(value, str) and value != ""
 
 
+def _label_value(value: object) -> str:
+    """YAML reads `true` as a bool; Kubernetes label values are strings ("true")."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def netns_key(path: str) -> str:
+    """One spelling per pinned netns: /var/run is usually a link to /run, and runtimes
+    and discovery may each use either."""
+    return os.path.realpath(path)
+
+
 def _entry(index: int, raw: Any, problems: list[str]) -> tuple[PodMeta, str] | None:
     where = f"pods[{index}]"
     if not isinstance(raw, dict):
@@ -65,12 +78,14 @@ def _entry(index: int, raw: Any, problems: list[str]) -> tuple[PodMeta, str] | N
     for key, value in (("uid", uid), ("netns", netns)):
         if value is not None and not _text(value):
             problems.append(f"{where}: '{key}' must be a non-empty string")
-    labels = raw.get("labels") or {}
+    labels = raw.get("labels")
+    labels = {} if labels is None else labels
     if not isinstance(labels, dict) or not all(
             isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in labels.items()):
         problems.append(f"{where}: 'labels' must map strings to strings")
         labels = {}
-    owner = raw.get("owner") or {}
+    owner = raw.get("owner")
+    owner = {} if owner is None else owner
     if not isinstance(owner, dict) or any(k not in ("kind", "name") for k in owner) or not all(
             isinstance(v, str) for v in owner.values()):
         problems.append(f"{where}: 'owner' must be {{kind: ..., name: ...}}")
@@ -78,7 +93,7 @@ def _entry(index: int, raw: Any, problems: list[str]) -> tuple[PodMeta, str] | N
     if len(problems) > before:
         return None
     meta = PodMeta(namespace=raw["namespace"], name=raw["name"], uid=str(uid or ""),
-                   labels=tuple(sorted((k, str(v)) for k, v in labels.items())),
+                   labels=tuple(sorted((k, _label_value(v)) for k, v in labels.items())),
                    workload=owner.get("name", ""), workload_kind=owner.get("kind", ""))
     return meta, str(netns or "")
 
@@ -89,10 +104,14 @@ def parse(text: str, source: str = "inventory") -> Inventory:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InventoryError(f"{source}: not valid YAML: {exc}") from None
-    if doc is None:
-        doc = {"pods": []}
-    if not isinstance(doc, dict) or not isinstance(doc.get("pods", []), list):
+    if doc is None:  # also what a file read halfway through a rewrite can look like
+        raise InventoryError(f"{source}: the file is empty; an inventory of no pods is "
+                             "'pods: []'")
+    if not isinstance(doc, dict) or "pods" not in doc or not isinstance(doc["pods"], list | None):
         raise InventoryError(f"{source}: expected a mapping with a 'pods' list")
+    unknown = sorted(set(map(str, doc)) - {"pods"})
+    if unknown:
+        raise InventoryError(f"{source}: unknown top-level keys {unknown} (known: ['pods'])")
     problems: list[str] = []
     by_uid: dict[str, PodMeta] = {}
     by_netns: dict[str, PodMeta] = {}
@@ -106,9 +125,10 @@ def parse(text: str, source: str = "inventory") -> Inventory:
                 problems.append(f"pods[{index}]: uid {meta.uid} is listed twice")
             by_uid[meta.uid] = meta
         if netns:
-            if netns in by_netns:
+            key = netns_key(netns)
+            if key in by_netns:
                 problems.append(f"pods[{index}]: netns {netns} is listed twice")
-            by_netns[netns] = meta
+            by_netns[key] = meta
     if problems:
         raise InventoryError(f"{source}: " + "; ".join(problems))
     return Inventory(by_uid, by_netns)
@@ -151,7 +171,8 @@ class StaticInventory:
             return
         with self._lock:
             self._inventory = inventory
-        self._log.info("inventory reloaded", pods=len(inventory.by_uid) + len(inventory.by_netns))
+        pods = len(set(inventory.by_uid.values()) | set(inventory.by_netns.values()))
+        self._log.info("inventory reloaded", pods=pods)
 
     def lookup(self, uid: str | None, netns_paths: Sequence[str]) -> PodMeta | None:
         with self._lock:
@@ -159,7 +180,7 @@ class StaticInventory:
         if uid and uid in inventory.by_uid:
             return inventory.by_uid[uid]
         for path in netns_paths:
-            meta = inventory.by_netns.get(path) or inventory.by_netns.get(os.path.realpath(path))
+            meta = inventory.by_netns.get(netns_key(path))
             if meta is not None:
                 return meta
         return None

@@ -24,7 +24,8 @@ def _root_and_clean() -> Iterator[None]:
     Lab().down()  # a previous crashed run must not leak into this one
     yield
     Lab().down()
-    left = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    left = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
+                          check=False).stdout
     assert "pnml" not in left, f"the tests leaked lab links:\n{left}"
 
 

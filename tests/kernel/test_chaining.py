@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -52,8 +53,10 @@ def test_foreign_filter_before_ours_both_count_everything(
     sysfs_tx = after.stats[a.host_veth]["tx_packets"] - before.stats[a.host_veth]["tx_packets"]
     assert sysfs_rx >= 23 and sysfs_tx >= 23
     # TC ingress of the host veth = what the pod sends; both programs saw every packet
-    assert f_after[0] - f_before[0] == sysfs_rx == _ours(after, a.name, "egress") - _ours(before, a.name, "egress")
-    assert f_after[1] - f_before[1] == sysfs_tx == _ours(after, a.name, "ingress") - _ours(before, a.name, "ingress")
+    ours_out = _ours(after, a.name, "egress") - _ours(before, a.name, "egress")
+    ours_in = _ours(after, a.name, "ingress") - _ours(before, a.name, "ingress")
+    assert f_after[0] - f_before[0] == sysfs_rx == ours_out
+    assert f_after[1] - f_before[1] == sysfs_tx == ours_in
 
     assert daemon.stop() == 0
     for hook in ("ingress", "egress"):
@@ -71,7 +74,7 @@ def test_foreign_filter_before_ours_both_count_everything(
 def test_auto_mode_joins_tcx_where_the_device_has_tcx_programs(
         lab: Lab, foreign: ForeignPrograms, daemons: list[Daemon]) -> None:
     a, b = lab.up(2)
-    ifindex = int(open(f"/sys/class/net/{a.host_veth}/ifindex").read())
+    ifindex = int(Path(f"/sys/class/net/{a.host_veth}/ifindex").read_text())
     foreign.attach_tcx(ifindex)
     daemon = Daemon(inventory=str(lab.inventory))
     daemons.append(daemon)
@@ -83,8 +86,10 @@ def test_auto_mode_joins_tcx_where_the_device_has_tcx_programs(
     after, f_after = quiet_window(daemon, [a, b]), foreign.counts()
     sysfs_rx = after.stats[a.host_veth]["rx_packets"] - before.stats[a.host_veth]["rx_packets"]
     sysfs_tx = after.stats[a.host_veth]["tx_packets"] - before.stats[a.host_veth]["tx_packets"]
-    assert f_after[0] - f_before[0] == sysfs_rx == _ours(after, a.name, "egress") - _ours(before, a.name, "egress")
-    assert f_after[1] - f_before[1] == sysfs_tx == _ours(after, a.name, "ingress") - _ours(before, a.name, "ingress")
+    ours_out = _ours(after, a.name, "egress") - _ours(before, a.name, "egress")
+    ours_in = _ours(after, a.name, "ingress") - _ours(before, a.name, "ingress")
+    assert f_after[0] - f_before[0] == sysfs_rx == ours_out
+    assert f_after[1] - f_before[1] == sysfs_tx == ours_in
     assert daemon.stop() == 0
     assert _our_programs_loaded() == []  # our tcx links went with our programs
     f_mid = foreign.counts()

@@ -65,6 +65,11 @@ def _ours(w: Window, pod: LabPod, direction: str, what: str, protocol: str | Non
     return int(w.metrics.sum(f"podnet_{what}_total", **labels))
 
 
+def _delta(before: Window, after: Window, pod: LabPod, direction: str, what: str, *,
+           protocol: str | None = None) -> int:
+    return _ours(after, pod, direction, what, protocol) - _ours(before, pod, direction, what, protocol)
+
+
 def assert_exact(before: Window, after: Window, pods: list[LabPod]) -> None:
     """Every pod, both directions, packets and bytes: our delta == the veth's delta."""
     for pod in pods:
@@ -99,8 +104,8 @@ def test_ping_23_exact(env: Env) -> None:
     assert_exact(before, after, env.pods)
     # ping's own count: 23 echo requests out of a, 23 replies into it, 98 bytes each
     for direction in ("egress", "ingress"):
-        assert _ours(after, a, direction, "packets", "icmp") - _ours(before, a, direction, "packets", "icmp") == 23
-        assert _ours(after, a, direction, "bytes", "icmp") - _ours(before, a, direction, "bytes", "icmp") == 23 * 98
+        assert _delta(before, after, a, direction, "packets", protocol="icmp") == 23
+        assert _delta(before, after, a, direction, "bytes", protocol="icmp") == 23 * 98
 
 
 def test_ping_ipv6_counted_as_icmp(env: Env) -> None:
@@ -110,9 +115,9 @@ def test_ping_ipv6_counted_as_icmp(env: Env) -> None:
     in_pod(a, "ping", "-6", "-c", "23", "-i", "0.01", "-q", b.ip6)
     after = quiet_window(env.daemon, env.pods)
     assert_exact(before, after, env.pods)
-    sent = _ours(after, a, "egress", "packets", "icmp") - _ours(before, a, "egress", "packets", "icmp")
+    sent = _delta(before, after, a, "egress", "packets", protocol="icmp")
     assert sent >= 23  # plus any neighbour solicitations, which are ICMPv6 too
-    got = _ours(after, b, "ingress", "packets", "icmp") - _ours(before, b, "ingress", "packets", "icmp")
+    got = _delta(before, after, b, "ingress", "packets", protocol="icmp")
     assert got >= 23
 
 
@@ -138,11 +143,11 @@ def test_100k_udp_datagrams_exact(env: Env) -> None:
     # A datagram the host side could not take in (its backlog full) never reached TC;
     # the kernel counts it in rx_dropped. The sender's count, less those, is what crossed.
     crossed = sent - (_rx_dropped(a) - dropped_before)
-    udp_out = _ours(after, a, "egress", "packets", "udp") - _ours(before, a, "egress", "packets", "udp")
-    udp_in = _ours(after, b, "ingress", "packets", "udp") - _ours(before, b, "ingress", "packets", "udp")
+    udp_out = _delta(before, after, a, "egress", "packets", protocol="udp")
+    udp_in = _delta(before, after, b, "ingress", "packets", protocol="udp")
     assert udp_out == crossed
     # 64 bytes of payload + 8 UDP + 20 IPv4 + 14 Ethernet each
-    assert (_ours(after, a, "egress", "bytes", "udp") - _ours(before, a, "egress", "bytes", "udp")
+    assert (_delta(before, after, a, "egress", "bytes", protocol="udp")
             == crossed * (64 + 8 + 20 + 14))
     # The receiver got at most what crossed b's veth, and all of it unless its socket overflowed.
     assert received <= udp_in <= udp_out
@@ -160,8 +165,8 @@ def test_iperf3_tcp_exact_and_agrees_with_iperf3(env: Env) -> None:
     assert_exact(before, after, env.pods)
     sent = json.loads(out)["end"]["sum_sent"]
     payload, retransmits = int(sent["bytes"]), int(sent.get("retransmits", 0))
-    tcp_bytes = _ours(after, client, "egress", "bytes", "tcp") - _ours(before, client, "egress", "bytes", "tcp")
-    tcp_packets = _ours(after, client, "egress", "packets", "tcp") - _ours(before, client, "egress", "packets", "tcp")
+    tcp_bytes = _delta(before, after, client, "egress", "bytes", protocol="tcp")
+    tcp_packets = _delta(before, after, client, "egress", "packets", protocol="tcp")
     overhead = tcp_bytes - payload
     # Each skb carries one set of headers (GSO packets too): at least Ethernet + IPv4 +
     # TCP (14 + 20 + 20), at most with full TCP options (14 + 20 + 60). Retransmitted

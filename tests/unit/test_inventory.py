@@ -163,26 +163,17 @@ def test_bad_document(text: str, problem: str) -> None:
     assert str(info.value).startswith(problem)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "static.py:92-93 turns an empty document (empty file, or comments only) into an empty "
-    "inventory instead of refusing it; a truncated file read mid-rewrite then wipes every name"))
 @pytest.mark.parametrize("text", ["", "# nothing yet\n"], ids=["empty", "comments-only"])
 def test_empty_file_is_refused(text: str) -> None:
     with pytest.raises(InventoryError, match=r"^inv: "):
         parse(text, "inv")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "static.py:94/99 accept a mapping without a 'pods' key (e.g. the typo 'pod:') as an "
-    "empty inventory: the file names no pod and nothing says why"))
 def test_mapping_without_pods_key_is_refused() -> None:
     with pytest.raises(InventoryError, match=r"^inv: "):
         parse(f"pod:\n  - {{uid: {UID_WEB}, namespace: shop, name: web}}\n", "inv")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "static.py:68/73 use `raw.get(...) or {}`, so falsy values of the wrong type "
-    "(labels: [], labels: '', owner: 0) pass validation instead of being refused"))
 @pytest.mark.parametrize("raw", [entry(labels=[]), entry(labels=""), entry(owner=0)],
                          ids=["labels-empty-list", "labels-empty-str", "owner-zero"])
 def test_falsy_wrong_types_are_refused(raw: dict[str, object]) -> None:
@@ -245,10 +236,6 @@ def test_lookup_through_a_symlinked_path(tmp_path: Path) -> None:
     assert source.lookup(None, [f"{tmp_path}/var/run/netns/cni-a"]) == DB
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "static.py:162 resolves symlinks in the looked-up path only, never in the inventory's keys: "
-    "an inventory naming /var/run/netns/X (what crictl inspectp shows) never matches the "
-    "/run/netns/X that discovery reports first by default"))
 def test_inventory_key_through_a_symlinked_path(tmp_path: Path) -> None:
     (tmp_path / "run" / "netns").mkdir(parents=True)
     (tmp_path / "run" / "netns" / "cni-a").write_text("")

@@ -427,10 +427,6 @@ def test_attach_failing_because_the_link_vanished_is_no_error(world: World,
     assert world.run() == failed_attach_events(7, "veth7", 4026532001)  # tried again at once
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "reconcile.py:99-100 forgets a failure only when its ifindex leaves the desired set; failures "
-    "are keyed by ifindex alone, so a new pod that reuses the ifindex inherits the old pod's "
-    "backoff (up to 60 s) and last_error"))
 @pytest.mark.usefixtures("links_exist")
 def test_reused_ifindex_does_not_inherit_a_failure(world: World) -> None:
     world.pod(4026532001, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)

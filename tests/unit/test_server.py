@@ -47,7 +47,7 @@ class Live:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
                                      method=method, headers=headers or {})
         try:
-            with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - http on loopback
+            with urllib.request.urlopen(req, timeout=5) as resp:
                 return Reply(resp.status, resp.headers["Content-Type"], resp.read())
         except urllib.error.HTTPError as err:
             with err:
