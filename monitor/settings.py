@@ -41,11 +41,10 @@ class Settings:
         "This node's name, exported on podnet_pod_info. The DaemonSet sets NODE_NAME "
         "from the downward API; the hostname is the fallback on plain hosts.",
         default="")
-    proc_root: str = _doc("Where the host's /proc is mounted (hostPID DaemonSet: /proc).",
-                          default="/proc")
-    cgroup_root: str = _doc("Where the host's cgroup tree is mounted; pod UIDs are read "
-                            "from the cgroup paths of pause processes, relative to it.",
-                            default="/sys/fs/cgroup")
+    proc_root: str = _doc(
+        "Where the host's /proc is mounted (hostPID DaemonSet: /proc). Pause processes and "
+        "their cgroup paths (which carry the pod UID) are read there, so no cgroup mount "
+        "is needed.", default="/proc")
     netns_dirs: tuple[str, ...] = _doc(
         "Directories where runtimes pin network namespaces (containerd: cni-*, CRI-O: "
         "a UUID). Both usual spellings by default, as /var/run is often a link to /run.",
@@ -128,7 +127,7 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"max_interfaces: {s.max_interfaces} is outside 16..65536")
     if not s.pause_comm or len(s.pause_comm) > 15:
         raise SettingsError("pause_comm: must be 1 to 15 characters (the kernel's comm length)")
-    for name in ("proc_root", "cgroup_root", "bpffs_root", "tracefs_root"):
+    for name in ("proc_root", "bpffs_root", "tracefs_root"):
         if not os.path.isabs(getattr(s, name)):
             raise SettingsError(f"{name}: {getattr(s, name)!r} must be an absolute path")
     for d in s.netns_dirs:

@@ -111,6 +111,30 @@ def test_run_check_attaches_reports_and_detaches(lab: Lab) -> None:
         assert "podnetmon" not in tc_filters(pod.host_veth, "ingress")
 
 
+def test_bpf_stats_count_every_run_and_pods_table(lab: Lab, daemons: list[Daemon]) -> None:
+    pods = lab.up(3)
+    daemon = Daemon("--bpf-stats", "true", inventory=str(lab.inventory))
+    daemons.append(daemon)
+    in_pod(pods[0], "ping", "-c", "1", "-W", "1", pods[1].ip)
+    before = quiet_window(daemon, pods)
+    in_pod(pods[0], "ping", "-c", "11", "-i", "0.01", "-q", pods[1].ip)
+    after = quiet_window(daemon, pods)
+    # Our ingress program runs once per packet any lab pod sends: the kernel's own
+    # run count equals the sum of the host veths' rx_packets.
+    runs = (after.metrics.sum("podnet_monitor_bpf_runs_total", program="pnm_tc_ingress")
+            - before.metrics.sum("podnet_monitor_bpf_runs_total", program="pnm_tc_ingress"))
+    rx = sum(after.stats[p.host_veth]["rx_packets"] - before.stats[p.host_veth]["rx_packets"]
+             for p in pods)
+    assert runs == rx >= 11
+    assert after.metrics.sum("podnet_monitor_bpf_run_seconds_total") > 0
+    table = subprocess.run([sys.executable, "-m", "monitor", "pods", "--address",
+                            f"127.0.0.1:{daemon.port}"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=30, check=True).stdout.splitlines()
+    assert table[0].split()[:2] == ["NAMESPACE", "POD"]
+    assert sorted(line.split()[1] for line in table[1:]) == ["pod-0", "pod-1", "pod-2"]
+    assert all(" tc " in line for line in table[1:])
+
+
 def test_check_command_passes_here() -> None:
     proc = subprocess.run([sys.executable, "-m", "monitor", "check"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, check=False)

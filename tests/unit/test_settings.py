@@ -30,7 +30,6 @@ def test_defaults() -> None:
     assert (s.listen_host, s.listen_port) == ("0.0.0.0", 9655)
     assert s.node_name == "host-from-gethostname"
     assert s.proc_root == "/proc"
-    assert s.cgroup_root == "/sys/fs/cgroup"
     assert s.netns_dirs == ("/run/netns", "/var/run/netns")
     assert s.bpffs_root == "/sys/fs/bpf"
     assert s.tracefs_root == "/sys/kernel/tracing"
@@ -154,7 +153,6 @@ def test_conversion_errors_name_the_setting(name: str, raw: str, message: str) -
     ("pause_comm", "", "pause_comm: "),
     ("pause_comm", "a" * 16, "pause_comm: must be 1 to 15 characters"),
     ("proc_root", "proc", "proc_root: 'proc' must be an absolute path"),
-    ("cgroup_root", "./cg", "cgroup_root: "),
     ("bpffs_root", "bpf", "bpffs_root: "),
     ("tracefs_root", "", "tracefs_root: "),
     ("netns_dirs", ("/run/netns", "var/run/netns"), "netns_dirs: 'var/run/netns' must be an absolute"),
@@ -194,7 +192,7 @@ def test_add_arguments_one_flag_per_field() -> None:
     settings.add_arguments(parser)
     flags = {opt for action in parser._actions for opt in action.option_strings} - {"-h", "--help"}
     assert flags == {
-        "--listen", "--node-name", "--proc-root", "--cgroup-root", "--netns-dirs", "--bpffs-root",
+        "--listen", "--node-name", "--proc-root", "--netns-dirs", "--bpffs-root",
         "--tracefs-root", "--pause-comm", "--inventory", "--attach-mode", "--tc-priority",
         "--tc-handle", "--resync-interval", "--event-debounce", "--max-interfaces", "--bpf-stats",
         "--probes", "--log-level", "--log-format"}
