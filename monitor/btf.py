@@ -1,0 +1,183 @@
+"""Struct member offsets from the running kernel's BTF (/sys/kernel/btf/vmlinux).
+
+BCC compiles against kernel headers, and where those are not the running
+kernel's (a VM kernel with stand-in headers, a node whose headers package
+lags), every kernel struct offset taken from them is wrong, silently: a read
+returns garbage or zero. The offsets the tracepoint programs need come from
+here instead and reach the C code as -D cflags.
+
+The format is include/uapi/linux/btf.h: a header, a type section of
+variable-length records (type ids count from 1), a string section. Members of
+anonymous structs and unions are searched recursively, their offsets added.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+VMLINUX = "/sys/kernel/btf/vmlinux"
+BTF_MAGIC = 0xEB9F
+
+# BTF_KIND_*
+INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
+FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = range(12, 20)
+_MODIFIERS = {TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG}
+# What follows the 12-byte common record: (fixed bytes, bytes per vlen item).
+_EXTRA: dict[int, tuple[int, int]] = {
+    INT: (4, 0), ARRAY: (12, 0), STRUCT: (0, 12), UNION: (0, 12), ENUM: (0, 8),
+    FUNC_PROTO: (0, 8), VAR: (4, 0), DATASEC: (0, 12), DECL_TAG: (4, 0), ENUM64: (0, 12)}
+
+
+class BtfError(LookupError):
+    """BTF is missing or malformed, or lacks a struct or member we need."""
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    type_id: int
+    bit_offset: int
+    bitfield_size: int
+
+
+class Btf:
+    """A parsed BTF blob: find structs by name and members by dotted path."""
+
+    def __init__(self, data: bytes) -> None:
+        try:
+            self._parse(data)
+        except (struct.error, ValueError, IndexError, UnicodeDecodeError) as exc:
+            raise BtfError(f"BTF is truncated or corrupt: {exc}") from None
+
+    def _parse(self, data: bytes) -> None:
+        if len(data) < 24:
+            raise BtfError("BTF blob too short")
+        magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+        if magic != BTF_MAGIC:
+            raise BtfError(f"bad BTF magic {magic:#x}")
+        type_off, type_len, str_off, str_len = struct.unpack_from("<4I", data, 8)
+        if max(hdr_len + type_off + type_len, hdr_len + str_off + str_len) > len(data):
+            raise BtfError("BTF is truncated: its sections end past the data")
+        self._data = data
+        self._types_start = hdr_len + type_off
+        self._strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
+        self._records: list[int] = [0]  # type id -> offset of its record; id 0 is void
+        self._by_name: dict[tuple[int, str], int] = {}
+        pos, end = self._types_start, self._types_start + type_len
+        while pos < end:
+            name_off, info, _size = struct.unpack_from("<3I", data, pos)
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            type_id = len(self._records)
+            self._records.append(pos)
+            if kind in (STRUCT, UNION) and name_off:
+                self._by_name.setdefault((kind, self._string(name_off)), type_id)
+            fixed, per_item = _EXTRA.get(kind, (0, 0))
+            pos += 12 + fixed + per_item * vlen
+        if pos != end:
+            raise BtfError("BTF type section does not parse to its end")
+
+    @classmethod
+    def load(cls, path: str = VMLINUX) -> Btf:
+        try:
+            with open(path, "rb") as f:
+                return cls(f.read())
+        except OSError as exc:
+            raise BtfError(f"{path}: {exc.strerror}") from None
+
+    def _string(self, off: int) -> str:
+        try:
+            end = self._strings.index(b"\0", off)
+            return self._strings[off:end].decode()
+        except (ValueError, UnicodeDecodeError):
+            raise BtfError(f"BTF string at {off} is cut or not text") from None
+
+    def _header(self, type_id: int) -> tuple[int, int, bool, int, int]:
+        """(kind, vlen, kind_flag, size_or_type, record offset)."""
+        pos = self._records[type_id]
+        _name, info, size_or_type = struct.unpack_from("<3I", self._data, pos)
+        return (info >> 24) & 0x1F, info & 0xFFFF, bool(info >> 31), size_or_type, pos
+
+    def struct_id(self, name: str) -> int:
+        for kind in (STRUCT, UNION):
+            type_id = self._by_name.get((kind, name))
+            if type_id is not None:
+                return type_id
+        raise BtfError(f"struct {name} is not in this kernel's BTF")
+
+    def resolve(self, type_id: int) -> int:
+        """Follow typedefs and qualifiers to the underlying type."""
+        for _ in range(32):
+            kind, _vlen, _kf, size_or_type, _pos = self._header(type_id)
+            if kind not in _MODIFIERS:
+                return type_id
+            type_id = size_or_type
+        raise BtfError("typedef chain too long")
+
+    def members(self, type_id: int) -> Iterator[Member]:
+        kind, vlen, kind_flag, _size, pos = self._header(self.resolve(type_id))
+        if kind not in (STRUCT, UNION):
+            raise BtfError(f"type {type_id} is not a struct or union")
+        for i in range(vlen):
+            name_off, mtype, offset = struct.unpack_from("<3I", self._data, pos + 12 + 12 * i)
+            if kind_flag:
+                yield Member(self._string(name_off), mtype, offset & 0xFFFFFF, offset >> 24)
+            else:
+                yield Member(self._string(name_off), mtype, offset, 0)
+
+    def _find(self, type_id: int, name: str) -> tuple[Member, int] | None:
+        """A named member, searching anonymous members depth-first; (member, bit offset)."""
+        for m in self.members(type_id):
+            if m.name == name:
+                return m, m.bit_offset
+            if not m.name:
+                inner_kind = self._header(self.resolve(m.type_id))[0]
+                if inner_kind in (STRUCT, UNION):
+                    found = self._find(m.type_id, name)
+                    if found is not None:
+                        return found[0], m.bit_offset + found[1]
+        return None
+
+    def offsetof(self, struct_name: str, path: str) -> int:
+        """Byte offset of a dotted member path (e.g. "__sk_common.skc_net") in a struct."""
+        type_id, bits = self.struct_id(struct_name), 0
+        for part in path.split("."):
+            found = self._find(type_id, part)
+            if found is None:
+                raise BtfError(f"struct {struct_name} has no member {path} in this kernel")
+            member, member_bits = found
+            if member.bitfield_size:
+                raise BtfError(f"{struct_name}.{path} is a bitfield")
+            bits += member_bits
+            type_id = member.type_id
+        if bits % 8:
+            raise BtfError(f"{struct_name}.{path} is a bitfield")
+        return bits // 8
+
+    def sizeof(self, struct_name: str) -> int:
+        return int(self._header(self.struct_id(struct_name))[3])
+
+
+# The offsets the tracepoint probes read, as -D names for the C code.
+OFFSETS: dict[str, tuple[str, str]] = {
+    "PNM_OFF_SKB_DEV": ("sk_buff", "dev"),
+    "PNM_OFF_SKB_SK": ("sk_buff", "sk"),
+    "PNM_OFF_SKB_CB": ("sk_buff", "cb"),
+    "PNM_OFF_DEV_NET": ("net_device", "nd_net"),
+    "PNM_OFF_DEV_IFINDEX": ("net_device", "ifindex"),
+    "PNM_OFF_NET_INUM": ("net", "ns.inum"),
+    "PNM_OFF_SK_NET": ("sock", "__sk_common.skc_net"),
+    "PNM_OFF_TCP_SRTT": ("tcp_sock", "srtt_us"),
+    "PNM_OFF_TCB_GSO_SEGS": ("tcp_skb_cb", "tcp_gso_segs"),
+}
+
+
+def kernel_offsets(btf: Btf) -> dict[str, int]:
+    """Every offset in OFFSETS, from this BTF; raises BtfError naming what is missing."""
+    return {define: btf.offsetof(struct_name, path)
+            for define, (struct_name, path) in OFFSETS.items()}
+
+
+def cflags(offsets: dict[str, int]) -> list[str]:
+    return [f"-D{name}={value}" for name, value in sorted(offsets.items())]

@@ -1,0 +1,94 @@
+"""What the running kernel tells us before anything is compiled.
+
+Struct offsets come from BTF (monitor/btf.py). Tracepoint fields and the drop
+reasons' names come from tracefs, where the running kernel describes its own
+tracepoints: reasons are renumbered between kernel versions (NO_SOCKET is 2
+on 6.1 and 3 on 6.18), so names are never taken from headers or a table of
+our own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from monitor import btf, log
+
+_FIELD_RE = re.compile(r"field:[^;]*?(\w+)(?:\[\d+\])?;")
+_SYMBOL_RE = re.compile(r'\{\s*(\d+)\s*,\s*"([A-Za-z0-9_]+)"\s*\}')
+
+
+@dataclass(frozen=True)
+class TracepointFormat:
+    fields: frozenset[str]
+    print_fmt: str
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """Facts about the running kernel that the programs and the collectors need."""
+
+    host_netns: int
+    offsets: dict[str, int] | None  # None: no trustworthy struct offsets
+    offsets_source: str  # "btf", or "none" with the reason in offsets_problem
+    offsets_problem: str = ""
+    tracepoints: dict[str, TracepointFormat] = field(default_factory=dict)
+    drop_reasons: dict[int, str] = field(default_factory=dict)
+
+    def has_field(self, tracepoint: str, name: str) -> bool:
+        fmt = self.tracepoints.get(tracepoint)
+        return fmt is not None and name in fmt.fields
+
+    def drop_reason(self, value: int) -> str:
+        return self.drop_reasons.get(value, f"REASON_{value}")
+
+
+def read_format(tracefs_root: str, tracepoint: str) -> TracepointFormat | None:
+    category, event = tracepoint.split(":", 1)
+    path = os.path.join(tracefs_root, "events", category, event, "format")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = frozenset(m.group(1) for m in _FIELD_RE.finditer(text))
+    fmt_at = text.find("print fmt:")
+    return TracepointFormat(fields, text[fmt_at:] if fmt_at >= 0 else "")
+
+
+def symbols(print_fmt: str, field_name: str) -> dict[int, str]:
+    """The {value: name} table of `__print_symbolic(REC->field, ...)` in a print fmt."""
+    start = print_fmt.find(f"__print_symbolic(REC->{field_name},")
+    if start < 0:
+        return {}
+    depth, end = 0, start
+    for end in range(start, len(print_fmt)):  # the matching parenthesis
+        if print_fmt[end] == "(":
+            depth += 1
+        elif print_fmt[end] == ")":
+            depth -= 1
+            if depth == 0:
+                break
+    return {int(v): name for v, name in _SYMBOL_RE.findall(print_fmt[start:end])}
+
+
+TRACEPOINTS = ("skb:kfree_skb", "tcp:tcp_retransmit_skb", "tcp:tcp_retransmit_synack",
+               "sock:inet_sock_set_state")
+
+
+def probe(*, proc_root: str, tracefs_root: str, btf_path: str) -> KernelInfo:
+    logger = log.get("kernel")
+    host_netns = os.stat(os.path.join(proc_root, "self", "ns", "net")).st_ino
+    try:
+        offsets: dict[str, int] | None = btf.kernel_offsets(btf.Btf.load(btf_path))
+        source, problem = "btf", ""
+    except btf.BtfError as exc:
+        offsets, source, problem = None, "none", str(exc)
+        logger.warning("no kernel struct offsets: drops count under the node only, and "
+                       "retransmits and RTT are off", reason=problem)
+    formats = {tp: fmt for tp in TRACEPOINTS
+               if (fmt := read_format(tracefs_root, tp)) is not None}
+    kfree = formats.get("skb:kfree_skb")
+    reasons = symbols(kfree.print_fmt, "reason") if kfree else {}
+    return KernelInfo(host_netns, offsets, source, problem, formats, reasons)
