@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from monitor.lab import Lab, LabPod  # noqa: E402
+from monitor.lab import Lab, LabPod
 
 UDP_SENDER = """
 import socket, sys
@@ -50,9 +50,10 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def run_in(pod: LabPod, *cmd: str, timeout: float = 300, check: bool = True) -> str:
+def run_in(pod: LabPod, *cmd: str, timeout: float = 300, check: bool = True,
+           stdin: str | None = None) -> str:
     return subprocess.run([*pod.exec_prefix(), *cmd], capture_output=True, text=True,
-                          check=check, timeout=timeout).stdout
+                          check=check, timeout=timeout, input=stdin).stdout
 
 
 def spawn_in(pod: LabPod, *cmd: str) -> subprocess.Popen[bytes]:
@@ -114,7 +115,7 @@ def daemon(inventory: Path, *args: str) -> Iterator[str]:
 
 @contextmanager
 def tcpdump(dev: str) -> Iterator[None]:
-    proc = subprocess.Popen(["tcpdump", "-i", dev, "-w", "/dev/null", "-s", "0", "-n"],
+    proc = subprocess.Popen(["tcpdump", "-i", dev, "-w", "/dev/null", "-s", "0", "-n", "-Z", "root"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # tcpdump opens its socket and installs its filter before traffic
     try:

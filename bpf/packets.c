@@ -15,7 +15,7 @@ struct pnm_counts {
     __u64 bytes[PNM_NDIR][PNM_NPROTO];
 };
 
-BPF_PERCPU_ARRAY(pnm_packets, struct pnm_counts, PNM_MAX_INTERFACES);
+BPF_PERCPU_ARRAY(pnm_packets, struct pnm_counts, PNM_SLOTS);
 
 static __always_inline void packets_tc(struct __sk_buff *skb, const struct pnm_pkt *pkt)
 {

@@ -1,4 +1,4 @@
-/* pnm.h: what every podnetmon TC program shares.
+/* pnm.h: what every podnetmon program shares.
  *
  * Directions are named from the pod's side: the host veth's TC ingress sees
  * what the pod sends (PNM_DIR_EGRESS), its TC egress what the pod receives
@@ -33,27 +33,49 @@
 
 #define PNM_NO_L4 0xff
 
+#define PNM_TCP_FIN 0x01
+#define PNM_TCP_SYN 0x02
+#define PNM_TCP_RST 0x04
+#define PNM_TCP_ACK 0x10
+
 /* IPv6 extension headers walked before giving up on finding the L4 header.
  * Real traffic rarely has more than two; the bound keeps the verifier happy. */
 #define PNM_IPV6_MAX_EXT 6
+/* L4 headers further in than this are read with bpf_skb_load_bytes(): the
+ * bound lets the verifier prove a direct read stays inside the packet. */
+#define PNM_MAX_DIRECT_L4_OFF 255
 
 #ifndef PNM_MAX_INTERFACES
 #define PNM_MAX_INTERFACES 1024
 #endif
+/* Per-slot arrays have one slot more than there are interfaces: the last is
+ * the node's, where tracepoint events that belong to no pod are counted. */
+#define PNM_SLOTS (PNM_MAX_INTERFACES + 1)
+#define PNM_NODE_SLOT PNM_MAX_INTERFACES
 /* Buckets of the ifindex -> slot table; a power of two. */
 #ifndef PNM_IFSLOT_BUCKETS
 #define PNM_IFSLOT_BUCKETS 65536
 #endif
 
+/* Latency histograms: bucket i counts values v (in microseconds) with
+ * 2^(i-1) < v <= 2^i, i.e. Prometheus' le=2^i us, from 1 us to 2^26 us (67 s);
+ * the last bucket holds what is larger and shows only in +Inf. */
+#define PNM_HIST_BUCKETS 28
+
+/* Set by the daemon's sweep in the timestamp of a pending handshake or DNS
+ * query that timed out: the entry stays, so the attempt counts once. */
+#define PNM_TIMED_OUT (1ULL << 63)
+
 /* Interface slots.
  *
  * Every attached host veth gets a slot, and every per-interface counter lives
- * in a per-CPU ARRAY indexed by it: the verifier inlines array lookups, so a
- * probe's counter costs about a nanosecond, where a hash lookup keyed by
- * ifindex costs ~35 ns (bench/RESULTS.md). The slot is found from the ifindex
- * through a direct-mapped table (bucket = ifindex mod PNM_IFSLOT_BUCKETS, the
- * entry tagged with its ifindex); an ifindex whose bucket another attached
- * interface holds goes to a small hash instead. The daemon writes both
+ * in an ARRAY indexed by it: the verifier inlines array lookups, so a probe's
+ * counter costs about a nanosecond, where a hash lookup keyed by ifindex costs
+ * ~35 ns (bench/RESULTS.md). The slot is found from the ifindex through a
+ * direct-mapped table (bucket = ifindex mod PNM_IFSLOT_BUCKETS, the entry
+ * tagged with its ifindex); an ifindex whose bucket another attached interface
+ * holds goes to a small hash instead. A pod's netns maps to the slot of its
+ * first interface, for events seen by tracepoints. The daemon writes these
  * tables; the programs only read them.
  */
 struct pnm_ifslot {
@@ -62,6 +84,7 @@ struct pnm_ifslot {
 };
 BPF_ARRAY(pnm_ifslots, struct pnm_ifslot, PNM_IFSLOT_BUCKETS);
 BPF_HASH(pnm_ifslot_spill, __u32, __u32, PNM_MAX_INTERFACES);
+BPF_HASH(pnm_netns, __u32, __u32, PNM_MAX_INTERFACES);
 
 static __always_inline int pnm_slot_of(__u32 ifindex, __u32 *slot)
 {
@@ -79,16 +102,35 @@ static __always_inline int pnm_slot_of(__u32 ifindex, __u32 *slot)
     return 0;
 }
 
+/* The slot of a pod's netns, or the node's slot for any other netns. */
+static __always_inline __u32 pnm_netns_slot(__u32 inum)
+{
+    __u32 *slot = pnm_netns.lookup(&inum);
+    return slot ? *slot : PNM_NODE_SLOT;
+}
+
+static __always_inline __u32 pnm_hist_bucket(__u64 us)
+{
+    if (us <= 1)
+        return 0;
+    __u32 b = bpf_log2l(us - 1); /* floor(log2(us - 1)) + 1 == ceil(log2(us)) */
+    return b < PNM_HIST_BUCKETS ? b : PNM_HIST_BUCKETS - 1;
+}
+
 struct pnm_pkt {
     __u32 slot;       /* the interface's slot (see above) */
     __u32 len;        /* skb->len: what the interface statistics count */
     __u16 l4_off;     /* offset of the L4 header from the Ethernet header; 0: none */
+    __be16 sport;     /* TCP/UDP ports in network order, when has_ports */
+    __be16 dport;
     __u8 dir;         /* PNM_DIR_* */
     __u8 family;      /* 4, 6, or 0 for anything that is not IP */
     __u8 l4proto;     /* IPPROTO_*, PNM_NO_L4 when not IP */
     __u8 proto_class; /* PNM_PROTO_* */
     __u8 fragment;    /* 1: a non-first fragment, whose L4 header is elsewhere */
-    __u8 _pad;
+    __u8 has_ports;   /* 1: sport/dport (and tcp_flags for TCP) were read */
+    __u8 tcp_flags;
+    __u8 _pad[3];
 };
 
 static __always_inline __u8 pnm_classify(__u8 l4proto)
@@ -182,9 +224,45 @@ unknown:
     pkt->l4proto = IPPROTO_NONE;
 }
 
+/* Ports, and for TCP the flags byte: the first 14 bytes of a TCP header, the
+ * 8 of a UDP header. A packet too short for them gets no ports. */
+static __always_inline void pnm_parse_l4(struct __sk_buff *skb, struct pnm_pkt *pkt)
+{
+    __u32 off = pkt->l4_off;
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    if (!off)
+        return;
+    if (pkt->l4proto == IPPROTO_TCP) {
+        __u8 tcp[14];
+        if (off <= PNM_MAX_DIRECT_L4_OFF && data + off + sizeof(tcp) <= end)
+            __builtin_memcpy(tcp, data + off, sizeof(tcp));
+        else if (bpf_skb_load_bytes(skb, off, tcp, sizeof(tcp)) < 0)
+            return;
+        __builtin_memcpy(&pkt->sport, tcp, 2);
+        __builtin_memcpy(&pkt->dport, tcp + 2, 2);
+        pkt->tcp_flags = tcp[13];
+        pkt->has_ports = 1;
+    } else if (pkt->l4proto == IPPROTO_UDP) {
+        __u8 udp[8];
+        if (off <= PNM_MAX_DIRECT_L4_OFF && data + off + sizeof(udp) <= end)
+            __builtin_memcpy(udp, data + off, sizeof(udp));
+        else if (bpf_skb_load_bytes(skb, off, udp, sizeof(udp)) < 0)
+            return;
+        __builtin_memcpy(&pkt->sport, udp, 2);
+        __builtin_memcpy(&pkt->dport, udp + 2, 2);
+        pkt->has_ports = 1;
+    }
+}
+
 static __always_inline void pnm_parse(struct __sk_buff *skb, struct pnm_pkt *pkt, __u8 dir)
 {
     pkt->len = skb->len;
+    /* A VLAN tag the pod sent in the frame is moved out of the data (into
+     * vlan_tci) before TC ingress sees it, but the veth counted it in rx_bytes.
+     * Going to the pod the tag is never in the data, nor in tx_bytes. */
+    if (dir == PNM_DIR_EGRESS && skb->vlan_present)
+        pkt->len += 4;
     pkt->dir = dir;
     pkt->l4proto = PNM_NO_L4;
     if (skb->protocol == bpf_htons(ETH_P_IP))
@@ -192,4 +270,36 @@ static __always_inline void pnm_parse(struct __sk_buff *skb, struct pnm_pkt *pkt
     else if (skb->protocol == bpf_htons(ETH_P_IPV6))
         pnm_parse_ipv6(skb, pkt);
     pkt->proto_class = pnm_classify(pkt->l4proto);
+#ifdef PNM_WANT_PORTS
+    pnm_parse_l4(skb, pkt);
+#endif
+}
+
+/* The pod-side (local) and far-side (remote) addresses of a packet, IPv4 in
+ * the first four bytes. Read again from the packet: only the few probes that
+ * need them (handshakes, DNS) pay for it, and only on the packets they track. */
+static __always_inline int pnm_addrs(struct __sk_buff *skb, const struct pnm_pkt *pkt,
+                                     __u8 *local, __u8 *remote)
+{
+    __u8 a[32] = {};
+    if (pkt->family == 4) {
+        if (bpf_skb_load_bytes(skb, ETH_HLEN + 12, a, 8) < 0)
+            return -1;
+        __builtin_memcpy(a + 16, a + 4, 4); /* daddr to the second half */
+        __builtin_memset(a + 4, 0, 4);
+    } else if (pkt->family == 6) {
+        if (bpf_skb_load_bytes(skb, ETH_HLEN + 8, a, 32) < 0)
+            return -1;
+    } else {
+        return -1;
+    }
+    /* a[0..16) is the source, a[16..32) the destination */
+    if (pkt->dir == PNM_DIR_EGRESS) {
+        __builtin_memcpy(local, a, 16);
+        __builtin_memcpy(remote, a + 16, 16);
+    } else {
+        __builtin_memcpy(local, a + 16, 16);
+        __builtin_memcpy(remote, a, 16);
+    }
+    return 0;
 }

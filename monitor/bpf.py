@@ -28,6 +28,7 @@ from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-unty
 from pyroute2.netlink.rtnl import RTMGRP_LINK  # type: ignore[import-untyped]
 
 from monitor import bpfsys, log
+from monitor.kernelinfo import KernelInfo
 from monitor.kerneltypes import Attachment, ProgramStats, VethLink
 from monitor.maps import KernelMaps, MapHandle, only_u64
 from monitor.probes.base import Probe
@@ -41,6 +42,7 @@ TC_PARENT_EGRESS = 0xFFFFFFF3
 _PERCPU_MAP_TYPES = {5, 6, 10}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
 IFSLOTS_MAP = "pnm_ifslots"  # bpf/pnm.h: ifindex bucket -> {ifindex, slot}
 IFSLOT_SPILL_MAP = "pnm_ifslot_spill"  # ifindex -> slot, where the bucket was taken
+NETNS_MAP = "pnm_netns"  # a pod's netns inode -> the slot its tracepoint events count in
 IFSLOT_BUCKETS = 65536
 
 
@@ -64,13 +66,13 @@ class AttachError(KernelError):
 
 
 def compose_source(probes: Sequence[Probe], bpf_dir: Path = BPF_DIR) -> str:
-    """One C text: the shared header, each probe's file, the dispatcher, the TC programs.
+    """One C text: the shared headers, each probe's file, the dispatcher, the TC programs.
 
     Files are concatenated rather than #included because BCC rewrites map
     syntax only in the main file; #line keeps compiler messages pointing at
     the right file and line.
     """
-    parts = [f'#line 1 "pnm.h"\n{(bpf_dir / "pnm.h").read_text()}']
+    parts = [f'#line 1 "{name}"\n{(bpf_dir / name).read_text()}' for name in ("pnm.h", "kstruct.h")]
     for probe in probes:
         parts.append(f'#line 1 "{probe.c_file}"\n{(bpf_dir / probe.c_file).read_text()}')
     calls = "".join(f"    {p.tc_hook}(skb, pkt);\n" for p in probes if p.tc_hook)
@@ -92,19 +94,54 @@ def tcx_supported() -> bool:
     return True
 
 
-class Programs:
-    """The compiled BPF module: TC programs and maps, loaded once."""
+def build_cflags(probes: Sequence[Probe], kernel: KernelInfo, max_interfaces: int) -> list[str]:
+    """Everything the C code is told: sizes, the host netns, offsets, probe options."""
+    flags = [f"-DPNM_MAX_INTERFACES={max_interfaces}", f"-DPNM_IFSLOT_BUCKETS={IFSLOT_BUCKETS}",
+             f"-DPNM_HOST_NETNS={kernel.host_netns}", "-Wno-macro-redefined"]
+    if kernel.offsets is None:
+        flags.append("-DPNM_NO_KSTRUCT")
+    else:
+        flags += [f"-D{name}={value}" for name, value in sorted(kernel.offsets.items())]
+    if any(p.needs_ports for p in probes):
+        flags.append("-DPNM_WANT_PORTS")
+    for probe in probes:
+        flags += probe.cflags(kernel)
+    return flags
 
-    def __init__(self, probes: Sequence[Probe], *, max_interfaces: int, bpf_stats: bool) -> None:
-        self.probes = list(probes)
+
+def loadable(probes: Sequence[Probe], kernel: KernelInfo) -> tuple[list[Probe], dict[str, str]]:
+    """The probes that can run on this kernel, and why the others (or their parts) cannot."""
+    keep, notes = [], {}
+    for probe in probes:
+        if probe.needs_offsets and kernel.offsets is None:
+            if not probe.degraded:
+                notes[probe.name] = f"not loaded: no kernel struct offsets ({kernel.offsets_problem})"
+                continue
+            notes[probe.name] = f"degraded: {probe.degraded} ({kernel.offsets_problem})"
+        missing = [tp for tp in probe.tracepoints if tp not in kernel.tracepoints]
+        if missing:
+            notes[probe.name] = f"not loaded: this kernel has no tracepoint {', '.join(missing)}"
+            continue
+        keep.append(probe)
+    return keep, notes
+
+
+class Programs:
+    """The compiled BPF module: TC programs, tracepoint programs and maps, loaded once."""
+
+    def __init__(self, probes: Sequence[Probe], kernel: KernelInfo, *, max_interfaces: int,
+                 bpf_stats: bool) -> None:
         self._log = log.get("bpf")
-        source = compose_source(self.probes)
+        self.probes, self.notes = loadable(probes, kernel)
+        for name, note in self.notes.items():
+            self._log.warning("probe limited on this kernel", probe=name, note=note)
         self.max_interfaces = max_interfaces
-        cflags = [f"-DPNM_MAX_INTERFACES={max_interfaces}",
-                  f"-DPNM_IFSLOT_BUCKETS={IFSLOT_BUCKETS}", "-Wno-macro-redefined"]
+        source = compose_source(self.probes)
+        cflags = build_cflags(self.probes, kernel, max_interfaces)
         started = time.monotonic()
         try:
-            self._bpf = BPF(text=source, cflags=cflags)
+            # BCC attaches every TRACEPOINT_PROBE here, while it loads the module.
+            self._bpf = BPF(text=source.encode(), cflags=cflags)
             self.ingress = self._bpf.load_func(PROG_INGRESS.encode(), BPF.SCHED_CLS)
             self.egress = self._bpf.load_func(PROG_EGRESS.encode(), BPF.SCHED_CLS)
         except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception; the compiler's text is on stderr
@@ -114,7 +151,8 @@ class Programs:
         self._stats_fd = self._enable_stats() if bpf_stats else None
         self.maps = KernelMaps(self._check_maps())
         self._log.info("bpf programs loaded", probes=[p.name for p in self.probes],
-                       seconds=round(self.compile_seconds, 3), bpf_stats=self.stats_enabled())
+                       seconds=round(self.compile_seconds, 3), bpf_stats=self.stats_enabled(),
+                       offsets=kernel.offsets_source)
 
     def _enable_stats(self) -> int | None:
         try:
@@ -131,7 +169,8 @@ class Programs:
         """
         ncpus = bpfsys.possible_cpus()
         handles = [self._handle(IFSLOTS_MAP, 4, 8, ncpus, "core"),
-                   self._handle(IFSLOT_SPILL_MAP, 4, 4, ncpus, "core")]
+                   self._handle(IFSLOT_SPILL_MAP, 4, 4, ncpus, "core"),
+                   self._handle(NETNS_MAP, 4, 4, ncpus, "core")]
         for probe in self.probes:
             for name, layout in probe.maps.items():
                 handle = self._handle(name, ctypes.sizeof(layout.key), ctypes.sizeof(layout.value),
@@ -139,9 +178,9 @@ class Programs:
                 if handle.percpu and not only_u64(layout.value):
                     raise CompileError(f"map {name}: per-CPU values must be u64 counters only, "
                                        "to be summed over CPUs", probe=probe.name)
-                if layout.per_slot and handle.max_entries != self.max_interfaces:
-                    raise CompileError(f"map {name}: a per-slot map needs PNM_MAX_INTERFACES "
-                                       "entries", probe=probe.name)
+                if layout.per_slot and handle.max_entries != self.max_interfaces + 1:
+                    raise CompileError(f"map {name}: a per-slot map needs PNM_SLOTS entries",
+                                       probe=probe.name)
                 handles.append(handle)
         return handles
 
@@ -165,11 +204,14 @@ class Programs:
             return False
 
     def program_stats(self) -> list[ProgramStats]:
+        """Every loaded program of ours: the TC pair and each tracepoint program."""
         out = []
-        for fn in (self.ingress, self.egress):
+        for fn in self._bpf.funcs.values():
             info = bpfsys.prog_info(fn.fd)
-            out.append(ProgramStats(fn.name.decode(), info.prog_id, info.run_time_ns, info.run_cnt))
-        return out
+            # BCC's name: the kernel's is cut at 15 characters ("tracepoint__tcp")
+            out.append(ProgramStats(fn.name.decode(), info.prog_id, info.run_time_ns,
+                                    info.run_cnt))
+        return sorted(out, key=lambda s: s.name)
 
     def close(self) -> None:
         if self._stats_fd is not None:

@@ -126,12 +126,23 @@ def prog_info(prog_fd: int) -> ProgInfo:
     return ProgInfo(prog_id, name, run_time_ns, run_cnt)
 
 
-def map_update(map_fd: int, key: bytes, value: bytes) -> None:
-    """Create or overwrite one element (BPF_ANY). For per-CPU maps `value` holds
-    one 8-byte-aligned slot per possible CPU."""
+BPF_ANY, BPF_EXIST = 0, 2
+
+
+def map_update(map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> bool:
+    """Write one element: create or overwrite (BPF_ANY), or overwrite only (BPF_EXIST,
+    False if the element is gone). For per-CPU maps `value` holds one 8-byte-aligned
+    slot per possible CPU."""
     k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value, len(value))
-    buf = _attr((0, "I", map_fd), (8, "Q", ctypes.addressof(k)), (16, "Q", ctypes.addressof(v)))
-    _bpf(BPF_MAP_UPDATE_ELEM, buf)
+    buf = _attr((0, "I", map_fd), (8, "Q", ctypes.addressof(k)), (16, "Q", ctypes.addressof(v)),
+                (24, "Q", flags))
+    try:
+        _bpf(BPF_MAP_UPDATE_ELEM, buf)
+    except BpfError as exc:
+        if flags == BPF_EXIST and exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
 
 
 def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:

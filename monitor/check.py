@@ -103,6 +103,19 @@ def check_tracefs(settings: Settings) -> Finding:
                    f"mount -t tracefs tracefs {settings.tracefs_root}")
 
 
+def check_tracepoints(settings: Settings) -> Finding:
+    from monitor import kernelinfo
+
+    missing = [tp for tp in kernelinfo.TRACEPOINTS
+               if kernelinfo.read_format(settings.tracefs_root, tp) is None]
+    if not missing:
+        return Finding("tracepoints", True, False, "the tracepoints the drop, retransmit and "
+                       "RTT probes use are there")
+    return Finding("tracepoints", False, False, f"missing tracepoints: {', '.join(missing)}; "
+                   "the probes that need them are not loaded",
+                   "mount tracefs; skb:kfree_skb needs kernel 5.17 for drop reasons")
+
+
 def check_bpffs(settings: Settings) -> Finding:
     try:
         with open("/proc/self/mounts", encoding="utf-8") as f:
@@ -145,6 +158,7 @@ def check_attach() -> Iterator[Finding]:
 def run_checks(settings: Settings) -> list[Finding]:
     findings = [check_privileges(), check_bpf_syscall(), check_btf()]
     steps: list[Callable[[], Finding]] = [check_headers, lambda: check_tracefs(settings),
+                                          lambda: check_tracepoints(settings),
                                           lambda: check_bpffs(settings)]
     for step in steps:
         findings.append(step())
@@ -157,9 +171,9 @@ def report(findings: list[Finding]) -> tuple[str, int]:
     lines = []
     for f in findings:
         mark = "ok  " if f.ok else ("FAIL" if f.required else "warn")
-        lines.append(f"{mark} {f.name:10} {f.sentence}")
+        lines.append(f"{mark} {f.name:11} {f.sentence}")
         if not f.ok and f.remedy:
-            lines.append(f"     {'':10} remedy: {f.remedy}")
+            lines.append(f"     {'':11} remedy: {f.remedy}")
     failed = [f for f in findings if f.required and not f.ok]
     lines.append("podnetmon can run on this host" if not failed else
                  f"podnetmon cannot run here: {len(failed)} required check(s) failed")

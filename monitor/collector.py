@@ -9,16 +9,17 @@ scrape: the failure is logged and counted.
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from monitor import __version__, log
+from monitor.kernelinfo import KernelInfo
 from monitor.kerneltypes import ProgramStats
 from monitor.maps import MapReader
-from monitor.probes.base import Probe
+from monitor.probes.base import Probe, Scrape
 from monitor.state import MonitorState
 
 POD_INFO_LABELS = ["namespace", "pod", "uid", "netns", "interface", "node", "workload",
@@ -29,9 +30,13 @@ class PodCollector(Collector):
     """Per-pod families from every enabled probe, podnet_pod_info and podnet_monitor_*."""
 
     def __init__(self, *, probes: Sequence[Probe], maps: MapReader, state: MonitorState,
-                 node: str, program_stats: Callable[[], Sequence[ProgramStats]] | None = None,
+                 node: str, kernel: KernelInfo, node_slot: int,
+                 probe_states: Mapping[str, str] | None = None,
+                 program_stats: Callable[[], Sequence[ProgramStats]] | None = None,
                  bcc_version: str = "") -> None:
         self._probes, self._maps, self._state, self._node = list(probes), maps, state, node
+        self._kernel, self._node_slot = kernel, node_slot
+        self._probe_states = dict(probe_states or {p.name: "loaded" for p in probes})
         self._program_stats, self._bcc_version = program_stats, bcc_version
         self._log = log.get("collector")
         self._probe_errors = 0
@@ -44,10 +49,11 @@ class PodCollector(Collector):
         yield from self._monitor(describe=True)
 
     def collect(self) -> Iterator[Metric]:
-        index = self._state.snapshot.index
+        scrape = Scrape(self._maps, self._state.snapshot.index, self._kernel, self._node,
+                        self._node_slot)
         for probe in self._probes:
             try:
-                families = list(probe.collect(self._maps, index))
+                families = list(probe.collect(scrape))
             except OSError as exc:
                 self._probe_errors += 1
                 self._log.error("probe maps unreadable", probe=probe.name, error=str(exc))
@@ -82,6 +88,13 @@ class PodCollector(Collector):
                                            "Scrapes in which a probe's maps could not be read.")
         build = GaugeMetricFamily("podnet_monitor_build_info", "podnetmon's build: always 1.",
                                   labels=["version", "bcc_version", "kernel"])
+        offsets = GaugeMetricFamily(
+            "podnet_monitor_kernel_offsets", "Where kernel struct offsets came from: btf, or "
+            "none (then drops count under the node only; retransmits and RTT are off).",
+            labels=["source"])
+        probe_states = GaugeMetricFamily(
+            "podnet_monitor_probe_state", "Each probe's state on this kernel: loaded, degraded "
+            "(it runs but attributes less) or off; the log says why.", labels=["probe", "state"])
         run_seconds = CounterMetricFamily(
             "podnet_monitor_bpf_run_seconds", "Time the kernel spent running each of our BPF "
             "programs (only while the kernel keeps BPF statistics).", labels=["program"])
@@ -95,10 +108,14 @@ class PodCollector(Collector):
             reconcile_seconds.add_metric([], state.reconcile_seconds)
             probe_errors.add_metric([], self._probe_errors)
             build.add_metric([__version__, self._bcc_version, platform.release()], 1)
+            offsets.add_metric([self._kernel.offsets_source], 1)
+            for name, probe_state in sorted(self._probe_states.items()):
+                probe_states.add_metric([name, probe_state], 1)
             for stat in self._program_stats() if self._program_stats else ():
                 run_seconds.add_metric([stat.name], stat.run_time_ns / 1e9)
                 runs.add_metric([stat.name], stat.run_cnt)
-        yield from (attached, errors, reconciles, reconcile_seconds, probe_errors, build)
+        yield from (attached, errors, reconciles, reconcile_seconds, probe_errors, build, offsets,
+                    probe_states)
         if describe or self._program_stats:
             yield run_seconds
             yield runs

@@ -7,17 +7,21 @@ are contained per pod. SIGTERM/SIGINT detach everything we attached and exit 0.
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
+import time
+from collections.abc import Mapping, Sequence
 from types import FrameType
 
 from prometheus_client.registry import CollectorRegistry
 
-from monitor import log
+from monitor import kernelinfo, log
 from monitor.collector import PodCollector
 from monitor.metadata import MetadataSource
 from monitor.metadata.static import InventoryError, NoMetadata, StaticInventory
 from monitor.probes import RegistryError, select
+from monitor.probes.base import Probe, Sweep
 from monitor.reconcile import Discovery, Loop, Reconciler
 from monitor.server import Api, Server
 from monitor.settings import Settings
@@ -45,9 +49,11 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
     from monitor import bpf  # imports bcc: after the configuration is known to be good
 
     try:
-        programs = bpf.Programs(probes, max_interfaces=settings.max_interfaces,
+        kernel = kernelinfo.probe(proc_root=settings.proc_root, tracefs_root=settings.tracefs_root,
+                                  btf_path=settings.btf_path)
+        programs = bpf.Programs(probes, kernel, max_interfaces=settings.max_interfaces,
                                 bpf_stats=settings.bpf_stats)
-    except bpf.KernelError as exc:
+    except (bpf.KernelError, OSError) as exc:
         logger.error("cannot load the BPF programs", error=str(exc))
         return EXIT_FAILED
     netlink = bpf.Netlink()
@@ -59,27 +65,40 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
         programs.close()
         return EXIT_FAILED
     state = MonitorState()
-    slots = SlotTable(ifslots=programs.maps.handle(bpf.IFSLOTS_MAP),
-                      spill=programs.maps.handle(bpf.IFSLOT_SPILL_MAP),
-                      per_slot=[programs.maps.handle(name) for p in probes
+    maps = programs.maps
+    slots = SlotTable(ifslots=maps.handle(bpf.IFSLOTS_MAP), spill=maps.handle(bpf.IFSLOT_SPILL_MAP),
+                      netns=maps.handle(bpf.NETNS_MAP),
+                      per_slot=[maps.handle(name) for p in programs.probes
                                 for name, layout in p.maps.items() if layout.per_slot],
                       capacity=settings.max_interfaces, buckets=bpf.IFSLOT_BUCKETS)
+    forget = [functools.partial(p.forget, maps) for p in programs.probes if p.forget]
     reconciler = Reconciler(
         discovery=Discovery(settings.proc_root, settings.pause_comm, settings.netns_dirs),
-        links=netlink, attacher=attacher, slots=slots,
-        metadata=metadata, state=state)
+        links=netlink, attacher=attacher, slots=slots, metadata=metadata, state=state,
+        forget=forget, node=settings.node_name)
     if check_only:
         return _check_once(reconciler, state, netlink, programs)
 
     registry = CollectorRegistry(auto_describe=True)
     registry.register(PodCollector(
-        probes=probes, maps=programs.maps, state=state, node=settings.node_name,
+        probes=programs.probes, maps=maps, state=state, node=settings.node_name,
+        kernel=kernel, node_slot=settings.max_interfaces,
+        probe_states=probe_states(probes, programs.notes),
         program_stats=programs.program_stats if programs.stats_enabled() else None,
         bcc_version=bpf.bcc_version()))
     stop = threading.Event()
+    sweeps = [p.sweep for p in programs.probes if p.sweep]
+    timeouts = {"tcp_connect": settings.tcp_connect_timeout, "dns": settings.dns_timeout}
+
+    def sweep() -> None:
+        ctx = Sweep(maps, time.monotonic_ns(), timeouts)
+        for fn in sweeps:
+            fn(ctx)
+
     loop = Loop(reconciler, resync_interval=settings.resync_interval,
                 debounce=settings.event_debounce, events_factory=bpf.LinkEvents, state=state,
-                on_exit=netlink.close)
+                on_exit=netlink.close, sweep=sweep if sweeps else None,
+                sweep_interval=settings.sweep_interval)
     worker = threading.Thread(target=loop.run, args=(stop,), name="reconcile")
     try:
         server = Server(settings.listen_host, settings.listen_port,
@@ -103,6 +122,16 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
     programs.close()
     logger.info("stopped")
     return EXIT_OK
+
+
+def probe_states(wanted: Sequence[Probe], notes: Mapping[str, str]) -> dict[str, str]:
+    """loaded, degraded or off, for podnet_monitor_probe_state."""
+    states = {}
+    for probe in wanted:
+        note = notes.get(probe.name, "")
+        states[probe.name] = ("off" if note.startswith("not loaded") else
+                              "degraded" if note else "loaded")
+    return states
 
 
 def _check_once(reconciler: Reconciler, state: MonitorState, netlink: object,

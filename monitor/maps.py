@@ -93,6 +93,10 @@ class MapHandle:
             value = value.ljust(slot, b"\0") * self.ncpus
         bpfsys.map_update(self.fd, key, value)
 
+    def replace(self, key: bytes, value: bytes) -> bool:
+        """Overwrite only if the element exists (not per-CPU maps)."""
+        return bpfsys.map_update(self.fd, key, value, bpfsys.BPF_EXIST)
+
     def put_zero(self, key: bytes) -> None:
         bpfsys.map_update(self.fd, key, bytes(self.raw_value_size))
 
@@ -114,3 +118,12 @@ class KernelMaps:
 
     def lookup(self, name: str, key: bytes) -> bytes | None:
         return self._handles[name].lookup(key)
+
+    def delete(self, name: str, key: bytes) -> bool:
+        return self._handles[name].delete(key)
+
+    def put(self, name: str, key: bytes, value: bytes) -> None:
+        self._handles[name].put(key, value)
+
+    def replace(self, name: str, key: bytes, value: bytes) -> bool:
+        return self._handles[name].replace(key, value)

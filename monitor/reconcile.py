@@ -39,6 +39,11 @@ class AttachPort(Protocol):
     def detach(self, att: Attachment) -> None: ...
 
 
+# A probe deleting its keys for a gone pod's netns (None: the pod lives on) and for
+# detached interfaces: netns inodes and ifindexes are both reused by the kernel.
+Forget = Callable[[int | None, Sequence[int]], None]
+
+
 class EventSource(Protocol):
     def fileno(self) -> int: ...
     def drain(self) -> int: ...
@@ -51,6 +56,7 @@ class Slots(Protocol):
     def assign(self, ifindex: int) -> int: ...
     def release(self, ifindex: int) -> None: ...
     def assigned(self) -> dict[int, int]: ...
+    def sync_netns(self, wanted: dict[int, int]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -77,10 +83,12 @@ class Reconciler:
     """Owns every attachment; runs in one thread (netlink sockets are per thread)."""
 
     def __init__(self, *, discovery: Discovery, links: Links, attacher: AttachPort,
-                 slots: Slots, metadata: MetadataSource,
-                 state: MonitorState, clock: Callable[[], float] = time.monotonic) -> None:
+                 slots: Slots, metadata: MetadataSource, state: MonitorState,
+                 forget: Sequence[Forget] = (), node: str = "",
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._discovery, self._links, self._attacher = discovery, links, attacher
-        self._slots = slots
+        self._slots, self._forget, self._node = slots, list(forget), node
+        self._detached: list[Attachment] = []  # in this pass, for the probes to forget
         self._metadata, self._state, self._clock = metadata, state, clock
         self._attached: dict[int, Attachment] = {}
         self._failures: dict[int, _Failure] = {}
@@ -104,6 +112,10 @@ class Reconciler:
         for ifindex, (pod, veth) in sorted(desired.items()):
             if ifindex not in self._attached:
                 self._try_attach(pod, veth)
+        live = {pod.netns_inode: attached[0] for pod in pods
+                if (attached := [v.ifindex for v in pod.interfaces if v.ifindex in self._attached])}
+        self._slots.sync_netns(live)  # first: a gone netns stops counting before it is forgotten
+        self._forget_detached(set(live))
         self._publish(pods)
         self._state.count_reconcile(self._clock() - started)
 
@@ -151,9 +163,24 @@ class Reconciler:
     def _detach(self, att: Attachment, *, reason: str) -> None:
         self._attacher.detach(att)
         self._release(att.ifindex)
+        self._detached.append(att)
         del self._attached[att.ifindex]
         self._log.info("detached", interface=att.ifname, ifindex=att.ifindex,
                        netns=att.netns, reason=reason)
+
+    def _forget_detached(self, live_netns: set[int]) -> None:
+        """Let probes delete keys of this pass's detached interfaces, and of gone netns."""
+        by_netns: dict[int, list[int]] = {}
+        for att in self._detached:
+            by_netns.setdefault(att.netns, []).append(att.ifindex)
+        self._detached.clear()
+        for netns, ifindexes in by_netns.items():
+            gone = None if netns in live_netns else netns
+            for forget in self._forget:
+                try:
+                    forget(gone, ifindexes)
+                except OSError as exc:
+                    self._log.warning("probe keys not deleted", netns=netns, error=str(exc))
 
     def _release(self, ifindex: int) -> None:
         try:
@@ -174,7 +201,8 @@ class Reconciler:
             statuses.append(PodStatus(pod.namespace, pod.name, pod.uid, pod.netns_inode,
                                       pod.has_metadata, pod.network.pause_pid,
                                       pod.network.pinned_path, tuple(ifs)))
-        self._state.publish(Snapshot(IdentityIndex(pods, self._slots.assigned()), tuple(statuses)))
+        self._state.publish(Snapshot(IdentityIndex(pods, self._slots.assigned()),
+                                     tuple(statuses)))
 
     def next_retry(self) -> float | None:
         return min((f.retry_at for f in self._failures.values()), default=None)
@@ -182,6 +210,8 @@ class Reconciler:
     def detach_all(self) -> None:
         for att in list(self._attached.values()):
             self._detach(att, reason="shutdown")
+        self._slots.sync_netns({})
+        self._forget_detached(set())
         self._state.publish(Snapshot())
 
 
@@ -194,9 +224,11 @@ class Loop:
 
     def __init__(self, reconciler: Reconciler, *, resync_interval: float, debounce: float,
                  events_factory: Callable[[], EventSource], state: MonitorState,
-                 on_exit: Callable[[], None] = lambda: None) -> None:
+                 on_exit: Callable[[], None] = lambda: None,
+                 sweep: Callable[[], None] | None = None, sweep_interval: float = 1.0) -> None:
         self._reconciler, self._resync, self._debounce = reconciler, resync_interval, debounce
         self._events_factory, self._state, self._on_exit = events_factory, state, on_exit
+        self._sweep, self._sweep_interval = sweep, sweep_interval
         self._log = log.get("reconcile")
 
     def run(self, stop: threading.Event) -> None:
@@ -206,21 +238,26 @@ class Loop:
             self._state.ready = True
             self._log.info("ready", pods=len(self._state.snapshot.pods))
             next_resync = time.monotonic() + self._resync
+            next_sweep = time.monotonic() + self._sweep_interval
             while not stop.is_set():
                 now = time.monotonic()
-                wake = next_resync
+                if self._sweep is not None and now >= next_sweep:
+                    self._run_sweep()
+                    next_sweep = now + self._sweep_interval
                 retry = self._reconciler.next_retry()
-                if retry is not None:
-                    wake = min(wake, retry)
+                if now >= next_resync or (retry is not None and now >= retry):
+                    self._pass()
+                    next_resync = time.monotonic() + self._resync
+                    continue
+                wake = min(w for w in (next_resync, retry,
+                                       next_sweep if self._sweep else None) if w is not None)
                 timeout = max(0.0, min(wake - now, 0.5))  # 0.5: notice `stop` promptly
                 readable, _, _ = select.select([events], [], [], timeout)
                 if readable:
                     events.drain()
                     self._settle(events)
-                elif time.monotonic() < wake:
-                    continue
-                self._pass()
-                next_resync = time.monotonic() + self._resync
+                    self._pass()
+                    next_resync = time.monotonic() + self._resync
         finally:
             try:
                 self._reconciler.detach_all()
@@ -238,6 +275,14 @@ class Loop:
             readable, _, _ = select.select([events], [], [], left)
             if readable:
                 events.drain()
+
+    def _run_sweep(self) -> None:
+        if self._sweep is None:
+            return
+        try:
+            self._sweep()
+        except Exception as exc:  # noqa: BLE001 - the next sweep retries
+            self._log.error("sweep failed", error=str(exc))
 
     def _pass(self) -> None:
         try:

@@ -82,6 +82,20 @@ class Settings:
         "counter arrays are per-CPU, so memory is slots x ~128 B x CPUs per probe; 1024 "
         "covers Kubernetes' pod limits (110 by default, 250 recommended at most).",
         default=1024)
+    btf_path: str = _doc(
+        "The running kernel's BTF, where kernel struct offsets come from. Without it, drops "
+        "count under the node only and retransmits and RTT are off.",
+        default="/sys/kernel/btf/vmlinux")
+    tcp_connect_timeout: float = _doc(
+        "Seconds a SYN may wait for its SYN-ACK before the attempt counts as failed "
+        "(reason=timeout). 5 s is past Linux's first two SYN retransmits (1 s, 3 s).",
+        default=5.0)
+    dns_timeout: float = _doc(
+        "Seconds a DNS query may wait for its answer before it counts as a timeout; glibc's "
+        "resolver gives up on a server after 5 s by default.", default=5.0)
+    sweep_interval: float = _doc(
+        "Seconds between sweeps of pending handshakes and DNS queries for timeouts: how "
+        "late past its timeout a timeout is counted at most.", default=1.0)
     bpf_stats: bool = _doc(
         "Ask the kernel to time every BPF program run (podnet_monitor_bpf_run_seconds_total). "
         "Off by default: the timing itself costs ~20-30 ns per packet.", default=False)
@@ -123,11 +137,16 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"resync_interval: {s.resync_interval} s is outside 0.1..3600")
     if not 0 <= s.event_debounce <= 1:
         raise SettingsError(f"event_debounce: {s.event_debounce} s is outside 0..1")
+    for name in ("tcp_connect_timeout", "dns_timeout"):
+        if not 0.1 <= getattr(s, name) <= 600:
+            raise SettingsError(f"{name}: {getattr(s, name)} s is outside 0.1..600")
+    if not 0.1 <= s.sweep_interval <= 60:
+        raise SettingsError(f"sweep_interval: {s.sweep_interval} s is outside 0.1..60")
     if not 16 <= s.max_interfaces <= 65536:
         raise SettingsError(f"max_interfaces: {s.max_interfaces} is outside 16..65536")
     if not s.pause_comm or len(s.pause_comm) > 15:
         raise SettingsError("pause_comm: must be 1 to 15 characters (the kernel's comm length)")
-    for name in ("proc_root", "bpffs_root", "tracefs_root"):
+    for name in ("proc_root", "bpffs_root", "tracefs_root", "btf_path"):
         if not os.path.isabs(getattr(s, name)):
             raise SettingsError(f"{name}: {getattr(s, name)!r} must be an absolute path")
     for d in s.netns_dirs:

@@ -38,11 +38,13 @@ def u32(value: int) -> bytes:
 class SlotTable:
     """Assigns and releases slots; mirrors the kernel's table in Python."""
 
-    def __init__(self, *, ifslots: SlotMap, spill: SlotMap, per_slot: Iterable[SlotMap],
-                 capacity: int, buckets: int) -> None:
+    def __init__(self, *, ifslots: SlotMap, spill: SlotMap, netns: SlotMap,
+                 per_slot: Iterable[SlotMap], capacity: int, buckets: int) -> None:
         if buckets & (buckets - 1):
             raise ValueError("buckets must be a power of two")
         self._ifslots, self._spill, self._per_slot = ifslots, spill, list(per_slot)
+        self._netns = netns
+        self._netns_slot: dict[int, int] = {}  # what pnm_netns holds
         self._buckets = buckets
         self._free: deque[int] = deque(range(capacity))
         self._slot_of: dict[int, int] = {}
@@ -82,6 +84,23 @@ class SlotTable:
             raise
         self._slot_of[ifindex] = slot
         return slot
+
+    def sync_netns(self, wanted: dict[int, int]) -> None:
+        """Make pnm_netns map each pod netns (inode) to the slot of the given ifindex.
+
+        Tracepoint programs count a pod's events in that slot; netns that are no
+        longer wanted are removed, so their events count under the node.
+        """
+        target = {netns: self._slot_of[ifindex] for netns, ifindex in wanted.items()
+                  if ifindex in self._slot_of}
+        for netns in list(self._netns_slot):
+            if netns not in target:
+                self._netns.delete(u32(netns))
+                del self._netns_slot[netns]
+        for netns, slot in target.items():
+            if self._netns_slot.get(netns) != slot:
+                self._netns.put(u32(netns), u32(slot))
+                self._netns_slot[netns] = slot
 
     def release(self, ifindex: int) -> None:
         """Take an interface's slot away from the programs; idempotent."""

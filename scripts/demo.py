@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from monitor.lab import Lab, LabPod  # noqa: E402
+from monitor.lab import Lab, LabPod
 
 RATE_QUERY = 'sum by (pod, direction) (rate(podnet_bytes_total{namespace="lab"}[15s])) * 8'
 

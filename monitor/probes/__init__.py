@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from monitor.probes import packets
+from monitor.probes import dns, drops, handshake, packets, retransmits, rtt, tcpflags
 from monitor.probes.base import Probe
 
 
@@ -31,6 +31,12 @@ def _registry(probes: Iterable[Probe]) -> Mapping[str, Probe]:
 
 REGISTRY: Mapping[str, Probe] = _registry([
     packets.PROBE,
+    tcpflags.PROBE,
+    handshake.PROBE,
+    dns.PROBE,
+    drops.PROBE,
+    retransmits.PROBE,
+    rtt.PROBE,
 ])
 
 

@@ -2,21 +2,30 @@
 
 A probe says which hooks it needs (a function the TC programs call for every
 packet, tracepoints), which maps it owns with their layouts (checked against
-what BCC compiled, so Python never reads a map with the wrong layout), and how
-those maps become metric families at scrape time.
+the kernel's view of each map, so Python never reads one with the wrong
+layout), what it needs of the kernel (parsed ports, struct offsets), and how
+its maps become metric families at scrape time.
 """
 
 from __future__ import annotations
 
 import ctypes
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from monitor.identity import IdentityIndex
+from monitor.kernelinfo import KernelInfo
 from monitor.maps import MapReader
+
+# The node's own series: events no pod owns (a drop on the host's eth0, the
+# retransmits of a host process). A name Kubernetes cannot give a namespace.
+NODE_NAMESPACE = "_node"
+HIST_BUCKETS = 28  # bpf/pnm.h PNM_HIST_BUCKETS: le = 2^i us for i < 27, then +Inf
 
 
 @dataclass(frozen=True)
@@ -25,8 +34,43 @@ class MapLayout:
 
     key: type[ctypes._SimpleCData[int]] | type[ctypes.Structure]
     value: type[ctypes.Structure] | type[ctypes._SimpleCData[int]]
-    per_slot: bool = False  # an array indexed by interface slot (monitor/slots.py), with
-    #                         max_interfaces entries, zeroed before a slot is handed out
+    per_slot: bool = False  # an array indexed by slot (monitor/slots.py), max_interfaces + 1
+    #                         entries (the last is the node's), zeroed before a slot is reused
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """What a probe's collector reads: the maps, who owns which key, the kernel's facts."""
+
+    maps: MapReader
+    index: IdentityIndex
+    kernel: KernelInfo
+    node: str
+    node_slot: int
+
+    def slots(self, with_node: bool = False) -> Iterator[tuple[int, tuple[str, str]]]:
+        """(slot, (namespace, pod)) for every attached interface, and the node's slot."""
+        for slot, pod in self.index.slots():
+            yield slot, (pod.namespace, pod.name)
+        if with_node:
+            yield self.node_slot, (NODE_NAMESPACE, self.node)
+
+
+class MapWriter(MapReader, Protocol):
+    def delete(self, name: str, key: bytes) -> bool: ...
+    def put(self, name: str, key: bytes, value: bytes) -> None: ...
+
+    def replace(self, name: str, key: bytes, value: bytes) -> bool:
+        """Overwrite an existing element only; False if it is gone (never re-creates it)."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A periodic pass of the daemon over a probe's pending state (unanswered SYNs...)."""
+
+    maps: MapWriter
+    now_ns: int  # CLOCK_MONOTONIC, the clock bpf_ktime_get_ns() reads
+    timeouts: Mapping[str, float]  # seconds, by name: "tcp_connect", "dns"
 
 
 @dataclass(frozen=True)
@@ -37,10 +81,40 @@ class Probe:
     summary: str
     c_file: str
     maps: Mapping[str, MapLayout]
-    collect: Callable[[MapReader, IdentityIndex], Iterable[Metric]]
+    collect: Callable[[Scrape], Iterable[Metric]]
     describe: Callable[[], Iterable[Metric]]
     tc_hook: str = ""  # static inline C function: void f(struct __sk_buff *, const struct pnm_pkt *)
-    tracepoints: tuple[str, ...] = field(default=())  # "category:event", for `podnetmon check`
+    tracepoints: tuple[str, ...] = field(default=())  # "category:event"
+    needs_ports: bool = False  # the TC parse must read ports and TCP flags
+    needs_offsets: bool = False  # reads kernel structs (offsets from BTF)
+    degraded: str = ""  # without offsets: "" means not loaded; else what it still does
+    cflags: Callable[[KernelInfo], list[str]] = field(default=lambda _k: [])
+    sweep: Callable[[Sweep], None] | None = None
+    # delete keys of a gone pod's netns (None: the pod lives on) and of detached ifindexes
+    forget: Callable[[MapWriter, int | None, Sequence[int]], None] | None = None
+
+
+TIMED_OUT = 1 << 63  # bpf/pnm.h PNM_TIMED_OUT
+
+
+def sweep_pending(ctx: Sweep, pending: str, timeout: float, keep_for: float) -> list[bytes]:
+    """Mark pending entries older than `timeout` timed out; return their keys.
+
+    A marked entry stays `keep_for` seconds more, so that the retries of the same
+    attempt (SYN retransmits, a resolver asking again) find it and count nothing;
+    then it is deleted.
+    """
+    expired = []
+    for key, value in ctx.maps.items(pending):
+        stamp = struct.unpack("=Q", value)[0]
+        started = stamp & ~TIMED_OUT
+        age = (ctx.now_ns - started) / 1e9
+        if stamp & TIMED_OUT:
+            if age > timeout + keep_for:
+                ctx.maps.delete(pending, key)
+        elif age > timeout and ctx.maps.replace(pending, key, struct.pack("=Q", stamp | TIMED_OUT)):
+            expired.append(key)  # not if the answer came (and deleted it) since items()
+    return expired
 
 
 def u32_key(value: int) -> bytes:
@@ -49,3 +123,44 @@ def u32_key(value: int) -> bytes:
 
 def u32_of(key: bytes) -> int:
     return int(struct.unpack_from("=I", key)[0])
+
+
+def hist_buckets(counts: Sequence[int]) -> list[tuple[str, float]]:
+    """Cumulative Prometheus buckets (le in seconds) from the kernel's base-2 buckets."""
+    out, total = [], 0
+    for i in range(HIST_BUCKETS - 1):
+        total += counts[i]
+        out.append((repr((2**i) / 1e6), float(total)))
+    out.append(("+Inf", float(total + counts[HIST_BUCKETS - 1])))
+    return out
+
+
+class HistogramSum:
+    """Adds kernel histograms of several slots (a pod's interfaces) into one series."""
+
+    def __init__(self) -> None:
+        self._series: dict[tuple[str, ...], tuple[list[int], int]] = {}
+
+    def add(self, labels: tuple[str, ...], buckets: Sequence[int], sum_us: int) -> None:
+        counts, total = self._series.get(labels, ([0] * HIST_BUCKETS, 0))
+        self._series[labels] = ([a + b for a, b in zip(counts, buckets, strict=True)],
+                                total + sum_us)
+
+    def family(self, name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
+        fam = HistogramMetricFamily(name, doc, labels=labels)
+        for key, (counts, sum_us) in sorted(self._series.items()):
+            fam.add_metric(list(key), hist_buckets(counts), sum_us / 1e6)
+        return fam
+
+
+class CounterSum:
+    """Adds counters of several slots or keys that map to the same label set."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def add(self, labels: tuple[str, ...], value: float) -> None:
+        self.values[labels] = self.values.get(labels, 0) + value
+
+    def items(self) -> list[tuple[list[str], float]]:
+        return [(list(k), v) for k, v in sorted(self.values.items())]

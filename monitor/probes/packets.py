@@ -8,9 +8,8 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from monitor.identity import IdentityIndex
-from monitor.maps import MapReader, decode
-from monitor.probes.base import MapLayout, Probe, u32_key
+from monitor.maps import decode
+from monitor.probes.base import MapLayout, Probe, Scrape, u32_key
 
 # Index order of pnm_counts' arrays, as bpf/pnm.h numbers them.
 DIRECTIONS = ("ingress", "egress")  # PNM_DIR_INGRESS (pod receives), PNM_DIR_EGRESS (pod sends)
@@ -39,19 +38,19 @@ def _families() -> tuple[CounterMetricFamily, CounterMetricFamily]:
     )
 
 
-def collect(maps: MapReader, index: IdentityIndex) -> Iterator[Metric]:
+def collect(scrape: Scrape) -> Iterator[Metric]:
     packets, byte_count = _families()
     # Several interfaces (or a recreated sandbox) can map to one pod's labels:
     # sum them rather than emit duplicate series.
     totals: dict[tuple[str, ...], list[int]] = {}
-    for slot, pod in index.slots():
-        value = maps.lookup(MAP, u32_key(slot))
+    for slot, (namespace, pod) in scrape.slots():
+        value = scrape.maps.lookup(MAP, u32_key(slot))
         if value is None:
             continue
         counts = decode(Counts, value)
         for d, direction in enumerate(DIRECTIONS):
             for p, protocol in enumerate(PROTOCOLS):
-                acc = totals.setdefault((pod.namespace, pod.name, direction, protocol), [0, 0])
+                acc = totals.setdefault((namespace, pod, direction, protocol), [0, 0])
                 acc[0] += counts.packets[d][p]
                 acc[1] += counts.bytes[d][p]
     for labels, (npackets, nbytes) in sorted(totals.items()):

@@ -34,17 +34,20 @@ class ForeignPrograms:
         self._pins: list[Path] = []
         self._tc: list[tuple[str, str, int]] = []
         self._tcx: list[tuple[object, int, int]] = []
+        self._closed = False
 
     def counts(self) -> tuple[int, int]:
         """(packets seen at TC ingress, at TC egress)."""
         table = self.bpf[b"seen"]
         return int(table[0].value), int(table[1].value)
 
-    def attach_tc(self, dev: str, prio: int) -> None:
+    def attach_tc(self, dev: str, prio: int, hooks: tuple[str, ...] = ("ingress", "egress")) -> None:
         """`tc filter add ... bpf object-pinned ... da` at the given priority."""
         subprocess.run(["tc", "qdisc", "add", "dev", dev, "clsact"], capture_output=True,
                        check=False)
         for fn, hook in ((self.ingress, "ingress"), (self.egress, "egress")):
+            if hook not in hooks:
+                continue
             pin = Path(f"/sys/fs/bpf/pnmtest-{os.getpid()}-{dev}-{hook}")
             assert libbcc.lib.bpf_obj_pin(fn.fd, str(pin).encode()) == 0
             self._pins.append(pin)
@@ -58,6 +61,9 @@ class ForeignPrograms:
             self._tcx.append((fn, ifindex, hook))
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for dev, hook, prio in self._tc:
             subprocess.run(["tc", "filter", "del", "dev", dev, hook, "prio", str(prio)],
                            capture_output=True, check=False)

@@ -11,13 +11,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitor.lab import LabPod
+from monitor.lab import Lab, LabPod
 
 ROOT = Path(__file__).resolve().parents[2]
 Sample = tuple[str, frozenset[tuple[str, str]]]
@@ -244,3 +245,74 @@ for _ in range(count):
             pass
 print(sent)
 """
+
+
+def nft_in_pod(pod: LabPod, script: str) -> None:
+    """Load an nft script inside a pod's netns."""
+    proc = subprocess.run([*pod.exec_prefix(), "nft", "-f", "-"], input=script, text=True,
+                          capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"nft in {pod.name}: {proc.stderr}")
+
+
+def nft_counter(pod: LabPod, table: str, comment: str) -> int:
+    """Packets of the counter on the rule carrying `comment`, as nft reports it."""
+    out = subprocess.run([*pod.exec_prefix(), "nft", "-j", "list", "table", "inet", table],
+                         capture_output=True, text=True, check=True).stdout
+    for item in json.loads(out)["nftables"]:
+        rule = item.get("rule")
+        if rule and rule.get("comment") == comment:
+            for expr in rule["expr"]:
+                if "counter" in expr:
+                    return int(expr["counter"]["packets"])
+    raise AssertionError(f"no rule {comment!r} in {table}")
+
+
+def drop_keys() -> list[tuple[int, int, int, int]]:
+    """(kind, id, reason, count) of every entry of pnm_drops, read by bpftool."""
+    out: list[tuple[int, int, int, int]] = []
+    for map_id in _map_ids("pnm_drops"):
+        for e in bpftool_json("map", "dump", "id", str(map_id)) or []:  # type: ignore[union-attr]
+            key = bytes(int(b, 16) for b in e["key"])
+            count = sum(int.from_bytes(bytes(int(b, 16) for b in v["value"]), "little")
+                        for v in e["values"])
+            out.append((key[6], int.from_bytes(key[:4], "little"),
+                        int.from_bytes(key[4:6], "little"), count))
+    return out
+
+
+@dataclass
+class LabRun:
+    """Lab pods and a daemon watching them, for a module's tests."""
+
+    lab: Lab
+    pods: list[LabPod]
+    daemon: Daemon
+
+
+@contextmanager
+def lab_with_daemon(count: int, *daemon_args: str, pinned: int = 0,
+                    neighbours: bool = False) -> Iterator[LabRun]:
+    """Fresh lab pods and a daemon; both gone afterwards, whatever happened.
+
+    neighbours=True fills every pair's ARP and ND caches first, so that no
+    neighbour exchange straddles a test's counting window.
+    """
+    lab = Lab()
+    lab.down()
+    daemon = None
+    try:
+        pods = lab.up(count, pinned=pinned)
+        daemon = Daemon(*daemon_args, inventory=str(lab.inventory))
+        if neighbours:
+            for x in pods:
+                for y in pods:
+                    if x is not y:
+                        in_pod(x, "ping", "-c", "1", "-W", "1", y.ip)
+                        in_pod(x, "ping", "-6", "-c", "1", "-W", "1", y.ip6)
+        yield LabRun(lab, pods, daemon)
+    finally:
+        if daemon is not None:
+            code = daemon.stop()
+            assert code == 0, daemon.logs()
+        lab.down()

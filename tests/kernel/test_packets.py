@@ -11,46 +11,26 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
-from monitor.lab import Lab, LabPod
+from monitor.lab import LabPod
 from tests.kernel.support import (
     UDP_SENDER,
-    Daemon,
+    LabRun,
     Window,
     in_pod,
+    lab_with_daemon,
     quiet_window,
     spawn_in_pod,
 )
 
 
-@dataclass
-class Env:
-    lab: Lab
-    pods: list[LabPod]
-    daemon: Daemon
-
-
 @pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
-    lab = Lab()
-    lab.down()
-    daemon = None
-    try:
-        pods = lab.up(3, pinned=1)  # pod-2 is CRI-O style: pinned netns, no pause
-        daemon = Daemon(inventory=str(lab.inventory))
-        # Let ARP and the first neighbour exchanges settle so they do not straddle a window.
-        for a in pods:
-            for b in pods:
-                if a is not b:
-                    in_pod(a, "ping", "-c", "1", "-W", "1", b.ip)
-        yield Env(lab, pods, daemon)
-    finally:
-        if daemon is not None:
-            assert daemon.stop() == 0, daemon.logs()
-        lab.down()
+def env() -> Iterator[LabRun]:
+    # pod-2 is CRI-O style: pinned netns, no pause process
+    with lab_with_daemon(3, pinned=1, neighbours=True) as run:
+        yield run
 
 
 def _rx_dropped(pod: LabPod) -> int:
@@ -84,7 +64,7 @@ def assert_exact(before: Window, after: Window, pods: list[LabPod]) -> None:
             assert ours == kernel, f"{pod.name} {direction} {what}: ours {ours} != {stat} {kernel}"
 
 
-def test_every_pod_is_found_with_its_inventory_name(env: Env) -> None:
+def test_every_pod_is_found_with_its_inventory_name(env: LabRun) -> None:
     w = quiet_window(env.daemon, env.pods)
     assert w.metrics.pods() == {("lab", "pod-0"), ("lab", "pod-1"), ("lab", "pod-2")}
     pinned = env.pods[2]
@@ -95,7 +75,7 @@ def test_every_pod_is_found_with_its_inventory_name(env: Env) -> None:
     assert info["pod-0"]["uid"] == env.pods[0].uid  # read from the pause process's cgroup
 
 
-def test_ping_23_exact(env: Env) -> None:
+def test_ping_23_exact(env: LabRun) -> None:
     a, b = env.pods[0], env.pods[2]
     before = quiet_window(env.daemon, env.pods)
     out = in_pod(a, "ping", "-c", "23", "-i", "0.01", "-q", b.ip).stdout
@@ -108,7 +88,7 @@ def test_ping_23_exact(env: Env) -> None:
         assert _delta(before, after, a, direction, "bytes", protocol="icmp") == 23 * 98
 
 
-def test_ping_ipv6_counted_as_icmp(env: Env) -> None:
+def test_ping_ipv6_counted_as_icmp(env: LabRun) -> None:
     a, b = env.pods[1], env.pods[0]
     in_pod(a, "ping", "-6", "-c", "1", "-W", "2", b.ip6)  # neighbour discovery first
     before = quiet_window(env.daemon, env.pods)
@@ -121,7 +101,7 @@ def test_ping_ipv6_counted_as_icmp(env: Env) -> None:
     assert got >= 23
 
 
-def test_100k_udp_datagrams_exact(env: Env) -> None:
+def test_100k_udp_datagrams_exact(env: LabRun) -> None:
     a, b = env.pods[0], env.pods[1]
     receiver = spawn_in_pod(b, sys.executable, "-c",
                             "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
@@ -153,7 +133,7 @@ def test_100k_udp_datagrams_exact(env: Env) -> None:
     assert received <= udp_in <= udp_out
 
 
-def test_iperf3_tcp_exact_and_agrees_with_iperf3(env: Env) -> None:
+def test_iperf3_tcp_exact_and_agrees_with_iperf3(env: LabRun) -> None:
     client, server = env.pods[2], env.pods[0]
     srv = spawn_in_pod(server, "iperf3", "-s", "-1", "-p", "5201")
     time.sleep(0.3)

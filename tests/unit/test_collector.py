@@ -15,9 +15,10 @@ from monitor.collector import PodCollector
 from monitor.identity import IdentityIndex, Pod
 from monitor.kerneltypes import ProgramStats
 from monitor.maps import only_u64, sum_u64_slots
-from monitor.probes import packets
+from monitor.probes import REGISTRY, drops, packets, retransmits
 from monitor.probes.packets import Counts
 from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
+from tests.unit.fakes import DictMaps, kernel, no_offsets_kernel, u32, u64
 
 INGRESS, EGRESS = 0, 1
 TCP, UDP, ICMP, OTHER = 0, 1, 2, 3
@@ -75,7 +76,8 @@ def setup(maps: FakeMaps, pods: Sequence[Pod], slots: dict[int, int] | None = No
                            tuple(status(p, m) for p, m in zip(pods, modes, strict=True))))
     registry = CollectorRegistry(auto_describe=True)
     registry.register(PodCollector(
-        probes=[packets.PROBE], maps=maps, state=state, node="node-1",
+        probes=[packets.PROBE], maps=maps, state=state, node="node-1", kernel=kernel(),
+        node_slot=1024,
         program_stats=(lambda: program_stats) if program_stats is not None else None,
         bcc_version="0.26.0"))
     return registry, state
@@ -240,6 +242,10 @@ def test_monitor_metrics(make_pod: PodFactory) -> None:
     assert registry.get_sample_value("podnet_monitor_build_info", {
         "version": monitor.__version__, "bcc_version": "0.26.0",
         "kernel": platform.release()}) == 1
+    assert registry.get_sample_value("podnet_monitor_kernel_offsets", {"source": "btf"}) == 1
+    assert series(registry, "podnet_monitor_kernel_offsets") == [{"source": "btf"}]
+    # no probe_states given: every probe the collector runs is "loaded"
+    assert series(registry, "podnet_monitor_probe_state") == [{"probe": "packets", "state": "loaded"}]
 
 
 def test_no_bpf_stats_families_without_program_stats(make_pod: PodFactory) -> None:
@@ -286,7 +292,8 @@ def test_registering_with_a_plain_registry_reads_no_map(make_pod: PodFactory) ->
     state = MonitorState()
     state.publish(Snapshot(IdentityIndex([make_pod(4026532001, [(7, "veth7")])], {7: 2})))
     registry = CollectorRegistry()
-    registry.register(PodCollector(probes=[packets.PROBE], maps=maps, state=state, node="node-1"))
+    registry.register(PodCollector(probes=[packets.PROBE], maps=maps, state=state, node="node-1",
+                                   kernel=kernel(), node_slot=1024))
     assert maps.reads == []
     generate_latest(registry)
     assert maps.reads == [("pnm_packets", 2)]
@@ -296,13 +303,15 @@ def test_describe_names_every_family_without_samples(make_pod: PodFactory) -> No
     state = MonitorState()
     state.publish(Snapshot(IdentityIndex([make_pod(4026532001, [(7, "veth7")])])))
     collector = PodCollector(probes=[packets.PROBE], maps=FakeMaps(), state=state,
-                             node="node-1", program_stats=list)
-    assert [m.samples for m in collector.describe()] == [[]] * 11
+                             node="node-1", kernel=kernel(), node_slot=1024, program_stats=list)
+    assert [m.samples for m in collector.describe()] == [[]] * 13
     assert [m.name for m in collector.describe()] == [
         "podnet_packets", "podnet_bytes", "podnet_pod_info", "podnet_monitor_attached_pods",
         "podnet_monitor_attach_errors", "podnet_monitor_reconciles",
         "podnet_monitor_reconcile_seconds", "podnet_monitor_collect_errors",
-        "podnet_monitor_build_info", "podnet_monitor_bpf_run_seconds", "podnet_monitor_bpf_runs"]
+        "podnet_monitor_build_info", "podnet_monitor_kernel_offsets",
+        "podnet_monitor_probe_state", "podnet_monitor_bpf_run_seconds",
+        "podnet_monitor_bpf_runs"]
 
 
 def test_exposition_text(make_pod: PodFactory) -> None:
@@ -377,3 +386,78 @@ class NestedMixed(ctypes.Structure):
 ])
 def test_only_u64(kind: type, expected: bool) -> None:
     assert only_u64(kind) is expected
+
+
+# -- the kernel's facts, probe states, and probes beyond packets ----------------------------------
+
+def collector_over(maps: object, pods: Sequence[Pod], slots: dict[int, int], *,
+                   probes: Sequence[object] = (), **kwargs: object) -> CollectorRegistry:
+    state = MonitorState()
+    state.publish(Snapshot(IdentityIndex(pods, slots), tuple(status(p) for p in pods)))
+    registry = CollectorRegistry()
+    registry.register(PodCollector(probes=list(probes) or [packets.PROBE], maps=maps,  # type: ignore[arg-type]
+                                   state=state, **kwargs))  # type: ignore[arg-type]
+    return registry
+
+
+def test_kernel_offsets_none() -> None:
+    registry = collector_over(FakeMaps(), [], {}, node="node-1", node_slot=1024,
+                              kernel=no_offsets_kernel())
+    assert registry.get_sample_value("podnet_monitor_kernel_offsets", {"source": "none"}) == 1
+    assert registry.get_sample_value("podnet_monitor_kernel_offsets", {"source": "btf"}) is None
+
+
+def test_probe_states_as_given() -> None:
+    registry = collector_over(FakeMaps(), [], {}, node="node-1", node_slot=1024,
+                              kernel=no_offsets_kernel(),
+                              probe_states={"rtt": "off", "packets": "loaded", "drops": "degraded"})
+    assert series(registry, "podnet_monitor_probe_state") == [
+        {"probe": "drops", "state": "degraded"}, {"probe": "packets", "state": "loaded"},
+        {"probe": "rtt", "state": "off"}]
+
+
+def test_scrape_carries_node_name_and_node_slot(make_pod: PodFactory) -> None:
+    web = make_pod(4026532001, [(7, "veth7")], namespace="shop", name="web")
+    maps = DictMaps({retransmits.MAP: {u32(0): u64(3), u32(16): u64(11), u32(17): u64(99)}})
+    registry = collector_over(maps, [web], {7: 0}, probes=[retransmits.PROBE], node="worker-3",
+                              node_slot=16, kernel=kernel())
+    assert registry.get_sample_value("podnet_tcp_retransmits_total",
+                                     {"namespace": "shop", "pod": "web"}) == 3
+    assert registry.get_sample_value("podnet_tcp_retransmits_total",
+                                     {"namespace": "_node", "pod": "worker-3"}) == 11
+    assert len(series(registry, "podnet_tcp_retransmits_total")) == 2  # slot 17 is no one's
+
+
+def test_one_probe_failing_leaves_the_others(make_pod: PodFactory) -> None:
+    class Failing(DictMaps):
+        def items(self, name: str) -> Iterable[tuple[bytes, bytes]]:
+            if name == drops.MAP:
+                raise OSError(9, "Bad file descriptor")
+            return super().items(name)
+
+    web = make_pod(4026532001, [(7, "veth7")], namespace="shop", name="web")
+    maps = Failing({retransmits.MAP: {u32(0): u64(4)}})
+    registry = collector_over(maps, [web], {7: 0}, probes=[drops.PROBE, retransmits.PROBE],
+                              node="node-1", node_slot=1024, kernel=kernel())
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for m in registry.collect() for s in m.samples}  # one scrape
+    assert samples[("podnet_tcp_retransmits_total", (("namespace", "shop"), ("pod", "web")))] == 4
+    assert samples[("podnet_monitor_collect_errors_total", ())] == 1
+    assert not [name for name, _ in samples if name.startswith(("podnet_drops",
+                                                                "podnet_monitor_lost_events"))]
+
+
+def test_describe_of_every_probe_reads_no_map() -> None:
+    maps = DictMaps()
+    state = MonitorState()
+    collector = PodCollector(probes=list(REGISTRY.values()), maps=maps, state=state, node="n",
+                             kernel=kernel(), node_slot=1024)
+    names = [m.name for m in collector.describe()]
+    assert names[:12] == [
+        "podnet_packets", "podnet_bytes", "podnet_tcp_flags", "podnet_tcp_handshake_seconds",
+        "podnet_tcp_connect_failures", "podnet_dns_latency_seconds", "podnet_dns_responses",
+        "podnet_dns_queries", "podnet_dns_timeouts", "podnet_drops",
+        "podnet_monitor_lost_events", "podnet_tcp_retransmits"]
+    assert names[12] == "podnet_tcp_rtt_seconds"
+    assert len(names) == len(set(names))  # no family twice
+    assert maps.log == []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import threading
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -63,10 +65,15 @@ class FakeAttacher:
 
 
 class FakeSlots:
-    """Hands out counter slots 0, 1, 2... (never reused); can fail on chosen ifindexes."""
+    """Hands out counter slots 0, 1, 2... (never reused); can fail on chosen ifindexes.
 
-    def __init__(self, events: list[Event]) -> None:
-        self.events = events
+    sync_netns goes to `calls` (with the probes' forget calls), not to `events`, so the
+    attach/detach sequences below stay as they were.
+    """
+
+    def __init__(self, events: list[Event], calls: list[Event]) -> None:
+        self.events, self.calls = events, calls
+        self.netns: dict[int, int] = {}  # what pnm_netns would hold: netns -> ifindex
         self.slots: dict[int, int] = {}
         self.next_slot = 0
         self.assign_errors: dict[int, Exception] = {}  # ifindex -> what assign raises
@@ -88,6 +95,10 @@ class FakeSlots:
 
     def assigned(self) -> dict[int, int]:
         return dict(self.slots)
+
+    def sync_netns(self, wanted: dict[int, int]) -> None:
+        self.calls.append(("sync_netns", dict(wanted)))
+        self.netns = dict(wanted)
 
 
 class FakeMetadata:
@@ -113,19 +124,39 @@ DB = PodMeta("shop", "db-0", uid=UID_DB)
 class World:
     """The fakes, wired into one Reconciler; events in order, across attacher and slots."""
 
-    def __init__(self, metadata: object = None) -> None:
+    def __init__(self, metadata: object = None, forget_errors: dict[int, Exception] | None = None,
+                 ) -> None:
         self.events: list[Event] = []
+        self.calls: list[Event] = []  # sync_netns and forget, in order
         self.clock = Clock()
         self.discovery = FakeDiscovery()
         self.links = FakeLinks()
         self.attacher = FakeAttacher(self.events, self.clock)
-        self.slots = FakeSlots(self.events)
+        self.slots = FakeSlots(self.events, self.calls)
         self.metadata = metadata if metadata is not None else FakeMetadata({UID_WEB: WEB, UID_DB: DB})
         self.state = MonitorState()
+        self.forget_errors = forget_errors or {}  # ifindex -> what the first forget raises
         self.reconciler = Reconciler(
             discovery=self.discovery, links=self.links, attacher=self.attacher,  # type: ignore[arg-type]
             slots=self.slots, metadata=self.metadata, state=self.state,  # type: ignore[arg-type]
-            clock=self.clock)
+            forget=[self.forget_first, self.forget_second], node="node-1", clock=self.clock)
+
+    def forget_first(self, netns: int, ifindexes: Sequence[int]) -> None:
+        # what pnm_netns and the slots hold at the moment keys are forgotten
+        self.calls.append(("forget", netns, list(ifindexes), dict(self.slots.netns),
+                           dict(self.slots.slots)))
+        for ifindex in ifindexes:
+            if ifindex in self.forget_errors:
+                raise self.forget_errors[ifindex]
+
+    def forget_second(self, netns: int, ifindexes: Sequence[int]) -> None:
+        self.calls.append(("forget2", netns, list(ifindexes)))
+
+    def forgets(self) -> list[tuple[int, list[int]]]:
+        return [(c[1], c[2]) for c in self.calls if c[0] == "forget"]  # type: ignore[misc]
+
+    def last_sync(self) -> dict[int, int]:
+        return [c[1] for c in self.calls if c[0] == "sync_netns"][-1]  # type: ignore[return-value]
 
     def pod(self, netns: int, nsid: int, veths: Sequence[tuple[int, str]], *, uid: str | None = None,
             pause_pid: int | None = None, pinned: str | None = None) -> PodNetwork:
@@ -461,3 +492,172 @@ def test_detach_all_with_nothing_attached(world: World) -> None:
     world.reconciler.detach_all()
     assert world.take() == []
     assert world.state.snapshot.pods == ()
+
+
+# -- pnm_netns and the probes' forget callbacks ---------------------------------------------------
+
+NS_WEB, NS_DB = 4026532001, 4026532002
+
+
+def test_sync_netns_maps_each_pod_to_its_first_attached_interface(world: World) -> None:
+    world.pod(NS_WEB, 3, [(9, "veth9"), (7, "veth7")], uid=UID_WEB, pause_pid=100)
+    world.pod(NS_DB, 4, [(8, "veth8")], uid=UID_DB, pause_pid=200)
+    world.run()
+    assert world.calls == [("sync_netns", {NS_WEB: 7, NS_DB: 8})]  # once per pass, after attaching
+    world.run()
+    assert world.calls[-1] == ("sync_netns", {NS_WEB: 7, NS_DB: 8})
+    assert len(world.calls) == 2
+
+
+@pytest.mark.usefixtures("links_exist")
+def test_sync_netns_skips_interfaces_that_failed_to_attach(world: World) -> None:
+    world.pod(NS_WEB, 3, [(7, "veth7"), (9, "veth9")], uid=UID_WEB, pause_pid=100)
+    world.pod(NS_DB, 4, [(8, "veth8")], uid=UID_DB, pause_pid=200)
+    world.attacher.failing.update({7, 8})
+    world.run()
+    assert world.last_sync() == {NS_WEB: 9}  # web's first *attached* one; db has none
+
+
+def test_sync_netns_drops_a_gone_pod(world: World) -> None:
+    world.pod(NS_WEB, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
+    world.pod(NS_DB, 4, [(8, "veth8")], uid=UID_DB, pause_pid=200)
+    world.run()
+    world.remove(NS_WEB)
+    world.run()
+    assert world.last_sync() == {NS_DB: 8}
+
+
+def test_forget_called_for_each_detached_interface_after_its_slot_is_released(world: World) -> None:
+    world.pod(NS_WEB, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
+    world.pod(NS_DB, 4, [(8, "veth8")], uid=UID_DB, pause_pid=200)
+    world.run()
+    assert world.forgets() == []
+    world.remove(NS_WEB)
+    world.run()
+    forgets = [c for c in world.calls if c[0].startswith("forget")]
+    # every callback, in order; slot 7 released, and NS_WEB already out of pnm_netns
+    assert forgets == [("forget", NS_WEB, [7], {NS_DB: 8}, {8: 1}),
+                       ("forget2", NS_WEB, [7])]
+
+
+def test_forget_error_is_contained(world: World) -> None:
+    world.forget_errors[7] = OSError(9, "Bad file descriptor")
+    world.pod(NS_WEB, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
+    world.pod(NS_DB, 4, [(8, "veth8")], uid=UID_DB, pause_pid=200)
+    world.run()
+    world.remove(NS_WEB)
+    world.remove(NS_DB)
+    assert world.run() == detach_events(7, "veth7", NS_WEB) + detach_events(8, "veth8", NS_DB)
+    assert [c[:3] for c in world.calls if c[0].startswith("forget")] == [
+        ("forget", NS_WEB, [7]), ("forget2", NS_WEB, [7]),  # the second callback still runs
+        ("forget", NS_DB, [8]), ("forget2", NS_DB, [8])]
+    assert world.state.snapshot.pods == ()
+    world.pod(NS_WEB, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
+    assert world.run() == attach_events(7, "veth7", NS_WEB)  # 7 was dropped from the attached set
+
+
+def test_detach_all_forgets_every_interface(world: World) -> None:
+    world.pod(NS_WEB, 3, [(7, "veth7"), (9, "veth9")], uid=UID_WEB, pause_pid=100)
+    world.run()
+    world.reconciler.detach_all()
+    assert world.forgets() == [(NS_WEB, [7, 9])]  # one call per gone netns
+
+
+def test_reused_ifindex_forgets_the_old_netns(world: World) -> None:
+    world.pod(NS_WEB, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
+    world.run()
+    world.remove(NS_WEB)
+    world.pod(NS_DB, 4, [(7, "vethnew")], uid=UID_DB, pause_pid=200)
+    world.run()
+    assert world.forgets() == [(NS_WEB, [7])]
+    assert world.last_sync() == {NS_DB: 7}
+
+
+def test_a_living_pod_keeps_its_netns_keys_when_one_interface_goes(world: World) -> None:
+    world.pod(NS_WEB, 3, [(7, "veth7"), (9, "veth9")], uid=UID_WEB, pause_pid=100)
+    world.run()
+    world.links.links = [v for v in world.links.links if v.ifindex != 9]  # a secondary veth goes
+    assert world.run() == detach_events(9, "veth9", NS_WEB)
+    assert [p.pod for p in world.state.snapshot.pods] == ["web-1"]  # the pod lives on
+    assert all(netns != NS_WEB for netns, _ in world.forgets())
+
+
+def test_a_gone_pod_netns_leaves_pnm_netns_before_its_keys_are_forgotten(world: World) -> None:
+    world.pod(NS_WEB, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
+    world.pod(NS_DB, 4, [(8, "veth8")], uid=UID_DB, pause_pid=200)
+    world.run()
+    world.remove(NS_WEB)
+    world.run()
+    (forget,) = [c for c in world.calls if c[0] == "forget"]
+    netns_at_forget = forget[3]
+    assert NS_WEB not in netns_at_forget  # type: ignore[operator]
+
+
+# -- the loop's sweep -----------------------------------------------------------------------------
+
+class PipeEvents:
+    """An EventSource that never fires: the read end of a pipe nobody writes to."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.r
+
+    def drain(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+        self.closed = True
+
+
+def run_loop(world: World, sweep: Callable[[], None] | None, stop: threading.Event,
+             sweep_interval: float = 0.02) -> PipeEvents:
+    events = PipeEvents()
+    exits: list[bool] = []
+    loop = reconcile.Loop(world.reconciler, resync_interval=3600.0, debounce=0.0,
+                          events_factory=lambda: events, state=world.state,
+                          on_exit=lambda: exits.append(True), sweep=sweep,
+                          sweep_interval=sweep_interval)
+    worker = threading.Thread(target=loop.run, args=(stop,))
+    worker.start()
+    worker.join(timeout=10)
+    stop.set()
+    worker.join(timeout=5)
+    assert not worker.is_alive()
+    assert exits == [True]
+    return events
+
+
+def test_loop_sweeps_between_passes(world: World) -> None:
+    world.pod(NS_WEB, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
+    stop = threading.Event()
+    sweeps: list[int] = []
+
+    def sweep() -> None:
+        sweeps.append(world.state.reconciles)
+        if len(sweeps) == 3:
+            stop.set()
+
+    events = run_loop(world, sweep, stop)
+    assert sweeps == [1, 1, 1]  # after the first pass; no resync due in between
+    assert events.closed
+    assert world.take() == attach_events(7, "veth7", NS_WEB) + detach_events(7, "veth7", NS_WEB)
+
+
+def test_loop_survives_a_failing_sweep(world: World) -> None:
+    stop = threading.Event()
+    calls: list[int] = []
+
+    def sweep() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            stop.set()
+        raise OSError(9, "Bad file descriptor")
+
+    run_loop(world, sweep, stop)
+    assert len(calls) == 3
+    assert world.state.ready is True

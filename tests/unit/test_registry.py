@@ -8,13 +8,25 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.metrics_core import Metric
 
-from monitor.identity import IdentityIndex
-from monitor.maps import MapReader
-from monitor.probes import REGISTRY, RegistryError, _registry, packets, select
-from monitor.probes.base import MapLayout, Probe, u32_key, u32_of
+from monitor.probes import (
+    REGISTRY,
+    RegistryError,
+    _registry,
+    dns,
+    drops,
+    handshake,
+    packets,
+    retransmits,
+    rtt,
+    select,
+    tcpflags,
+)
+from monitor.probes.base import MapLayout, Probe, Scrape, u32_key, u32_of
+
+ALL = ["packets", "tcpflags", "handshake", "dns", "drops", "retransmits", "rtt"]
 
 
-def nothing(_maps: MapReader, _index: IdentityIndex) -> Iterator[Metric]:
+def nothing(_scrape: Scrape) -> Iterator[Metric]:
     yield from ()
 
 
@@ -28,28 +40,51 @@ def probe(name: str, *maps: str) -> Probe:
                  collect=nothing, describe=no_families)
 
 
-def test_registry_holds_the_packets_probe() -> None:
-    assert list(REGISTRY) == ["packets"]
-    assert REGISTRY["packets"] is packets.PROBE
+def test_registry_holds_every_probe_in_order() -> None:
+    assert list(REGISTRY) == ALL
+    assert [REGISTRY[n] for n in ALL] == [packets.PROBE, tcpflags.PROBE, handshake.PROBE,
+                                          dns.PROBE, drops.PROBE, retransmits.PROBE, rtt.PROBE]
     assert packets.PROBE.maps["pnm_packets"].per_slot is True
 
 
+def test_what_each_probe_declares() -> None:
+    hooks = {p.name: p.tc_hook for p in REGISTRY.values()}
+    assert hooks == {"packets": "packets_tc", "tcpflags": "tcpflags_tc",
+                     "handshake": "handshake_tc", "dns": "dns_tc", "drops": "", "retransmits": "",
+                     "rtt": ""}
+    assert {p.name for p in REGISTRY.values() if p.needs_ports} == {"tcpflags", "handshake", "dns"}
+    assert {p.name for p in REGISTRY.values() if p.needs_offsets} == {"drops", "retransmits", "rtt"}
+    assert {p.name for p in REGISTRY.values() if p.degraded} == {"drops"}
+    assert {p.name for p in REGISTRY.values() if p.sweep} == {"handshake", "dns"}
+    assert {p.name for p in REGISTRY.values() if p.forget} == {"drops"}
+    assert drops.PROBE.tracepoints == ("skb:kfree_skb",)
+    assert retransmits.PROBE.tracepoints == ("tcp:tcp_retransmit_skb", "tcp:tcp_retransmit_synack")
+    assert rtt.PROBE.tracepoints == ("sock:inet_sock_set_state",)
+    # the pending maps are hashes keyed by flow; the counters per slot
+    assert handshake.PROBE.maps["pnm_hs_pending"].per_slot is False
+    assert handshake.PROBE.maps["pnm_hs_timeouts"].per_slot is True
+    assert dns.PROBE.maps["pnm_dns_pending"].per_slot is False
+    assert dns.PROBE.maps["pnm_dns_timeouts"].per_slot is True
+    assert drops.PROBE.maps["pnm_drops"].per_slot is False
+
+
 def test_select_empty_means_all() -> None:
-    assert select([]) == [packets.PROBE]
-    assert select(()) == [packets.PROBE]
+    assert [p.name for p in select([])] == ALL
+    assert [p.name for p in select(())] == ALL
 
 
-def test_select_by_name() -> None:
+def test_select_by_name_in_registry_order() -> None:
     assert select(["packets"]) == [packets.PROBE]
     assert select(iter(["packets", "packets"])) == [packets.PROBE]
+    assert select(["rtt", "dns", "packets"]) == [packets.PROBE, dns.PROBE, rtt.PROBE]
 
 
-@pytest.mark.parametrize("names", [["dns"], ["packets", "dns", "conntrack"], ["Packets"]])
+@pytest.mark.parametrize("names", [["flows"], ["packets", "flows", "conntrack"], ["Packets"]])
 def test_select_unknown(names: list[str]) -> None:
-    unknown = sorted(set(names) - {"packets"})
+    unknown = sorted(set(names) - set(ALL))
     with pytest.raises(RegistryError) as info:
         select(names)
-    assert str(info.value) == f"unknown probes {unknown}; known: ['packets']"
+    assert str(info.value) == f"unknown probes {unknown}; known: {sorted(ALL)}"
 
 
 def test_registry_keeps_order() -> None:

@@ -41,6 +41,10 @@ def test_defaults() -> None:
     assert s.resync_interval == 5.0
     assert s.event_debounce == 0.05
     assert s.max_interfaces == 1024
+    assert s.btf_path == "/sys/kernel/btf/vmlinux"
+    assert s.tcp_connect_timeout == 5.0
+    assert s.dns_timeout == 5.0
+    assert s.sweep_interval == 1.0
     assert s.bpf_stats is False
     assert s.probes == ()
     assert s.log_level == "info"
@@ -156,6 +160,14 @@ def test_conversion_errors_name_the_setting(name: str, raw: str, message: str) -
     ("bpffs_root", "bpf", "bpffs_root: "),
     ("tracefs_root", "", "tracefs_root: "),
     ("netns_dirs", ("/run/netns", "var/run/netns"), "netns_dirs: 'var/run/netns' must be an absolute"),
+    ("btf_path", "vmlinux", "btf_path: 'vmlinux' must be an absolute path"),
+    ("tcp_connect_timeout", 0.05, "tcp_connect_timeout: 0.05 s is outside 0.1..600"),
+    ("tcp_connect_timeout", 601.0, "tcp_connect_timeout: 601.0 s is outside 0.1..600"),
+    ("tcp_connect_timeout", float("nan"), "tcp_connect_timeout: "),
+    ("dns_timeout", 0.0, "dns_timeout: 0.0 s is outside 0.1..600"),
+    ("dns_timeout", 1000.0, "dns_timeout: 1000.0 s is outside 0.1..600"),
+    ("sweep_interval", 0.01, "sweep_interval: 0.01 s is outside 0.1..60"),
+    ("sweep_interval", 61.0, "sweep_interval: 61.0 s is outside 0.1..60"),
 ])
 def test_validation_errors_name_the_setting(field: str, value: object, prefix: str) -> None:
     with pytest.raises(SettingsError) as info:
@@ -167,6 +179,9 @@ def test_validation_errors_name_the_setting(field: str, value: object, prefix: s
     ("listen", "127.0.0.1:0"), ("listen", "[::1]:65535"), ("tc_priority", 1), ("tc_priority", 65535),
     ("resync_interval", 0.1), ("resync_interval", 3600.0), ("pause_comm", "a" * 15),
     ("event_debounce", 0.0), ("max_interfaces", 16), ("max_interfaces", 65536),
+    ("tcp_connect_timeout", 0.1), ("tcp_connect_timeout", 600.0), ("dns_timeout", 0.1),
+    ("dns_timeout", 600.0), ("sweep_interval", 0.1), ("sweep_interval", 60.0),
+    ("btf_path", "/boot/vmlinux.btf"),
 ])
 def test_edges_accepted(field: str, value: object) -> None:
     assert getattr(Settings(**{field: value}), field) == value  # type: ignore[arg-type]
@@ -195,7 +210,8 @@ def test_add_arguments_one_flag_per_field() -> None:
         "--listen", "--node-name", "--proc-root", "--netns-dirs", "--bpffs-root",
         "--tracefs-root", "--pause-comm", "--inventory", "--attach-mode", "--tc-priority",
         "--tc-handle", "--resync-interval", "--event-debounce", "--max-interfaces", "--bpf-stats",
-        "--probes", "--log-level", "--log-format"}
+        "--probes", "--log-level", "--log-format", "--btf-path", "--tcp-connect-timeout",
+        "--dns-timeout", "--sweep-interval"}
     assert len(flags) == len(settings.names())
 
 
@@ -219,3 +235,11 @@ def test_describe_is_plain_data() -> None:
     assert d["node_name"] == "n1"
     assert d["probes"] == ("packets",)
     assert d["tc_handle"] == 0x504E
+
+
+def test_new_settings_from_env_and_flags() -> None:
+    s = from_sources(parse_flags("--tcp-connect-timeout", "2.5", "--btf-path", "/tmp/vmlinux"),
+                     environ={"PODNETMON_DNS_TIMEOUT": "3", "PODNETMON_SWEEP_INTERVAL": "0.5",
+                              "PODNETMON_TCP_CONNECT_TIMEOUT": "9"})
+    assert (s.tcp_connect_timeout, s.dns_timeout, s.sweep_interval) == (2.5, 3.0, 0.5)
+    assert s.btf_path == "/tmp/vmlinux"

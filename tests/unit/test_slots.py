@@ -48,7 +48,8 @@ class Maps:
         self.spill = FakeMap("spill", self.log)
         self.packets = FakeMap("packets", self.log)
         self.other = FakeMap("other", self.log)
-        self.table = SlotTable(ifslots=self.ifslots, spill=self.spill,
+        self.netns = FakeMap("netns", self.log)
+        self.table = SlotTable(ifslots=self.ifslots, spill=self.spill, netns=self.netns,
                                per_slot=[self.packets, self.other], capacity=capacity,
                                buckets=BUCKETS)
 
@@ -183,5 +184,91 @@ def test_failed_spill_gives_the_slot_back(maps: Maps) -> None:
 def test_buckets_must_be_a_power_of_two() -> None:
     log: list[Op] = []
     with pytest.raises(ValueError, match="power of two"):
-        SlotTable(ifslots=FakeMap("a", log), spill=FakeMap("b", log), per_slot=[], capacity=4,
-                  buckets=24)
+        SlotTable(ifslots=FakeMap("a", log), spill=FakeMap("b", log), netns=FakeMap("c", log),
+                  per_slot=[], capacity=4, buckets=24)
+
+
+# -- pnm_netns: a pod's netns inode -> the slot its tracepoint events count in ---------------------
+
+NS_A, NS_B, NS_C = 4026532001, 4026532002, 4026532003
+
+
+def netns_ops(ops: list[Op]) -> list[Op]:
+    return [op for op in ops if op[0] == "netns"]
+
+
+def test_sync_netns_adds_entries_for_assigned_interfaces(maps: Maps) -> None:
+    maps.table.assign(7)  # slot 0
+    maps.table.assign(9)  # slot 1
+    maps.take()
+    maps.table.sync_netns({NS_A: 9, NS_B: 7})
+    assert sorted(maps.take(), key=str) == sorted([
+        ("netns", "put", NS_A, struct.pack("=I", 1)),
+        ("netns", "put", NS_B, struct.pack("=I", 0))], key=str)
+    assert maps.netns.data == {NS_A: struct.pack("=I", 1), NS_B: struct.pack("=I", 0)}
+
+
+def test_sync_netns_writes_nothing_when_nothing_changed(maps: Maps) -> None:
+    maps.table.assign(7)
+    maps.table.sync_netns({NS_A: 7})
+    maps.take()
+    maps.table.sync_netns({NS_A: 7})
+    assert maps.take() == []
+
+
+def test_sync_netns_updates_a_changed_slot(maps: Maps) -> None:
+    maps.table.assign(7)  # slot 0
+    maps.table.assign(9)  # slot 1
+    maps.table.sync_netns({NS_A: 7, NS_B: 9})
+    maps.take()
+    maps.table.sync_netns({NS_A: 9, NS_B: 9})  # NS_A's first interface is now ifindex 9
+    assert maps.take() == [("netns", "put", NS_A, struct.pack("=I", 1))]
+    assert maps.netns.data[NS_A] == struct.pack("=I", 1)
+
+
+def test_sync_netns_removes_what_is_no_longer_wanted(maps: Maps) -> None:
+    maps.table.assign(7)
+    maps.table.assign(9)
+    maps.table.sync_netns({NS_A: 7, NS_B: 9})
+    maps.take()
+    maps.table.sync_netns({NS_B: 9})
+    assert maps.take() == [("netns", "delete", NS_A)]
+    assert maps.netns.data == {NS_B: struct.pack("=I", 1)}
+    maps.table.sync_netns({})
+    assert maps.take() == [("netns", "delete", NS_B)]
+    assert maps.netns.data == {}
+
+
+def test_sync_netns_ignores_interfaces_without_a_slot(maps: Maps) -> None:
+    maps.table.assign(7)
+    maps.take()
+    maps.table.sync_netns({NS_A: 7, NS_B: 8, NS_C: 99})  # 8, 99: never assigned
+    assert maps.take() == [("netns", "put", NS_A, struct.pack("=I", 0))]
+    assert set(maps.netns.data) == {NS_A}
+
+
+def test_sync_netns_drops_a_netns_whose_interface_lost_its_slot(maps: Maps) -> None:
+    maps.table.assign(7)
+    maps.table.sync_netns({NS_A: 7})
+    maps.table.release(7)
+    maps.take()
+    maps.table.sync_netns({NS_A: 7})  # still wanted, but 7 has no slot any more
+    assert maps.take() == [("netns", "delete", NS_A)]
+    assert maps.netns.data == {}
+
+
+def test_sync_netns_follows_a_reassigned_slot(maps: Maps) -> None:
+    maps.table.assign(7)  # slot 0
+    maps.table.sync_netns({NS_A: 7})
+    maps.table.release(7)
+    maps.table.assign(11)  # slot 1
+    maps.table.assign(7)  # slot 2: fresh slots before freed ones
+    maps.take()
+    maps.table.sync_netns({NS_A: 7})
+    assert maps.take() == [("netns", "put", NS_A, struct.pack("=I", 2))]
+
+
+def test_assign_and_release_leave_pnm_netns_alone(maps: Maps) -> None:
+    maps.table.assign(7)
+    maps.table.release(7)
+    assert netns_ops(maps.take()) == []

@@ -1,0 +1,123 @@
+"""DNS over UDP port 53 as the pod's resolver sees it (bpf/dns.c)."""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from monitor.maps import decode
+from monitor.probes.base import (
+    HIST_BUCKETS,
+    CounterSum,
+    HistogramSum,
+    MapLayout,
+    Probe,
+    Scrape,
+    Sweep,
+    sweep_pending,
+    u32_key,
+)
+
+MAP, PENDING, TIMEOUTS = "pnm_dns", "pnm_dns_pending", "pnm_dns_timeouts"
+# RFC 1035 and RFC 6895 names of the 4-bit RCODE; the rest by number.
+RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
+          5: "REFUSED", 6: "YXDOMAIN", 7: "YXRRSET", 8: "NXRRSET", 9: "NOTAUTH", 10: "NOTZONE"}
+
+
+class Dns(ctypes.Structure):
+    """struct pnm_dns."""
+
+    _fields_ = [("buckets", ctypes.c_uint64 * HIST_BUCKETS), ("sum_us", ctypes.c_uint64),
+                ("count", ctypes.c_uint64), ("queries", ctypes.c_uint64),
+                ("rcodes", ctypes.c_uint64 * 16)]
+
+
+class Query(ctypes.Structure):
+    """struct pnm_dns_key."""
+
+    _fields_ = [("slot", ctypes.c_uint32), ("family", ctypes.c_uint8), ("_pad", ctypes.c_uint8),
+                ("id", ctypes.c_uint16), ("lport", ctypes.c_uint16), ("rport", ctypes.c_uint16),
+                ("laddr", ctypes.c_uint8 * 16), ("raddr", ctypes.c_uint8 * 16)]
+
+
+def rcode_name(value: int) -> str:
+    return RCODES.get(value, f"RCODE{value}")
+
+
+HIST = ("podnet_dns_latency_seconds", "Time from a DNS query the pod sent to the answer "
+        "it received, on its veth.")
+
+
+def _families() -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+    labels = ["namespace", "pod"]
+    return (
+        CounterMetricFamily("podnet_dns_responses", "DNS answers the pod received to its "
+                            "queries, by RCODE.", labels=[*labels, "rcode"]),
+        CounterMetricFamily("podnet_dns_queries", "DNS queries the pod sent over UDP.",
+                            labels=labels),
+        CounterMetricFamily("podnet_dns_timeouts", "DNS queries the pod sent that had no "
+                            "answer within the daemon's timeout.", labels=labels),
+    )
+
+
+def collect(scrape: Scrape) -> Iterator[Metric]:
+    responses, queries, timeouts = _families()
+    hist, rcodes, sent, lost = HistogramSum(), CounterSum(), CounterSum(), CounterSum()
+    for slot, (namespace, pod) in scrape.slots():
+        raw = scrape.maps.lookup(MAP, u32_key(slot))
+        timeouts_raw = scrape.maps.lookup(TIMEOUTS, u32_key(slot))
+        if raw is None or timeouts_raw is None:
+            continue
+        dns = decode(Dns, raw)
+        hist.add((namespace, pod), list(dns.buckets), dns.sum_us)
+        sent.add((namespace, pod), dns.queries)
+        lost.add((namespace, pod), struct.unpack("=Q", timeouts_raw)[0])
+        for code, n in enumerate(dns.rcodes):
+            if n or code in (0, 2, 3):  # the usual three always, so rate() has a baseline
+                rcodes.add((namespace, pod, rcode_name(code)), n)
+    for family, sums in ((responses, rcodes), (queries, sent), (timeouts, lost)):
+        for labels, value in sums.items():
+            family.add_metric(labels, value)
+    yield hist.family(*HIST, ["namespace", "pod"])
+    yield from (responses, queries, timeouts)
+
+
+def describe() -> Iterator[Metric]:
+    yield HistogramSum().family(*HIST, ["namespace", "pod"])
+    yield from _families()
+
+
+# A resolver's retries of one query (glibc: attempts x timeout) end well within this.
+RETRY_SPAN = 60.0
+
+
+def sweep(ctx: Sweep) -> None:
+    """Count queries left unanswered past the timeout, each once."""
+    expired: dict[int, int] = {}
+    for key in sweep_pending(ctx, PENDING, ctx.timeouts["dns"], RETRY_SPAN):
+        slot = decode(Query, key).slot
+        expired[slot] = expired.get(slot, 0) + 1
+    for slot, n in expired.items():
+        raw = ctx.maps.lookup(TIMEOUTS, u32_key(slot))
+        if raw is not None:
+            total = struct.unpack("=Q", raw)[0] + n
+            ctx.maps.put(TIMEOUTS, u32_key(slot), struct.pack("=Q", total))
+
+
+PROBE = Probe(
+    name="dns",
+    summary="DNS latency, answers by RCODE, queries and timeouts per pod (TC, UDP port 53)",
+    c_file="dns.c",
+    tc_hook="dns_tc",
+    needs_ports=True,
+    maps={MAP: MapLayout(ctypes.c_uint32, Dns, per_slot=True),
+          TIMEOUTS: MapLayout(ctypes.c_uint32, ctypes.c_uint64, per_slot=True),
+          PENDING: MapLayout(Query, ctypes.c_uint64)},
+    collect=collect,
+    describe=describe,
+    sweep=sweep,
+)

@@ -1,0 +1,92 @@
+"""Packets the kernel dropped, by its drop reason, per pod (bpf/drops.c)."""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections.abc import Iterator, Sequence
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from monitor.kernelinfo import KernelInfo
+from monitor.maps import decode
+from monitor.probes.base import NODE_NAMESPACE, CounterSum, MapLayout, MapWriter, Probe, Scrape
+
+MAP, LOST = "pnm_drops", "pnm_drops_lost"
+KIND_NODE, KIND_NETNS, KIND_IFINDEX = 0, 1, 2
+
+
+class DropKey(ctypes.Structure):
+    """struct pnm_drop_key."""
+
+    _fields_ = [("id", ctypes.c_uint32), ("reason", ctypes.c_uint16), ("kind", ctypes.c_uint8),
+                ("_pad", ctypes.c_uint8)]
+
+
+def _families() -> tuple[CounterMetricFamily, CounterMetricFamily]:
+    return (
+        CounterMetricFamily(
+            "podnet_drops", "Packets the kernel dropped, by its drop reason (the running "
+            "kernel's names). namespace=_node: drops that belong to no pod.",
+            labels=["namespace", "pod", "reason"]),
+        CounterMetricFamily("podnet_monitor_lost_events", "Events the monitor could not "
+                            "count (source=drops: the drop map was full).", labels=["source"]),
+    )
+
+
+def collect(scrape: Scrape) -> Iterator[Metric]:
+    drops, lost = _families()
+    sums = CounterSum()
+    node = (NODE_NAMESPACE, scrape.node)
+    for raw_key, raw_value in scrape.maps.items(MAP):
+        key = decode(DropKey, raw_key)
+        count = struct.unpack("=Q", raw_value)[0]
+        owner = node
+        if key.kind == KIND_NETNS:
+            pod = scrape.index.by_netns(key.id)
+            owner = (pod.namespace, pod.name) if pod else node
+        elif key.kind == KIND_IFINDEX:
+            pod = scrape.index.by_ifindex(key.id)
+            owner = (pod.namespace, pod.name) if pod else node
+        sums.add((*owner, scrape.kernel.drop_reason(key.reason)), count)
+    for labels, value in sums.items():
+        drops.add_metric(labels, value)
+    raw_lost = scrape.maps.lookup(LOST, struct.pack("=I", 0))
+    lost.add_metric(["drops"], struct.unpack("=Q", raw_lost)[0] if raw_lost else 0)
+    yield drops
+    yield lost
+
+
+def describe() -> Iterator[Metric]:
+    yield from _families()
+
+
+def forget(maps: MapWriter, netns: int | None, ifindexes: Sequence[int]) -> None:
+    """Delete a gone pod's netns keys and detached interfaces' keys: both are reused."""
+    gone = {(KIND_IFINDEX, i) for i in ifindexes}
+    if netns is not None:
+        gone.add((KIND_NETNS, netns))
+    for raw_key, _value in maps.items(MAP):
+        key = decode(DropKey, raw_key)
+        if (key.kind, key.id) in gone:
+            maps.delete(MAP, raw_key)
+
+
+def cflags(kernel: KernelInfo) -> list[str]:
+    return ["-DPNM_HAVE_RX_SK"] if kernel.has_field("skb:kfree_skb", "rx_sk") else []
+
+
+PROBE = Probe(
+    name="drops",
+    summary="packets the kernel dropped, by drop reason, per pod (tracepoint skb:kfree_skb)",
+    c_file="drops.c",
+    tracepoints=("skb:kfree_skb",),
+    needs_offsets=True,
+    degraded="without kernel struct offsets every drop counts under the node",
+    maps={MAP: MapLayout(DropKey, ctypes.c_uint64), LOST: MapLayout(ctypes.c_uint32, ctypes.c_uint64)},
+    collect=collect,
+    describe=describe,
+    cflags=cflags,
+    forget=forget,
+)

@@ -1,0 +1,49 @@
+"""The kernel's smoothed TCP RTT, one sample per connection, per pod (bpf/rtt.c)."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterator
+
+from prometheus_client.metrics_core import Metric
+
+from monitor.maps import decode
+from monitor.probes.base import HIST_BUCKETS, HistogramSum, MapLayout, Probe, Scrape, u32_key
+
+MAP = "pnm_rtt"
+HIST = ("podnet_tcp_rtt_seconds", "The kernel's smoothed round-trip time of the pod's TCP "
+        "connections, sampled once per connection when it leaves ESTABLISHED.")
+
+
+class Hist(ctypes.Structure):
+    """struct pnm_hist."""
+
+    _fields_ = [("buckets", ctypes.c_uint64 * HIST_BUCKETS), ("sum_us", ctypes.c_uint64),
+                ("count", ctypes.c_uint64)]
+
+
+def collect(scrape: Scrape) -> Iterator[Metric]:
+    hist = HistogramSum()
+    for slot, owner in scrape.slots(with_node=True):
+        raw = scrape.maps.lookup(MAP, u32_key(slot))
+        if raw is not None:
+            h = decode(Hist, raw)
+            hist.add(owner, list(h.buckets), h.sum_us)
+    yield hist.family(*HIST, ["namespace", "pod"])
+
+
+def describe() -> Iterator[Metric]:
+    yield HistogramSum().family(*HIST, ["namespace", "pod"])
+
+
+PROBE = Probe(
+    name="rtt",
+    summary="smoothed TCP RTT per pod, sampled when a connection ends "
+            "(tracepoint sock:inet_sock_set_state)",
+    c_file="rtt.c",
+    tracepoints=("sock:inet_sock_set_state",),
+    needs_offsets=True,
+    maps={MAP: MapLayout(ctypes.c_uint32, Hist, per_slot=True)},
+    collect=collect,
+    describe=describe,
+)

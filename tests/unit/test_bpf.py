@@ -1,0 +1,206 @@
+"""The kernel adapter's pure parts: cflags, which probes can load, the composed C source.
+
+Importing monitor.bpf imports bcc (importable in the venv); nothing here compiles or loads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.metrics_core import Metric
+
+from monitor import bpf
+from monitor.probes import REGISTRY, select
+from monitor.probes.base import MapLayout, Probe, Scrape
+from tests.unit.fakes import HOST_NETNS, OFFSETS, kernel, no_offsets_kernel
+
+ALL_TRACEPOINTS = {"skb:kfree_skb": {"skbaddr", "reason", "rx_sk"},
+                   "tcp:tcp_retransmit_skb": {"skaddr", "skbaddr", "err"},
+                   "tcp:tcp_retransmit_synack": {"skaddr", "req"},
+                   "sock:inet_sock_set_state": {"skaddr", "oldstate", "protocol"}}
+
+
+def nothing(_scrape: Scrape) -> Iterator[Metric]:
+    yield from ()
+
+
+def no_families() -> Iterator[Metric]:
+    yield from ()
+
+
+def probe(name: str, **kwargs: object) -> Probe:
+    return Probe(name=name, summary=name, c_file=f"{name}.c",  # type: ignore[arg-type]
+                 maps={f"pnm_{name}": MapLayout(ctypes.c_uint32, ctypes.c_uint64)},
+                 collect=nothing, describe=no_families, **kwargs)
+
+
+# -- build_cflags ---------------------------------------------------------------------------------
+
+def test_cflags_with_offsets() -> None:
+    flags = bpf.build_cflags([probe("a")], kernel(), 256)
+    assert flags == [
+        "-DPNM_MAX_INTERFACES=256", "-DPNM_IFSLOT_BUCKETS=65536", f"-DPNM_HOST_NETNS={HOST_NETNS}",
+        "-Wno-macro-redefined",
+        "-DPNM_OFF_DEV_IFINDEX=224", "-DPNM_OFF_DEV_NET=264", "-DPNM_OFF_NET_INUM=176",
+        "-DPNM_OFF_SKB_CB=40", "-DPNM_OFF_SKB_DEV=16", "-DPNM_OFF_SKB_SK=24",
+        "-DPNM_OFF_SK_NET=48", "-DPNM_OFF_TCB_GSO_SEGS=8", "-DPNM_OFF_TCP_SRTT=1680"]
+    assert len([f for f in flags if f.startswith("-DPNM_OFF_")]) == len(OFFSETS)
+
+
+def test_cflags_without_offsets() -> None:
+    flags = bpf.build_cflags([probe("a")], no_offsets_kernel(), 1024)
+    assert "-DPNM_NO_KSTRUCT" in flags
+    assert not [f for f in flags if f.startswith("-DPNM_OFF_")]
+
+
+def test_cflags_with_offsets_has_no_no_kstruct() -> None:
+    assert "-DPNM_NO_KSTRUCT" not in bpf.build_cflags([probe("a")], kernel(), 1024)
+
+
+def test_ports_parsed_only_if_a_probe_needs_them() -> None:
+    assert "-DPNM_WANT_PORTS" not in bpf.build_cflags([probe("a"), probe("b")], kernel(), 1024)
+    flags = bpf.build_cflags([probe("a"), probe("b", needs_ports=True)], kernel(), 1024)
+    assert flags.count("-DPNM_WANT_PORTS") == 1
+    real = bpf.build_cflags(select(["packets", "drops"]), kernel(), 1024)
+    assert "-DPNM_WANT_PORTS" not in real
+    assert "-DPNM_WANT_PORTS" in bpf.build_cflags(select(["dns"]), kernel(), 1024)
+
+
+def test_probe_cflags_appended_in_probe_order() -> None:
+    seen = []
+
+    def flags_of(tag: str) -> object:
+        def cflags(k: object) -> list[str]:
+            seen.append(k)
+            return [f"-DPNM_{tag}=1"]
+        return cflags
+
+    k = kernel()
+    flags = bpf.build_cflags([probe("a", cflags=flags_of("A")), probe("b"),
+                              probe("c", cflags=flags_of("C"))], k, 1024)
+    assert flags[-2:] == ["-DPNM_A=1", "-DPNM_C=1"]
+    assert seen == [k, k]  # each probe sees the kernel's facts
+
+
+def test_real_probe_cflags_follow_the_tracepoint_fields() -> None:
+    k = kernel(tracepoints=ALL_TRACEPOINTS)
+    flags = bpf.build_cflags(select([]), k, 1024)
+    assert "-DPNM_HAVE_RX_SK" in flags
+    assert "-DPNM_RETRANS_HAS_ERR" in flags
+    old = kernel(tracepoints={"skb:kfree_skb": {"skbaddr", "reason"},
+                              "tcp:tcp_retransmit_skb": {"skaddr", "skbaddr"}})
+    flags = bpf.build_cflags(select([]), old, 1024)
+    assert "-DPNM_HAVE_RX_SK" not in flags
+    assert "-DPNM_RETRANS_HAS_ERR" not in flags
+
+
+# -- loadable -------------------------------------------------------------------------------------
+
+def test_everything_loads_on_a_kernel_with_offsets_and_tracepoints() -> None:
+    keep, notes = bpf.loadable(select([]), kernel(tracepoints=ALL_TRACEPOINTS))
+    assert [p.name for p in keep] == list(REGISTRY)
+    assert notes == {}
+
+
+def test_without_offsets() -> None:
+    problem = "/sys/kernel/btf/vmlinux: No such file or directory"
+    keep, notes = bpf.loadable(select([]), no_offsets_kernel(tracepoints=ALL_TRACEPOINTS))
+    assert [p.name for p in keep] == ["packets", "tcpflags", "handshake", "dns", "drops"]
+    assert notes == {
+        "drops": "degraded: without kernel struct offsets every drop counts under the node "
+                 f"({problem})",
+        "retransmits": f"not loaded: no kernel struct offsets ({problem})",
+        "rtt": f"not loaded: no kernel struct offsets ({problem})",
+    }
+
+
+def test_synthetic_needs_offsets() -> None:
+    plain = probe("plain")
+    strict = probe("strict", needs_offsets=True)
+    lenient = probe("lenient", needs_offsets=True, degraded="counts less")
+    keep, notes = bpf.loadable([plain, strict, lenient], no_offsets_kernel())
+    assert keep == [plain, lenient]
+    assert notes["strict"].startswith("not loaded: no kernel struct offsets")
+    assert notes["lenient"].startswith("degraded: counts less (")
+    assert "plain" not in notes
+    keep, notes = bpf.loadable([plain, strict, lenient], kernel())
+    assert keep == [plain, strict, lenient]
+    assert notes == {}
+
+
+def test_a_missing_tracepoint_drops_the_probe() -> None:
+    tps = {k: v for k, v in ALL_TRACEPOINTS.items() if k != "tcp:tcp_retransmit_synack"}
+    keep, notes = bpf.loadable(select([]), kernel(tracepoints=tps))
+    assert "retransmits" not in [p.name for p in keep]
+    assert notes == {"retransmits": "not loaded: this kernel has no tracepoint "
+                                    "tcp:tcp_retransmit_synack"}
+
+
+def test_a_missing_tracepoint_beats_degraded() -> None:
+    keep, notes = bpf.loadable(select(["drops"]), no_offsets_kernel())
+    assert keep == []
+    assert notes == {"drops": "not loaded: this kernel has no tracepoint skb:kfree_skb"}
+
+
+def test_several_missing_tracepoints_are_named() -> None:
+    p = probe("t", tracepoints=("a:b", "c:d", "e:f"))
+    _, notes = bpf.loadable([p], kernel(tracepoints={"c:d": {"x"}}))
+    assert notes == {"t": "not loaded: this kernel has no tracepoint a:b, e:f"}
+
+
+# -- compose_source -------------------------------------------------------------------------------
+
+@pytest.fixture
+def bpf_dir(tmp_path: Path) -> Path:
+    for name, text in {"pnm.h": "/* PNM_H */", "kstruct.h": "/* KSTRUCT_H */",
+                       "tc_main.c": "/* TC_MAIN */", "a.c": "/* A_C */", "b.c": "/* B_C */",
+                       "c.c": "/* C_C */"}.items():
+        (tmp_path / name).write_text(text + "\n")
+    return tmp_path
+
+
+def dispatcher_calls(source: str) -> list[str]:
+    body = source.split("static __always_inline void pnm_tc_probes(", 1)[1].split("\n}\n", 1)[0]
+    return re.findall(r"^\s+(\w+)\(skb, pkt\);$", body, re.MULTILINE)
+
+
+def test_compose_source_order_and_dispatcher(bpf_dir: Path) -> None:
+    probes = [probe("a", tc_hook="a_tc"), probe("b"), probe("c", tc_hook="c_tc")]
+    source = bpf.compose_source(probes, bpf_dir)
+    marks = ["/* PNM_H */", "/* KSTRUCT_H */", "/* A_C */", "/* B_C */", "/* C_C */",
+             "pnm_tc_probes(", "/* TC_MAIN */"]
+    positions = [source.index(m) for m in marks]
+    assert positions == sorted(positions)
+    assert dispatcher_calls(source) == ["a_tc", "c_tc"]
+    for name in ("pnm.h", "kstruct.h", "a.c", "b.c", "c.c", "tc_main.c"):
+        assert f'#line 1 "{name}"\n' in source
+
+
+def test_compose_source_without_tc_hooks(bpf_dir: Path) -> None:
+    source = bpf.compose_source([probe("b")], bpf_dir)
+    assert dispatcher_calls(source) == []
+    assert "/* A_C */" not in source
+    assert "pnm_tc_probes(struct __sk_buff *skb," in source  # tc_main.c calls it regardless
+
+
+def test_compose_source_of_the_real_probes() -> None:
+    probes = select(["tcpflags", "dns", "drops", "rtt"])
+    source = bpf.compose_source(probes)
+    for p in probes:
+        assert (bpf.BPF_DIR / p.c_file).read_text() in source
+    for absent in ("packets.c", "handshake.c", "retransmits.c"):
+        assert f'#line 1 "{absent}"' not in source
+    assert dispatcher_calls(source) == ["tcpflags_tc", "dns_tc"]
+    assert (bpf.BPF_DIR / "pnm.h").read_text() in source
+    assert (bpf.BPF_DIR / "tc_main.c").read_text() in source
+
+
+def test_compose_source_calls_every_tc_hook_of_the_registry() -> None:
+    source = bpf.compose_source(select([]))
+    assert dispatcher_calls(source) == ["packets_tc", "tcpflags_tc", "handshake_tc", "dns_tc"]
+    for hook in ("packets_tc", "tcpflags_tc", "handshake_tc", "dns_tc"):
+        assert f"static __always_inline void {hook}(struct __sk_buff *skb" in source
