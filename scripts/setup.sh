@@ -66,4 +66,13 @@ mkdir -p .venv/bcc-path
 ln -sfn /usr/lib/python3/dist-packages/bcc .venv/bcc-path/bcc
 echo "$PWD/.venv/bcc-path" > "$site/debian_bcc.pth"
 .venv/bin/python -c 'import bcc' || { echo "setup: bcc does not import in .venv" >&2; exit 1; }
+
+# 5. Linters for what we ship (deploy/ manifests, the Dockerfile), in a venv of their own:
+# checkov pins old versions of libraries the project's venv needs newer.
+if [ ! -x .tools/bin/checkov ] || [ ! -f .tools/.installed ] || [ scripts/tools.txt -nt .tools/.installed ]; then
+  say "installing manifest linters in .tools"
+  [ -x .tools/bin/python ] || "$PYTHON" -m venv .tools
+  .tools/bin/pip install -q --disable-pip-version-check -r scripts/tools.txt
+  touch .tools/.installed
+fi
 say "ready"

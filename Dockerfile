@@ -1,0 +1,61 @@
+# podnetmon's node daemon image (deploy/base/daemonset.yaml runs it), built from the
+# repository root:
+#   docker build -t ghcr.io/podnetmon/podnetmon:0.1.0 .
+#
+# bcc comes from Debian (python3-bpfcc, libbpfcc with its LLVM/clang); PyPI's "bcc" is an
+# unrelated package and is never installed. Kernel headers are not in the image: BCC
+# compiles against the node's, mounted from /lib/modules and /usr/src.
+#
+# The Debian packages are pinned to Debian 12 (bookworm) versions. When a bookworm point
+# release replaces one, the build fails at apt-get install; `apt-cache policy <package>`
+# in debian:12-slim gives the version to pin instead.
+
+# checkov:skip=CKV_DOCKER_2:No HEALTHCHECK because Kubernetes ignores it; the DaemonSet's startup, liveness and readiness probes call /healthz and /readyz
+# checkov:skip=CKV_DOCKER_3:Runs as root on purpose because loading BPF and opening root-owned bpffs, tracefs and netns files need uid 0 with all DAC capabilities dropped
+
+FROM debian:12-slim
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        python3-bpfcc=0.26.0+ds-1 \
+        libbpfcc=0.26.0+ds-1 \
+        iproute2=6.1.0-3 \
+        python3-venv=3.11.2-1+b1 \
+    && rm -rf /var/lib/apt/lists/*
+
+# A venv of podnetmon's own, which sees Debian's bcc and nothing else of the system's
+# Python packages: a folder holding only a link to bcc, named in a .pth file (as
+# scripts/setup.sh does for the development venv). Its bin/ comes first on PATH.
+ENV PATH="/opt/podnetmon/bin:${PATH}"
+RUN python3 -m venv /opt/podnetmon \
+    && mkdir /opt/podnetmon/bcc-path \
+    && ln -s /usr/lib/python3/dist-packages/bcc /opt/podnetmon/bcc-path/bcc \
+    && echo /opt/podnetmon/bcc-path \
+        > "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/debian_bcc.pth" \
+    && python -c 'import bcc'
+
+# Only what the package needs (.dockerignore keeps everything else out of the context).
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY monitor/ monitor/
+COPY bpf/ bpf/
+
+# The wheel holds the monitor package only, and monitor/bpf.py finds the C programs in
+# bpf/ beside the package (Path(__file__).parent.parent / "bpf"): they are copied there.
+# The compose_source call fails the build if the daemon cannot find every probe's C source.
+RUN pip install --no-cache-dir --disable-pip-version-check . \
+    && podnetmon --version \
+    && python -c 'from monitor import bpf, probes; bpf.compose_source(probes.select(()))' \
+    && rm -rf /src
+
+WORKDIR /
+
+# The root filesystem is mounted read-only: no .pyc may be written at run time (pip
+# compiled the package's at install).
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+# No USER: the daemon runs as root (uid 0) with every capability dropped but the six the
+# DaemonSet adds back; see deploy/base/daemonset.yaml for why each is needed.
+ENTRYPOINT ["podnetmon"]
+CMD ["run"]
