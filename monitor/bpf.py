@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -33,7 +34,20 @@ from monitor.kerneltypes import Attachment, ProgramStats, VethLink
 from monitor.maps import KernelMaps, MapHandle, only_u64
 from monitor.probes.base import Probe
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+
+def find_bpf_dir() -> Path:
+    """Where the C programs are: $PODNETMON_BPF_DIR, a source checkout, or the install."""
+    candidates = [os.environ.get("PODNETMON_BPF_DIR"),
+                  Path(__file__).resolve().parent.parent / "bpf",  # the repository, or -e
+                  Path(sys.prefix) / "share" / "podnetmon" / "bpf"]  # pip install .
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "pnm.h").is_file():
+            return Path(candidate)
+    raise FileNotFoundError("the BPF C sources (pnm.h) are in none of "
+                            f"{[str(c) for c in candidates if c]}; set PODNETMON_BPF_DIR")
+
+
+BPF_DIR = find_bpf_dir()
 FILTER_NAME = "podnetmon"
 PROG_INGRESS = "pnm_tc_ingress"  # attached at the host veth's TC ingress: the pod sends
 PROG_EGRESS = "pnm_tc_egress"  # attached at its TC egress: the pod receives
@@ -83,6 +97,18 @@ def compose_source(probes: Sequence[Probe], bpf_dir: Path = BPF_DIR) -> str:
         "{\n" + calls + "}\n")
     parts.append(f'#line 1 "tc_main.c"\n{(bpf_dir / "tc_main.c").read_text()}')
     return "\n".join(parts)
+
+
+def _release_compiler_memory() -> None:
+    """Give back to the system the heap clang and LLVM grew while compiling.
+
+    glibc keeps freed heap for reuse; after the one compile at start-up nothing
+    will reuse it. Measured here: resident memory 181 MB -> 139 MB.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim, nothing lost
 
 
 def tcx_supported() -> bool:
@@ -148,6 +174,7 @@ class Programs:
             raise CompileError(f"the BPF programs did not compile or load: {exc}",
                                probe=",".join(p.name for p in self.probes)) from None
         self.compile_seconds = time.monotonic() - started
+        _release_compiler_memory()
         self._stats_fd = self._enable_stats() if bpf_stats else None
         self.maps = KernelMaps(self._check_maps())
         self._log.info("bpf programs loaded", probes=[p.name for p in self.probes],

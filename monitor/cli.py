@@ -44,7 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     up = lab_sub.add_parser("up", help="make N lab pods (beside any there are)")
     up.add_argument("--pods", type=int, default=4)
     up.add_argument("--pinned", type=int, default=0,
-                    help="of those, how many are CRI-O style: a pinned netns, no pause process")
+                    help="of those, how many have only a pinned netns (no pause process)")
+    up.add_argument("--styles", default="docker",
+                    help="runtime styles to cycle through: docker, containerd, crio, "
+                         "crio-noinfra, pinned (see monitor/lab.py)")
     up.add_argument("--json", action="store_true", help="print the pods made as JSON")
     lab_sub.add_parser("down", help="remove everything the lab made (idempotent)")
     lab_sub.add_parser("status", help="the lab's pods as JSON")
@@ -121,13 +124,14 @@ def _lab(args: argparse.Namespace) -> int:
     lab = Lab()
     try:
         if args.lab_command == "up":
-            made = lab.up(args.pods, pinned=args.pinned)
+            made = lab.up(args.pods, pinned=args.pinned, styles=args.styles.split(","))
             if args.json:
                 print(json.dumps([asdict(p) for p in made], indent=1))
             else:
                 for p in made:
-                    kind = f"pinned {p.pinned}" if p.pinned else f"pause pid {p.pause_pid}"
-                    print(f"{p.namespace}/{p.name}  {p.ip}  {p.host_veth}  netns {p.netns}  {kind}")
+                    kind = f"pause pid {p.pause_pid}" if p.pause_pid else "no pause"
+                    print(f"{p.namespace}/{p.name}  {p.ip}  {p.host_veth}  netns {p.netns}  "
+                          f"{p.style}: {kind}{', pinned ' + p.pinned if p.pinned else ''}")
                 print(f"inventory: {lab.inventory}")
         elif args.lab_command == "down":
             removed = lab.down()

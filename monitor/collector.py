@@ -16,10 +16,12 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from monitor import __version__, log
+from monitor.identity import OVERFLOW
 from monitor.kernelinfo import KernelInfo
 from monitor.kerneltypes import ProgramStats
 from monitor.maps import MapReader
 from monitor.probes.base import Probe, Scrape
+from monitor.settings import prometheus_label
 from monitor.state import MonitorState
 
 POD_INFO_LABELS = ["namespace", "pod", "uid", "netns", "interface", "node", "workload",
@@ -33,11 +35,15 @@ class PodCollector(Collector):
                  node: str, kernel: KernelInfo, node_slot: int,
                  probe_states: Mapping[str, str] | None = None,
                  program_stats: Callable[[], Sequence[ProgramStats]] | None = None,
-                 bcc_version: str = "") -> None:
+                 bcc_version: str = "", pod_labels: Sequence[str] = (),
+                 api_stats: Callable[[], Mapping[str, float]] | None = None) -> None:
         self._probes, self._maps, self._state, self._node = list(probes), maps, state, node
         self._kernel, self._node_slot = kernel, node_slot
         self._probe_states = dict(probe_states or {p.name: "loaded" for p in probes})
         self._program_stats, self._bcc_version = program_stats, bcc_version
+        self._pod_labels = list(pod_labels)
+        self._label_names = [prometheus_label(k) for k in self._pod_labels]
+        self._api_stats = api_stats
         self._log = log.get("collector")
         self._probe_errors = 0
 
@@ -65,13 +71,22 @@ class PodCollector(Collector):
     def _pod_info(self, describe: bool = False) -> Iterator[Metric]:
         info = GaugeMetricFamily("podnet_pod_info", "A monitored pod: always 1; its labels "
                                  "join pod names to netns, interface and workload.",
-                                 labels=POD_INFO_LABELS)
+                                 labels=POD_INFO_LABELS + self._label_names)
         if not describe:
+            overflow = False
             for pod in self._state.snapshot.index.pods():
+                if pod.namespace == OVERFLOW:
+                    overflow = True  # one info series for all of them, not one each
+                    continue
+                labels = dict(pod.meta.labels)
                 info.add_metric([
                     pod.namespace, pod.name, pod.uid, str(pod.netns_inode),
                     ",".join(v.name for v in pod.interfaces), self._node,
-                    pod.meta.workload, pod.meta.workload_kind], 1)
+                    pod.meta.workload, pod.meta.workload_kind,
+                    *(labels.get(k, "") for k in self._pod_labels)], 1)
+            if overflow:
+                info.add_metric([OVERFLOW, OVERFLOW, "", "", "", self._node, "", "",
+                                 *("" for _ in self._pod_labels)], 1)
         yield info
 
     def _monitor(self, describe: bool = False) -> Iterator[Metric]:
@@ -88,6 +103,15 @@ class PodCollector(Collector):
                                            "Scrapes in which a probe's maps could not be read.")
         build = GaugeMetricFamily("podnet_monitor_build_info", "podnetmon's build: always 1.",
                                   labels=["version", "bcc_version", "kernel"])
+        dropped = CounterMetricFamily(
+            "podnet_monitor_series_dropped", "Pods counted under namespace=pod=_overflow "
+            "because max_pods pods had series of their own already.")
+        api = GaugeMetricFamily(
+            "podnet_monitor_api_synced", "1 once the Kubernetes pod list has been read "
+            "(absent without the API).")
+        api_calls = CounterMetricFamily(
+            "podnet_monitor_api_requests", "Kubernetes API requests: list, watch, and failed "
+            "ones (error).", labels=["kind"])
         offsets = GaugeMetricFamily(
             "podnet_monitor_kernel_offsets", "Where kernel struct offsets came from: btf, or "
             "none (then drops count under the node only; retransmits and RTT are off).",
@@ -109,13 +133,22 @@ class PodCollector(Collector):
             probe_errors.add_metric([], self._probe_errors)
             build.add_metric([__version__, self._bcc_version, platform.release()], 1)
             offsets.add_metric([self._kernel.offsets_source], 1)
+            dropped.add_metric([], state.series_dropped)
+            if self._api_stats is not None:
+                stats = self._api_stats()
+                api.add_metric([], stats.get("synced", 0))
+                for kind in ("list", "watch", "error"):
+                    api_calls.add_metric([kind], stats.get(kind, 0))
             for name, probe_state in sorted(self._probe_states.items()):
                 probe_states.add_metric([name, probe_state], 1)
             for stat in self._program_stats() if self._program_stats else ():
                 run_seconds.add_metric([stat.name], stat.run_time_ns / 1e9)
                 runs.add_metric([stat.name], stat.run_cnt)
         yield from (attached, errors, reconciles, reconcile_seconds, probe_errors, build, offsets,
-                    probe_states)
+                    probe_states, dropped)
+        if describe or self._api_stats is not None:
+            yield api
+            yield api_calls
         if describe or self._program_stats:
             yield run_seconds
             yield runs

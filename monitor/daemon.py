@@ -8,11 +8,13 @@ are contained per pod. SIGTERM/SIGINT detach everything we attached and exit 0.
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
+from typing import Protocol, runtime_checkable
 
 from prometheus_client.registry import CollectorRegistry
 
@@ -23,6 +25,7 @@ from monitor.metadata.static import InventoryError, NoMetadata, StaticInventory
 from monitor.probes import RegistryError, select
 from monitor.probes.base import Probe, Sweep
 from monitor.reconcile import Discovery, Loop, Reconciler
+from monitor.runtime import RuntimeIndex
 from monitor.server import Api, Server
 from monitor.settings import Settings
 from monitor.slots import SlotTable
@@ -31,9 +34,43 @@ from monitor.state import MonitorState
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _metadata(settings: Settings) -> MetadataSource:
+@runtime_checkable
+class KubernetesLike(Protocol):
+    """A metadata source with a thread of its own (monitor.metadata.kubernetes)."""
+
+    on_change: Callable[[], None]
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+class ConfigError(ValueError):
+    """The metadata source cannot be set up as configured."""
+
+
+def metadata_mode(settings: Settings, environ: Mapping[str, str]) -> str:
+    """The metadata source `auto` stands for here."""
+    if settings.metadata != "auto":
+        return settings.metadata
     if settings.inventory:
+        return "inventory"
+    if settings.kubeconfig or environ.get("KUBERNETES_SERVICE_HOST"):
+        return "kubernetes"
+    return "none"
+
+
+def _metadata(settings: Settings) -> MetadataSource:
+    mode = metadata_mode(settings, os.environ)
+    if mode == "inventory":
         return StaticInventory(settings.inventory)
+    if mode == "kubernetes":
+        from monitor.metadata import kubernetes
+
+        try:
+            api = kubernetes.api_client(settings.kubeconfig)
+        except Exception as exc:  # noqa: BLE001 - the client's config errors have no common base
+            raise ConfigError(f"cannot configure the Kubernetes client: {exc}") from None
+        return kubernetes.KubernetesSource(api, settings.node_name, label_allow=settings.pod_labels)
     return NoMetadata()
 
 
@@ -42,7 +79,7 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
     try:
         metadata = _metadata(settings)
         probes = select(settings.probes)
-    except (InventoryError, RegistryError) as exc:
+    except (InventoryError, RegistryError, ConfigError) as exc:
         logger.error("bad configuration", error=str(exc))
         return EXIT_USAGE
 
@@ -72,10 +109,12 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
                                 for name, layout in p.maps.items() if layout.per_slot],
                       capacity=settings.max_interfaces, buckets=bpf.IFSLOT_BUCKETS)
     forget = [functools.partial(p.forget, maps) for p in programs.probes if p.forget]
+    runtime = RuntimeIndex(settings.runtime_dirs)
     reconciler = Reconciler(
         discovery=Discovery(settings.proc_root, settings.pause_comm, settings.netns_dirs),
         links=netlink, attacher=attacher, slots=slots, metadata=metadata, state=state,
-        forget=forget, node=settings.node_name)
+        forget=forget, node=settings.node_name, max_pods=settings.max_pods,
+        runtime_uids=runtime.uids)
     if check_only:
         return _check_once(reconciler, state, netlink, programs)
 
@@ -85,7 +124,8 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
         kernel=kernel, node_slot=settings.max_interfaces,
         probe_states=probe_states(probes, programs.notes),
         program_stats=programs.program_stats if programs.stats_enabled() else None,
-        bcc_version=bpf.bcc_version()))
+        bcc_version=bpf.bcc_version(), pod_labels=settings.pod_labels,
+        api_stats=getattr(metadata, "stats", None)))
     stop = threading.Event()
     sweeps = [p.sweep for p in programs.probes if p.sweep]
     timeouts = {"tcp_connect": settings.tcp_connect_timeout, "dns": settings.dns_timeout}
@@ -115,10 +155,15 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.start()
+    if isinstance(metadata, KubernetesLike):
+        metadata.on_change = loop.wake  # a pod's object arrived or changed: label it now
+        metadata.start()
     worker.start()
     while worker.is_alive():
         worker.join(timeout=1.0)
     server.stop()
+    if isinstance(metadata, KubernetesLike):
+        metadata.stop()
     programs.close()
     logger.info("stopped")
     return EXIT_OK

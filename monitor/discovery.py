@@ -64,10 +64,13 @@ def host_netns_inode(proc_root: str) -> int | None:
     return netns_inode(os.path.join(proc_root, "self", "ns", "net"))
 
 
-def scan_pause_processes(proc_root: str, comm: str) -> Iterator[PauseProcess]:
+def scan_pause_processes(proc_root: str, comm: str,
+                         denied: list[int] | None = None) -> Iterator[PauseProcess]:
     """Every process whose comm is `comm`, with its netns inode and pod UID.
 
     A process may exit between listing and reading: it is skipped, not an error.
+    One whose netns we may not see (no CAP_SYS_PTRACE) is skipped too, and its
+    pid added to `denied`, so the caller can say why pods are missing.
     """
     try:
         entries = os.listdir(proc_root)
@@ -80,8 +83,13 @@ def scan_pause_processes(proc_root: str, comm: str) -> Iterator[PauseProcess]:
         name = _read(os.path.join(base, "comm"))
         if name is None or name.rstrip("\n") != comm:
             continue
-        inode = netns_inode(os.path.join(base, "ns", "net"))
-        if inode is None:
+        try:
+            inode = os.stat(os.path.join(base, "ns", "net")).st_ino
+        except PermissionError:
+            if denied is not None:
+                denied.append(int(entry))
+            continue
+        except OSError:
             continue
         cgroup = _read(os.path.join(base, "cgroup")) or ""
         yield PauseProcess(int(entry), inode, pod_uid_from_cgroup(cgroup))
@@ -116,7 +124,8 @@ def scan_pinned(dirs: Iterable[str], nsfs_dev: int | None) -> Iterator[tuple[str
             yield path, st.st_ino
 
 
-def discover(proc_root: str, comm: str, netns_dirs: Iterable[str]) -> list[PodNetwork]:
+def discover(proc_root: str, comm: str, netns_dirs: Iterable[str],
+             denied: list[int] | None = None) -> list[PodNetwork]:
     """Every pod network namespace on this host, one entry per netns inode.
 
     Where a pause process and a pinned file name the same namespace (containerd
@@ -129,7 +138,7 @@ def discover(proc_root: str, comm: str, netns_dirs: Iterable[str]) -> list[PodNe
     except OSError:
         nsfs_dev = None
     found: dict[int, PodNetwork] = {}
-    for proc in scan_pause_processes(proc_root, comm):
+    for proc in scan_pause_processes(proc_root, comm, denied):
         if proc.netns_inode == host_inode or proc.netns_inode in found:
             continue
         found[proc.netns_inode] = PodNetwork(

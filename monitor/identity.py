@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 UNKNOWN_NAMESPACE = "_unknown"
 
 
+# Pods beyond the series cap (settings.max_pods) are all counted under this one
+# identity, namespace and pod alike: nothing is lost, and cardinality is bounded.
+OVERFLOW = "_overflow"
+
+
 def fallback_pod_name(netns_inode: int) -> str:
     return f"netns-{netns_inode}"
 
@@ -87,6 +92,12 @@ def identify(network: PodNetwork, interfaces: Iterable[HostVeth], meta: PodMeta 
                            uid=network.uid or "")
         return Pod(network.netns_inode, tuple(interfaces), fallback, False, network)
     return Pod(network.netns_inode, tuple(interfaces), meta, True, network)
+
+
+def fold(pod: Pod) -> Pod:
+    """The same pod network under the overflow identity."""
+    meta = PodMeta(OVERFLOW, OVERFLOW, uid=pod.uid)
+    return Pod(pod.netns_inode, pod.interfaces, meta, pod.has_metadata, pod.network)
 
 
 class IdentityIndex:

@@ -4,8 +4,10 @@ A lab pod is what a node shows the monitor of a real pod: a network namespace
 held by a real process whose comm is `pause` (a link named pause to
 sleep(1), sleeping forever as the real one does), placed in a kubepods-style
 cgroup whose path carries a generated pod UID; a veth pair whose host side
-hangs on the lab bridge; addresses on a private lab subnet. Some pods can be
-CRI-O style instead: a pinned netns under /run/netns and no pause process.
+hangs on the lab bridge; addresses on a private lab subnet. Each pod has the
+style of one runtime (STYLES): where the netns is pinned, which cgroup the
+pause process is in, whether there is one at all, and what OCI bundle the
+runtime would leave (under LAB_DIR/runtime, in that runtime's layout).
 
 Everything the lab makes carries a name the lab alone uses (bridge pnmlab0,
 host veths pnml<N>, netns pnmlab-<N>, cgroups under podnetmon-lab/), and
@@ -40,6 +42,21 @@ NETNS_DIR = Path("/run/netns")
 CGROUP_PARENT = "podnetmon-lab"
 NAMESPACE = "lab"
 
+# How each runtime lays a pod out (what podnetmon must cope with):
+STYLES = {
+    # dockershim: a pause process in a cgroupfs-driver cgroup, netns not pinned
+    "docker": "pause process, cgroupfs cgroup, no pinned netns",
+    # containerd: netns pinned first (/run/netns/cni-*), pause runs in it, systemd cgroup
+    "containerd": "pinned netns, pause process in it, systemd cgroup cri-containerd-*.scope",
+    # CRI-O with its infra container: like containerd, plus an OCI bundle carrying the UID
+    "crio": "pinned netns, pause process, crio-*.scope, OCI bundle with the pod UID",
+    # CRI-O without an infra container: no pause process; only the bundle of an app
+    # container ties the pinned netns to the pod UID
+    "crio-noinfra": "pinned netns, no pause process, OCI bundle with the pod UID",
+    # a pinned netns and nothing else: named through the inventory's netns key only
+    "pinned": "pinned netns, no pause process, no bundle",
+}
+
 
 class LabError(RuntimeError):
     """A lab operation failed; the message says which step and why."""
@@ -62,6 +79,8 @@ class LabPod:
     ip6: str
     cgroup: str
     inventory: str
+    style: str = "docker"
+    bundle: str = ""  # the OCI bundle directory the runtime would have left, if any
 
     def exec_prefix(self) -> list[str]:
         """A command prefix that runs a program inside this pod's network namespace."""
@@ -133,11 +152,9 @@ class Lab:
             entry: dict[str, object] = {"namespace": p.namespace, "name": p.name,
                                         "labels": {"app": "lab", "lab-index": str(p.index)},
                                         "owner": {"kind": "StatefulSet", "name": "lab"}}
-            if p.pinned:
+            entry["uid"] = p.uid
+            if p.style == "pinned":  # nothing on the node ties this netns to the UID
                 entry["netns"] = p.pinned
-                entry["uid"] = p.uid
-            else:
-                entry["uid"] = p.uid
             entries.append(entry)
         tmp = self.inventory.with_suffix(".tmp")
         tmp.write_text("# written by `podnetmon lab`\n" + yaml.safe_dump({"pods": entries}))
@@ -145,15 +162,25 @@ class Lab:
 
     # -- up ---------------------------------------------------------------------
 
-    def up(self, count: int, *, pinned: int = 0) -> list[LabPod]:
-        """Make `count` pods (the last `pinned` of them CRI-O style), beside any there are."""
+    def up(self, count: int, *, pinned: int = 0, styles: Sequence[str] = ("docker",)) -> list[LabPod]:
+        """Make `count` pods beside any there are: styles in turn, the last `pinned` of
+        them in the "pinned" style."""
         if count < 0 or pinned < 0 or pinned > count:
             raise LabError("need 0 <= pinned <= pods")
+        unknown = sorted(set(styles) - set(STYLES))
+        if unknown or not styles:
+            raise LabError(f"unknown styles {unknown}; known: {', '.join(STYLES)}")
         self._prepare()
         made = []
         for i in range(count):
-            made.append(self.add(pinned=i >= count - pinned))
+            style = "pinned" if i >= count - pinned else styles[i % len(styles)]
+            made.append(self.add(style=style))
         return made
+
+    @property
+    def runtime_dir(self) -> Path:
+        """Where lab pods' OCI bundles are (podnetmon run --runtime-dirs)."""
+        return self.dir / "runtime"
 
     def _prepare(self) -> None:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -170,49 +197,67 @@ class Lab:
         if not self.state_file.exists():
             self._save([])
 
-    def add(self, *, pinned: bool = False, name: str | None = None) -> LabPod:
+    def add(self, *, style: str = "docker", pinned: bool = False,
+            name: str | None = None, uid: str | None = None) -> LabPod:
         """One more pod; the state file is updated as soon as the pod exists."""
+        style = "pinned" if pinned else style
+        if style not in STYLES:
+            raise LabError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
         self._prepare()
         pods = self.pods()
         index = max((p.index for p in pods), default=-1) + 1
-        uid = str(uuid.uuid4())
+        uid = uid or str(uuid.uuid4())
         pod_name = name or f"pod-{index}"
         veth = f"{VETH_PREFIX}{index}"
         ip4, ip6 = pod_ips(index)
+        container = uuid.uuid4().hex + uuid.uuid4().hex  # 64 hex, as runtimes name them
         cgroup, pause_pid, pinned_path = "", None, None
-        if pinned:
+        if style != "docker":
             pinned_path = str(NETNS_DIR / f"{NETNS_PREFIX}{index}")
             _run("ip", "netns", "add", f"{NETNS_PREFIX}{index}")
-            netns_path = pinned_path
-            target = ["netns", f"{NETNS_PREFIX}{index}"]
-        else:
-            cgroup = self._make_cgroup(index, uid)
-            pause_pid = self._start_pause(cgroup)
-            netns_path = f"/proc/{pause_pid}/ns/net"
-            target = ["netns", str(pause_pid)]
+        if style in ("docker", "containerd", "crio"):
+            cgroup = self._make_cgroup(style, uid, container)
+            pause_pid = self._start_pause(cgroup, pinned_path)
+        if style in ("crio", "crio-noinfra"):
+            self._write_bundle(container, uid, str(pinned_path))
+        netns_path = str(pinned_path) if pause_pid is None else f"/proc/{pause_pid}/ns/net"
+        target = ["netns", str(pause_pid) if pinned_path is None else Path(pinned_path).name]
+        bundle = str(self.runtime_dir / container) if style in ("crio", "crio-noinfra") else ""
         pod = LabPod(index, NAMESPACE, pod_name, uid, os.stat(netns_path).st_ino, netns_path,
-                     pause_pid, pinned_path, veth, ip4, ip6, cgroup, str(self.inventory))
+                     pause_pid, pinned_path, veth, ip4, ip6, cgroup, str(self.inventory), style,
+                     bundle)
         self._save([*pods, pod])  # before wiring: a crash from here on is still cleaned up
         self._wire(pod, target)
         return pod
 
-    def _make_cgroup(self, index: int, uid: str) -> str:
-        """A kubelet-shaped cgroup: systemd driver for even pods, cgroupfs for odd ones."""
-        container = uuid.uuid4().hex + uuid.uuid4().hex
-        if index % 2 == 0:
+    def _make_cgroup(self, style: str, uid: str, container: str) -> str:
+        """A kubelet-shaped cgroup: cgroupfs driver for docker, systemd for the others."""
+        if style == "docker":
+            rel = f"{CGROUP_PARENT}/kubepods/burstable/pod{uid}/{container}"
+        else:
+            scope = "crio" if style == "crio" else "cri-containerd"
             rel = (f"{CGROUP_PARENT}/kubepods.slice/kubepods-besteffort.slice/"
                    f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice/"
-                   f"cri-containerd-{container}.scope")
-        else:
-            rel = f"{CGROUP_PARENT}/kubepods/burstable/pod{uid}/{container}"
+                   f"{scope}-{container}.scope")
         path = cgroup2_root() / rel
         path.mkdir(parents=True, exist_ok=True)
         return str(path)
 
-    def _start_pause(self, cgroup: str) -> int:
+    def _write_bundle(self, container: str, uid: str, netns: str) -> None:
+        """The part of a CRI-O OCI bundle podnetmon reads (userdata/config.json)."""
+        path = self.runtime_dir / container / "userdata" / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "ociVersion": "1.0.2",
+            "annotations": {"io.kubernetes.pod.uid": uid, "io.kubernetes.container.name": "app"},
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": netns}]}}))
+
+    def _start_pause(self, cgroup: str, netns: str | None) -> int:
         # The shell joins the cgroup first and then becomes the pause process, so the
-        # process is never seen outside its pod's cgroup.
-        script = f'echo $$ > "{cgroup}/cgroup.procs" && exec unshare --net "{self.pause_bin}" infinity'
+        # process is never seen outside its pod's cgroup. It makes its netns, or joins
+        # the pinned one (as containerd's pause does).
+        enter = f'nsenter --net="{netns}"' if netns else "unshare --net"
+        script = f'echo $$ > "{cgroup}/cgroup.procs" && exec {enter} "{self.pause_bin}" infinity'
         proc = subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)
@@ -262,6 +307,8 @@ class Lab:
             _run("ip", "netns", "del", Path(pod.pinned).name, check=False)
         if pod.cgroup:
             _rmdir_up(Path(pod.cgroup), stop=cgroup2_root() / CGROUP_PARENT)
+        if pod.bundle:
+            shutil.rmtree(pod.bundle, ignore_errors=True)
         self._save([p for p in pods if p.name != name])
 
     def down(self) -> list[str]:

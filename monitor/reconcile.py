@@ -11,16 +11,17 @@ interface is normal.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from monitor import discovery, log
-from monitor.identity import HostVeth, IdentityIndex, Pod, PodNetwork, identify
+from monitor.identity import HostVeth, IdentityIndex, Pod, PodNetwork, fold, identify
 from monitor.kerneltypes import Attachment, VethLink
 from monitor.metadata import MetadataSource
 from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
@@ -67,8 +68,8 @@ class Discovery:
     pause_comm: str
     netns_dirs: Sequence[str]
 
-    def scan(self) -> list[PodNetwork]:
-        return discovery.discover(self.proc_root, self.pause_comm, self.netns_dirs)
+    def scan(self, denied: list[int] | None = None) -> list[PodNetwork]:
+        return discovery.discover(self.proc_root, self.pause_comm, self.netns_dirs, denied)
 
 
 @dataclass
@@ -84,11 +85,17 @@ class Reconciler:
 
     def __init__(self, *, discovery: Discovery, links: Links, attacher: AttachPort,
                  slots: Slots, metadata: MetadataSource, state: MonitorState,
-                 forget: Sequence[Forget] = (), node: str = "",
+                 forget: Sequence[Forget] = (), node: str = "", max_pods: int = 1000,
+                 runtime_uids: Callable[[], dict[str, str]] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._discovery, self._links, self._attacher = discovery, links, attacher
         self._slots, self._forget, self._node = slots, list(forget), node
         self._detached: list[Attachment] = []  # in this pass, for the probes to forget
+        self._max_pods, self._runtime_uids = max_pods, runtime_uids
+        self._own_series: set[int] = set()  # netns inodes of pods with series of their own
+        self._folded: set[int] = set()  # netns inodes of pods counted under _overflow
+        self._cap_logged = False
+        self._denied_logged = False
         self._metadata, self._state, self._clock = metadata, state, clock
         self._attached: dict[int, Attachment] = {}
         self._failures: dict[int, _Failure] = {}
@@ -125,15 +132,50 @@ class Reconciler:
             by_nsid.setdefault(link.link_netnsid, []).append(
                 HostVeth(link.ifindex, link.name, link.peer_ifindex))
         pods = []
-        for network in self._discovery.scan():
+        runtime_uids: dict[str, str] | None = None
+        denied: list[int] = []
+        networks = self._discovery.scan(denied)
+        if bool(denied) != self._denied_logged:  # log the change, not every pass
+            self._denied_logged = bool(denied)
+            if denied:
+                self._log.error("pause processes whose netns cannot be read: their pods are not "
+                                "watched (is CAP_SYS_PTRACE missing?)", pids=denied[:10],
+                                count=len(denied))
+        for network in networks:
             nsid = self._links.netnsid(network.open_path)
             interfaces = by_nsid.get(nsid, []) if nsid is not None else []
             if not interfaces:
                 continue  # not wired yet, or host networking: nothing of its own to watch
-            paths = [p for p in (network.pinned_path,) if p]
-            meta = self._metadata.lookup(network.uid, paths)
-            pods.append(identify(network, sorted(interfaces, key=lambda v: v.ifindex), meta))
-        return pods
+            known = network
+            if network.uid is None and network.pinned_path and self._runtime_uids:
+                if runtime_uids is None:  # read the runtimes' bundles once a pass, if needed
+                    runtime_uids = self._runtime_uids()
+                uid = runtime_uids.get(os.path.realpath(network.pinned_path))
+                if uid:
+                    known = dataclasses.replace(network, uid=uid)
+            paths = [p for p in (known.pinned_path,) if p]
+            meta = self._metadata.lookup(known.uid, paths)
+            pods.append(identify(known, sorted(interfaces, key=lambda v: v.ifindex), meta))
+        seen = {p.netns_inode for p in pods}
+        self._own_series &= seen  # first: a pod gone frees its place for one arriving now
+        self._folded &= seen
+        return [self._cap(pod) for pod in pods]
+
+    def _cap(self, pod: Pod) -> Pod:
+        """Pods beyond max_pods share the overflow identity, for their whole life."""
+        if pod.netns_inode in self._own_series:
+            return pod
+        if pod.netns_inode not in self._folded and len(self._own_series) < self._max_pods:
+            self._own_series.add(pod.netns_inode)
+            return pod
+        if pod.netns_inode not in self._folded:
+            self._folded.add(pod.netns_inode)
+            self._state.count_series_dropped()
+            if not self._cap_logged:
+                self._cap_logged = True
+                self._log.warning("pod series cap reached: further pods count under _overflow",
+                                  max_pods=self._max_pods, namespace=pod.namespace, pod=pod.name)
+        return fold(pod)
 
     def _try_attach(self, pod: Pod, veth: HostVeth) -> None:
         failure = self._failures.get(veth.ifindex)
@@ -230,6 +272,20 @@ class Loop:
         self._events_factory, self._state, self._on_exit = events_factory, state, on_exit
         self._sweep, self._sweep_interval = sweep, sweep_interval
         self._log = log.get("reconcile")
+        # wake(): another thread (the API watch) asks for a pass, through a self-pipe
+        # that select() watches beside the netlink socket.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_lock = threading.Lock()
+        self._wake_open = True  # the fds must not be written once closed (fd numbers get reused)
+
+    def wake(self) -> None:
+        with self._wake_lock:
+            if not self._wake_open:
+                return
+            try:
+                os.write(self._wake_w, b"!")
+            except BlockingIOError:
+                pass  # a wake-up is pending already
 
     def run(self, stop: threading.Event) -> None:
         events = self._events_factory()
@@ -252,9 +308,10 @@ class Loop:
                 wake = min(w for w in (next_resync, retry,
                                        next_sweep if self._sweep else None) if w is not None)
                 timeout = max(0.0, min(wake - now, 0.5))  # 0.5: notice `stop` promptly
-                readable, _, _ = select.select([events], [], [], timeout)
+                watched: list[Any] = [events, self._wake_r]
+                readable, _, _ = select.select(watched, [], [], timeout)
                 if readable:
-                    events.drain()
+                    self._drain(readable, events)
                     self._settle(events)
                     self._pass()
                     next_resync = time.monotonic() + self._resync
@@ -263,7 +320,20 @@ class Loop:
                 self._reconciler.detach_all()
             finally:
                 events.close()
+                with self._wake_lock:
+                    self._wake_open = False
+                    os.close(self._wake_r)
+                    os.close(self._wake_w)
                 self._on_exit()
+
+    def _drain(self, readable: list[Any], events: EventSource) -> None:
+        if events in readable:
+            events.drain()
+        if self._wake_r in readable:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
 
     def _settle(self, events: EventSource) -> None:
         """Wait out a burst of events so it costs one pass."""
@@ -272,9 +342,10 @@ class Loop:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            readable, _, _ = select.select([events], [], [], left)
+            watched: list[Any] = [events, self._wake_r]
+            readable, _, _ = select.select(watched, [], [], left)
             if readable:
-                events.drain()
+                self._drain(readable, events)
 
     def _run_sweep(self) -> None:
         if self._sweep is None:

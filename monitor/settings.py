@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 
 ENV_PREFIX = "PODNETMON_"
 ATTACH_MODES = ("auto", "tc", "tcx")
+METADATA_SOURCES = ("auto", "kubernetes", "inventory", "none")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -56,9 +58,30 @@ class Settings:
     pause_comm: str = _doc("The comm (process name) of the pod infra container. 'pause' "
                            "is what Kubernetes' pause image runs under every runtime.",
                            default="pause")
+    metadata: str = _doc(
+        "Where pod names come from: kubernetes (a node-scoped list+watch of the API), "
+        "inventory (the static file), none (fallback names only), or auto: the inventory if "
+        "one is given, else the API when in a cluster (KUBERNETES_SERVICE_HOST) or given a "
+        "kubeconfig, else none.", default="auto")
     inventory: str = _doc("A static inventory file (YAML) mapping pod UIDs to names, for "
                           "hosts without a Kubernetes API and for the lab. Empty: none.",
                           default="")
+    kubeconfig: str = _doc("A kubeconfig file for the API; empty: the in-cluster service "
+                           "account.", default="")
+    pod_labels: tuple[str, ...] = _doc(
+        "Pod labels exported on podnet_pod_info (as label_<name>): an allow-list, because "
+        "every label exported multiplies series. Empty: none.", default=())
+    max_pods: int = _doc(
+        "A hard cap on pods with series of their own. Pods beyond it are counted under "
+        "namespace=pod=_overflow (nothing is lost), podnet_monitor_series_dropped_total "
+        "counts them, and the log says so once.", default=1000)
+    runtime_dirs: tuple[str, ...] = _doc(
+        "Where container runtimes keep OCI bundles (config.json with the pod UID and the "
+        "netns path): the UID of a pod with no pause process (CRI-O without an infra "
+        "container) is read there.",
+        default=("/run/containerd/io.containerd.runtime.v2.task/k8s.io",
+                 "/run/containers/storage/overlay-containers",
+                 "/var/lib/containers/storage/overlay-containers"))
     attach_mode: str = _doc(
         "auto: tcx where the kernel has it and the device already carries tcx programs "
         "(a CNI like Cilium that returns TCX_PASS would hide classic tc filters), classic "
@@ -123,6 +146,20 @@ def _validate(s: Settings) -> None:
     _host, sep, port = s.listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise SettingsError(f"listen: {s.listen!r} is not host:port (e.g. 0.0.0.0:9655)")
+    if s.metadata not in METADATA_SOURCES:
+        raise SettingsError(f"metadata: {s.metadata!r} is not one of {', '.join(METADATA_SOURCES)}")
+    if s.metadata == "inventory" and not s.inventory:
+        raise SettingsError("metadata: inventory needs --inventory PATH")
+    if not 1 <= s.max_pods <= 100000:
+        raise SettingsError(f"max_pods: {s.max_pods} is outside 1..100000")
+    names: dict[str, str] = {}
+    for label in s.pod_labels:
+        if not label or len(label) > 317:
+            raise SettingsError(f"pod_labels: {label!r} is not a Kubernetes label key")
+        other = names.setdefault(prometheus_label(label), label)
+        if other != label:
+            raise SettingsError(f"pod_labels: {other!r} and {label!r} would both be exported "
+                                f"as {prometheus_label(label)}")
     if s.attach_mode not in ATTACH_MODES:
         raise SettingsError(f"attach_mode: {s.attach_mode!r} is not one of {', '.join(ATTACH_MODES)}")
     if s.log_format not in LOG_FORMATS:
@@ -149,9 +186,15 @@ def _validate(s: Settings) -> None:
     for name in ("proc_root", "bpffs_root", "tracefs_root", "btf_path"):
         if not os.path.isabs(getattr(s, name)):
             raise SettingsError(f"{name}: {getattr(s, name)!r} must be an absolute path")
-    for d in s.netns_dirs:
-        if not os.path.isabs(d):
-            raise SettingsError(f"netns_dirs: {d!r} must be an absolute path")
+    for name in ("netns_dirs", "runtime_dirs"):
+        for d in getattr(s, name):
+            if not os.path.isabs(d):
+                raise SettingsError(f"{name}: {d!r} must be an absolute path")
+
+
+def prometheus_label(key: str) -> str:
+    """A Kubernetes label key as a Prometheus label name: label_<key>, [^a-zA-Z0-9_] -> _."""
+    return "label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
 
 
 def _convert(f: dataclasses.Field[Any], raw: str) -> Any:

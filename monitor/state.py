@@ -65,6 +65,7 @@ class MonitorState:
         self.reconciles = 0
         self.reconcile_seconds = 0.0
         self.last_reconcile_error = ""
+        self.series_dropped = 0
 
     def publish(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
@@ -72,6 +73,10 @@ class MonitorState:
     def count_attach_error(self) -> None:
         with self._lock:
             self.attach_errors += 1
+
+    def count_series_dropped(self) -> None:
+        with self._lock:
+            self.series_dropped += 1
 
     def count_reconcile(self, seconds: float) -> None:
         with self._lock:

@@ -12,11 +12,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 import monitor
 from monitor.collector import PodCollector
-from monitor.identity import IdentityIndex, Pod
+from monitor.identity import OVERFLOW, HostVeth, IdentityIndex, Pod, PodMeta, PodNetwork, fold, identify
 from monitor.kerneltypes import ProgramStats
 from monitor.maps import only_u64, sum_u64_slots
 from monitor.probes import REGISTRY, drops, packets, retransmits
 from monitor.probes.packets import Counts
+from monitor.settings import prometheus_label as label_name
 from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
 from tests.unit.fakes import DictMaps, kernel, no_offsets_kernel, u32, u64
 
@@ -304,14 +305,15 @@ def test_describe_names_every_family_without_samples(make_pod: PodFactory) -> No
     state.publish(Snapshot(IdentityIndex([make_pod(4026532001, [(7, "veth7")])])))
     collector = PodCollector(probes=[packets.PROBE], maps=FakeMaps(), state=state,
                              node="node-1", kernel=kernel(), node_slot=1024, program_stats=list)
-    assert [m.samples for m in collector.describe()] == [[]] * 13
+    assert [m.samples for m in collector.describe()] == [[]] * 16
     assert [m.name for m in collector.describe()] == [
         "podnet_packets", "podnet_bytes", "podnet_pod_info", "podnet_monitor_attached_pods",
         "podnet_monitor_attach_errors", "podnet_monitor_reconciles",
         "podnet_monitor_reconcile_seconds", "podnet_monitor_collect_errors",
         "podnet_monitor_build_info", "podnet_monitor_kernel_offsets",
-        "podnet_monitor_probe_state", "podnet_monitor_bpf_run_seconds",
-        "podnet_monitor_bpf_runs"]
+        "podnet_monitor_probe_state", "podnet_monitor_series_dropped",
+        "podnet_monitor_api_synced", "podnet_monitor_api_requests",
+        "podnet_monitor_bpf_run_seconds", "podnet_monitor_bpf_runs"]
 
 
 def test_exposition_text(make_pod: PodFactory) -> None:
@@ -461,3 +463,104 @@ def test_describe_of_every_probe_reads_no_map() -> None:
     assert names[12] == "podnet_tcp_rtt_seconds"
     assert len(names) == len(set(names))  # no family twice
     assert maps.log == []
+
+
+# -- pod labels, the series cap and the API's families ---------------------------------------------
+
+def labelled(netns: int, ifindex: int, name: str, labels: dict[str, str], uid: str = "") -> Pod:
+    meta = PodMeta("shop", name, uid=uid, labels=tuple(sorted(labels.items())), workload="web",
+                   workload_kind="Deployment")
+    return identify(PodNetwork(netns, f"/proc/{netns % 1000}/ns/net"), [HostVeth(ifindex, f"veth{ifindex}")],
+                    meta)
+
+
+def registry_with(pods: Sequence[Pod], slots: dict[int, int] | None = None, *, maps: object = None,
+                  state: MonitorState | None = None, **kwargs: object) -> CollectorRegistry:
+    state = state or MonitorState()
+    state.publish(Snapshot(IdentityIndex(pods, slots), tuple(status(p) for p in pods)))
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(PodCollector(probes=[packets.PROBE], maps=maps or FakeMaps(), state=state,  # type: ignore[arg-type]
+                                   node="node-1", kernel=kernel(), node_slot=1024, **kwargs))  # type: ignore[arg-type]
+    return registry
+
+
+@pytest.mark.parametrize(("key", "name"), [
+    ("app", "label_app"), ("app.kubernetes.io/name", "label_app_kubernetes_io_name"),
+    ("pod-template-hash", "label_pod_template_hash"), ("Team_1", "label_Team_1"),
+    ("example.com/ünïcode", "label_example_com__n_code"),
+])
+def test_label_name(key: str, name: str) -> None:
+    assert label_name(key) == name
+
+
+def test_pod_info_carries_the_allowed_labels() -> None:
+    web = labelled(4026532001, 7, "web-1", {"app": "web", "app.kubernetes.io/name": "shop-web",
+                                            "secret": "x"}, uid="uid-web")
+    registry = registry_with([web], pod_labels=["app.kubernetes.io/name", "app", "team"])
+    assert series(registry, "podnet_pod_info") == [{
+        "namespace": "shop", "pod": "web-1", "uid": "uid-web", "netns": "4026532001",
+        "interface": "veth7", "node": "node-1", "workload": "web", "workload_kind": "Deployment",
+        "label_app_kubernetes_io_name": "shop-web", "label_app": "web", "label_team": ""}]
+
+
+def test_pod_info_without_an_allow_list_has_no_label_columns() -> None:
+    web = labelled(4026532001, 7, "web-1", {"app": "web"})
+    registry = registry_with([web])
+    (labels,) = series(registry, "podnet_pod_info")
+    assert not [k for k in labels if k.startswith("label_")]
+
+
+def test_folded_pods_share_one_overflow_pod_info(make_pod: PodFactory) -> None:
+    web = make_pod(4026532001, [(7, "veth7")], namespace="shop", name="web", uid="uid-web")
+    many = [fold(make_pod(4026532002 + i, [(8 + i, f"veth{8 + i}")], namespace="shop", name=f"p{i}",
+                          uid=f"uid-{i}")) for i in range(3)]
+    maps = FakeMaps({0: counts({(INGRESS, TCP): 1}, {(INGRESS, TCP): 100}),
+                     1: counts({(INGRESS, TCP): 2}, {(INGRESS, TCP): 200}),
+                     2: counts({(INGRESS, TCP): 4}, {(INGRESS, TCP): 400}),
+                     3: counts({(INGRESS, TCP): 8}, {(INGRESS, TCP): 800})})
+    registry = registry_with([web, *many], {7: 0, 8: 1, 9: 2, 10: 3}, maps=maps, pod_labels=["app"])
+    info = series(registry, "podnet_pod_info")
+    assert sorted((i["namespace"], i["pod"]) for i in info) == [(OVERFLOW, OVERFLOW), ("shop", "web")]
+    overflow = next(i for i in info if i["namespace"] == OVERFLOW)
+    assert overflow == {"namespace": OVERFLOW, "pod": OVERFLOW, "uid": "", "netns": "", "interface": "",
+                        "node": "node-1", "workload": "", "workload_kind": "", "label_app": ""}
+    # their traffic is counted, under the one overflow identity
+    assert value(registry, "podnet_packets_total", (OVERFLOW, OVERFLOW), "ingress", "tcp") == 14
+    assert value(registry, "podnet_packets_total", ("shop", "web"), "ingress", "tcp") == 1
+    assert {s["pod"] for s in series(registry, "podnet_packets_total")} == {"web", OVERFLOW}
+
+
+def test_no_overflow_pod_info_without_folded_pods(make_pod: PodFactory) -> None:
+    registry = registry_with([make_pod(4026532001, [(7, "veth7")], namespace="shop", name="web")])
+    assert [i["pod"] for i in series(registry, "podnet_pod_info")] == ["web"]
+
+
+def test_series_dropped_counter() -> None:
+    state = MonitorState()
+    registry = registry_with([], state=state)
+    assert registry.get_sample_value("podnet_monitor_series_dropped_total") == 0
+    for _ in range(3):
+        state.count_series_dropped()
+    assert registry.get_sample_value("podnet_monitor_series_dropped_total") == 3
+
+
+def test_api_families_only_with_api_stats() -> None:
+    text = generate_latest(registry_with([])).decode()
+    assert "podnet_monitor_api" not in text
+    stats = {"synced": 1.0, "list": 2, "watch": 7, "error": 3}
+    registry = registry_with([], api_stats=lambda: stats)
+    assert registry.get_sample_value("podnet_monitor_api_synced") == 1
+    assert registry.get_sample_value("podnet_monitor_api_requests_total", {"kind": "list"}) == 2
+    assert registry.get_sample_value("podnet_monitor_api_requests_total", {"kind": "watch"}) == 7
+    assert registry.get_sample_value("podnet_monitor_api_requests_total", {"kind": "error"}) == 3
+    stats.update(synced=0.0, error=4)  # read afresh at every scrape
+    assert registry.get_sample_value("podnet_monitor_api_synced") == 0
+    assert registry.get_sample_value("podnet_monitor_api_requests_total", {"kind": "error"}) == 4
+    assert series(registry, "podnet_monitor_api_requests_total") == [
+        {"kind": "list"}, {"kind": "watch"}, {"kind": "error"}]
+
+
+def test_api_families_default_missing_stats_to_zero() -> None:
+    registry = registry_with([], api_stats=dict)
+    assert registry.get_sample_value("podnet_monitor_api_synced") == 0
+    assert registry.get_sample_value("podnet_monitor_api_requests_total", {"kind": "watch"}) == 0

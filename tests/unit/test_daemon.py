@@ -1,9 +1,17 @@
-"""daemon.probe_states: what podnet_monitor_probe_state reports for each wanted probe."""
+"""daemon: probe_states, and which metadata source the settings stand for."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from monitor import bpf, daemon
+from monitor.metadata.kubernetes import KubernetesSource
+from monitor.metadata.static import NoMetadata, StaticInventory
 from monitor.probes import select
+from monitor.settings import Settings
+from tests.fakeapi import FakeApiServer
 from tests.unit.fakes import no_offsets_kernel
 from tests.unit.test_bpf import ALL_TRACEPOINTS
 
@@ -27,3 +35,56 @@ def test_probe_states_from_loadable() -> None:
 
 def test_probe_states_ignore_notes_of_probes_not_wanted() -> None:
     assert daemon.probe_states(select(["packets"]), {"rtt": "not loaded: x"}) == {"packets": "loaded"}
+
+
+# -- which metadata source `auto` stands for, and how it is built ---------------------------------
+
+@pytest.mark.parametrize(("settings", "environ", "mode"), [
+    pytest.param({}, {}, "none", id="nothing"),
+    pytest.param({"inventory": "/etc/inv.yaml"}, {}, "inventory", id="inventory"),
+    pytest.param({"kubeconfig": "/etc/kube/config"}, {}, "kubernetes", id="kubeconfig"),
+    pytest.param({}, {"KUBERNETES_SERVICE_HOST": "10.96.0.1"}, "kubernetes", id="in-cluster"),
+    pytest.param({}, {"KUBERNETES_SERVICE_HOST": ""}, "none", id="empty-service-host"),
+    pytest.param({"inventory": "/etc/inv.yaml", "kubeconfig": "/etc/kube/config"},
+                 {"KUBERNETES_SERVICE_HOST": "10.96.0.1"}, "inventory", id="inventory-first"),
+    pytest.param({"metadata": "none", "kubeconfig": "/etc/kube/config"},
+                 {"KUBERNETES_SERVICE_HOST": "10.96.0.1"}, "none", id="explicit-none"),
+    pytest.param({"metadata": "kubernetes"}, {}, "kubernetes", id="explicit-kubernetes"),
+    pytest.param({"metadata": "kubernetes", "inventory": "/etc/inv.yaml"}, {}, "kubernetes",
+                 id="explicit-over-inventory"),
+    pytest.param({"metadata": "inventory", "inventory": "/etc/inv.yaml"},
+                 {"KUBERNETES_SERVICE_HOST": "10.96.0.1"}, "inventory", id="explicit-inventory"),
+])
+def test_metadata_mode(settings: dict[str, str], environ: dict[str, str], mode: str) -> None:
+    assert daemon.metadata_mode(Settings(node_name="node-a", **settings), environ) == mode
+
+
+def test_kubernetes_source_from_settings(tmp_path: Path) -> None:
+    server = FakeApiServer(node="node-a").start()
+    try:
+        kubeconfig = server.write_kubeconfig(str(tmp_path / "kubeconfig"))
+        source = daemon._metadata(Settings(node_name="node-a", kubeconfig=kubeconfig,
+                                           pod_labels=("app",)))
+        assert isinstance(source, KubernetesSource)
+        assert isinstance(source, daemon.KubernetesLike)
+        assert source.cache._allow == ("app",)
+        assert source._node == "node-a"
+        assert server.requests == []  # built, not started: the daemon starts it later
+    finally:
+        server.stop()
+
+
+def test_bad_kubeconfig_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(daemon.ConfigError, match=r"^cannot configure the Kubernetes client: "):
+        daemon._metadata(Settings(node_name="node-a", metadata="kubernetes",
+                                  kubeconfig=str(tmp_path / "missing")))
+
+
+def test_other_sources_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text("pods: []\n")
+    source = daemon._metadata(Settings(node_name="node-a", inventory=str(inventory)))
+    assert isinstance(source, StaticInventory)
+    assert not isinstance(source, daemon.KubernetesLike)
+    assert isinstance(daemon._metadata(Settings(node_name="node-a")), NoMetadata)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import select
 import threading
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -32,8 +35,11 @@ class Clock:
 class FakeDiscovery:
     def __init__(self) -> None:
         self.networks: list[PodNetwork] = []
+        self.denied: list[int] = []  # pause pids whose netns "cannot be read"
 
-    def scan(self) -> list[PodNetwork]:
+    def scan(self, denied: list[int] | None = None) -> list[PodNetwork]:
+        if denied is not None:
+            denied.extend(self.denied)
         return list(self.networks)
 
 
@@ -125,6 +131,7 @@ class World:
     """The fakes, wired into one Reconciler; events in order, across attacher and slots."""
 
     def __init__(self, metadata: object = None, forget_errors: dict[int, Exception] | None = None,
+                 max_pods: int = 1000, runtime_uids: Callable[[], dict[str, str]] | None = None,
                  ) -> None:
         self.events: list[Event] = []
         self.calls: list[Event] = []  # sync_netns and forget, in order
@@ -139,7 +146,8 @@ class World:
         self.reconciler = Reconciler(
             discovery=self.discovery, links=self.links, attacher=self.attacher,  # type: ignore[arg-type]
             slots=self.slots, metadata=self.metadata, state=self.state,  # type: ignore[arg-type]
-            forget=[self.forget_first, self.forget_second], node="node-1", clock=self.clock)
+            forget=[self.forget_first, self.forget_second], node="node-1", clock=self.clock,
+            max_pods=max_pods, runtime_uids=runtime_uids)
 
     def forget_first(self, netns: int, ifindexes: Sequence[int]) -> None:
         # what pnm_netns and the slots hold at the moment keys are forgotten
@@ -336,7 +344,7 @@ def test_pod_wired_later_is_attached_then(world: World) -> None:
 
 def test_reconcile_time_counted(world: World) -> None:
     class SlowDiscovery(FakeDiscovery):
-        def scan(self) -> list[PodNetwork]:
+        def scan(self, denied: list[int] | None = None) -> list[PodNetwork]:
             world.clock.now += 0.25
             return []
 
@@ -661,3 +669,263 @@ def test_loop_survives_a_failing_sweep(world: World) -> None:
     run_loop(world, sweep, stop)
     assert len(calls) == 3
     assert world.state.ready is True
+
+
+# -- the series cap (max_pods) --------------------------------------------------------------------
+
+def capped(max_pods: int = 2) -> World:
+    metas = {f"uid-{i}": PodMeta("shop", f"pod-{i}", uid=f"uid-{i}") for i in range(10)}
+    return World(FakeMetadata(metas), max_pods=max_pods)
+
+
+def add_pod(world: World, i: int) -> None:
+    world.pod(4026532100 + i, 100 + i, [(10 + i, f"veth{10 + i}")], uid=f"uid-{i}", pause_pid=1000 + i)
+
+
+def identities(world: World) -> list[tuple[str, str, str]]:
+    return [(p.namespace, p.pod, p.uid) for p in world.state.snapshot.pods]
+
+
+OVER = ("_overflow", "_overflow")
+
+
+def test_cap_holds_and_folded_pods_are_still_attached() -> None:
+    world = capped(2)
+    for i in range(4):
+        add_pod(world, i)
+    events = world.run()
+    assert identities(world) == [("shop", "pod-0", "uid-0"), ("shop", "pod-1", "uid-1"),
+                                 (*OVER, "uid-2"), (*OVER, "uid-3")]
+    assert world.state.series_dropped == 2
+    assert [e for e in events if e[0] == "attach"] == [  # nothing lost: every pod is counted
+        ("attach", 10, "veth10", 4026532100), ("attach", 11, "veth11", 4026532101),
+        ("attach", 12, "veth12", 4026532102), ("attach", 13, "veth13", 4026532103)]
+    folded = world.state.snapshot.index.by_ifindex(12)
+    assert folded is not None
+    assert (folded.namespace, folded.name, folded.uid, folded.has_metadata) == (*OVER, "uid-2", True)
+    assert world.state.snapshot.index.by_netns(4026532103).key == OVER  # type: ignore[union-attr]
+
+
+def test_folded_pods_stay_folded_while_they_live() -> None:
+    world = capped(2)
+    for i in range(4):
+        add_pod(world, i)
+    world.run()
+    world.remove(4026532100)  # a place frees up...
+    world.run()
+    world.run()
+    assert identities(world) == [("shop", "pod-1", "uid-1"), (*OVER, "uid-2"), (*OVER, "uid-3")]
+    assert world.state.series_dropped == 2  # each folded pod counted once, whatever the passes
+
+
+def test_a_freed_place_goes_to_a_new_pod_not_to_a_folded_one() -> None:
+    world = capped(2)
+    for i in range(3):
+        add_pod(world, i)
+    world.run()
+    world.remove(4026532100)
+    world.run()
+    add_pod(world, 4)
+    world.run()
+    assert identities(world) == [("shop", "pod-1", "uid-1"), (*OVER, "uid-2"), ("shop", "pod-4", "uid-4")]
+    assert world.state.series_dropped == 1
+    add_pod(world, 5)  # full again
+    world.run()
+    world.run()
+    assert identities(world)[-1] == (*OVER, "uid-5")
+    assert world.state.series_dropped == 2
+
+
+def test_a_folded_pod_that_goes_is_forgotten() -> None:
+    world = capped(1)
+    add_pod(world, 0)
+    add_pod(world, 1)
+    world.run()
+    world.remove(4026532100)
+    world.remove(4026532101)
+    world.run()
+    assert identities(world) == []
+    add_pod(world, 1)  # the same netns inode back (inodes are reused): a new pod, with a place
+    world.run()
+    assert identities(world) == [("shop", "pod-1", "uid-1")]
+    assert world.state.series_dropped == 1
+
+
+def test_one_overflow_pod_info_for_all_folded_pods() -> None:
+    from monitor.collector import PodCollector
+    from monitor.probes import packets
+    from tests.unit.fakes import DictMaps, kernel, registry_of, sample_names
+
+    world = capped(1)
+    for i in range(4):
+        add_pod(world, i)
+    world.run()
+    collector = PodCollector(probes=[packets.PROBE], maps=DictMaps(), state=world.state, node="node-1",
+                             kernel=kernel(), node_slot=1024)
+    samples = sample_names(registry_of(collector.collect), "podnet_pod_info")
+    assert sorted((labels["namespace"], labels["pod"]) for _n, labels, _v in samples) == [
+        OVER, ("shop", "pod-0")]
+    assert registry_of(collector.collect).get_sample_value(
+        "podnet_monitor_series_dropped_total") == 3
+
+
+def test_a_pod_replacing_another_in_the_same_pass_gets_its_place() -> None:
+    world = capped(2)
+    add_pod(world, 0)
+    add_pod(world, 1)
+    world.run()
+    world.remove(4026532100)
+    add_pod(world, 2)  # a rollout: one goes, one comes, within one debounce window
+    world.run()
+    assert identities(world) == [("shop", "pod-1", "uid-1"), ("shop", "pod-2", "uid-2")]
+    assert world.state.series_dropped == 0
+
+
+# -- pod UIDs from the runtimes' bundles, for pinned netns without one ----------------------------
+
+class RuntimeUids:
+    def __init__(self, uids: dict[str, str]) -> None:
+        self.uids, self.calls = uids, 0
+
+    def __call__(self) -> dict[str, str]:
+        self.calls += 1
+        return dict(self.uids)
+
+
+def test_runtime_uid_for_a_pinned_netns_without_one(tmp_path: Path) -> None:
+    (tmp_path / "run" / "netns").mkdir(parents=True)
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "run").symlink_to(tmp_path / "run")
+    pinned = str(tmp_path / "var" / "run" / "netns" / "5f1c7e2a")  # spelt through the link
+    runtime = RuntimeUids({str(tmp_path / "run" / "netns" / "5f1c7e2a"): UID_DB})
+    metadata = FakeMetadata({UID_WEB: WEB, UID_DB: DB})
+    world = World(metadata, runtime_uids=runtime)
+    world.pod(4026532002, 4, [(8, "veth8")], pinned=pinned)
+    world.run()
+    assert runtime.calls == 1
+    assert metadata.lookups == [(UID_DB, [pinned])]
+    (status,) = world.state.snapshot.pods
+    assert (status.namespace, status.pod, status.uid, status.has_metadata) == ("shop", "db-0", UID_DB, True)
+    pod = world.state.snapshot.index.by_ifindex(8)
+    assert pod is not None
+    assert pod.network.uid == UID_DB
+
+
+def test_runtime_uids_not_read_when_every_netns_has_a_uid() -> None:
+    runtime = RuntimeUids({"/run/netns/cni-a": "other"})
+    world = World(runtime_uids=runtime)
+    world.pod(4026532001, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
+    world.pod(4026532002, 4, [(8, "veth8")], uid=UID_DB, pause_pid=200, pinned="/run/netns/cni-a")
+    world.pod(4026532003, 5, [(9, "veth9")], uid=None, pause_pid=300)  # no UID, but not pinned
+    world.run()
+    assert runtime.calls == 0
+    assert [p.uid for p in world.state.snapshot.pods] == [UID_WEB, UID_DB, ""]
+
+
+def test_runtime_uids_read_once_a_pass() -> None:
+    runtime = RuntimeUids({os.path.realpath("/run/netns/uuid-1"): UID_WEB})
+    metadata = FakeMetadata({UID_WEB: WEB})
+    world = World(metadata, runtime_uids=runtime)
+    world.pod(4026532001, 3, [(7, "veth7")], pinned="/run/netns/uuid-1")
+    world.pod(4026532002, 4, [(8, "veth8")], pinned="/run/netns/uuid-2")  # no bundle names it
+    world.run()
+    assert runtime.calls == 1
+    world.run()
+    assert runtime.calls == 2
+    assert metadata.lookups[:2] == [(UID_WEB, ["/run/netns/uuid-1"]), (None, ["/run/netns/uuid-2"])]
+    assert [(p.namespace, p.pod, p.uid) for p in world.state.snapshot.pods] == [
+        ("shop", "web-1", UID_WEB), ("_unknown", "netns-4026532002", "")]
+
+
+# -- the loop's wake-up pipe ---------------------------------------------------------------------
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_wake_runs_a_pass(world: World) -> None:
+    events = PipeEvents()
+    stop = threading.Event()
+    loop = reconcile.Loop(world.reconciler, resync_interval=3600.0, debounce=0.0,
+                          events_factory=lambda: events, state=world.state)
+    worker = threading.Thread(target=loop.run, args=(stop,))
+    worker.start()
+    try:
+        assert wait_until(lambda: world.state.reconciles == 1)
+        world.pod(NS_WEB, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
+        time.sleep(0.1)
+        assert world.state.reconciles == 1  # nothing else asks for a pass
+        loop.wake()
+        assert wait_until(lambda: world.state.reconciles == 2)
+        assert [p.pod for p in world.state.snapshot.pods] == ["web-1"]
+    finally:
+        stop.set()
+        worker.join(timeout=5)
+    assert not worker.is_alive()
+
+
+def test_wakes_in_a_burst_cost_one_pass(world: World) -> None:
+    events = PipeEvents()
+    stop = threading.Event()
+    loop = reconcile.Loop(world.reconciler, resync_interval=3600.0, debounce=0.05,
+                          events_factory=lambda: events, state=world.state)
+    for _ in range(10):
+        loop.wake()
+    worker = threading.Thread(target=loop.run, args=(stop,))
+    worker.start()
+    try:
+        assert wait_until(lambda: world.state.reconciles == 2)  # the first pass, then the wakes'
+        time.sleep(0.2)
+        assert world.state.reconciles == 2
+    finally:
+        stop.set()
+        worker.join(timeout=5)
+
+
+def test_wake_after_the_loop_ended_writes_nowhere(world: World) -> None:
+    stop = threading.Event()
+    stop.set()
+    loop = reconcile.Loop(world.reconciler, resync_interval=3600.0, debounce=0.0,
+                          events_factory=PipeEvents, state=world.state)
+    loop.run(stop)  # one pass, then out: its pipe is closed
+    r, w = os.pipe()  # likely the numbers the loop's pipe had
+    try:
+        loop.wake()
+        readable, _, _ = select.select([r], [], [], 0)
+        assert readable == []
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+# -- what the reconciler says once, not every pass -----------------------------------------------
+
+def test_unreadable_pause_netns_logged_when_it_changes(world: World) -> None:
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        world.discovery.denied = [4242, 4243]
+        world.run()
+        world.run()
+        world.discovery.denied = []
+        world.run()
+        world.discovery.denied = [4242]
+        world.run()
+    said = [(e["pids"], e["count"], e["log_level"]) for e in logs
+            if e["event"].startswith("pause processes whose netns cannot be read")]
+    assert said == [([4242, 4243], 2, "error"), ([4242], 1, "error")]
+
+
+def test_cap_reached_logged_once() -> None:
+    from structlog.testing import capture_logs
+
+    world = capped(1)
+    with capture_logs() as logs:
+        for i in range(3):
+            add_pod(world, i)
+            world.run()
+    said = [e for e in logs if e["event"].startswith("pod series cap reached")]
+    assert [(e["max_pods"], e["pod"], e["log_level"]) for e in said] == [(1, "pod-1", "warning")]

@@ -49,6 +49,13 @@ def test_defaults() -> None:
     assert s.probes == ()
     assert s.log_level == "info"
     assert s.log_format == "auto"
+    assert s.metadata == "auto"
+    assert s.kubeconfig == ""
+    assert s.pod_labels == ()
+    assert s.max_pods == 1000
+    assert s.runtime_dirs == ("/run/containerd/io.containerd.runtime.v2.task/k8s.io",
+                              "/run/containers/storage/overlay-containers",
+                              "/var/lib/containers/storage/overlay-containers")
 
 
 def test_defaults_from_an_empty_command_line() -> None:
@@ -168,6 +175,13 @@ def test_conversion_errors_name_the_setting(name: str, raw: str, message: str) -
     ("dns_timeout", 1000.0, "dns_timeout: 1000.0 s is outside 0.1..600"),
     ("sweep_interval", 0.01, "sweep_interval: 0.01 s is outside 0.1..60"),
     ("sweep_interval", 61.0, "sweep_interval: 61.0 s is outside 0.1..60"),
+    ("metadata", "api", "metadata: 'api' is not one of auto, kubernetes, inventory, none"),
+    ("metadata", "inventory", "metadata: inventory needs --inventory PATH"),
+    ("max_pods", 0, "max_pods: 0 is outside 1..100000"),
+    ("max_pods", 100001, "max_pods: 100001 is outside 1..100000"),
+    ("pod_labels", ("app", ""), "pod_labels: '' is not a Kubernetes label key"),
+    ("pod_labels", ("a" * 318,), "pod_labels: 'aaaa"),
+    ("runtime_dirs", ("/run/containerd", "run/crio"), "runtime_dirs: 'run/crio' must be an absolute"),
 ])
 def test_validation_errors_name_the_setting(field: str, value: object, prefix: str) -> None:
     with pytest.raises(SettingsError) as info:
@@ -181,7 +195,9 @@ def test_validation_errors_name_the_setting(field: str, value: object, prefix: s
     ("event_debounce", 0.0), ("max_interfaces", 16), ("max_interfaces", 65536),
     ("tcp_connect_timeout", 0.1), ("tcp_connect_timeout", 600.0), ("dns_timeout", 0.1),
     ("dns_timeout", 600.0), ("sweep_interval", 0.1), ("sweep_interval", 60.0),
-    ("btf_path", "/boot/vmlinux.btf"),
+    ("btf_path", "/boot/vmlinux.btf"), ("max_pods", 1), ("max_pods", 100000),
+    ("pod_labels", ("a" * 317,)), ("metadata", "none"), ("metadata", "kubernetes"),
+    ("runtime_dirs", ()),
 ])
 def test_edges_accepted(field: str, value: object) -> None:
     assert getattr(Settings(**{field: value}), field) == value  # type: ignore[arg-type]
@@ -211,7 +227,8 @@ def test_add_arguments_one_flag_per_field() -> None:
         "--tracefs-root", "--pause-comm", "--inventory", "--attach-mode", "--tc-priority",
         "--tc-handle", "--resync-interval", "--event-debounce", "--max-interfaces", "--bpf-stats",
         "--probes", "--log-level", "--log-format", "--btf-path", "--tcp-connect-timeout",
-        "--dns-timeout", "--sweep-interval"}
+        "--dns-timeout", "--sweep-interval", "--metadata", "--kubeconfig", "--pod-labels",
+        "--max-pods", "--runtime-dirs"}
     assert len(flags) == len(settings.names())
 
 
@@ -243,3 +260,24 @@ def test_new_settings_from_env_and_flags() -> None:
                               "PODNETMON_TCP_CONNECT_TIMEOUT": "9"})
     assert (s.tcp_connect_timeout, s.dns_timeout, s.sweep_interval) == (2.5, 3.0, 0.5)
     assert s.btf_path == "/tmp/vmlinux"
+
+
+def test_metadata_settings_from_env_and_flags() -> None:
+    s = from_sources(parse_flags("--metadata", "kubernetes", "--pod-labels", "app, app.kubernetes.io/name,,"),
+                     environ={"PODNETMON_KUBECONFIG": "/etc/kube/config", "PODNETMON_MAX_PODS": "250",
+                              "PODNETMON_RUNTIME_DIRS": "/run/a,/run/b", "PODNETMON_METADATA": "none"})
+    assert s.metadata == "kubernetes"  # the flag over the env
+    assert s.pod_labels == ("app", "app.kubernetes.io/name")
+    assert s.kubeconfig == "/etc/kube/config"
+    assert s.max_pods == 250
+    assert s.runtime_dirs == ("/run/a", "/run/b")
+
+
+def test_inventory_mode_with_an_inventory() -> None:
+    s = Settings(metadata="inventory", inventory="/etc/podnetmon/inventory.yaml")
+    assert (s.metadata, s.inventory) == ("inventory", "/etc/podnetmon/inventory.yaml")
+
+
+def test_pod_labels_that_collide_as_prometheus_names_are_refused() -> None:
+    with pytest.raises(SettingsError, match=r"^pod_labels: "):
+        Settings(pod_labels=("app-name", "app_name"))

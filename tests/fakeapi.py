@@ -1,0 +1,515 @@
+"""A local fake of the Kubernetes API server's pod list and watch, for the real client.
+
+Only what a node-scoped pod watcher uses is here, each piece as the API server does it:
+
+    GET /api/v1/pods[?fieldSelector=spec.nodeName=N]               -> a PodList
+    GET /api/v1/pods?watch=true[&resourceVersion=R][&allowWatchBookmarks=true]
+                    [&timeoutSeconds=T][&fieldSelector=...]        -> a chunked event stream
+
+Every change bumps one global resourceVersion (as etcd's revision does for every
+object kind) and goes to an event log; `compact()` forgets the log as etcd
+compaction does, after which a watch from an older version gets 410 Expired.
+
+A watch filtered on spec.nodeName gets ADDED when a pod starts matching (bound to the
+node) and DELETED when it stops, as the API server's watch filter does. A watch that
+starts from a version gets the logged changes after it at once, then live changes.
+
+Test controls beyond the API: bookmark(), compact(), drop_streams(), event_delay (each
+live event waits that long before it is written; what a watch starts with does not, so
+a client that reconnects from its last version catches up at once), fail_next(),
+requests. Nothing validates pods on purpose: add() takes objects a real API server
+would refuse, so clients can be tested against them.
+
+    server = FakeApiServer(node="node-a")
+    server.start()
+    server.write_kubeconfig(path)   # for kubernetes.config.new_client_from_config
+    server.add(make_pod("web-1", "shop", "uid-1", "node-a", labels={"app": "web"}))
+    ...
+    server.stop()
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import select
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+PODS_PATH = "/api/v1/pods"
+FIRST_RESOURCE_VERSION = 100  # any start will do; not 0, which means "any version" to the API
+POLL = 0.05  # how often a waiting watch checks whether its client went away
+
+# The reason the API server gives with each HTTP status in a Status object.
+REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
+           405: "MethodNotAllowed", 409: "AlreadyExists", 410: "Expired", 429: "TooManyRequests",
+           500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}
+
+# ownerReferences[].apiVersion of the usual pod owners.
+OWNER_API_VERSIONS = {"ReplicaSet": "apps/v1", "StatefulSet": "apps/v1", "DaemonSet": "apps/v1",
+                      "Deployment": "apps/v1", "Job": "batch/v1", "CronJob": "batch/v1",
+                      "Node": "v1", "ReplicationController": "v1"}
+
+Pod = dict[str, Any]
+
+
+def status(code: int, message: str) -> dict[str, Any]:
+    """A metav1.Status, the body of every API error (and the object of watch ERROR events)."""
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": REASONS.get(code, "Unknown"), "code": code}
+
+
+def make_pod(name: str, namespace: str, uid: str, node: str,  # noqa: PLR0917 - the signature tests use
+             labels: Mapping[str, str] | None = None,
+             owner: tuple[str, str] | Sequence[Mapping[str, Any]] | None = None,
+             annotations: Mapping[str, str] | None = None) -> Pod:
+    """A pod object as the API serves it (the fields the client's model requires included).
+
+    `owner` is (kind, name) for one controller reference, or a list of raw
+    ownerReferences (which may be malformed on purpose).
+    """
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "uid": uid,
+                            "creationTimestamp": "2024-05-01T10:00:00Z"}
+    if labels:
+        meta["labels"] = dict(labels)
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    if isinstance(owner, tuple):
+        kind, owner_name = owner
+        meta["ownerReferences"] = [{
+            "apiVersion": OWNER_API_VERSIONS.get(kind, "v1"), "kind": kind, "name": owner_name,
+            "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{kind}/{owner_name}")),
+            "controller": True, "blockOwnerDeletion": True}]
+    elif owner is not None:
+        meta["ownerReferences"] = [dict(r) for r in owner]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
+            "spec": {"nodeName": node, "containers": [{"name": "app", "image": "registry.k8s.io/pause:3.9"}]},
+            "status": {"phase": "Running"}}
+
+
+def _key(pod: Mapping[str, Any]) -> tuple[str, str]:
+    meta = pod.get("metadata") or {}
+    return (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+
+
+def _node_of(pod: Mapping[str, Any] | None) -> str | None:
+    if pod is None:
+        return None
+    return str((pod.get("spec") or {}).get("nodeName") or "")
+
+
+def _seen_as(kind: str, obj: Pod, prev: Pod | None, node: str | None) -> str | None:
+    """The event a watch filtered on spec.nodeName=node gets for a change, if any.
+
+    Like the API server's watch filter: an object that starts matching arrives as
+    ADDED, one that stops matching leaves as DELETED (with its new state).
+    """
+    if node is None:
+        return kind
+    now = _node_of(obj) == node
+    before = _node_of(prev) == node
+    if kind == "ADDED":
+        return "ADDED" if now else None
+    if kind == "DELETED":
+        return "DELETED" if now else None
+    if now and before:
+        return "MODIFIED"
+    if now:
+        return "ADDED"
+    return "DELETED" if before else None
+
+
+class _Watch:
+    """One open watch: the events queued for it since it started, and its controls."""
+
+    def __init__(self, node: str | None, bookmarks: bool) -> None:
+        self.node, self.bookmarks = node, bookmarks
+        self.queue: collections.deque[dict[str, Any]] = collections.deque()
+        self.cut = threading.Event()  # drop_streams(): close abruptly
+        self.last_write = time.monotonic()
+
+
+class FakeApiServer:
+    """A threaded HTTP/1.1 server on 127.0.0.1 (a port the OS picks) serving pods."""
+
+    def __init__(self, node: str = "node-a", *, bookmark_interval: float | None = None) -> None:
+        self.node = node  # the node the client under test runs on (for pod() and tests)
+        self.bookmark_interval = bookmark_interval  # send bookmarks this often when idle; None: never
+        self.event_delay = 0.0  # seconds to sleep before writing each live event: a slow stream
+        self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, query)
+        self._cond = threading.Condition()
+        self._rv = FIRST_RESOURCE_VERSION
+        self._compacted = 0  # the log holds every change with a resourceVersion above this
+        self._pods: dict[tuple[str, str], Pod] = {}
+        self._log: list[tuple[int, str, Pod, Pod | None]] = []  # (rv, type, object, previous)
+        self._watches: set[_Watch] = set()
+        self._failures: collections.deque[int] = collections.deque()
+        self._sockets: set[socket.socket] = set()
+        self._stopping = False
+        self._http: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> FakeApiServer:
+        handler = type("Handler", (_Handler,), {"api": self})
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._http.daemon_threads = True
+        self._thread = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="fakeapi", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """End every watch, close every connection, stop listening. Safe to call twice."""
+        with self._cond:
+            self._stopping = True
+            for w in self._watches:
+                w.cut.set()
+            self._cond.notify_all()
+            sockets = list(self._sockets)
+        for sock in sockets:  # keep-alive connections whose handlers wait for a next request
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:  # started, and not stopped yet
+            assert self._http is not None
+            self._http.shutdown()
+            self._http.server_close()
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> FakeApiServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._http is not None, "start() first"
+        return int(self._http.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def write_kubeconfig(self, path: str) -> str:
+        """A kubeconfig for this server: plain http, no credentials. Returns the path."""
+        config = {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
+                  "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                  "users": [{"name": "fake", "user": {}}],
+                  "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f)  # JSON is YAML: the client's loader reads it
+        return path
+
+    # -- the store: every change bumps the resourceVersion and is logged ------------------
+
+    @property
+    def resource_version(self) -> str:
+        with self._cond:
+            return str(self._rv)
+
+    def pods(self) -> list[Pod]:
+        with self._cond:
+            return [copy.deepcopy(p) for p in self._pods.values()]
+
+    def pod(self, name: str, namespace: str = "default", uid: str | None = None, **kwargs: Any) -> Pod:
+        """make_pod() on this server's node, with a UID made from the name unless given."""
+        return make_pod(name, namespace, uid or str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{namespace}/{name}")),
+                        self.node, **kwargs)
+
+    def add(self, pod: Mapping[str, Any]) -> Pod:
+        """Create a pod (ADDED); returns it as stored, with its resourceVersion."""
+        with self._cond:
+            if _key(pod) in self._pods:
+                raise ValueError(f"pod {_key(pod)} exists already")
+            return self._change("ADDED", pod, None)
+
+    def update(self, pod: Mapping[str, Any]) -> Pod:
+        """Replace a pod (MODIFIED), found by namespace and name."""
+        with self._cond:
+            prev = self._pods.get(_key(pod))
+            if prev is None:
+                raise KeyError(f"no pod {_key(pod)}")
+            return self._change("MODIFIED", pod, prev)
+
+    def delete(self, namespace: str, name: str) -> Pod:
+        """Delete a pod (DELETED, carrying its last state with a new resourceVersion)."""
+        with self._cond:
+            prev = self._pods.get((namespace, name))
+            if prev is None:
+                raise KeyError(f"no pod {(namespace, name)}")
+            return self._change("DELETED", prev, prev)
+
+    def _change(self, kind: str, pod: Mapping[str, Any], prev: Pod | None) -> Pod:
+        self._rv += 1
+        obj = copy.deepcopy(dict(pod))
+        obj.setdefault("metadata", {})["resourceVersion"] = str(self._rv)
+        if kind == "DELETED":
+            del self._pods[_key(obj)]
+        else:
+            self._pods[_key(obj)] = obj
+        self._log.append((self._rv, kind, obj, prev))
+        for w in self._watches:  # the API server fans each change out to every open watch
+            seen = _seen_as(kind, obj, prev, w.node)
+            if seen:
+                w.queue.append({"type": seen, "object": obj})
+        self._cond.notify_all()
+        return copy.deepcopy(obj)
+
+    # -- test controls ---------------------------------------------------------------------
+
+    def bookmark(self) -> None:
+        """Send a BOOKMARK with the current resourceVersion to every watch that allows them."""
+        with self._cond:
+            for w in self._watches:
+                if w.bookmarks:
+                    w.queue.append(self._bookmark())
+            self._cond.notify_all()
+
+    def _bookmark(self) -> dict[str, Any]:
+        # An object of the watched kind with only metadata.resourceVersion set.
+        return {"type": "BOOKMARK", "object": {"kind": "Pod", "apiVersion": "v1",
+                                               "metadata": {"resourceVersion": str(self._rv)}}}
+
+    def compact(self) -> None:
+        """Forget the event log up to now: a watch from an older version gets 410 Expired.
+
+        Open watches are not affected (the API server feeds them from memory).
+        """
+        with self._cond:
+            self._compacted = self._rv
+            self._log.clear()
+
+    def drop_streams(self) -> None:
+        """Cut every open watch connection, mid-event, without the final chunk."""
+        with self._cond:
+            for w in self._watches:
+                w.cut.set()
+            self._cond.notify_all()
+
+    def fail_next(self, n: int, status: int = 500) -> None:
+        """The next n requests, whatever they ask, get this HTTP status and a Status body."""
+        with self._cond:
+            self._failures.extend([status] * n)
+
+    @property
+    def open_watches(self) -> int:
+        with self._cond:
+            return len(self._watches)
+
+    def watch_requests(self) -> list[dict[str, str]]:
+        """The query of every watch request so far."""
+        return [q for _m, _p, q in list(self.requests) if q.get("watch") in ("true", "1")]
+
+    def list_requests(self) -> list[dict[str, str]]:
+        return [q for _m, p, q in list(self.requests)
+                if p == PODS_PATH and q.get("watch") not in ("true", "1")]
+
+    # -- serving (called by the handler) ---------------------------------------------------
+
+    def _next_failure(self) -> int | None:
+        with self._cond:
+            return self._failures.popleft() if self._failures else None
+
+    def _list(self, node: str | None) -> dict[str, Any]:
+        with self._cond:
+            items = [copy.deepcopy(p) for p in self._pods.values() if node is None or _node_of(p) == node]
+            return {"kind": "PodList", "apiVersion": "v1",
+                    "metadata": {"resourceVersion": str(self._rv)}, "items": items}
+
+    def _open_watch(self, node: str | None, since: int | None, bookmarks: bool,
+                    ) -> tuple[list[dict[str, Any]], _Watch | None]:
+        """What a new watch starts with, and the watch, registered for what follows.
+
+        Without a resourceVersion (or "0"): ADDED for every current pod, then changes.
+        From version R: every logged change after R, then changes; if the log no longer
+        reaches back to R, one ERROR event with a 410 Status and no watch.
+        """
+        with self._cond:
+            if since is None:
+                start = [{"type": "ADDED", "object": copy.deepcopy(p)} for p in self._pods.values()
+                         if node is None or _node_of(p) == node]
+            elif since < self._compacted:
+                gone = status(410, f"too old resource version: {since} ({self._compacted})")
+                return [{"type": "ERROR", "object": gone}], None
+            else:
+                start = []
+                for rv, kind, obj, prev in self._log:
+                    seen = _seen_as(kind, obj, prev, node) if rv > since else None
+                    if seen:
+                        start.append({"type": seen, "object": copy.deepcopy(obj)})
+            w = _Watch(node, bookmarks)
+            self._watches.add(w)
+            return start, w
+
+    def _close_watch(self, w: _Watch) -> None:
+        with self._cond:
+            self._watches.discard(w)
+
+    def _next_event(self, w: _Watch, deadline: float, peer: socket.socket) -> dict[str, Any] | str:
+        """Block until the watch has something to send: an event, or "cut", "end"."""
+        with self._cond:
+            while True:
+                if w.cut.is_set():
+                    return "cut"
+                if self._stopping:
+                    return "end"
+                if w.queue:
+                    return w.queue.popleft()
+                now = time.monotonic()
+                if now >= deadline:
+                    return "end"  # timeoutSeconds: the server ends the watch cleanly
+                if (w.bookmarks and self.bookmark_interval is not None
+                        and now - w.last_write >= self.bookmark_interval):
+                    return self._bookmark()  # nothing queued: every change so far was sent
+                if _peer_gone(peer):
+                    return "end"
+                self._cond.wait(min(POLL, deadline - now))
+
+
+def _peer_gone(sock: socket.socket) -> bool:
+    """True once the client has closed its end (a watch client gives up by closing)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive and chunked transfer encoding, as the API server
+    api: FakeApiServer
+
+    def setup(self) -> None:
+        super().setup()
+        with self.api._cond:
+            self.api._sockets.add(self.connection)
+
+    def finish(self) -> None:
+        with self.api._cond:
+            self.api._sockets.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        self.api.requests.append(("GET", url.path, query))
+        failure = self.api._next_failure()
+        if failure is not None:
+            self._send_json(failure, status(failure, f"injected failure {failure}"))
+            return
+        if url.path != PODS_PATH:
+            self._send_json(404, status(404, f"the server could not find the requested resource "
+                                             f"({url.path})"))
+            return
+        node: str | None = None
+        selector = query.get("fieldSelector")
+        if selector:  # only the one form a node-scoped watcher uses
+            field, sep, value = selector.partition("=")
+            if field != "spec.nodeName" or not sep or "," in value or value.startswith("="):
+                self._send_json(400, status(400, f"unsupported fieldSelector {selector!r}: "
+                                                 "only spec.nodeName=<node>"))
+                return
+            node = value
+        if query.get("watch", "").lower() in ("true", "1"):
+            self._watch(query, node)
+        else:
+            self._send_json(200, self.api._list(node))
+
+    def _not_served(self) -> None:
+        self.api.requests.append((self.command, urlsplit(self.path).path, {}))
+        self._send_json(405, status(405, "the fake API server only serves GET"))
+
+    def do_POST(self) -> None:
+        self._not_served()
+
+    def do_PUT(self) -> None:
+        self._not_served()
+
+    def do_PATCH(self) -> None:
+        self._not_served()
+
+    def do_DELETE(self) -> None:
+        self._not_served()
+
+    def _send_json(self, code: int, body: Mapping[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _watch(self, query: dict[str, str], node: str | None) -> None:
+        raw_rv = query.get("resourceVersion", "")
+        if raw_rv not in ("", "0") and not raw_rv.isdigit():
+            self._send_json(400, status(400, f"invalid resourceVersion {raw_rv!r}"))
+            return
+        since = int(raw_rv) if raw_rv not in ("", "0") else None
+        timeout = float(query["timeoutSeconds"]) if query.get("timeoutSeconds") else 3600.0
+        deadline = time.monotonic() + timeout
+        bookmarks = query.get("allowWatchBookmarks", "").lower() in ("true", "1")
+        start, w = self.api._open_watch(node, since, bookmarks)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for event in start:  # what the watch starts with is written at once
+                self._chunk(event)
+            while w is not None:
+                item = self.api._next_event(w, deadline, self.connection)
+                if item == "cut":
+                    self._cut()
+                    return
+                if item == "end":
+                    break
+                assert isinstance(item, dict)
+                if self.api.event_delay > 0:  # a slow stream: each live event waits
+                    w.cut.wait(min(self.api.event_delay, max(0.0, deadline - time.monotonic())))
+                    if w.cut.is_set():
+                        self._cut()
+                        return
+                    if time.monotonic() >= deadline:
+                        break  # the event stays unsent: a new watch from the last version gets it
+                self._chunk(item)
+                w.last_write = time.monotonic()
+            self.wfile.write(b"0\r\n\r\n")  # the end of a watch the server closes on purpose
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True  # the client went away
+        finally:
+            if w is not None:
+                self.api._close_watch(w)
+
+    def _chunk(self, event: Mapping[str, Any]) -> None:
+        line = json.dumps(event).encode() + b"\n"  # one JSON event per line
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+        self.wfile.flush()
+
+    def _cut(self) -> None:
+        """Half a chunk, then the connection goes: what a dropped connection looks like."""
+        self.close_connection = True
+        try:
+            self.wfile.write(b'80\r\n{"type":"MODIF')
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
