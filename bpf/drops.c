@@ -13,6 +13,11 @@
  * Cost:   a few bpf_probe_read_kernel() and two hash lookups per drop; nothing
  *         on packets that are not dropped.
  * Without kernel offsets (PNM_NO_KSTRUCT) every drop counts under the node.
+ *
+ * Drop events: while a drop trace of a pod is on (pnm_drop_trace, by slot),
+ * each of its drops also goes to the perf buffer pnm_drop_events with the
+ * dropping function's address and the first bytes from the network header,
+ * for `podnetmon drops`. Off, that costs nothing: the check runs on drops only.
  */
 #define PNM_DROP_NODE 0
 #define PNM_DROP_NETNS 1
@@ -36,6 +41,23 @@ struct pnm_drop_key {
 };
 
 BPF_PERCPU_HASH(pnm_drops, struct pnm_drop_key, __u64, PNM_DROP_KEYS);
+
+#define PNM_DROP_HDR 64
+
+struct pnm_drop_event {
+    __u64 ts;       /* bpf_ktime_get_ns() */
+    __u64 location; /* the address that dropped it (kfree_skb's caller) */
+    __u32 slot;
+    __u32 ifindex;  /* the skb's device, 0 if none */
+    __u16 reason;
+    __u16 protocol; /* the ethertype, as the tracepoint gives it */
+    __u16 hdr_len;  /* bytes of hdr that are the packet's, from its network header */
+    __u16 _pad;
+    __u8 hdr[PNM_DROP_HDR];
+};
+
+BPF_ARRAY(pnm_drop_trace, __u32, PNM_SLOTS);
+BPF_PERF_OUTPUT(pnm_drop_events);
 BPF_PERCPU_ARRAY(pnm_drops_lost, __u64, 1); /* drops not counted: the map was full */
 
 #ifndef PNM_NO_KSTRUCT
@@ -74,6 +96,37 @@ static __always_inline void pnm_attribute(__u64 skb, __u64 rx_sk, struct pnm_dro
 }
 #endif
 
+#ifndef PNM_NO_KSTRUCT
+static __always_inline void pnm_drop_event(void *ctx, __u64 skb, const struct pnm_drop_key *key,
+                                           __u64 location, __u16 protocol)
+{
+    __u32 slot = PNM_NODE_SLOT;
+    if (key->kind == PNM_DROP_NETNS)
+        slot = pnm_netns_slot(key->id);
+    else if (key->kind != PNM_DROP_IFINDEX || !pnm_slot_of(key->id, &slot))
+        return;
+    __u32 *on = pnm_drop_trace.lookup(&slot);
+    if (!on || !*on)
+        return;
+    struct pnm_drop_event ev = {};
+    ev.ts = bpf_ktime_get_ns();
+    ev.location = location;
+    ev.slot = slot;
+    ev.reason = key->reason;
+    ev.protocol = protocol;
+    __u64 dev = pnm_read_ptr(skb, PNM_OFF_SKB_DEV);
+    if (dev)
+        bpf_probe_read_kernel(&ev.ifindex, sizeof(ev.ifindex), (void *)(dev + PNM_OFF_DEV_IFINDEX));
+    __u64 head = pnm_read_ptr(skb, PNM_OFF_SKB_HEAD);
+    __u16 network = 0xffff;
+    bpf_probe_read_kernel(&network, sizeof(network), (void *)(skb + PNM_OFF_SKB_NETWORK_HEADER));
+    if (head && network != 0xffff &&
+        bpf_probe_read_kernel(ev.hdr, sizeof(ev.hdr), (void *)(head + network)) == 0)
+        ev.hdr_len = sizeof(ev.hdr);
+    pnm_drop_events.perf_submit(ctx, &ev, sizeof(ev));
+}
+#endif
+
 TRACEPOINT_PROBE(skb, kfree_skb)
 {
     struct pnm_drop_key key = {};
@@ -84,6 +137,9 @@ TRACEPOINT_PROBE(skb, kfree_skb)
 #else
     pnm_attribute((__u64)args->skbaddr, 0, &key);
 #endif
+#endif
+#ifndef PNM_NO_KSTRUCT
+    pnm_drop_event(args, (__u64)args->skbaddr, &key, (__u64)args->location, args->protocol);
 #endif
     __u64 zero = 0;
     __u64 *count = pnm_drops.lookup_or_try_init(&key, &zero);

@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ IFSLOTS_MAP = "pnm_ifslots"  # bpf/pnm.h: ifindex bucket -> {ifindex, slot}
 IFSLOT_SPILL_MAP = "pnm_ifslot_spill"  # ifindex -> slot, where the bucket was taken
 NETNS_MAP = "pnm_netns"  # a pod's netns inode -> the slot its tracepoint events count in
 IFSLOT_BUCKETS = 65536
+WAKEUP_EVENTS = 32  # perf events per reader wake-up
 
 
 class KernelError(Exception):
@@ -174,6 +175,7 @@ class Programs:
             raise CompileError(f"the BPF programs did not compile or load: {exc}",
                                probe=",".join(p.name for p in self.probes)) from None
         self.compile_seconds = time.monotonic() - started
+        self._perf_callbacks: list[tuple[Any, Any]] = []
         _release_compiler_memory()
         self._stats_fd = self._enable_stats() if bpf_stats else None
         self.maps = KernelMaps(self._check_maps())
@@ -221,6 +223,30 @@ class Programs:
                                probe=owner)
         return MapHandle(name, fd, info.key_size, info.value_size,
                          info.map_type in _PERCPU_MAP_TYPES, ncpus, info.max_entries)
+
+    def open_perf(self, name: str, callback: Callable[[bytes], None],
+                  lost: Callable[[int], None], pages: int) -> None:
+        """Read a BPF_PERF_OUTPUT map: each event's bytes to `callback`, overruns to `lost`.
+
+        Events are delivered by poll_perf(), from the one thread that calls it.
+        """
+        def on_event(_cpu: int, data: Any, size: int) -> None:
+            callback(ctypes.string_at(data, size))
+
+        def on_lost(count: int) -> None:
+            lost(int(count))
+
+        self._perf_callbacks.append((on_event, on_lost))  # BCC keeps only C pointers to them
+        # Wake the reader once per WAKEUP_EVENTS events, not for each: a wake-up per
+        # packet cost ~7 us of the traced packet's time (bench/RESULTS.md). poll_perf()
+        # drains what is left on each timeout, so a slow trace is not held back.
+        self._bpf[name.encode()].open_perf_buffer(on_event, page_cnt=pages, lost_cb=on_lost,
+                                                  wakeup_events=WAKEUP_EVENTS)
+
+    def poll_perf(self, timeout_ms: int) -> None:
+        """Deliver events: those that woke the reader, then whatever else is buffered."""
+        self._bpf.perf_buffer_poll(timeout_ms)
+        self._bpf.perf_buffer_consume()
 
     def stats_enabled(self) -> bool:
         if self._stats_fd is not None:

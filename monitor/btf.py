@@ -164,6 +164,8 @@ OFFSETS: dict[str, tuple[str, str]] = {
     "PNM_OFF_SKB_DEV": ("sk_buff", "dev"),
     "PNM_OFF_SKB_SK": ("sk_buff", "sk"),
     "PNM_OFF_SKB_CB": ("sk_buff", "cb"),
+    "PNM_OFF_SKB_HEAD": ("sk_buff", "head"),
+    "PNM_OFF_SKB_NETWORK_HEADER": ("sk_buff", "network_header"),
     "PNM_OFF_DEV_NET": ("net_device", "nd_net"),
     "PNM_OFF_DEV_IFINDEX": ("net_device", "ifindex"),
     "PNM_OFF_NET_INUM": ("net", "ns.inum"),

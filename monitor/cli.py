@@ -39,6 +39,25 @@ def _parser() -> argparse.ArgumentParser:
                       help="the daemon's listen address (host:port)")
     pods.add_argument("--json", action="store_true", help="print the daemon's JSON as it is")
 
+    trace = sub.add_parser("trace", help="a pod's packets as pcapng, from the daemon",
+                           description="Ask the daemon on this node for a trace of one pod; "
+                           "the pcapng goes to FILE (or stdout with -w -, e.g. | tshark -r -), "
+                           "progress to stderr.")
+    trace.add_argument("target", metavar="NAMESPACE/POD")
+    trace.add_argument("-w", "--write", default="-", metavar="FILE", help="where to write (- stdout)")
+    trace.add_argument("-d", "--duration", default="10s")
+    trace.add_argument("-f", "--filter", default="", help="a tcpdump (pcap-filter) expression")
+    trace.add_argument("-s", "--snaplen", type=int, default=0)
+    trace.add_argument("-c", "--count", type=int, default=0, help="stop after this many packets")
+    drops = sub.add_parser("drops", help="a pod's drop events as NDJSON, from the daemon")
+    drops.add_argument("target", metavar="NAMESPACE/POD")
+    drops.add_argument("-d", "--duration", default="60s")
+    drops.add_argument("-c", "--count", type=int, default=0, help="stop after this many events")
+    for p in (trace, drops):
+        p.add_argument("--address", default="127.0.0.1:9655", help="the daemon (host:port)")
+        p.add_argument("--token-file", default="", help="a file with the bearer token "
+                       "(else $PODNETMON_TOKEN)")
+
     lab = sub.add_parser("lab", help="simulated pods on this machine")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     up = lab_sub.add_parser("up", help="make N lab pods (beside any there are)")
@@ -68,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args)
     if args.command == "pods":
         return _pods(args)
+    if args.command in ("trace", "drops"):
+        from monitor import tracecli
+
+        return tracecli.main(args)
     return _lab(args)
 
 

@@ -53,13 +53,17 @@ class PodCollector(Collector):
             yield from probe.describe()
         yield from self._pod_info(describe=True)
         yield from self._monitor(describe=True)
+        yield self._lost_family({}, describe=True)
 
     def collect(self) -> Iterator[Metric]:
         scrape = Scrape(self._maps, self._state.snapshot.index, self._kernel, self._node,
                         self._node_slot)
+        lost: dict[str, float] = dict(self._state.lost_events())
         for probe in self._probes:
             try:
                 families = list(probe.collect(scrape))
+                for source, n in (probe.lost(scrape) if probe.lost else {}).items():
+                    lost[source] = lost.get(source, 0) + n
             except OSError as exc:
                 self._probe_errors += 1
                 self._log.error("probe maps unreadable", probe=probe.name, error=str(exc))
@@ -67,6 +71,20 @@ class PodCollector(Collector):
             yield from families
         yield from self._pod_info()
         yield from self._monitor()
+        yield self._lost_family(lost)
+
+    def _lost_family(self, lost: Mapping[str, float], describe: bool = False) -> CounterMetricFamily:
+        family = CounterMetricFamily(
+            "podnet_monitor_lost_events", "Events the monitor could not count or deliver: "
+            "drops (the drop map was full), capture and drop_events (a trace's perf buffer "
+            "overran).", labels=["source"])
+        if not describe:
+            # capture and drop_events are the daemon's own counts, always there; a probe's
+            # source is left out of a scrape that could not read it (never shown as 0,
+            # which Prometheus would take for a counter reset)
+            for source in sorted({"capture", "drop_events", *lost}):
+                family.add_metric([source], lost.get(source, 0))
+        return family
 
     def _pod_info(self, describe: bool = False) -> Iterator[Metric]:
         info = GaugeMetricFamily("podnet_pod_info", "A monitored pod: always 1; its labels "

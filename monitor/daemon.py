@@ -14,12 +14,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client.registry import CollectorRegistry
 
 from monitor import kernelinfo, log
+from monitor.alerts import AlertCaptures
+from monitor.auth import Authenticator, authenticator
+from monitor.capture import CaptureManager, Limits
 from monitor.collector import PodCollector
+from monitor.kallsyms import Symbols
 from monitor.metadata import MetadataSource
 from monitor.metadata.static import InventoryError, NoMetadata, StaticInventory
 from monitor.probes import RegistryError, select
@@ -30,6 +34,8 @@ from monitor.server import Api, Server
 from monitor.settings import Settings
 from monitor.slots import SlotTable
 from monitor.state import MonitorState
+from monitor.store import CaptureStore
+from monitor.traceapi import TraceApi
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -140,9 +146,17 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
                 on_exit=netlink.close, sweep=sweep if sweeps else None,
                 sweep_interval=settings.sweep_interval)
     worker = threading.Thread(target=loop.run, args=(stop,), name="reconcile")
+    traces = _traces(settings, programs, maps, state, kernel)
+    try:
+        authenticator = _authenticator(settings)
+    except ConfigError as exc:
+        logger.error("bad configuration", error=str(exc))
+        programs.close()
+        return EXIT_USAGE
     try:
         server = Server(settings.listen_host, settings.listen_port,
-                        Api(registry, state, settings.node_name, alive=worker.is_alive))
+                        Api(registry, state, settings.node_name, alive=worker.is_alive,
+                            auth=authenticator, extensions=traces))
     except OSError as exc:
         logger.error("cannot listen", address=settings.listen, error=exc.strerror)
         programs.close()
@@ -161,12 +175,46 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
     worker.start()
     while worker.is_alive():
         worker.join(timeout=1.0)
+    if traces is not None:
+        traces.captures.stop()
     server.stop()
     if isinstance(metadata, KubernetesLike):
         metadata.stop()
     programs.close()
     logger.info("stopped")
     return EXIT_OK
+
+
+def _traces(settings: Settings, programs: Any, maps: Any, state: MonitorState,
+            kernel: kernelinfo.KernelInfo) -> TraceApi | None:
+    """The capture machinery, if the trace probe is loaded."""
+    if not any(p.name == "trace" for p in programs.probes):
+        return None
+    limits = Limits(max_duration=settings.trace_max_duration,
+                    default_duration=min(10.0, settings.trace_max_duration),
+                    max_packets=settings.trace_max_packets, max_bytes=settings.trace_max_bytes,
+                    max_snaplen=settings.trace_max_snaplen, default_snaplen=settings.trace_snaplen,
+                    per_node=settings.traces_per_node, per_pod=settings.traces_per_pod)
+    captures = CaptureManager(programs, maps, limits, lambda: state.snapshot.index,
+                              settings.node_name, drop_reason=kernel.drop_reason,
+                              symbol=Symbols().resolve, on_lost=state.count_lost)
+    store = CaptureStore(settings.capture_dir, max_files=settings.capture_max_files,
+                         max_bytes=settings.capture_max_bytes)
+    return TraceApi(captures, store, AlertCaptures(captures, store, settings.node_name),
+                    settings.node_name)
+
+
+def _authenticator(settings: Settings) -> Authenticator:
+    def api_client() -> Any:
+        from monitor.metadata import kubernetes
+
+        return kubernetes.api_client(settings.kubeconfig).api_client
+
+    try:
+        return authenticator(settings.auth, token_file=settings.auth_token_file,
+                             api_client_factory=api_client)
+    except Exception as exc:  # noqa: BLE001 - the client's config errors have no common base
+        raise ConfigError(f"cannot set up authentication: {exc}") from None
 
 
 def probe_states(wanted: Sequence[Probe], notes: Mapping[str, str]) -> dict[str, str]:

@@ -109,9 +109,10 @@ class IdentityIndex:
         self._by_ifindex: Mapping[int, Pod] = {
             veth.ifindex: pod for pod in self._pods for veth in pod.interfaces}
         self._by_netns: Mapping[int, Pod] = {pod.netns_inode: pod for pod in self._pods}
+        self._slot_of: Mapping[int, int] = {
+            ifindex: slot for ifindex, slot in (slots or {}).items() if ifindex in self._by_ifindex}
         self._slots: tuple[tuple[int, Pod], ...] = tuple(
-            (slot, self._by_ifindex[ifindex]) for ifindex, slot in sorted((slots or {}).items())
-            if ifindex in self._by_ifindex)
+            (slot, self._by_ifindex[ifindex]) for ifindex, slot in sorted(self._slot_of.items()))
 
     def pods(self) -> tuple[Pod, ...]:
         return self._pods
@@ -121,6 +122,10 @@ class IdentityIndex:
 
     def by_netns(self, inode: int) -> Pod | None:
         return self._by_netns.get(inode)
+
+    def slot_of(self, ifindex: int) -> int | None:
+        """The counter slot of an attached interface."""
+        return self._slot_of.get(ifindex)
 
     def slots(self) -> tuple[tuple[int, Pod], ...]:
         """(slot, pod) for every attached interface: where the TC counters are."""

@@ -1,100 +1,210 @@
 """The one HTTP listener: /metrics, /healthz, /readyz and /api/v1/.
 
 A small router over the standard library's threading server: each request
-gets a thread, so a slow client cannot hold up a scrape.
+gets a thread, so a long capture or a slow client cannot hold up a scrape.
+Everything that returns packet contents or drop details, or starts a
+capture, is authorized first (monitor/auth.py); bad requests get a 4xx with
+the reason, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from monitor import __version__, log
+from monitor.auth import Access, Authenticator, AuthError, NoAuth, Request
 from monitor.state import MonitorState
 
-Route = Callable[["Handler"], None]
+MAX_BODY = 1 << 20  # an Alertmanager notification is a few KB; refuse what is not
+DRAIN_MAX = 8 << 20  # an oversized body up to this is read and dropped, so the client gets our 413
+_NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a DNS-1123 label
+_POD_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a DNS-1123 subdomain
+
+
+class RequestError(Exception):
+    """A request we answer with a 4xx and this reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+Params = Mapping[str, str]
+Handler_ = Callable[["Handler", Params, Mapping[str, str]], None]
 
 
 class Api:
-    """The routes, bound to the daemon's registry and state."""
+    """The routes, bound to the daemon's registry, state and capture machinery."""
 
     def __init__(self, registry: CollectorRegistry, state: MonitorState, node: str,
-                 alive: Callable[[], bool]) -> None:
+                 alive: Callable[[], bool], *, auth: Authenticator | None = None,
+                 extensions: Any = None) -> None:
         self.registry, self.state, self.node, self.alive = registry, state, node, alive
-        self.routes: dict[str, Route] = {
-            "/metrics": self.metrics,
-            "/healthz": self.healthz,
-            "/readyz": self.readyz,
-            "/api/v1/pods": self.pods,
-        }
+        self.auth: Authenticator = auth or NoAuth()
+        self.routes: list[tuple[str, re.Pattern[str], Handler_]] = []
+        self._no_head: set[re.Pattern[str]] = set()
+        self.route("GET", "/metrics", self.metrics)
+        self.route("GET", "/healthz", self.healthz)
+        self.route("GET", "/readyz", self.readyz)
+        self.route("GET", "/api/v1/pods", self.pods)
+        if extensions is not None:
+            extensions.register(self)
 
-    def metrics(self, h: Handler) -> None:
+    def route(self, method: str, pattern: str, handler: Handler_, *, head: bool = True) -> None:
+        """`pattern` is a path with {name} parts (no slashes in them). head=False: HEAD is
+        refused, for GET routes that start something (a trace) or stream a body."""
+        regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "/?$")
+        self.routes.append((method, regex, handler))
+        if not head:
+            self._no_head.add(regex)
+
+    def head_allowed(self, regex: re.Pattern[str]) -> bool:
+        return regex not in self._no_head
+
+    def authorize(self, h: Handler, access: Access) -> str:
+        request = Request(h.command, urlsplit(h.path).path, dict(h.headers.items()))
+        return self.auth.check(request, access)
+
+    # -- the unprotected routes ------------------------------------------------------------
+
+    def metrics(self, h: Handler, _p: Params, _q: Mapping[str, str]) -> None:
         encoder, content_type = choose_encoder(h.headers.get("Accept", ""))
         h.reply(HTTPStatus.OK, encoder(self.registry), content_type)
 
-    def healthz(self, h: Handler) -> None:
+    def healthz(self, h: Handler, _p: Params, _q: Mapping[str, str]) -> None:
         if self.alive():
             h.reply(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8")
         else:
             h.reply(HTTPStatus.SERVICE_UNAVAILABLE, b"reconciler not running\n",
                     "text/plain; charset=utf-8")
 
-    def readyz(self, h: Handler) -> None:
+    def readyz(self, h: Handler, _p: Params, _q: Mapping[str, str]) -> None:
         if self.state.ready and self.alive():
             h.reply(HTTPStatus.OK, b"ready\n", "text/plain; charset=utf-8")
         else:
             h.reply(HTTPStatus.SERVICE_UNAVAILABLE, b"first discovery and attach not done\n",
                     "text/plain; charset=utf-8")
 
-    def pods(self, h: Handler) -> None:
+    def pods(self, h: Handler, _p: Params, _q: Mapping[str, str]) -> None:
         snapshot = self.state.snapshot
         h.reply_json(HTTPStatus.OK, {"node": self.node, "time": time.time(),
                                      "pods": [p.as_json() for p in snapshot.pods]})
+
+
+def pod_params(params: Params) -> tuple[str, str]:
+    namespace, pod = params.get("namespace", ""), params.get("pod", "")
+    if not _NAMESPACE_RE.fullmatch(namespace):
+        raise RequestError(400, f"{namespace[:70]!r} is not a namespace name")
+    if not _POD_RE.fullmatch(pod):
+        raise RequestError(400, f"{pod[:70]!r} is not a pod name")
+    return namespace, pod
+
+
+def int_param(query: Mapping[str, str], name: str, limit: int) -> int:
+    raw = query.get(name, "")
+    if not raw:
+        return 0
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or int(raw) > limit:
+        raise RequestError(400, f"{name}={raw[:20]!r}: a whole number up to {limit}")
+    return int(raw)
 
 
 class Handler(BaseHTTPRequestHandler):
     server_version = f"podnetmon/{__version__}"
     api: Api  # set on the subclass made per server
 
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        route = self.api.routes.get(path.rstrip("/") or "/")
-        if route is None:
-            self.reply_json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {path[:200]}",
-                                                   "endpoints": sorted(self.api.routes)})
+    def _dispatch(self) -> None:
+        parts = urlsplit(self.path)
+        path = parts.path
+        methods_here = []
+        for method, regex, handler in self.api.routes:
+            match = regex.match(path)
+            if match is None:
+                continue
+            methods_here.append(method)
+            head = method == "GET" and self.command == "HEAD" and self.api.head_allowed(regex)
+            if method != self.command and not head:
+                continue
+            try:
+                query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+                handler(self, match.groupdict(), query)
+            except AuthError as exc:
+                self.reply_json(exc.status, {"error": exc.reason}, exc.headers)
+            except RequestError as exc:
+                self.reply_json(exc.status, {"error": exc.reason})
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client left; nothing to answer
             return
-        route(self)
+        if methods_here:
+            allowed = sorted(set(methods_here))
+            self.reply_json(HTTPStatus.METHOD_NOT_ALLOWED,
+                            {"error": f"{self.command} not allowed here", "allowed": allowed},
+                            {"Allow": ", ".join(allowed)})
+            return
+        self.reply_json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {path[:200]}"})
 
-    def do_HEAD(self) -> None:
-        self.do_GET()
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch  # noqa: N815
 
-    def _not_allowed(self) -> None:
-        self.reply_json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.command} not allowed"})
+    def body(self) -> bytes:
+        """The request body, refused past MAX_BODY before it is read."""
+        raw = self.headers.get("Content-Length", "")
+        if not (raw.isascii() and raw.isdigit()):
+            raise RequestError(411, "a Content-Length is required")
+        length = int(raw)
+        if length > MAX_BODY:
+            if length <= DRAIN_MAX:  # read it away: a client still sending would see a reset
+                while length > 0:
+                    length -= len(self.rfile.read(min(length, 1 << 16)) or b"x" * length)
+            self.close_connection = True
+            raise RequestError(413, f"the body is {raw} bytes; at most {MAX_BODY}")
+        return self.rfile.read(length)
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = _not_allowed  # noqa: N815
-
-    def reply(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+    def reply(self, status: int, body: bytes, content_type: str,
+              headers: Mapping[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def reply_json(self, status: HTTPStatus, doc: Any) -> None:
-        self.reply(status, json.dumps(doc, indent=1).encode() + b"\n", "application/json")
+    def reply_json(self, status: int, doc: Any, headers: Mapping[str, str] | None = None) -> None:
+        self.reply(status, json.dumps(doc, indent=1, default=_jsonable).encode() + b"\n",
+                   "application/json", headers)
+
+    def start_stream(self, content_type: str, headers: Mapping[str, str] | None = None) -> None:
+        """Headers of a response whose length is not known: the body ends at close."""
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         return  # never a log line per request or scrape
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    return str(value)
 
 
 class Server:

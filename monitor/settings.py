@@ -19,6 +19,7 @@ from typing import Any
 ENV_PREFIX = "PODNETMON_"
 ATTACH_MODES = ("auto", "tc", "tcx")
 METADATA_SOURCES = ("auto", "kubernetes", "inventory", "none")
+AUTH_MODES = ("auto", "token", "kubernetes", "none")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -124,6 +125,31 @@ class Settings:
         "Off by default: the timing itself costs ~20-30 ns per packet.", default=False)
     probes: tuple[str, ...] = _doc("The probes to load; see `podnetmon run --help`. Empty "
                                    "means every probe.", default=())
+    auth: str = _doc(
+        "Who may read packets and drop details: token (a bearer token from --auth-token-file), "
+        "kubernetes (TokenReview + SubjectAccessReview against the API), none (nobody), or "
+        "auto: token if a file is given, else kubernetes in a cluster, else none.",
+        default="auto")
+    auth_token_file: str = _doc("A file holding the bearer token for auth=token; re-read when "
+                                "it changes, so it can be rotated.", default="")
+    capture_dir: str = _doc("Where captures started by alerts are stored (0700; files 0600).",
+                            default="/var/lib/podnetmon/captures")
+    capture_max_files: int = _doc("Stored captures kept at most; the oldest go first.",
+                                  default=20)
+    capture_max_bytes: int = _doc("Bytes of stored captures kept at most; the oldest go "
+                                  "first.", default=500 << 20)
+    trace_max_duration: float = _doc("The longest trace anyone may ask for, in seconds.",
+                                     default=300.0)
+    trace_max_packets: int = _doc("Packets (or drop events) a trace may take at most.",
+                                  default=1_000_000)
+    trace_max_bytes: int = _doc("Bytes of packets a trace may take at most.", default=1 << 30)
+    trace_snaplen: int = _doc(
+        "Bytes copied of each packet unless a trace asks otherwise: one MTU, headers and the "
+        "start of the payload; each copied byte costs on the packet's path.", default=1500)
+    trace_max_snaplen: int = _doc("The largest snap length a trace may ask for (a perf event "
+                                  "holds at most 64 KiB).", default=65000)
+    traces_per_node: int = _doc("Traces running at once on the node, at most.", default=4)
+    traces_per_pod: int = _doc("Traces of one pod running at once, at most.", default=2)
     log_level: str = _doc("debug, info, warning or error.", default="info")
     log_format: str = _doc("auto (JSON unless stderr is a terminal), json or console.",
                            default="auto")
@@ -160,6 +186,18 @@ def _validate(s: Settings) -> None:
         if other != label:
             raise SettingsError(f"pod_labels: {other!r} and {label!r} would both be exported "
                                 f"as {prometheus_label(label)}")
+    if s.auth not in AUTH_MODES:
+        raise SettingsError(f"auth: {s.auth!r} is not one of {', '.join(AUTH_MODES)}")
+    if s.auth == "token" and not s.auth_token_file:
+        raise SettingsError("auth: token needs --auth-token-file PATH")
+    if not 14 <= s.trace_snaplen <= s.trace_max_snaplen <= 65000:
+        raise SettingsError("trace_snaplen and trace_max_snaplen: need 14 <= snaplen <= max <= 65000")
+    if not 0 < s.trace_max_duration <= 86400:
+        raise SettingsError(f"trace_max_duration: {s.trace_max_duration} s is outside (0, 86400]")
+    for name in ("trace_max_packets", "trace_max_bytes", "traces_per_node", "traces_per_pod",
+                 "capture_max_files", "capture_max_bytes"):
+        if getattr(s, name) < 1:
+            raise SettingsError(f"{name}: {getattr(s, name)} must be at least 1")
     if s.attach_mode not in ATTACH_MODES:
         raise SettingsError(f"attach_mode: {s.attach_mode!r} is not one of {', '.join(ATTACH_MODES)}")
     if s.log_format not in LOG_FORMATS:
@@ -183,7 +221,7 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"max_interfaces: {s.max_interfaces} is outside 16..65536")
     if not s.pause_comm or len(s.pause_comm) > 15:
         raise SettingsError("pause_comm: must be 1 to 15 characters (the kernel's comm length)")
-    for name in ("proc_root", "bpffs_root", "tracefs_root", "btf_path"):
+    for name in ("proc_root", "bpffs_root", "tracefs_root", "btf_path", "capture_dir"):
         if not os.path.isabs(getattr(s, name)):
             raise SettingsError(f"{name}: {getattr(s, name)!r} must be an absolute path")
     for name in ("netns_dirs", "runtime_dirs"):

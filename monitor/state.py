@@ -66,6 +66,7 @@ class MonitorState:
         self.reconcile_seconds = 0.0
         self.last_reconcile_error = ""
         self.series_dropped = 0
+        self._lost: dict[str, int] = {}
 
     def publish(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
@@ -73,6 +74,14 @@ class MonitorState:
     def count_attach_error(self) -> None:
         with self._lock:
             self.attach_errors += 1
+
+    def count_lost(self, source: str, count: int) -> None:
+        with self._lock:
+            self._lost[source] = self._lost.get(source, 0) + count
+
+    def lost_events(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._lost)
 
     def count_series_dropped(self) -> None:
         with self._lock:

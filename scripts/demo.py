@@ -109,10 +109,14 @@ def main() -> int:
         print(f"demo: traffic: {tcp_client.name} -> {server.name} TCP 200 Mbit/s, "
               f"{pinger.name} pings, {udp_client.name} -> {server.name} UDP 2 Mbit/s")
 
+        token = work / "token"  # traces need a bearer token; this one lives as long as the demo
+        token.write_text(os.urandom(16).hex())
+        token.chmod(0o600)
         log = (work / "monitor.log").open("wb")
         monitor = subprocess.Popen(
             [sys.executable, "-m", "monitor", "run", "--inventory", str(lab.inventory),
-             "--listen", args.listen, "--bpf-stats", "true"], cwd=ROOT, stdout=log, stderr=log)
+             "--listen", args.listen, "--bpf-stats", "true", "--auth-token-file", str(token),
+             "--capture-dir", str(work / "captures")], cwd=ROOT, stdout=log, stderr=log)
         _wait_http(f"http://{args.listen}/readyz", 60)
         print(f"demo: podnetmon is up; its log: {work / 'monitor.log'}")
 
@@ -133,6 +137,8 @@ demo: everything runs. Where to look:
   pods        .venv/bin/podnetmon pods --address {args.listen}
   Prometheus  http://{args.prometheus}/graph
   PromQL      {RATE_QUERY}
+  trace       .venv/bin/podnetmon trace lab/{pinger.name} -d 5s -f icmp --address {args.listen} \\
+                --token-file {token} -w - | tshark -r -
 Ctrl-C tears everything down.
 """, flush=True)
         started = time.monotonic()

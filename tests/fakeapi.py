@@ -1,10 +1,13 @@
 """A local fake of the Kubernetes API server's pod list and watch, for the real client.
 
-Only what a node-scoped pod watcher uses is here, each piece as the API server does it:
+Only what a node-scoped pod watcher and an authenticating proxy use is here, each piece
+as the API server does it:
 
     GET /api/v1/pods[?fieldSelector=spec.nodeName=N]               -> a PodList
     GET /api/v1/pods?watch=true[&resourceVersion=R][&allowWatchBookmarks=true]
                     [&timeoutSeconds=T][&fieldSelector=...]        -> a chunked event stream
+    POST /apis/authentication.k8s.io/v1/tokenreviews               -> the TokenReview, with status
+    POST /apis/authorization.k8s.io/v1/subjectaccessreviews        -> the SubjectAccessReview, with status
 
 Every change bumps one global resourceVersion (as etcd's revision does for every
 object kind) and goes to an event log; `compact()` forgets the log as etcd
@@ -19,6 +22,12 @@ live event waits that long before it is written; what a watch starts with does n
 a client that reconnects from its last version catches up at once), fail_next(),
 requests. Nothing validates pods on purpose: add() takes objects a real API server
 would refuse, so clients can be tested against them.
+
+Reviews: add_token() makes a token known (as a user with groups; any other token is
+not authenticated), grant() allows a (user or group, verb, namespace, resource,
+subresource, name), "" or "*" in a field meaning any, as a SubjectAccessReview sees
+it; deny_reason is the reason a denial gives. fail_next() fails reviews too. Every
+POST body is kept in `bodies`; token_reviews() and access_reviews() list them.
 
     server = FakeApiServer(node="node-a")
     server.start()
@@ -44,6 +53,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 PODS_PATH = "/api/v1/pods"
+AUTHN_REVIEWS_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
+AUTHZ_REVIEWS_PATH = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
 FIRST_RESOURCE_VERSION = 100  # any start will do; not 0, which means "any version" to the API
 POLL = 0.05  # how often a waiting watch checks whether its client went away
 
@@ -58,6 +69,7 @@ OWNER_API_VERSIONS = {"ReplicaSet": "apps/v1", "StatefulSet": "apps/v1", "Daemon
                       "Node": "v1", "ReplicationController": "v1"}
 
 Pod = dict[str, Any]
+Grant = tuple[str, str, str, str, str, str]  # (user or group, verb, namespace, resource, subresource, name)
 
 
 def status(code: int, message: str) -> dict[str, Any]:
@@ -155,6 +167,10 @@ class FakeApiServer:
         self._stopping = False
         self._http: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.tokens: dict[str, tuple[str, tuple[str, ...]]] = {}  # token -> (user, groups)
+        self.grants: set[Grant] = set()
+        self.deny_reason: str | None = None  # None: a sentence naming what was asked
+        self.bodies: list[tuple[str, Any]] = []  # (path, JSON body) of every review POSTed
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -303,6 +319,23 @@ class FakeApiServer:
         with self._cond:
             self._failures.extend([status] * n)
 
+    def add_token(self, token: str, user: str, groups: Sequence[str] = ()) -> None:
+        """A TokenReview of `token` answers: authenticated as `user`, in `groups`."""
+        with self._cond:
+            self.tokens[token] = (user, tuple(groups))
+
+    def grant(self, subject: str, verb: str = "", namespace: str = "", resource: str = "pods",  # noqa: PLR0917
+              subresource: str = "", name: str = "") -> None:
+        """Allow a user or group something; "" or "*" in any field allows any value there."""
+        with self._cond:
+            self.grants.add((subject, verb, namespace, resource, subresource, name))
+
+    def token_reviews(self) -> list[dict[str, Any]]:
+        return [b for p, b in list(self.bodies) if p == AUTHN_REVIEWS_PATH]
+
+    def access_reviews(self) -> list[dict[str, Any]]:
+        return [b for p, b in list(self.bodies) if p == AUTHZ_REVIEWS_PATH]
+
     @property
     def open_watches(self) -> int:
         with self._cond:
@@ -321,6 +354,46 @@ class FakeApiServer:
     def _next_failure(self) -> int | None:
         with self._cond:
             return self._failures.popleft() if self._failures else None
+
+    def _token_review(self, review: dict[str, Any]) -> dict[str, Any]:
+        """The review with its status, as the API server answers (the spec is echoed)."""
+        token = str((review.get("spec") or {}).get("token") or "")
+        with self._cond:
+            known = self.tokens.get(token)
+        answer = {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                  "metadata": {"creationTimestamp": None}, "spec": review.get("spec") or {}}
+        if known is None:
+            answer["status"] = {"authenticated": False, "user": {}, "error": "invalid bearer token"}
+        else:
+            user, groups = known
+            answer["status"] = {"authenticated": True, "audiences": ["https://kubernetes.default.svc"],
+                                "user": {"username": user, "groups": list(groups),
+                                         "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"user/{user}"))}}
+        return answer
+
+    def _access_review(self, review: dict[str, Any]) -> dict[str, Any]:
+        """Allowed when some grant matches the user or one of the groups, and every field."""
+        spec = review.get("spec") or {}
+        attrs = spec.get("resourceAttributes")
+        subjects = {str(spec.get("user") or "")} | {str(g) for g in spec.get("groups") or []}
+        allowed = False
+        if isinstance(attrs, dict):
+            asked = [str(attrs.get(f) or "") for f in ("verb", "namespace", "resource", "subresource",
+                                                         "name")]
+            with self._cond:
+                grants = list(self.grants)
+            allowed = any(_grant_allows(g, subjects, asked) for g in grants)
+        answer = {"kind": "SubjectAccessReview", "apiVersion": "authorization.k8s.io/v1",
+                  "metadata": {"creationTimestamp": None}, "spec": spec}
+        if allowed:
+            answer["status"] = {"allowed": True, "reason": "allowed by a fake grant"}
+        else:
+            reason = self.deny_reason
+            if reason is None and isinstance(attrs, dict):
+                reason = (f"no grant allows {attrs.get('verb')} {attrs.get('resource')}/"
+                          f"{attrs.get('subresource')} in namespace \"{attrs.get('namespace') or ''}\"")
+            answer["status"] = {"allowed": False, **({"reason": reason} if reason else {})}
+        return answer
 
     def _list(self, node: str | None) -> dict[str, Any]:
         with self._cond:
@@ -376,6 +449,13 @@ class FakeApiServer:
                 if _peer_gone(peer):
                     return "end"
                 self._cond.wait(min(POLL, deadline - now))
+
+
+def _grant_allows(grant: Grant, subjects: set[str], asked: Sequence[str]) -> bool:
+    """Whether a grant covers a review: its subject is the user or a group, every field fits."""
+    subject, *fields = grant
+    return ((subject in ("", "*") or subject in subjects)
+            and all(want in ("", "*") or want == got for want, got in zip(fields, asked, strict=True)))
 
 
 def _peer_gone(sock: socket.socket) -> bool:
@@ -438,7 +518,28 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(405, status(405, "the fake API server only serves GET"))
 
     def do_POST(self) -> None:
-        self._not_served()
+        url = urlsplit(self.path)
+        review = {AUTHN_REVIEWS_PATH: self.api._token_review,
+                  AUTHZ_REVIEWS_PATH: self.api._access_review}.get(url.path)
+        if review is None:
+            self._not_served()
+            return
+        query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        self.api.requests.append(("POST", url.path, query))
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        self.api.bodies.append((url.path, body))
+        failure = self.api._next_failure()
+        if failure is not None:
+            self._send_json(failure, status(failure, f"injected failure {failure}"))
+            return
+        if not isinstance(body, dict):
+            self._send_json(400, status(400, "the body is not a JSON object"))
+            return
+        self._send_json(201, review(body))  # created, as every create answers
 
     def do_PUT(self) -> None:
         self._not_served()

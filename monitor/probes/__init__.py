@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from monitor.probes import dns, drops, handshake, packets, retransmits, rtt, tcpflags
+from monitor.probes import dns, drops, handshake, packets, retransmits, rtt, tcpflags, trace
 from monitor.probes.base import Probe
 
 
@@ -37,6 +37,7 @@ REGISTRY: Mapping[str, Probe] = _registry([
     drops.PROBE,
     retransmits.PROBE,
     rtt.PROBE,
+    trace.PROBE,
 ])
 
 

@@ -92,6 +92,8 @@ class Probe:
     sweep: Callable[[Sweep], None] | None = None
     # delete keys of a gone pod's netns (None: the pod lives on) and of detached ifindexes
     forget: Callable[[MapWriter, int | None, Sequence[int]], None] | None = None
+    # events the probe could not count, by source (podnet_monitor_lost_events_total)
+    lost: Callable[[Scrape], Mapping[str, int]] | None = None
 
 
 TIMED_OUT = 1 << 63  # bpf/pnm.h PNM_TIMED_OUT

@@ -14,7 +14,18 @@ from monitor.maps import decode
 from monitor.probes.base import NODE_NAMESPACE, CounterSum, MapLayout, MapWriter, Probe, Scrape
 
 MAP, LOST = "pnm_drops", "pnm_drops_lost"
+TRACE, EVENTS = "pnm_drop_trace", "pnm_drop_events"  # the per-slot switch, the perf buffer
 KIND_NODE, KIND_NETNS, KIND_IFINDEX = 0, 1, 2
+
+
+class DropEvent(ctypes.Structure):
+    """struct pnm_drop_event."""
+
+    _fields_ = [("ts", ctypes.c_uint64), ("location", ctypes.c_uint64),
+                ("slot", ctypes.c_uint32), ("ifindex", ctypes.c_uint32),
+                ("reason", ctypes.c_uint16), ("protocol", ctypes.c_uint16),
+                ("hdr_len", ctypes.c_uint16), ("_pad", ctypes.c_uint16),
+                ("hdr", ctypes.c_uint8 * 64)]
 
 
 class DropKey(ctypes.Structure):
@@ -24,19 +35,15 @@ class DropKey(ctypes.Structure):
                 ("_pad", ctypes.c_uint8)]
 
 
-def _families() -> tuple[CounterMetricFamily, CounterMetricFamily]:
-    return (
-        CounterMetricFamily(
-            "podnet_drops", "Packets the kernel dropped, by its drop reason (the running "
-            "kernel's names). namespace=_node: drops that belong to no pod.",
-            labels=["namespace", "pod", "reason"]),
-        CounterMetricFamily("podnet_monitor_lost_events", "Events the monitor could not "
-                            "count (source=drops: the drop map was full).", labels=["source"]),
-    )
+def _family() -> CounterMetricFamily:
+    return CounterMetricFamily(
+        "podnet_drops", "Packets the kernel dropped, by its drop reason (the running "
+        "kernel's names). namespace=_node: drops that belong to no pod.",
+        labels=["namespace", "pod", "reason"])
 
 
 def collect(scrape: Scrape) -> Iterator[Metric]:
-    drops, lost = _families()
+    drops = _family()
     sums = CounterSum()
     node = (NODE_NAMESPACE, scrape.node)
     for raw_key, raw_value in scrape.maps.items(MAP):
@@ -52,14 +59,17 @@ def collect(scrape: Scrape) -> Iterator[Metric]:
         sums.add((*owner, scrape.kernel.drop_reason(key.reason)), count)
     for labels, value in sums.items():
         drops.add_metric(labels, value)
-    raw_lost = scrape.maps.lookup(LOST, struct.pack("=I", 0))
-    lost.add_metric(["drops"], struct.unpack("=Q", raw_lost)[0] if raw_lost else 0)
     yield drops
-    yield lost
+
+
+def lost(scrape: Scrape) -> dict[str, int]:
+    """Drops not counted because the map was full (podnet_monitor_lost_events_total)."""
+    raw = scrape.maps.lookup(LOST, struct.pack("=I", 0))
+    return {"drops": struct.unpack("=Q", raw)[0] if raw else 0}
 
 
 def describe() -> Iterator[Metric]:
-    yield from _families()
+    yield _family()
 
 
 def forget(maps: MapWriter, netns: int | None, ifindexes: Sequence[int]) -> None:
@@ -84,9 +94,11 @@ PROBE = Probe(
     tracepoints=("skb:kfree_skb",),
     needs_offsets=True,
     degraded="without kernel struct offsets every drop counts under the node",
-    maps={MAP: MapLayout(DropKey, ctypes.c_uint64), LOST: MapLayout(ctypes.c_uint32, ctypes.c_uint64)},
+    maps={MAP: MapLayout(DropKey, ctypes.c_uint64), LOST: MapLayout(ctypes.c_uint32, ctypes.c_uint64),
+          TRACE: MapLayout(ctypes.c_uint32, ctypes.c_uint32, per_slot=True)},
     collect=collect,
     describe=describe,
     cflags=cflags,
     forget=forget,
+    lost=lost,
 )

@@ -18,7 +18,8 @@ def test_no_btf_degrades_as_stated(lab: Lab, daemons: list[Daemon]) -> None:
     states = {dict(ls)["probe"]: dict(ls)["state"] for (n, ls) in m.samples
               if n == "podnet_monitor_probe_state"}
     assert states == {"packets": "loaded", "tcpflags": "loaded", "handshake": "loaded",
-                      "dns": "loaded", "drops": "degraded", "retransmits": "off", "rtt": "off"}
+                      "dns": "loaded", "drops": "degraded", "retransmits": "off", "rtt": "off",
+                      "trace": "loaded"}
     assert not m.has("podnet_tcp_retransmits_total")
     warnings = [e for e in daemon.log_events() if e.get("event") == "probe limited on this kernel"]
     assert {e["probe"] for e in warnings} == {"drops", "retransmits", "rtt"}

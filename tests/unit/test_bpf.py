@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.metrics_core import Metric
 
-from monitor import bpf
+from monitor import bpf, btf
 from monitor.probes import REGISTRY, select
 from monitor.probes.base import MapLayout, Probe, Scrape
 from tests.unit.fakes import HOST_NETNS, OFFSETS, kernel, no_offsets_kernel
@@ -46,9 +46,15 @@ def test_cflags_with_offsets() -> None:
         "-DPNM_MAX_INTERFACES=256", "-DPNM_IFSLOT_BUCKETS=65536", f"-DPNM_HOST_NETNS={HOST_NETNS}",
         "-Wno-macro-redefined",
         "-DPNM_OFF_DEV_IFINDEX=224", "-DPNM_OFF_DEV_NET=264", "-DPNM_OFF_NET_INUM=176",
-        "-DPNM_OFF_SKB_CB=40", "-DPNM_OFF_SKB_DEV=16", "-DPNM_OFF_SKB_SK=24",
+        "-DPNM_OFF_SKB_CB=40", "-DPNM_OFF_SKB_DEV=16", "-DPNM_OFF_SKB_HEAD=192",
+        "-DPNM_OFF_SKB_NETWORK_HEADER=180", "-DPNM_OFF_SKB_SK=24",
         "-DPNM_OFF_SK_NET=48", "-DPNM_OFF_TCB_GSO_SEGS=8", "-DPNM_OFF_TCP_SRTT=1680"]
     assert len([f for f in flags if f.startswith("-DPNM_OFF_")]) == len(OFFSETS)
+
+
+def test_the_fake_kernel_has_every_offset_the_c_code_reads() -> None:
+    # A fake kernel "with BTF" must define every -D the C code uses, as the real one does.
+    assert set(OFFSETS) == set(btf.OFFSETS)
 
 
 def test_cflags_without_offsets() -> None:
@@ -109,7 +115,8 @@ def test_everything_loads_on_a_kernel_with_offsets_and_tracepoints() -> None:
 def test_without_offsets() -> None:
     problem = "/sys/kernel/btf/vmlinux: No such file or directory"
     keep, notes = bpf.loadable(select([]), no_offsets_kernel(tracepoints=ALL_TRACEPOINTS))
-    assert [p.name for p in keep] == ["packets", "tcpflags", "handshake", "dns", "drops"]
+    # trace needs no offsets (it copies from the TC programs), so it loads too
+    assert [p.name for p in keep] == ["packets", "tcpflags", "handshake", "dns", "drops", "trace"]
     assert notes == {
         "drops": "degraded: without kernel struct offsets every drop counts under the node "
                  f"({problem})",
@@ -201,6 +208,7 @@ def test_compose_source_of_the_real_probes() -> None:
 
 def test_compose_source_calls_every_tc_hook_of_the_registry() -> None:
     source = bpf.compose_source(select([]))
-    assert dispatcher_calls(source) == ["packets_tc", "tcpflags_tc", "handshake_tc", "dns_tc"]
-    for hook in ("packets_tc", "tcpflags_tc", "handshake_tc", "dns_tc"):
+    assert dispatcher_calls(source) == ["packets_tc", "tcpflags_tc", "handshake_tc", "dns_tc",
+                                        "trace_tc"]
+    for hook in ("packets_tc", "tcpflags_tc", "handshake_tc", "dns_tc", "trace_tc"):
         assert f"static __always_inline void {hook}(struct __sk_buff *skb" in source

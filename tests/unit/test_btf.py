@@ -155,7 +155,13 @@ def kernel_like() -> Encoder:
                                        ("rb_left", ulong, 128)])
     head_union = e.union("", 24, [("", list_part, 0), ("rbnode", rb_node, 0)])
     sk_union = e.union("", 8, [("sk", sk_ptr, 0), ("ip_defrag_offset", s32, 0)])
-    e.struct("sk_buff", 96, [
+    # network_header sits in Linux's struct_group_tagged(sk_buff_members, headers, ...):
+    # an anonymous union of an anonymous struct and the same members as `headers`.
+    header_fields = [("transport_header", u16, 0), ("network_header", u16, 16)]
+    headers_union = e.union("", 4, [("", e.struct("", 4, header_fields), 0),
+                                    ("headers", e.struct("sk_buff_members", 4, header_fields), 0)])
+    uchar_ptr = e.ptr(u8)
+    e.struct("sk_buff", 112, [
         ("", head_union, 0),          # dev at 0 + 0 + 128 bits = 16 bytes
         ("", sk_union, 192),          # sk at 24
         ("cb", cb, 256),              # cb at 32
@@ -163,6 +169,9 @@ def kernel_like() -> Encoder:
         ("cloned", u8, 672, 1),       # bitfield at byte 84, bit 0
         ("nohdr", u8, 673, 1),        # bitfield at byte 84, bit 1
         ("users", const_u32, 704),    # 88
+        ("", headers_union, 736),     # network_header at 92 + 2 = 94
+        ("head", uchar_ptr, 768),     # 96
+        ("data", uchar_ptr, 832),     # 104
     ])
 
     possible_net_t = e.typedef("possible_net_t", e.struct("", 8, [("net", net_ptr, 0)]))
@@ -207,6 +216,11 @@ def parsed() -> Btf:
     ("sk_buff", "cb", 32),
     ("sk_buff", "len", 80),  # typedef'd type: the offset is the member's
     ("sk_buff", "users", 88),
+    ("sk_buff", "transport_header", 92),
+    ("sk_buff", "network_header", 94),  # in an anonymous struct in an anonymous union
+    ("sk_buff", "headers.network_header", 94),  # the same bytes, through the named group
+    ("sk_buff", "head", 96),
+    ("sk_buff", "data", 104),
     ("net_device", "ifindex", 16),
     ("net_device", "nd_net", 32),
     ("net_device", "nd_net.net", 32),  # through a typedef of an anonymous struct
@@ -227,6 +241,7 @@ def test_offsetof(parsed: Btf, struct_name: str, path: str, expected: int) -> No
 def test_kernel_offsets_of_the_synthetic_kernel(parsed: Btf) -> None:
     assert btf.kernel_offsets(parsed) == {
         "PNM_OFF_SKB_DEV": 16, "PNM_OFF_SKB_SK": 24, "PNM_OFF_SKB_CB": 32,
+        "PNM_OFF_SKB_HEAD": 96, "PNM_OFF_SKB_NETWORK_HEADER": 94,
         "PNM_OFF_DEV_NET": 32, "PNM_OFF_DEV_IFINDEX": 16, "PNM_OFF_NET_INUM": 48,
         "PNM_OFF_SK_NET": 24, "PNM_OFF_TCP_SRTT": 168, "PNM_OFF_TCB_GSO_SEGS": 8}
 
@@ -236,7 +251,7 @@ def test_cflags_sorted_by_name() -> None:
 
 
 def test_sizeof(parsed: Btf) -> None:
-    assert parsed.sizeof("sk_buff") == 96
+    assert parsed.sizeof("sk_buff") == 112
     assert parsed.sizeof("net") == 64
     assert parsed.sizeof("tcp_word_hdr") == 20
     with pytest.raises(BtfError, match=r"^struct nope is not in this kernel's BTF$"):
@@ -247,7 +262,7 @@ def test_members_read_back(parsed: Btf) -> None:
     members = list(parsed.members(parsed.struct_id("sk_buff")))
     assert [(m.name, m.bit_offset, m.bitfield_size) for m in members] == [
         ("", 0, 0), ("", 192, 0), ("cb", 256, 0), ("len", 640, 0), ("cloned", 672, 1),
-        ("nohdr", 673, 1), ("users", 704, 0)]
+        ("nohdr", 673, 1), ("users", 704, 0), ("", 736, 0), ("head", 768, 0), ("data", 832, 0)]
 
 
 # -- refusals -------------------------------------------------------------------------------------
@@ -394,6 +409,13 @@ def test_kernel_offsets_name_what_is_missing() -> None:
         btf.kernel_offsets(Btf(blob))
 
 
+def test_kernel_offsets_name_a_missing_member() -> None:
+    # both network_header's (the group's and the anonymous struct's): no such member at all
+    blob = kernel_like().blob().replace(b"network_header\0", b"network_heaver\0")
+    with pytest.raises(BtfError, match=r"^struct sk_buff has no member network_header in this kernel$"):
+        btf.kernel_offsets(Btf(blob))
+
+
 # -- this machine's kernel, read by bpftool -------------------------------------------------------
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
@@ -472,6 +494,8 @@ def test_kernel_offsets_agree_with_bpftool() -> None:
     assert ours["PNM_OFF_DEV_NET"] == bpftool_offsetof(types, "net_device", "nd_net")
     assert ours["PNM_OFF_DEV_IFINDEX"] == bpftool_offsetof(types, "net_device", "ifindex")
     assert ours["PNM_OFF_NET_INUM"] == bpftool_offsetof(types, "net", "ns.inum")
+    assert ours["PNM_OFF_SKB_HEAD"] == bpftool_offsetof(types, "sk_buff", "head")
+    assert ours["PNM_OFF_SKB_NETWORK_HEADER"] == bpftool_offsetof(types, "sk_buff", "network_header")
     sk_buff = next(t for t in types.values() if t.kind == "STRUCT" and t.name == "sk_buff")
     assert Btf.load(VMLINUX).sizeof("sk_buff") == sk_buff.size
 
@@ -487,7 +511,9 @@ def test_the_encoder_writes_what_bpftool_reads(tmp_path: Path, layout: dict[str,
     assert bpftool_offsetof(types, "net", "ns.inum") == 48
     assert bpftool_offsetof(types, "tcp_skb_cb", "tcp_gso_segs") == 8
     assert bpftool_offsetof(types, "sock", "__sk_common.skc_net") == 24
+    assert bpftool_offsetof(types, "sk_buff", "network_header") == 94
+    assert bpftool_offsetof(types, "sk_buff", "head") == 96
     sk_buff = next(t for t in types.values() if t.kind == "STRUCT" and t.name == "sk_buff")
-    assert sk_buff.size == 96
+    assert sk_buff.size == 112
     assert [m[0] for m in sk_buff.members] == ["(anon)", "(anon)", "cb", "len", "cloned", "nohdr",
-                                               "users"]
+                                               "users", "(anon)", "head", "data"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import platform
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -16,6 +17,7 @@ from monitor.identity import OVERFLOW, HostVeth, IdentityIndex, Pod, PodMeta, Po
 from monitor.kerneltypes import ProgramStats
 from monitor.maps import only_u64, sum_u64_slots
 from monitor.probes import REGISTRY, drops, packets, retransmits
+from monitor.probes.base import Scrape
 from monitor.probes.packets import Counts
 from monitor.settings import prometheus_label as label_name
 from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
@@ -305,7 +307,7 @@ def test_describe_names_every_family_without_samples(make_pod: PodFactory) -> No
     state.publish(Snapshot(IdentityIndex([make_pod(4026532001, [(7, "veth7")])])))
     collector = PodCollector(probes=[packets.PROBE], maps=FakeMaps(), state=state,
                              node="node-1", kernel=kernel(), node_slot=1024, program_stats=list)
-    assert [m.samples for m in collector.describe()] == [[]] * 16
+    assert [m.samples for m in collector.describe()] == [[]] * 17
     assert [m.name for m in collector.describe()] == [
         "podnet_packets", "podnet_bytes", "podnet_pod_info", "podnet_monitor_attached_pods",
         "podnet_monitor_attach_errors", "podnet_monitor_reconciles",
@@ -313,7 +315,8 @@ def test_describe_names_every_family_without_samples(make_pod: PodFactory) -> No
         "podnet_monitor_build_info", "podnet_monitor_kernel_offsets",
         "podnet_monitor_probe_state", "podnet_monitor_series_dropped",
         "podnet_monitor_api_synced", "podnet_monitor_api_requests",
-        "podnet_monitor_bpf_run_seconds", "podnet_monitor_bpf_runs"]
+        "podnet_monitor_bpf_run_seconds", "podnet_monitor_bpf_runs",
+        "podnet_monitor_lost_events"]
 
 
 def test_exposition_text(make_pod: PodFactory) -> None:
@@ -445,8 +448,10 @@ def test_one_probe_failing_leaves_the_others(make_pod: PodFactory) -> None:
                for m in registry.collect() for s in m.samples}  # one scrape
     assert samples[("podnet_tcp_retransmits_total", (("namespace", "shop"), ("pod", "web")))] == 4
     assert samples[("podnet_monitor_collect_errors_total", ())] == 1
-    assert not [name for name, _ in samples if name.startswith(("podnet_drops",
-                                                                "podnet_monitor_lost_events"))]
+    assert not [name for name, _ in samples if name.startswith("podnet_drops")]
+    # nor its source of lost events: left out, not shown as 0 (a counter reset to Prometheus)
+    assert not [labels for name, labels in samples
+                if name == "podnet_monitor_lost_events_total" and ("source", "drops") in labels]
 
 
 def test_describe_of_every_probe_reads_no_map() -> None:
@@ -455,12 +460,12 @@ def test_describe_of_every_probe_reads_no_map() -> None:
     collector = PodCollector(probes=list(REGISTRY.values()), maps=maps, state=state, node="n",
                              kernel=kernel(), node_slot=1024)
     names = [m.name for m in collector.describe()]
-    assert names[:12] == [
+    assert names[:11] == [
         "podnet_packets", "podnet_bytes", "podnet_tcp_flags", "podnet_tcp_handshake_seconds",
         "podnet_tcp_connect_failures", "podnet_dns_latency_seconds", "podnet_dns_responses",
-        "podnet_dns_queries", "podnet_dns_timeouts", "podnet_drops",
-        "podnet_monitor_lost_events", "podnet_tcp_retransmits"]
-    assert names[12] == "podnet_tcp_rtt_seconds"
+        "podnet_dns_queries", "podnet_dns_timeouts", "podnet_drops", "podnet_tcp_retransmits"]
+    assert names[11] == "podnet_tcp_rtt_seconds"  # trace has no families of its own
+    assert names[-1] == "podnet_monitor_lost_events"  # one family, whichever probes lose events
     assert len(names) == len(set(names))  # no family twice
     assert maps.log == []
 
@@ -564,3 +569,65 @@ def test_api_families_default_missing_stats_to_zero() -> None:
     registry = registry_with([], api_stats=dict)
     assert registry.get_sample_value("podnet_monitor_api_synced") == 0
     assert registry.get_sample_value("podnet_monitor_api_requests_total", {"kind": "watch"}) == 0
+
+
+# -- podnet_monitor_lost_events_total: every probe's `lost` hook and the state's, merged ----------
+
+def lost_values(registry: CollectorRegistry) -> dict[str, float]:
+    return {s.labels["source"]: s.value for m in registry.collect() for s in m.samples
+            if s.name == "podnet_monitor_lost_events_total"}
+
+
+def test_lost_events_merge_the_drop_map_and_the_traces() -> None:
+    state = MonitorState()
+    registry = CollectorRegistry()
+    maps = DictMaps({drops.LOST: {u32(0): u64(9)}})
+    registry.register(PodCollector(probes=[drops.PROBE], maps=maps, state=state, node="node-1",
+                                   kernel=kernel(), node_slot=1024))
+    # every source is there from the start, at 0: a rate() needs the series before the first loss
+    assert lost_values(registry) == {"capture": 0, "drop_events": 0, "drops": 9}
+    state.count_lost("capture", 5)  # the trace perf buffers' lost callbacks (CaptureManager on_lost)
+    state.count_lost("capture", 2)
+    state.count_lost("drop_events", 1)
+    maps.maps[drops.LOST][u32(0)] = u64(11)
+    assert lost_values(registry) == {"capture": 7, "drop_events": 1, "drops": 11}
+    assert len([m for m in registry.collect() if m.name == "podnet_monitor_lost_events"]) == 1
+
+
+def test_lost_events_of_the_same_source_are_added() -> None:
+    def lost_too(_scrape: Scrape) -> dict[str, int]:
+        return {"drops": 4, "other": 2}
+
+    other = dataclasses.replace(retransmits.PROBE, name="other", lost=lost_too)
+    state = MonitorState()
+    state.count_lost("other", 3)
+    registry = CollectorRegistry()
+    registry.register(PodCollector(probes=[drops.PROBE, other], maps=DictMaps({drops.LOST: {u32(0): u64(9)}}),
+                                   state=state, node="node-1", kernel=kernel(), node_slot=1024))
+    assert lost_values(registry) == {"capture": 0, "drop_events": 0, "drops": 13, "other": 5}
+
+
+def test_lost_events_without_the_drops_probe() -> None:
+    # the daemon's own sources are always there; a probe's only with the probe
+    registry = collector_over(FakeMaps(), [], {}, node="node-1", node_slot=1024, kernel=kernel())
+    assert lost_values(registry) == {"capture": 0, "drop_events": 0}
+
+
+def test_an_unreadable_drop_map_does_not_reset_the_lost_counter() -> None:
+    class Flaky(DictMaps):
+        broken = False
+
+        def items(self, name: str) -> Iterable[tuple[bytes, bytes]]:
+            if self.broken and name == drops.MAP:
+                raise OSError(9, "Bad file descriptor")
+            return super().items(name)
+
+    maps = Flaky({drops.LOST: {u32(0): u64(9)}})
+    registry = CollectorRegistry()
+    registry.register(PodCollector(probes=[drops.PROBE], maps=maps, state=MonitorState(),
+                                   node="node-1", kernel=kernel(), node_slot=1024))
+    assert lost_values(registry)["drops"] == 9
+    maps.broken = True
+    assert lost_values(registry) == {"capture": 0, "drop_events": 0}  # absent for that scrape
+    maps.broken = False
+    assert lost_values(registry)["drops"] == 9

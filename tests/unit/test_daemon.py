@@ -30,7 +30,7 @@ def test_probe_states_from_loadable() -> None:
     _, notes = bpf.loadable(wanted, no_offsets_kernel(tracepoints=ALL_TRACEPOINTS))
     assert daemon.probe_states(wanted, notes) == {
         "packets": "loaded", "tcpflags": "loaded", "handshake": "loaded", "dns": "loaded",
-        "drops": "degraded", "retransmits": "off", "rtt": "off"}
+        "drops": "degraded", "retransmits": "off", "rtt": "off", "trace": "loaded"}
 
 
 def test_probe_states_ignore_notes_of_probes_not_wanted() -> None:

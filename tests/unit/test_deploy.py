@@ -36,9 +36,11 @@ NAMESPACE = "podnetmon"
 IMAGE = "ghcr.io/podnetmon/podnetmon:0.1.0"
 PORT = 9655
 CAPABILITIES = {"BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE"}
-# Host paths the daemon writes: bpffs (objects it pins). tracefs is only read (tracepoint
-# formats and ids; no kprobe_events), so every other hostPath is mounted read-only.
-WRITABLE_HOST_PATHS = {"/sys/fs/bpf"}
+# Host paths the daemon writes: bpffs (objects it pins) and the directory of captures started
+# by alerts (--capture-dir). tracefs is only read (tracepoint formats and ids; no
+# kprobe_events), so every other hostPath is mounted read-only.
+CAPTURE_DIR = "/var/lib/podnetmon/captures"
+WRITABLE_HOST_PATHS = {"/sys/fs/bpf", CAPTURE_DIR}
 # Prometheus Operator kinds: kubernetes-validate ships Kubernetes' own schemas only, and for
 # a kind it has no schema for it prints a WARN and exits 0. Their structure is checked here
 # instead, against the fields the operator's CRDs require and the ones we use.
@@ -273,7 +275,9 @@ def test_daemonset_probes_hit_the_daemons_routes_on_its_port() -> None:
                         ("startupProbe", "/healthz")):
         get = c[probe]["httpGet"]
         assert get["path"] == path, probe
-        assert get["path"] in routes
+        # a GET route of the daemon's answers exactly this path (and not every path)
+        assert [m for m, regex, _h in routes if m == "GET" and regex.match(get["path"])] == ["GET"], probe
+        assert not any(regex.match(get["path"] + "x") for _m, regex, _h in routes), probe
         assert ports.get(get["port"], get["port"]) == PORT, probe
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120  # BPF compile at start
@@ -322,7 +326,13 @@ def test_host_paths_are_read_only_but_bpffs() -> None:
         "/sys/fs/bpf", "/sys/kernel/tracing", "/run/netns", "/lib/modules", "/usr/src",
         "/run/containerd/io.containerd.runtime.v2.task/k8s.io",
         "/run/containers/storage/overlay-containers",
-        "/var/lib/containers/storage/overlay-containers"}
+        "/var/lib/containers/storage/overlay-containers", CAPTURE_DIR}
+    # the captures mount is where the daemon stores them by default (settings.capture_dir),
+    # on the node's disk so they outlive the pod, made if the node has none yet
+    assert settings.Settings(node_name="n").capture_dir == CAPTURE_DIR
+    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
+    [captures] = [v for v in volumes.values() if v.get("hostPath", {}).get("path") == CAPTURE_DIR]
+    assert captures["hostPath"]["type"] == "DirectoryOrCreate"
     for path, mount in mounts.items():
         if path in WRITABLE_HOST_PATHS:
             assert not mount.get("readOnly", False), path
@@ -331,7 +341,6 @@ def test_host_paths_are_read_only_but_bpffs() -> None:
         assert mount.get("mountPropagation", "None") in ("None", "HostToContainer"), path
     # netns pins made after the pod started are nsfs bind mounts: they must propagate.
     assert mounts["/run/netns"]["mountPropagation"] == "HostToContainer"
-    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
     [tmp] = [m for m in container()["volumeMounts"] if m["mountPath"] == "/tmp"]
     assert volumes[tmp["name"]]["emptyDir"]["sizeLimit"]
 

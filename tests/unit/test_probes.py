@@ -278,7 +278,8 @@ def test_drops_by_owner_and_reason(pods: tuple[list[Pod], dict[int, int]]) -> No
         },
         drops.LOST: {u32(0): u64(9)},
     })
-    reg = registry(drops.collect, scrape(maps, pods, kernel(drop_reasons=REASONS)))
+    sc = scrape(maps, pods, kernel(drop_reasons=REASONS))
+    reg = registry(drops.collect, sc)
     name = "podnet_drops_total"
     got = {(s["namespace"], s["pod"], s["reason"]): reg.get_sample_value(name, s)
            for s in series(reg, name)}
@@ -289,15 +290,21 @@ def test_drops_by_owner_and_reason(pods: tuple[list[Pod], dict[int, int]]) -> No
         ("shop", "web", "REASON_200"): 1,
         ("shop", "db", "TC_INGRESS"): 6,
     }
-    assert reg.get_sample_value("podnet_monitor_lost_events_total", {"source": "drops"}) == 9
+    # The lost drops are the probe's `lost` hook now; the collector merges every probe's
+    # into one podnet_monitor_lost_events_total family (test_collector.py).
+    assert series(reg, "podnet_monitor_lost_events_total") == []
+    assert drops.PROBE.lost is drops.lost
+    assert drops.lost(sc) == {"drops": 9}
 
 
 def test_drops_without_pods_all_count_under_the_node() -> None:
     maps = DictMaps({drops.MAP: {drop_key(1, NS_WEB, 3): u64(2), drop_key(2, 7, 3): u64(3)}})
-    reg = registry(drops.collect, scrape(maps, ([], {}), kernel(drop_reasons=REASONS)))
+    sc = scrape(maps, ([], {}), kernel(drop_reasons=REASONS))
+    reg = registry(drops.collect, sc)
     assert series(reg, "podnet_drops_total") == [{**NODE_LABELS, "reason": "NO_SOCKET"}]
     assert reg.get_sample_value("podnet_drops_total", {**NODE_LABELS, "reason": "NO_SOCKET"}) == 5
-    assert reg.get_sample_value("podnet_monitor_lost_events_total", {"source": "drops"}) == 0
+    assert drops.lost(sc) == {"drops": 0}  # no element in the lost map yet: none lost
+    assert ("lookup", drops.LOST, u32(0)) in maps.log
 
 
 def test_drops_of_a_pod_without_a_slot_are_still_the_pods(make_pod: PodFactory) -> None:

@@ -20,10 +20,11 @@ from monitor.probes import (
     rtt,
     select,
     tcpflags,
+    trace,
 )
 from monitor.probes.base import MapLayout, Probe, Scrape, u32_key, u32_of
 
-ALL = ["packets", "tcpflags", "handshake", "dns", "drops", "retransmits", "rtt"]
+ALL = ["packets", "tcpflags", "handshake", "dns", "drops", "retransmits", "rtt", "trace"]
 
 
 def nothing(_scrape: Scrape) -> Iterator[Metric]:
@@ -43,7 +44,8 @@ def probe(name: str, *maps: str) -> Probe:
 def test_registry_holds_every_probe_in_order() -> None:
     assert list(REGISTRY) == ALL
     assert [REGISTRY[n] for n in ALL] == [packets.PROBE, tcpflags.PROBE, handshake.PROBE,
-                                          dns.PROBE, drops.PROBE, retransmits.PROBE, rtt.PROBE]
+                                          dns.PROBE, drops.PROBE, retransmits.PROBE, rtt.PROBE,
+                                          trace.PROBE]
     assert packets.PROBE.maps["pnm_packets"].per_slot is True
 
 
@@ -51,12 +53,16 @@ def test_what_each_probe_declares() -> None:
     hooks = {p.name: p.tc_hook for p in REGISTRY.values()}
     assert hooks == {"packets": "packets_tc", "tcpflags": "tcpflags_tc",
                      "handshake": "handshake_tc", "dns": "dns_tc", "drops": "", "retransmits": "",
-                     "rtt": ""}
-    assert {p.name for p in REGISTRY.values() if p.needs_ports} == {"tcpflags", "handshake", "dns"}
+                     "rtt": "", "trace": "trace_tc"}
+    # trace's kernel prefilter compares ports, so it needs them parsed
+    assert {p.name for p in REGISTRY.values() if p.needs_ports} == {"tcpflags", "handshake", "dns",
+                                                                    "trace"}
     assert {p.name for p in REGISTRY.values() if p.needs_offsets} == {"drops", "retransmits", "rtt"}
     assert {p.name for p in REGISTRY.values() if p.degraded} == {"drops"}
     assert {p.name for p in REGISTRY.values() if p.sweep} == {"handshake", "dns"}
     assert {p.name for p in REGISTRY.values() if p.forget} == {"drops"}
+    assert {p.name for p in REGISTRY.values() if p.lost} == {"drops"}
+    assert {p.name for p in REGISTRY.values() if p.tracepoints} == {"drops", "retransmits", "rtt"}
     assert drops.PROBE.tracepoints == ("skb:kfree_skb",)
     assert retransmits.PROBE.tracepoints == ("tcp:tcp_retransmit_skb", "tcp:tcp_retransmit_synack")
     assert rtt.PROBE.tracepoints == ("sock:inet_sock_set_state",)
@@ -66,6 +72,10 @@ def test_what_each_probe_declares() -> None:
     assert dns.PROBE.maps["pnm_dns_pending"].per_slot is False
     assert dns.PROBE.maps["pnm_dns_timeouts"].per_slot is True
     assert drops.PROBE.maps["pnm_drops"].per_slot is False
+    # the trace switches: one per slot, zeroed when a slot is handed out again
+    assert trace.PROBE.maps["pnm_trace"].per_slot is True
+    assert drops.PROBE.maps["pnm_drop_trace"].per_slot is True
+    assert list(trace.PROBE.describe()) == []  # no families of its own
 
 
 def test_select_empty_means_all() -> None:

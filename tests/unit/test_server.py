@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from email.message import Message
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -27,6 +28,7 @@ class Reply:
     status: int
     content_type: str
     body: bytes
+    headers: Message | None = field(default=None, compare=False)
 
     def json(self) -> dict[str, object]:
         doc = json.loads(self.body)
@@ -48,10 +50,10 @@ class Live:
                                      method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(req, timeout=5) as resp:
-                return Reply(resp.status, resp.headers["Content-Type"], resp.read())
+                return Reply(resp.status, resp.headers["Content-Type"], resp.read(), resp.headers)
         except urllib.error.HTTPError as err:
             with err:
-                return Reply(err.code, err.headers["Content-Type"], err.read())
+                return Reply(err.code, err.headers["Content-Type"], err.read(), err.headers)
 
 
 @pytest.fixture(scope="module")
@@ -155,16 +157,20 @@ def test_pods_empty(live: Live) -> None:
 def test_unknown_path_404_json(live: Live) -> None:
     reply = live.request("/nope?x=1")
     assert (reply.status, reply.content_type) == (404, "application/json")
-    assert reply.json() == {"error": "no such endpoint: /nope",
-                            "endpoints": ["/api/v1/pods", "/healthz", "/metrics", "/readyz"]}
+    assert reply.json() == {"error": "no such endpoint: /nope"}
+    assert reply.headers is not None and reply.headers["Allow"] is None  # not a 405
     assert live.request("/").status == 404
+    # a known route with more after it, or a method no route has, is still no endpoint
+    assert live.request("/metrics/x").json() == {"error": "no such endpoint: /metrics/x"}
+    assert live.request("/nope", method="DELETE").status == 404
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
 def test_other_methods_405(live: Live, method: str) -> None:
     reply = live.request("/metrics", method=method)
     assert (reply.status, reply.content_type) == (405, "application/json")
-    assert reply.json() == {"error": f"{method} not allowed"}
+    assert reply.json() == {"error": f"{method} not allowed here", "allowed": ["GET"]}
+    assert reply.headers is not None and reply.headers["Allow"] == "GET"
 
 
 def test_trailing_slash_and_query(live: Live) -> None:

@@ -56,6 +56,12 @@ def test_defaults() -> None:
     assert s.runtime_dirs == ("/run/containerd/io.containerd.runtime.v2.task/k8s.io",
                               "/run/containers/storage/overlay-containers",
                               "/var/lib/containers/storage/overlay-containers")
+    assert (s.auth, s.auth_token_file) == ("auto", "")
+    assert s.capture_dir == "/var/lib/podnetmon/captures"
+    assert (s.capture_max_files, s.capture_max_bytes) == (20, 500 << 20)
+    assert (s.trace_max_duration, s.trace_max_packets, s.trace_max_bytes) == (300.0, 1_000_000, 1 << 30)
+    assert (s.trace_snaplen, s.trace_max_snaplen) == (1500, 65000)
+    assert (s.traces_per_node, s.traces_per_pod) == (4, 2)
 
 
 def test_defaults_from_an_empty_command_line() -> None:
@@ -182,6 +188,21 @@ def test_conversion_errors_name_the_setting(name: str, raw: str, message: str) -
     ("pod_labels", ("app", ""), "pod_labels: '' is not a Kubernetes label key"),
     ("pod_labels", ("a" * 318,), "pod_labels: 'aaaa"),
     ("runtime_dirs", ("/run/containerd", "run/crio"), "runtime_dirs: 'run/crio' must be an absolute"),
+    ("auth", "basic", "auth: 'basic' is not one of auto, token, kubernetes, none"),
+    ("auth", "token", "auth: token needs --auth-token-file PATH"),
+    ("capture_dir", "captures", "capture_dir: 'captures' must be an absolute path"),
+    ("capture_max_files", 0, "capture_max_files: 0 must be at least 1"),
+    ("capture_max_bytes", 0, "capture_max_bytes: 0 must be at least 1"),
+    ("trace_max_duration", 0.0, "trace_max_duration: 0.0 s is outside (0, 86400]"),
+    ("trace_max_duration", 86401.0, "trace_max_duration: 86401.0 s is outside (0, 86400]"),
+    ("trace_max_packets", 0, "trace_max_packets: 0 must be at least 1"),
+    ("trace_max_bytes", -1, "trace_max_bytes: -1 must be at least 1"),
+    ("trace_snaplen", 13, "trace_snaplen and trace_max_snaplen: "),
+    ("trace_snaplen", 65001, "trace_snaplen and trace_max_snaplen: "),
+    ("trace_max_snaplen", 65001, "trace_snaplen and trace_max_snaplen: "),
+    ("trace_max_snaplen", 1000, "trace_snaplen and trace_max_snaplen: "),  # below the default snaplen
+    ("traces_per_node", 0, "traces_per_node: 0 must be at least 1"),
+    ("traces_per_pod", 0, "traces_per_pod: 0 must be at least 1"),
 ])
 def test_validation_errors_name_the_setting(field: str, value: object, prefix: str) -> None:
     with pytest.raises(SettingsError) as info:
@@ -197,7 +218,9 @@ def test_validation_errors_name_the_setting(field: str, value: object, prefix: s
     ("dns_timeout", 600.0), ("sweep_interval", 0.1), ("sweep_interval", 60.0),
     ("btf_path", "/boot/vmlinux.btf"), ("max_pods", 1), ("max_pods", 100000),
     ("pod_labels", ("a" * 317,)), ("metadata", "none"), ("metadata", "kubernetes"),
-    ("runtime_dirs", ()),
+    ("runtime_dirs", ()), ("auth", "none"), ("auth", "kubernetes"), ("capture_max_files", 1),
+    ("trace_max_duration", 86400.0), ("trace_snaplen", 14), ("trace_max_snaplen", 65000),
+    ("traces_per_pod", 1),
 ])
 def test_edges_accepted(field: str, value: object) -> None:
     assert getattr(Settings(**{field: value}), field) == value  # type: ignore[arg-type]
@@ -228,7 +251,10 @@ def test_add_arguments_one_flag_per_field() -> None:
         "--tc-handle", "--resync-interval", "--event-debounce", "--max-interfaces", "--bpf-stats",
         "--probes", "--log-level", "--log-format", "--btf-path", "--tcp-connect-timeout",
         "--dns-timeout", "--sweep-interval", "--metadata", "--kubeconfig", "--pod-labels",
-        "--max-pods", "--runtime-dirs"}
+        "--max-pods", "--runtime-dirs", "--auth", "--auth-token-file", "--capture-dir",
+        "--capture-max-files", "--capture-max-bytes", "--trace-max-duration", "--trace-max-packets",
+        "--trace-max-bytes", "--trace-snaplen", "--trace-max-snaplen", "--traces-per-node",
+        "--traces-per-pod"}
     assert len(flags) == len(settings.names())
 
 
@@ -271,6 +297,17 @@ def test_metadata_settings_from_env_and_flags() -> None:
     assert s.kubeconfig == "/etc/kube/config"
     assert s.max_pods == 250
     assert s.runtime_dirs == ("/run/a", "/run/b")
+
+
+def test_trace_settings_from_env_and_flags() -> None:
+    s = from_sources(parse_flags("--auth", "token", "--auth-token-file", "/etc/podnetmon/token",
+                                 "--trace-snaplen", "96", "--traces-per-pod", "1"),
+                     environ={"PODNETMON_CAPTURE_DIR": "/data/captures",
+                              "PODNETMON_TRACE_MAX_DURATION": "60", "PODNETMON_TRACES_PER_POD": "3",
+                              "PODNETMON_CAPTURE_MAX_BYTES": "1048576"})
+    assert (s.auth, s.auth_token_file) == ("token", "/etc/podnetmon/token")
+    assert (s.trace_snaplen, s.traces_per_pod) == (96, 1)  # the flag over the env
+    assert (s.capture_dir, s.trace_max_duration, s.capture_max_bytes) == ("/data/captures", 60.0, 1 << 20)
 
 
 def test_inventory_mode_with_an_inventory() -> None:

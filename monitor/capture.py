@@ -1,0 +1,469 @@
+"""On-demand per-pod packet traces and drop traces: sessions, limits, the perf reader.
+
+A trace switches a pod's slots on in pnm_trace (with a kernel prefilter, a
+superset of the user's pcap filter); one thread reads the perf buffers and
+hands each packet to the sessions of its slot, which apply the exact filter
+(libpcap) and queue it; the consumer of a session (an HTTP response, a
+stored capture) writes pcapng from that queue, so a slow client never holds
+up the reader: a full queue loses packets, and says how many. Sessions end
+at their first limit (duration, packets, bytes), when their pod goes away,
+or when their consumer does.
+
+Drop traces work alike on pnm_drop_trace / pnm_drop_events, as NDJSON.
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import itertools
+import json
+import queue
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Protocol, cast
+
+from monitor import log
+from monitor.identity import IdentityIndex, Pod
+from monitor.maps import decode
+from monitor.pcapfilter import FilterError, PacketFilter, Prefilter, prefilter
+from monitor.pcapng import PcapngWriter
+from monitor.probes import drops as drops_probe
+from monitor.probes import trace as trace_probe
+from monitor.probes.base import u32_key
+
+QUEUE_PACKETS = 10_000  # per session, between the perf reader and the writer
+QUEUE_BYTES = 32 << 20  # ... and in bytes: at 65,000-byte snaps, 10,000 would be 650 MB
+# The kernel copies at least this much of each packet whatever the snap length, so
+# that the exact filter sees the headers it tests (a filter run on a copy cut
+# short would reject packets tcpdump keeps); the copy is cut to the snap length
+# after filtering.
+FILTER_BYTES = 256
+DIRECTION = {0: "inbound", 1: "outbound"}  # PNM_DIR_INGRESS: the pod receives
+
+
+class CaptureError(Exception):
+    """A trace cannot be started as asked; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a trace may take; every request is held to these (settings)."""
+
+    max_duration: float = 300.0
+    default_duration: float = 10.0
+    max_packets: int = 1_000_000
+    max_bytes: int = 1 << 30
+    max_snaplen: int = 65000
+    default_snaplen: int = 1500
+    per_node: int = 4
+    per_pod: int = 2
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    """One trace, as asked for (already parsed; limits are checked by the manager)."""
+
+    duration: float
+    packets: int = 0  # 0: up to the limit
+    bytes: int = 0
+    snaplen: int = 0
+    filter: str = ""
+
+
+class EventReader(Protocol):
+    """The kernel adapter's perf buffers (monitor.bpf.Programs)."""
+
+    def open_perf(self, name: str, callback: Callable[[bytes], None],
+                  lost: Callable[[int], None], pages: int) -> None: ...
+    def poll_perf(self, timeout_ms: int) -> None: ...
+
+
+class SlotWriter(Protocol):
+    def put(self, name: str, key: bytes, value: bytes) -> None: ...
+
+
+@dataclass
+class Session:
+    """One running trace (packets) or drop trace (events)."""
+
+    id: int
+    kind: str  # "packets" or "drops"
+    pod: Pod
+    slots: frozenset[int]
+    interfaces: tuple[tuple[int, str, int], ...]  # (ifindex, host veth, slot)
+    request: TraceRequest
+    started: float
+    deadline: float
+    filter: PacketFilter | None = None
+    queue: queue.Queue[Any] = field(default_factory=lambda: queue.Queue(QUEUE_PACKETS))
+    packets: int = 0
+    bytes: int = 0
+    lost_kernel: int = 0  # perf buffer overruns while this session ran
+    lost_queue: int = 0  # dropped because the consumer was too slow
+    queued_bytes: int = 0  # changed by the reader and the writer: under _bytes_lock
+    packets_by_slot: dict[int, int] = field(default_factory=dict)
+    _bytes_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reserve(self, size: int) -> bool:
+        """Room for `size` more queued bytes? Takes it if so (the reader's side)."""
+        with self._bytes_lock:
+            if self.queued_bytes + size > QUEUE_BYTES:
+                return False
+            self.queued_bytes += size
+            return True
+
+    def release(self, size: int) -> None:
+        with self._bytes_lock:
+            self.queued_bytes -= size
+    ended: str = ""  # why it ended, once it has
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def end(self, why: str) -> None:
+        if not self.ended:
+            self.ended = why
+        self.done.set()
+
+
+def parse_duration(text: str) -> float:
+    """'10s', '2m', '500ms', '1h' or plain seconds; ValueError otherwise."""
+    units = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
+    text = text.strip()
+    for suffix, factor in units:
+        if text.endswith(suffix) and text[: -len(suffix)].replace(".", "", 1).isdigit():
+            return float(text[: -len(suffix)]) * factor
+    if text.replace(".", "", 1).isdigit():
+        return float(text)
+    raise ValueError(f"not a duration: {text[:40]!r} (e.g. 10s, 2m, 500ms)")
+
+
+class CaptureManager:
+    """Starts and ends sessions, programs the kernel switches, reads the perf buffers."""
+
+    def __init__(self, events: EventReader, maps: SlotWriter, limits: Limits,
+                 snapshot: Callable[[], IdentityIndex], node: str, *,
+                 drop_reason: Callable[[int], str] = str,
+                 symbol: Callable[[int], str] = hex,
+                 on_lost: Callable[[str, int], None] = lambda _s, _n: None) -> None:
+        self._events, self._maps, self.limits = events, maps, limits
+        self._snapshot, self._node = snapshot, node
+        self._drop_reason, self._symbol, self._on_lost = drop_reason, symbol, on_lost
+        self._lock = threading.Lock()
+        self._sessions: dict[int, Session] = {}
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._reader_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._log = log.get("capture")
+        # bpf_ktime_get_ns() is CLOCK_MONOTONIC; pcapng wants wall-clock time.
+        self._wall_offset = time.time_ns() - time.monotonic_ns()
+
+    # -- sessions ----------------------------------------------------------------
+
+    def start(self, namespace: str, name: str, request: TraceRequest, kind: str = "packets") -> Session:
+        index = self._snapshot()
+        pod = self._find(index, namespace, name)
+        interfaces = tuple((v.ifindex, v.name, slot) for v in pod.interfaces
+                           if (slot := index.slot_of(v.ifindex)) is not None)
+        slots = frozenset(slot for _i, _n, slot in interfaces)
+        if not slots:
+            raise CaptureError(409, f"pod {namespace}/{name} is not attached (yet): nothing to trace")
+        req = self._checked(request)
+        packet_filter = None
+        if kind == "packets":
+            try:
+                packet_filter = PacketFilter(req.filter, snaplen=req.snaplen)
+            except FilterError as exc:
+                raise CaptureError(400, f"bad filter: {exc}") from None
+        with self._lock:
+            running = [s for s in self._sessions.values() if not s.ended]
+            if len(running) >= self.limits.per_node:
+                raise CaptureError(429, f"{len(running)} traces run on this node already "
+                                        f"(at most {self.limits.per_node})")
+            same_pod = [s for s in running if s.pod.netns_inode == pod.netns_inode]
+            if len(same_pod) >= self.limits.per_pod:
+                raise CaptureError(429, f"{len(same_pod)} traces of {namespace}/{name} run "
+                                        f"already (at most {self.limits.per_pod})")
+            now = time.monotonic()
+            session = Session(id=next(self._ids), kind=kind, pod=pod, slots=slots,
+                              interfaces=interfaces, request=req, started=now,
+                              deadline=now + req.duration, filter=packet_filter)
+            self._sessions[session.id] = session
+            self._program(slots)
+        self._ensure_reader()
+        self._log.info("trace started", id=session.id, kind=kind, namespace=namespace, pod=name,
+                       duration=req.duration, filter=req.filter)
+        return session
+
+    def finish(self, session: Session, why: str) -> None:
+        """End a session (idempotent) and switch its slots off if nothing else traces them."""
+        session.end(why)
+        with self._lock:
+            if self._sessions.pop(session.id, None) is None:
+                return
+            self._program(session.slots)
+        if session.filter is not None:
+            session.filter.close()
+        self._log.info("trace ended", id=session.id, kind=session.kind, reason=session.ended,
+                       packets=session.packets, bytes=session.bytes,
+                       lost=session.lost_kernel + session.lost_queue)
+
+    def active(self) -> list[Session]:
+        with self._lock:
+            return [s for s in self._sessions.values() if not s.ended]
+
+    def _find(self, index: IdentityIndex, namespace: str, name: str) -> Pod:
+        for pod in index.pods():
+            if (pod.namespace, pod.name) == (namespace, name):
+                return pod
+        raise CaptureError(404, f"no pod {namespace}/{name} on node {self._node}")
+
+    def _checked(self, r: TraceRequest) -> TraceRequest:
+        lim = self.limits
+        duration = r.duration or lim.default_duration
+        if not 0 < duration <= lim.max_duration:
+            raise CaptureError(400, f"duration {duration:g} s is outside (0, {lim.max_duration:g}] s")
+        if not 0 <= r.packets <= lim.max_packets:
+            raise CaptureError(400, f"packets {r.packets} is outside 0..{lim.max_packets}")
+        if not 0 <= r.bytes <= lim.max_bytes:
+            raise CaptureError(400, f"bytes {r.bytes} is outside 0..{lim.max_bytes}")
+        snaplen = r.snaplen or lim.default_snaplen
+        if not 14 <= snaplen <= lim.max_snaplen:
+            raise CaptureError(400, f"snaplen {snaplen} is outside 14..{lim.max_snaplen}")
+        if len(r.filter) > 4096:
+            raise CaptureError(400, "the filter is longer than 4096 characters")
+        return TraceRequest(duration, r.packets or lim.max_packets, r.bytes or lim.max_bytes,
+                            snaplen, r.filter)
+
+    def _program(self, slots: frozenset[int]) -> None:
+        """Set each slot's kernel switches from the sessions that want it (lock held)."""
+        for slot in slots:
+            wanting = [s for s in self._sessions.values() if slot in s.slots and not s.ended]
+            packets = [s for s in wanting if s.kind == "packets"]
+            cfg = trace_probe.TraceConfig()
+            if packets:
+                cfg.on = 1
+                cfg.snaplen = max(FILTER_BYTES, *(s.request.snaplen for s in packets))
+                if len(packets) == 1:  # several sessions: copy everything, filter in userspace
+                    _apply_prefilter(cfg, prefilter(packets[0].request.filter))
+            self._maps.put(trace_probe.MAP, u32_key(slot), bytes(cfg))
+            on = any(s.kind == "drops" for s in wanting)
+            self._maps.put(drops_probe.TRACE, u32_key(slot), struct.pack("=I", on))
+
+    # -- the perf reader ------------------------------------------------------------
+
+    def _ensure_reader(self) -> None:
+        with self._reader_lock:  # two first traces at once must open the buffers once
+            if self._thread is not None:
+                return
+            self._events.open_perf(trace_probe.EVENTS, self._on_packet, self._lost("capture"),
+                                   256)
+            self._events.open_perf(drops_probe.EVENTS, self._on_drop, self._lost("drop_events"),
+                                   64)
+            self._thread = threading.Thread(target=self._read, name="perf", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for session in self.active():
+            self.finish(session, "the daemon is stopping")
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            self._events.poll_perf(100)
+            self._expire()
+
+    def _expire(self) -> None:
+        index = self._snapshot()
+        live = {pod.netns_inode for pod in index.pods()}
+        now = time.monotonic()
+        for session in self.active():
+            if session.pod.netns_inode not in live:
+                session.end("the pod went away")
+            elif now >= session.deadline:
+                session.end("duration reached")
+
+    def _lost(self, source: str) -> Callable[[int], None]:
+        def lost(count: int) -> None:
+            self._on_lost(source, count)
+            kind = "drops" if source == "drop_events" else "packets"
+            for session in self.active():
+                if session.kind == kind:
+                    session.lost_kernel += count
+        return lost
+
+    def _on_packet(self, raw: bytes) -> None:
+        size = struct.calcsize("=QIIIB3x")
+        if len(raw) < size:
+            return
+        meta = decode(trace_probe.TraceMeta, raw[:size])
+        data = raw[size: size + meta.caplen]
+        for session in self.active():
+            if session.kind != "packets" or meta.slot not in session.slots:
+                continue
+            try:
+                if session.filter is not None and not session.filter.matches(data, meta.len):
+                    continue
+            except ValueError:  # finished (its filter closed) since active() was read
+                continue
+            if not session.reserve(len(data)):
+                session.lost_queue += 1
+                continue
+            item = (meta.ts + self._wall_offset, meta.slot, DIRECTION.get(meta.dir, "inbound"),
+                    data, meta.len)
+            try:
+                session.queue.put_nowait(item)
+            except queue.Full:
+                session.release(len(data))
+                session.lost_queue += 1
+
+    def _on_drop(self, raw: bytes) -> None:
+        size = len(bytes(drops_probe.DropEvent()))
+        if len(raw) < size:
+            return
+        ev = decode(drops_probe.DropEvent, raw[:size])
+        for session in self.active():
+            if session.kind != "drops" or ev.slot not in session.slots:
+                continue
+            record = drop_record(ev, self._wall_offset, reason=self._drop_reason,
+                                 symbol=self._symbol, pod=session.pod, node=self._node)
+            try:
+                session.queue.put_nowait(record)
+            except queue.Full:
+                session.lost_queue += 1
+
+
+def _apply_prefilter(cfg: trace_probe.TraceConfig, pre: Prefilter) -> None:
+    cfg.protocol = pre.protocol
+    cfg.port = struct.unpack("=H", struct.pack("!H", pre.port))[0]  # network order
+    if pre.address:
+        cfg.family = 4 if len(pre.address) == 4 else 6
+        raw = pre.address.ljust(16, b"\0")
+        for i in range(16):
+            cfg.addr[i] = raw[i]
+
+
+def drop_record(ev: drops_probe.DropEvent, wall_offset: int, *, reason: Callable[[int], str],
+                symbol: Callable[[int], str], pod: Pod, node: str) -> dict[str, Any]:
+    """One drop event as the NDJSON line users read."""
+    ts = ev.ts + wall_offset
+    record: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts // 1_000_000_000))
+                + f".{ts % 1_000_000_000:09d}Z",
+        "node": node, "namespace": pod.namespace, "pod": pod.name,
+        "reason": reason(ev.reason), "function": symbol(ev.location),
+        "interface": next((v.name for v in pod.interfaces if v.ifindex == ev.ifindex), ""),
+        "ifindex": ev.ifindex,
+    }
+    record.update(parse_headers(ev.protocol, bytes(ev.hdr)[: ev.hdr_len]))
+    return record
+
+
+def parse_headers(ethertype: int, data: bytes) -> dict[str, Any]:
+    """Protocol, addresses and ports from the bytes at a packet's network header."""
+    out: dict[str, Any] = {}
+    l4, rest = None, b""
+    if ethertype == 0x0800 and len(data) >= 20 and data[0] >> 4 == 4:
+        ihl = (data[0] & 0x0F) * 4
+        out["family"] = "ipv4"
+        out["src"] = str(ipaddress.IPv4Address(data[12:16]))
+        out["dst"] = str(ipaddress.IPv4Address(data[16:20]))
+        fragment = struct.unpack("!H", data[6:8])[0] & 0x1FFF
+        l4, rest = data[9], data[ihl:] if ihl >= 20 and not fragment else b""
+    elif ethertype == 0x86DD and len(data) >= 40 and data[0] >> 4 == 6:
+        out["family"] = "ipv6"
+        out["src"] = str(ipaddress.IPv6Address(data[8:24]))
+        out["dst"] = str(ipaddress.IPv6Address(data[24:40]))
+        l4, rest = data[6], data[40:]  # extension headers: the protocol says which
+    elif ethertype:
+        out["ethertype"] = f"0x{ethertype:04x}"
+    if l4 is not None:
+        out["protocol"] = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}.get(l4, str(l4))
+        if l4 in (6, 17) and len(rest) >= 4:
+            out["sport"], out["dport"] = struct.unpack("!HH", rest[:4])
+    return out
+
+
+def write_pcapng(session: Session, out: BinaryIO | io.BufferedIOBase, node: str, flush_each: bool = True,
+                 progress: Callable[[Session], None] | None = None) -> None:
+    """Write a packet session as pcapng until it ends; ends it on a limit.
+
+    Runs in the consumer's thread. Raises nothing for a client that goes away:
+    the session ends with that reason.
+    """
+    pod, req = session.pod, session.request
+    comments = [f"podnetmon trace of {pod.namespace}/{pod.name} on node {node}",
+                f"filter: {req.filter or '(none)'}; snaplen {req.snaplen}; limits: "
+                f"{req.duration:g} s, {req.packets} packets, {req.bytes} bytes"]
+    try:
+        writer = PcapngWriter(cast(BinaryIO, out), comments=comments)
+        interface_of: dict[int, int] = {}  # slot -> pcapng interface id
+        for _ifindex, veth, slot in session.interfaces:
+            name = f"{pod.namespace}/{pod.name}"
+            if len(session.interfaces) > 1:
+                name += f"/{veth}"
+            interface_of[slot] = writer.add_interface(
+                name, f"node={node} netns={pod.netns_inode} host_veth={veth}",
+                snaplen=req.snaplen)
+        out.flush()
+        while True:
+            try:
+                ts, slot, direction, data, length = session.queue.get(timeout=0.1)
+            except queue.Empty:
+                if session.done.is_set():
+                    break
+                continue
+            session.release(len(data))
+            data = data[: req.snaplen]
+            if session.bytes + len(data) > req.bytes:
+                session.end("byte limit reached")  # never more than asked for
+                break
+            if slot in interface_of:
+                writer.packet(interface_of[slot], ts, data, length, direction=direction)
+                session.packets += 1
+                session.bytes += len(data)
+                session.packets_by_slot[slot] = session.packets_by_slot.get(slot, 0) + 1
+                if flush_each:
+                    out.flush()
+            if progress is not None:
+                progress(session)
+            if session.packets >= req.packets:
+                session.end("packet limit reached")
+                break  # not one more, even if more are queued
+        lost = session.lost_kernel + session.lost_queue
+        for slot, iface in interface_of.items():
+            # lost packets cannot be told apart by interface: each block carries them all
+            writer.statistics(iface, received=session.packets_by_slot.get(slot, 0), dropped=lost,
+                              timestamp_ns=time.time_ns(),
+                              comment=f"ended: {session.ended}; lost {session.lost_kernel} in "
+                                      f"the kernel's buffer, {session.lost_queue} waiting for "
+                                      "the writer")
+        out.flush()
+    except (BrokenPipeError, ConnectionError):
+        session.end("the client went away")
+    except OSError as exc:  # a full disk under a stored capture, say: keep what was written
+        session.end(f"write failed: {exc.strerror or exc}")
+
+
+def ndjson_drops(session: Session) -> Iterator[bytes]:
+    """Drop events as NDJSON lines until the session ends."""
+    while True:
+        try:
+            record = session.queue.get(timeout=0.5)
+        except queue.Empty:
+            if session.done.is_set():
+                return
+            yield b""  # a chance for the caller to notice a client gone
+            continue
+        session.packets += 1
+        yield (json.dumps(record) + "\n").encode()
+        if session.packets >= session.request.packets:
+            session.end("event limit reached")
+            return

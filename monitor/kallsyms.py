@@ -1,0 +1,43 @@
+"""Kernel addresses to function names, from /proc/kallsyms (for drop events' "function")."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+
+class Symbols:
+    """Loaded on first use; root sees real addresses (kptr_restrict permitting)."""
+
+    def __init__(self, path: str = "/proc/kallsyms") -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._addrs: list[int] | None = None
+        self._names: list[str] = []
+
+    def _load(self) -> None:
+        entries = []
+        try:
+            with open(self._path, encoding="ascii", errors="replace") as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 3 and parts[1] in "tTwW":  # text (code) symbols
+                        entries.append((int(parts[0], 16), parts[2]))
+        except OSError:
+            pass
+        entries.sort()
+        if entries and entries[-1][0] == 0:  # kptr_restrict: every address reads as 0
+            entries = []
+        self._addrs = [a for a, _n in entries]
+        self._names = [n for _a, n in entries]
+
+    def resolve(self, address: int) -> str:
+        """'function+0xoffset', or the address in hex when it cannot be named."""
+        with self._lock:
+            if self._addrs is None:
+                self._load()
+        assert self._addrs is not None  # noqa: S101 - set by _load
+        i = bisect.bisect_right(self._addrs, address) - 1
+        if i < 0 or not address:
+            return hex(address)
+        return f"{self._names[i]}+{address - self._addrs[i]:#x}"
