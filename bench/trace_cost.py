@@ -81,7 +81,12 @@ def keeping_up(rates: list[int], token_file: Path) -> list[tuple[int, int, int]]
                 url = f"http://{address}/api/v1/namespaces/lab/pods/{a.name}/capture?duration=4s"
                 req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
                 body: list[bytes] = []
-                t = threading.Thread(target=lambda r=req: body.append(urllib.request.urlopen(r, timeout=60).read()))
+
+                def read(r: urllib.request.Request = req, into: list[bytes] = body) -> None:
+                    with urllib.request.urlopen(r, timeout=60) as resp:
+                        into.append(resp.read())
+
+                t = threading.Thread(target=read)
                 t.start()
                 time.sleep(0.5)
                 out = run_in(a, "iperf3", "-u", "-c", b.ip, "-b", f"{rate}M", "-l", "1400", "-t", "2", "-J")

@@ -13,6 +13,9 @@
 struct pnm_counts {
     __u64 packets[PNM_NDIR][PNM_NPROTO];
     __u64 bytes[PNM_NDIR][PNM_NPROTO];
+    /* TCP segments: a GSO packet carries gso_segs of them. The denominator of a
+     * retransmit ratio, as TcpOutSegs is that of TcpRetransSegs. */
+    __u64 tcp_segments[PNM_NDIR];
 };
 
 BPF_PERCPU_ARRAY(pnm_packets, struct pnm_counts, PNM_SLOTS);
@@ -27,4 +30,8 @@ static __always_inline void packets_tc(struct __sk_buff *skb, const struct pnm_p
     __u32 p = pkt->proto_class & 3;
     c->packets[d][p] += 1;
     c->bytes[d][p] += pkt->len;
+    if (p == PNM_PROTO_TCP) {
+        __u32 segs = skb->gso_segs;
+        c->tcp_segments[d] += segs ? segs : 1;
+    }
 }

@@ -58,6 +58,25 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--token-file", default="", help="a file with the bearer token "
                        "(else $PODNETMON_TOKEN)")
 
+    top = sub.add_parser("top", help="the node's pods live: rates, drops, latency")
+    top.add_argument("--address", default="127.0.0.1:9655", help="the daemon (host:port)")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--sort", default="bytes", choices=("bytes", "packets", "drops", "retrans",
+                                                         "handshake", "dns"))
+    top.add_argument("--rows", type=int, default=40)
+    top.add_argument("--once", action="store_true", help="print one table and exit")
+
+    rules = sub.add_parser("rules", help="the Prometheus alert rules, with your thresholds",
+                           description="Print the alert rules: a Prometheus rule file, or a "
+                           "PrometheusRule for the Prometheus Operator.")
+    rules.add_argument("--format", default="prometheus", choices=("prometheus", "operator"))
+    rules.add_argument("--set", action="append", default=[], metavar="ALERT.FIELD=VALUE",
+                       help="e.g. PodNetDropsHigh.threshold=5, '*.for=2m' (repeatable)")
+    rules.add_argument("--job", default="podnetmon", help="the scrape job of the daemons")
+
+    dashboards = sub.add_parser("dashboards", help="write the Grafana dashboards (JSON)")
+    dashboards.add_argument("--out", default="grafana", help="directory to write them to")
+
     lab = sub.add_parser("lab", help="simulated pods on this machine")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     up = lab_sub.add_parser("up", help="make N lab pods (beside any there are)")
@@ -91,7 +110,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         from monitor import tracecli
 
         return tracecli.main(args)
+    if args.command == "top":
+        from monitor import top
+
+        return top.main(args)
+    if args.command == "rules":
+        return _rules(args)
+    if args.command == "dashboards":
+        return _dashboards(args)
     return _lab(args)
+
+
+def _rules(args: argparse.Namespace) -> int:
+    from monitor import alerting
+
+    try:
+        alerts = alerting.configured(args.set)
+    except alerting.RuleError as exc:
+        print(f"podnetmon rules: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    render = alerting.operator_resource if args.format == "operator" else alerting.prometheus_file
+    print(render(alerts, args.job), end="")
+    return 0
+
+
+def _dashboards(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from monitor import dashboards
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in dashboards.rendered():
+        (out / name).write_text(text)
+        print(out / name)
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -36,7 +36,8 @@ class PodCollector(Collector):
                  probe_states: Mapping[str, str] | None = None,
                  program_stats: Callable[[], Sequence[ProgramStats]] | None = None,
                  bcc_version: str = "", pod_labels: Sequence[str] = (),
-                 api_stats: Callable[[], Mapping[str, float]] | None = None) -> None:
+                 api_stats: Callable[[], Mapping[str, float]] | None = None,
+                 bypassed: Callable[[], Mapping[tuple[str, str], bool]] | None = None) -> None:
         self._probes, self._maps, self._state, self._node = list(probes), maps, state, node
         self._kernel, self._node_slot = kernel, node_slot
         self._probe_states = dict(probe_states or {p.name: "loaded" for p in probes})
@@ -44,6 +45,7 @@ class PodCollector(Collector):
         self._pod_labels = list(pod_labels)
         self._label_names = [prometheus_label(k) for k in self._pod_labels]
         self._api_stats = api_stats
+        self._bypassed = bypassed
         self._log = log.get("collector")
         self._probe_errors = 0
 
@@ -167,6 +169,15 @@ class PodCollector(Collector):
         if describe or self._api_stats is not None:
             yield api
             yield api_calls
+        if describe or self._bypassed is not None:
+            bypassed = GaugeMetricFamily(
+                "podnet_monitor_bypassed", "1 while a pod's veth counts packets our programs "
+                "do not see (another program ends their TC processing first).",
+                labels=["namespace", "pod"])
+            for (namespace, pod), value in sorted((self._bypassed() if self._bypassed and
+                                                   not describe else {}).items()):
+                bypassed.add_metric([namespace, pod], 1 if value else 0)
+            yield bypassed
         if describe or self._program_stats:
             yield run_seconds
             yield runs

@@ -21,6 +21,7 @@ from prometheus_client.registry import CollectorRegistry
 from monitor import kernelinfo, log
 from monitor.alerts import AlertCaptures
 from monitor.auth import Authenticator, authenticator
+from monitor.bypass import BypassDetector
 from monitor.capture import CaptureManager, Limits
 from monitor.collector import PodCollector
 from monitor.kallsyms import Symbols
@@ -124,6 +125,8 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
     if check_only:
         return _check_once(reconciler, state, netlink, programs)
 
+    bypass = (BypassDetector(maps, lambda: state.snapshot.index)
+              if any(p.name == "packets" for p in programs.probes) else None)
     registry = CollectorRegistry(auto_describe=True)
     registry.register(PodCollector(
         probes=programs.probes, maps=maps, state=state, node=settings.node_name,
@@ -131,19 +134,24 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
         probe_states=probe_states(probes, programs.notes),
         program_stats=programs.program_stats if programs.stats_enabled() else None,
         bcc_version=bpf.bcc_version(), pod_labels=settings.pod_labels,
-        api_stats=getattr(metadata, "stats", None)))
+        api_stats=getattr(metadata, "stats", None),
+        bypassed=(lambda: bypass.bypassed) if bypass is not None else None))
     stop = threading.Event()
     sweeps = [p.sweep for p in programs.probes if p.sweep]
     timeouts = {"tcp_connect": settings.tcp_connect_timeout, "dns": settings.dns_timeout}
+    next_bypass_check = [0.0]
 
     def sweep() -> None:
         ctx = Sweep(maps, time.monotonic_ns(), timeouts)
         for fn in sweeps:
             fn(ctx)
+        if bypass is not None and time.monotonic() >= next_bypass_check[0]:
+            next_bypass_check[0] = time.monotonic() + settings.bypass_check_interval
+            bypass.check()
 
     loop = Loop(reconciler, resync_interval=settings.resync_interval,
                 debounce=settings.event_debounce, events_factory=bpf.LinkEvents, state=state,
-                on_exit=netlink.close, sweep=sweep if sweeps else None,
+                on_exit=netlink.close, sweep=sweep,
                 sweep_interval=settings.sweep_interval)
     worker = threading.Thread(target=loop.run, args=(stop,), name="reconcile")
     traces = _traces(settings, programs, maps, state, kernel)

@@ -120,6 +120,11 @@ class Settings:
     sweep_interval: float = _doc(
         "Seconds between sweeps of pending handshakes and DNS queries for timeouts: how "
         "late past its timeout a timeout is counted at most.", default=1.0)
+    bypass_check_interval: float = _doc(
+        "Seconds between comparisons of each pod veth's own packet counts with ours, which "
+        "notice another program ending packets' TC processing ahead of ours "
+        "(podnet_monitor_bypassed). Reading every veth's statistics has a cost at hundreds "
+        "of pods, hence not every second.", default=10.0)
     bpf_stats: bool = _doc(
         "Ask the kernel to time every BPF program run (podnet_monitor_bpf_run_seconds_total). "
         "Off by default: the timing itself costs ~20-30 ns per packet.", default=False)
@@ -215,6 +220,8 @@ def _validate(s: Settings) -> None:
     for name in ("tcp_connect_timeout", "dns_timeout"):
         if not 0.1 <= getattr(s, name) <= 600:
             raise SettingsError(f"{name}: {getattr(s, name)} s is outside 0.1..600")
+    if not 1 <= s.bypass_check_interval <= 3600:
+        raise SettingsError(f"bypass_check_interval: {s.bypass_check_interval} s is outside 1..3600")
     if not 0.1 <= s.sweep_interval <= 60:
         raise SettingsError(f"sweep_interval: {s.sweep_interval} s is outside 0.1..60")
     if not 16 <= s.max_interfaces <= 65536:

@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from monitor import alerting
 from monitor.lab import Lab, LabPod
 
 RATE_QUERY = 'sum by (pod, direction) (rate(podnet_bytes_total{namespace="lab"}[15s])) * 8'
@@ -120,9 +121,12 @@ def main() -> int:
         _wait_http(f"http://{args.listen}/readyz", 60)
         print(f"demo: podnetmon is up; its log: {work / 'monitor.log'}")
 
+        rules = work / "podnet-rules.yaml"  # the shipped rules, `for` shortened for a demo
+        rules.write_text(alerting.prometheus_file(alerting.configured(["*.for=1m"])))
         config = work / "prometheus.yml"
         config.write_text(
             "global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\n"
+            f"rule_files: ['{rules}']\n"
             "scrape_configs:\n  - job_name: podnetmon\n    static_configs:\n"
             f"      - targets: ['{args.listen}']\n")
         prom_log = (work / "prometheus.log").open("wb")
@@ -135,8 +139,11 @@ def main() -> int:
 demo: everything runs. Where to look:
   metrics     curl -s http://{args.listen}/metrics | grep '^podnet_bytes_total'
   pods        .venv/bin/podnetmon pods --address {args.listen}
-  Prometheus  http://{args.prometheus}/graph
+  Prometheus  http://{args.prometheus}/graph   (alerts: http://{args.prometheus}/alerts)
   PromQL      {RATE_QUERY}
+  Grafana     import grafana/podnet-node.json, podnet-pod.json, podnet-monitor.json and pick
+              http://{args.prometheus} as their Prometheus; no Grafana? watch it live:
+  top         .venv/bin/podnetmon top --address {args.listen}
   trace       .venv/bin/podnetmon trace lab/{pinger.name} -d 5s -f icmp --address {args.listen} \\
                 --token-file {token} -w - | tshark -r -
 Ctrl-C tears everything down.

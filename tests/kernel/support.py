@@ -230,6 +230,43 @@ def ifslot_of(ifindex: int, buckets: int = 65536) -> int | None:
     return None
 
 
+INNER = "pnmlab-inner"  # the lab's netns prefix: `lab down` removes it whatever happens
+INNER_IP, ROUTER_TUN_IP = "10.215.0.2", "10.215.0.1"
+
+
+@contextmanager
+def delay_line(client: LabPod, router: LabPod, each_way_ms: float) -> Iterator[None]:
+    """A namespace behind `router` (INNER_IP) that `client` reaches through it, every packet
+    held `each_way_ms` in each direction by tests/kernel/delayline.py."""
+    subprocess.run(["ip", "netns", "add", INNER], check=True)
+    script = Path(__file__).resolve().parent / "delayline.py"
+    line = subprocess.Popen([sys.executable, str(script), "--near-netns",
+                             router.netns_path, "--far-netns", f"/run/netns/{INNER}",
+                             "--delay-ms", str(each_way_ms)], stdout=subprocess.PIPE, text=True)
+    inner = ["ip", "netns", "exec", INNER]
+    try:
+        assert line.stdout is not None and line.stdout.readline().strip() == "ready"
+        r = router
+        for cmd in (["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                    ["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"],
+                    ["ip", "addr", "add", f"{ROUTER_TUN_IP}/30", "dev", "dlnear"],
+                    ["ip", "link", "set", "dlnear", "up"]):
+            in_pod(r, *cmd)
+        for cmd in (["ip", "addr", "add", f"{INNER_IP}/30", "dev", "dlfar"],
+                    ["ip", "link", "set", "dlfar", "up"], ["ip", "link", "set", "lo", "up"],
+                    ["ip", "route", "add", "10.213.0.0/16", "dev", "dlfar"]):
+            subprocess.run([*inner, *cmd], check=True)
+        in_pod(client, "ip", "route", "add", "10.215.0.0/24", "via", r.ip)
+        yield
+    finally:
+        line.kill()
+        line.wait()
+        in_pod(client, "ip", "route", "del", "10.215.0.0/24", check=False)
+        subprocess.run(["ip", "netns", "pids", INNER], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", INNER], check=False)
+
+
+
 UDP_SENDER = """
 import socket, sys
 dst, port, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

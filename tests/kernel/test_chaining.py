@@ -15,8 +15,10 @@ from tests.kernel.support import (
     bpftool_json,
     in_pod,
     quiet_window,
+    spawn_in_pod,
     tc_filters,
     tc_qdiscs,
+    wait_for,
 )
 
 
@@ -139,3 +141,29 @@ def test_someone_elses_filter_at_our_priority_and_handle_is_left_alone(
     events = [e for e in daemon.log_events() if e.get("event") == "attach failed"]
     assert events and events[0]["interface"] == a.host_veth
     json.dumps(events)  # log lines are plain data
+
+
+def test_a_filter_ending_tc_processing_before_ours_is_noticed(lab: Lab, daemons: list[Daemon]) -> None:
+    a, b = lab.up(2)
+    daemon = Daemon("--bypass-check-interval", "1", "--sweep-interval", "0.2",
+                    inventory=str(lab.inventory))
+    daemons.append(daemon)
+    in_pod(a, "ping", "-c", "1", "-W", "1", b.ip)
+    passer = ForeignPrograms(verdict="TC_ACT_OK")  # ends TC processing: ours never runs
+    try:
+        passer.attach_tc(a.host_veth, prio=10, hooks=("ingress",))
+        pinger = spawn_in_pod(a, "ping", "-i", "0.02", "-c", "150", b.ip)
+
+        def bypassed(pod: str) -> float:
+            return daemon.scrape().sum("podnet_monitor_bypassed", pod=pod)
+
+        wait_for(lambda: bypassed(a.name) == 1, timeout=10)
+        assert bypassed(b.name) == 0  # b's traffic still reaches our programs
+        pinger.wait(timeout=10)
+    finally:
+        passer.close()
+    pinger = spawn_in_pod(a, "ping", "-i", "0.02", "-c", "150", b.ip)
+    wait_for(lambda: daemon.scrape().sum("podnet_monitor_bypassed", pod=a.name) == 0, timeout=10)
+    pinger.wait(timeout=10)
+    events = [e["event"] for e in daemon.log_events() if e.get("component") == "bypass"]
+    assert events == ["traffic bypasses our programs", "traffic reaches our programs again"]

@@ -14,27 +14,24 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from monitor.lab import NETNS_PREFIX, LabPod
+from monitor.lab import LabPod
 from tests.kernel.dnstools import CLIENT, SERVER
 from tests.kernel.support import (
+    INNER,
+    INNER_IP,
     Daemon,
     Metrics,
+    delay_line,
     in_pod,
     lab_with_daemon,
     nft_in_pod,
     spawn_in_pod,
     wait_for,
 )
-
-HERE = Path(__file__).resolve().parent
-INNER = f"{NETNS_PREFIX}inner"  # the lab's prefix: `lab down` removes it whatever happens
-INNER_IP, ROUTER_TUN_IP = "10.215.0.2", "10.215.0.1"
 
 
 @dataclass
@@ -50,35 +47,6 @@ def env() -> Iterator[Env]:
     with lab_with_daemon(3, "--tcp-connect-timeout", "1", "--dns-timeout", "1",
                          "--sweep-interval", "0.2") as run:
         yield Env(*run.pods, run.daemon)
-
-
-@contextmanager
-def delay_line(env: Env, each_way_ms: float) -> Iterator[None]:
-    subprocess.run(["ip", "netns", "add", INNER], check=True)
-    line = subprocess.Popen([sys.executable, str(HERE / "delayline.py"), "--near-netns",
-                             env.router.netns_path, "--far-netns", f"/run/netns/{INNER}",
-                             "--delay-ms", str(each_way_ms)], stdout=subprocess.PIPE, text=True)
-    inner = ["ip", "netns", "exec", INNER]
-    try:
-        assert line.stdout is not None and line.stdout.readline().strip() == "ready"
-        r = env.router
-        for cmd in (["sysctl", "-qw", "net.ipv4.ip_forward=1"],
-                    ["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"],
-                    ["ip", "addr", "add", f"{ROUTER_TUN_IP}/30", "dev", "dlnear"],
-                    ["ip", "link", "set", "dlnear", "up"]):
-            in_pod(r, *cmd)
-        for cmd in (["ip", "addr", "add", f"{INNER_IP}/30", "dev", "dlfar"],
-                    ["ip", "link", "set", "dlfar", "up"], ["ip", "link", "set", "lo", "up"],
-                    ["ip", "route", "add", "10.213.0.0/16", "dev", "dlfar"]):
-            subprocess.run([*inner, *cmd], check=True)
-        in_pod(env.client, "ip", "route", "add", "10.215.0.0/24", "via", r.ip)
-        yield
-    finally:
-        line.kill()
-        line.wait()
-        in_pod(env.client, "ip", "route", "del", "10.215.0.0/24", check=False)
-        subprocess.run(["ip", "netns", "pids", INNER], capture_output=True, check=False)
-        subprocess.run(["ip", "netns", "del", INNER], check=False)
 
 
 def _median_le(after: Metrics, before: Metrics, name: str, **labels: str) -> tuple[float, int]:
@@ -111,7 +79,7 @@ PINGPONG_SCRIPT = ("import socket,sys\nc=socket.create_connection((sys.argv[1],8
 
 @pytest.mark.parametrize(("rtt_ms", "bucket_le"), [(20, 0.032768), (50, 0.065536)])
 def test_handshake_and_rtt_follow_the_added_delay(env: Env, rtt_ms: int, bucket_le: float) -> None:
-    with delay_line(env, rtt_ms / 2):
+    with delay_line(env.client, env.router, rtt_ms / 2):
         server = subprocess.Popen(["ip", "netns", "exec", INNER, sys.executable, "-c",
                                    SERVER_SCRIPT], stdout=subprocess.PIPE, text=True)
         try:

@@ -33,6 +33,13 @@ def env() -> Iterator[LabRun]:
         yield run
 
 
+def _nstat(pod: LabPod, counter: str) -> int:
+    for line in in_pod(pod, "nstat", "-asz", counter).stdout.splitlines():
+        if line.startswith(counter):
+            return int(line.split()[1])
+    return 0
+
+
 def _rx_dropped(pod: LabPod) -> int:
     with open(f"/sys/class/net/{pod.host_veth}/statistics/rx_dropped") as f:
         return int(f.read())
@@ -138,11 +145,20 @@ def test_iperf3_tcp_exact_and_agrees_with_iperf3(env: LabRun) -> None:
     srv = spawn_in_pod(server, "iperf3", "-s", "-1", "-p", "5201")
     time.sleep(0.3)
     before = quiet_window(env.daemon, env.pods)
+    out_segs_before = _nstat(client, "TcpOutSegs") + _nstat(client, "TcpRetransSegs")
     out = in_pod(client, "iperf3", "-c", server.ip, "-p", "5201", "-t", "3", "-J").stdout
     srv.communicate(timeout=30)
     time.sleep(0.2)
     after = quiet_window(env.daemon, env.pods)
+    # TcpOutSegs leaves retransmissions out (Linux counts them in TcpRetransSegs): the
+    # segments that crossed the veth are the sum
+    out_segs = _nstat(client, "TcpOutSegs") + _nstat(client, "TcpRetransSegs") - out_segs_before
     assert_exact(before, after, env.pods)
+    # segments, GSO packets unfolded: equal to the pod's own count
+    ours_segs = (after.metrics.sum("podnet_tcp_segments_total", pod=client.name, direction="egress")
+                 - before.metrics.sum("podnet_tcp_segments_total", pod=client.name,
+                                      direction="egress"))
+    assert ours_segs == out_segs > 1000
     sent = json.loads(out)["end"]["sum_sent"]
     payload, retransmits = int(sent["bytes"]), int(sent.get("retransmits", 0))
     tcp_bytes = _delta(before, after, client, "egress", "bytes", protocol="tcp")

@@ -307,14 +307,15 @@ def test_describe_names_every_family_without_samples(make_pod: PodFactory) -> No
     state.publish(Snapshot(IdentityIndex([make_pod(4026532001, [(7, "veth7")])])))
     collector = PodCollector(probes=[packets.PROBE], maps=FakeMaps(), state=state,
                              node="node-1", kernel=kernel(), node_slot=1024, program_stats=list)
-    assert [m.samples for m in collector.describe()] == [[]] * 17
+    assert [m.samples for m in collector.describe()] == [[]] * 19
     assert [m.name for m in collector.describe()] == [
-        "podnet_packets", "podnet_bytes", "podnet_pod_info", "podnet_monitor_attached_pods",
+        "podnet_packets", "podnet_bytes", "podnet_tcp_segments", "podnet_pod_info",
+        "podnet_monitor_attached_pods",
         "podnet_monitor_attach_errors", "podnet_monitor_reconciles",
         "podnet_monitor_reconcile_seconds", "podnet_monitor_collect_errors",
         "podnet_monitor_build_info", "podnet_monitor_kernel_offsets",
         "podnet_monitor_probe_state", "podnet_monitor_series_dropped",
-        "podnet_monitor_api_synced", "podnet_monitor_api_requests",
+        "podnet_monitor_api_synced", "podnet_monitor_api_requests", "podnet_monitor_bypassed",
         "podnet_monitor_bpf_run_seconds", "podnet_monitor_bpf_runs",
         "podnet_monitor_lost_events"]
 
@@ -460,11 +461,12 @@ def test_describe_of_every_probe_reads_no_map() -> None:
     collector = PodCollector(probes=list(REGISTRY.values()), maps=maps, state=state, node="n",
                              kernel=kernel(), node_slot=1024)
     names = [m.name for m in collector.describe()]
-    assert names[:11] == [
-        "podnet_packets", "podnet_bytes", "podnet_tcp_flags", "podnet_tcp_handshake_seconds",
-        "podnet_tcp_connect_failures", "podnet_dns_latency_seconds", "podnet_dns_responses",
-        "podnet_dns_queries", "podnet_dns_timeouts", "podnet_drops", "podnet_tcp_retransmits"]
-    assert names[11] == "podnet_tcp_rtt_seconds"  # trace has no families of its own
+    assert names[:12] == [
+        "podnet_packets", "podnet_bytes", "podnet_tcp_segments", "podnet_tcp_flags",
+        "podnet_tcp_handshake_seconds", "podnet_tcp_connect_failures",
+        "podnet_dns_latency_seconds", "podnet_dns_responses", "podnet_dns_queries",
+        "podnet_dns_timeouts", "podnet_drops", "podnet_tcp_retransmits"]
+    assert names[12] == "podnet_tcp_rtt_seconds"  # trace has no families of its own
     assert names[-1] == "podnet_monitor_lost_events"  # one family, whichever probes lose events
     assert len(names) == len(set(names))  # no family twice
     assert maps.log == []

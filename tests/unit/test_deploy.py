@@ -44,7 +44,7 @@ WRITABLE_HOST_PATHS = {"/sys/fs/bpf", CAPTURE_DIR}
 # Prometheus Operator kinds: kubernetes-validate ships Kubernetes' own schemas only, and for
 # a kind it has no schema for it prints a WARN and exits 0. Their structure is checked here
 # instead, against the fields the operator's CRDs require and the ones we use.
-CRD_KINDS = {"PodMonitor", "ServiceMonitor"}
+CRD_KINDS = {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 MIN_REASON_WORDS = 6
 # checkov must not reach the network: no platform download, no PyPI version check.
@@ -179,7 +179,9 @@ def test_prometheus_operator_monitors_select_the_daemon() -> None:
         monitor = only(kind)
         assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
         spec = monitor["spec"]
-        assert set(spec) == {"selector", "namespaceSelector", endpoints_key}, kind
+        assert set(spec) == {"jobLabel", "selector", "namespaceSelector", endpoints_key}, kind
+        # job="podnetmon", what the alert rules select (not the operator's "<ns>/<name>")
+        assert template_labels[spec["jobLabel"]] == "podnetmon", kind
         selector = spec["selector"]["matchLabels"]
         assert selector.items() <= target_labels.items(), kind
         assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
@@ -192,6 +194,15 @@ def test_prometheus_operator_monitors_select_the_daemon() -> None:
     assert (service_port["port"], service_port["targetPort"]) == (PORT, "metrics")
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["selector"].items() <= template_labels.items()
+
+
+def test_the_prometheus_rule_holds_the_plain_rule_file() -> None:
+    rule = only("PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    plain = yaml.safe_load((ROOT / "prometheus" / "podnet-rules.yaml").read_text())
+    assert rule["spec"] == plain  # one source, two renderings
+    assert [r["alert"] for g in plain["groups"] for r in g["rules"]][:2] == [
+        "PodNetDropsHigh", "PodNetTCPRetransmitRatioHigh"]
 
 
 def test_kustomizations_list_exactly_the_files_beside_them() -> None:

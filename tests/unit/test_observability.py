@@ -1,0 +1,170 @@
+"""The shipped rules and dashboards: one source, promtool's own checks, and podnetmon top."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from monitor import alerting, dashboards, top
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMTOOL = shutil.which("promtool")
+
+
+def test_committed_rule_files_are_what_the_source_renders() -> None:
+    assert (ROOT / "prometheus" / "podnet-rules.yaml").read_text() == \
+        alerting.prometheus_file(alerting.ALERTS)
+    assert (ROOT / "deploy" / "prometheus-operator" / "prometheusrule.yaml").read_text() == \
+        alerting.operator_resource(alerting.ALERTS)
+
+
+def test_committed_dashboards_are_what_the_source_renders() -> None:
+    rendered = dict(dashboards.rendered())
+    assert sorted(p.name for p in (ROOT / "grafana").glob("*.json")) == sorted(rendered)
+    for name, text in rendered.items():
+        assert (ROOT / "grafana" / name).read_text() == text, name
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (make setup installs it)")
+def test_promtool_checks_and_tests_the_rules() -> None:
+    check = subprocess.run([PROMTOOL, "check", "rules", "prometheus/podnet-rules.yaml"], cwd=ROOT,
+                           capture_output=True, text=True, check=False)
+    assert check.returncode == 0 and "SUCCESS: 12 rules found" in check.stdout, check.stdout
+    tested = subprocess.run([PROMTOOL, "test", "rules", "podnet-rules.test.yaml"],
+                            cwd=ROOT / "tests" / "promtool", capture_output=True, text=True,
+                            check=False)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_every_alert_has_a_runbook_section_and_pod_alerts_name_the_pod() -> None:
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    for alert in alerting.ALERTS:
+        assert f"## {alert.anchor()}\n" in runbook, alert.name
+        assert f"**{alert.name}**" in runbook
+        if alert.pod_fault:
+            assert "{{ $labels.namespace }}/{{ $labels.pod }}" in alert.summary, alert.name
+
+
+def test_overrides_set_thresholds_and_for() -> None:
+    alerts = {a.name: a for a in alerting.configured(
+        ["PodNetDropsHigh.threshold=5", "PodNetDNS*.for=1m", "*.for=30s"])}
+    assert alerts["PodNetDropsHigh"].threshold == 5.0
+    assert {a.for_ for a in alerts.values()} == {"30s"}  # the last --set wins, in order
+    rule = alerting.rule(alerts["PodNetDropsHigh"], "podnetmon")
+    assert rule["expr"].endswith("> 5.0") and rule["for"] == "30s"
+    assert rule["labels"] == {"severity": "warning", "podnet_capture": "30s"}
+    monitor_down = alerting.rule(alerts["PodNetMonitorDown"], "kube-system/podnetmon")
+    assert monitor_down["expr"] == 'up{job="kube-system/podnetmon"} == 0'
+
+
+@pytest.mark.parametrize("bad", ["PodNetDropsHigh=3", "Nope.threshold=1", "PodNetDropsHigh.color=red",
+                                 "PodNetDropsHigh.threshold=lots", "PodNetDropsHigh.for=5 minutes",
+                                 "PodNetDropsHigh.for="])
+def test_bad_overrides_are_refused(bad: str) -> None:
+    with pytest.raises(alerting.RuleError):
+        alerting.configured([bad])
+
+
+def test_dashboards_use_the_datasource_variable_only() -> None:
+    for dashboard in dashboards.DASHBOARDS:
+        doc = dashboards.render(dashboard)
+        text = json.dumps(doc)
+        uids = set(_values(doc, "uid"))
+        assert uids <= {dashboard.uid, "${datasource}"}, uids
+        ids = [p["id"] for p in doc["panels"]]
+        assert len(ids) == len(set(ids)) == len(dashboard.panels)
+        names = [v["name"] for v in doc["templating"]["list"]]
+        assert names[:2] == ["datasource", "instance"]
+        if dashboard.pod_variables:
+            assert names[2:] == ["namespace", "workload", "pod"]
+        for panel in doc["panels"]:
+            assert panel["targets"] and all(t["expr"] for t in panel["targets"]), panel["title"]
+            assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        assert "podnet_" in text
+
+
+def _values(node: object, key: str) -> list[str]:
+    out = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key and isinstance(v, str):
+                out.append(v)
+            out += _values(v, key)
+    elif isinstance(node, list):
+        for v in node:
+            out += _values(v, key)
+    return out
+
+
+def test_overview_panels_cover_what_the_issue_lists() -> None:
+    titles = [p.title for p in dashboards.NODE.panels]
+    for wanted in ("Top pods by traffic", "Drops by reason", "Top pods by TCP retransmits",
+                   "TCP handshake time, 90th percentile", "DNS latency, 90th percentile",
+                   "Pods failing to connect"):
+        assert wanted in titles
+    kinds = {p.kind for p in dashboards.POD.panels}
+    assert kinds == {"timeseries", "heatmap"}
+
+
+SCRAPE_1 = """
+podnet_bytes_total{namespace="shop",pod="web",direction="ingress",protocol="tcp"} 1000
+podnet_bytes_total{namespace="shop",pod="web",direction="egress",protocol="tcp"} 500
+podnet_packets_total{namespace="shop",pod="web",direction="ingress",protocol="tcp"} 10
+podnet_packets_total{namespace="shop",pod="web",direction="egress",protocol="tcp"} 5
+podnet_drops_total{namespace="shop",pod="web",reason="NO_SOCKET"} 1
+podnet_tcp_retransmits_total{namespace="shop",pod="web"} 0
+podnet_tcp_handshake_seconds_bucket{namespace="shop",pod="web",role="client",le="0.001"} 0
+podnet_tcp_handshake_seconds_bucket{namespace="shop",pod="web",role="client",le="0.002"} 0
+podnet_tcp_handshake_seconds_bucket{namespace="shop",pod="web",role="client",le="+Inf"} 0
+podnet_bytes_total{namespace="shop",pod="db",direction="ingress",protocol="tcp"} 0
+"""
+SCRAPE_2 = """
+podnet_bytes_total{namespace="shop",pod="web",direction="ingress",protocol="tcp"} 3000
+podnet_bytes_total{namespace="shop",pod="web",direction="egress",protocol="tcp"} 900
+podnet_packets_total{namespace="shop",pod="web",direction="ingress",protocol="tcp"} 30
+podnet_packets_total{namespace="shop",pod="web",direction="egress",protocol="tcp"} 9
+podnet_drops_total{namespace="shop",pod="web",reason="NO_SOCKET"} 5
+podnet_tcp_retransmits_total{namespace="shop",pod="web"} 2
+podnet_tcp_handshake_seconds_bucket{namespace="shop",pod="web",role="client",le="0.001"} 0
+podnet_tcp_handshake_seconds_bucket{namespace="shop",pod="web",role="client",le="0.002"} 10
+podnet_tcp_handshake_seconds_bucket{namespace="shop",pod="web",role="client",le="+Inf"} 10
+podnet_bytes_total{namespace="shop",pod="db",direction="ingress",protocol="tcp"} 10000
+"""
+
+
+def test_top_rates_and_percentiles_from_two_scrapes() -> None:
+    rows = {r.pod: r for r in top.rows(top.parse(SCRAPE_1), top.parse(SCRAPE_2), 2.0)}
+    web = rows["shop/web"]
+    assert (web.rx_bps, web.tx_bps) == (2000 * 8 / 2, 400 * 8 / 2)
+    assert (web.rx_pps, web.tx_pps) == (10.0, 2.0)
+    assert (web.drops, web.top_reason, web.retrans) == (2.0, "NO_SOCKET", 1.0)
+    assert web.hs_p50 == pytest.approx(0.0015)  # halfway through (0.001, 0.002]
+    assert web.hs_p90 == pytest.approx(0.0019)
+    assert web.dns_p50 is None
+    text = top.table(list(rows.values()), "bytes", 10)
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["POD", "RX", "TX"]
+    assert lines[1].startswith("shop/db") and lines[2].startswith("shop/web")  # db moved more
+    assert top.table(list(rows.values()), "drops", 10).splitlines()[1].startswith("shop/web")
+
+
+def test_quantile_matches_prometheus_interpolation() -> None:
+    before = {0.1: 0.0, 0.2: 0.0, float("inf"): 0.0}
+    after = {0.1: 50.0, 0.2: 100.0, float("inf"): 100.0}
+    assert top.quantile(0.5, before, after) == pytest.approx(0.1)
+    assert top.quantile(0.75, before, after) == pytest.approx(0.15)
+    assert top.quantile(0.9, before, {0.1: 0.0, float("inf"): 10.0}) == pytest.approx(0.1)
+    assert top.quantile(0.5, before, before) is None
+
+
+def test_rule_file_groups_split_pods_from_the_monitor() -> None:
+    doc = yaml.safe_load(alerting.prometheus_file(alerting.ALERTS))
+    groups = {g["name"]: [r["alert"] for r in g["rules"]] for g in doc["groups"]}
+    assert groups["podnet-monitor"] == ["PodNetMonitorDown", "PodNetMonitorAttachFailing",
+                                        "PodNetMonitorBypassed", "PodNetMonitorLostEvents"]
+    assert len(groups["podnet-pods"]) == 8
