@@ -259,3 +259,37 @@ def prog_fd_by_id(prog_id: int) -> int:
 def is_missing(exc: OSError) -> bool:
     """True when an error only says the device or object is already gone."""
     return exc.errno in (errno.ENODEV, errno.ENOENT, errno.ENXIO)
+
+
+BPF_MAP_LOOKUP_BATCH = 24  # enum bpf_cmd; kernel >= 5.6 for arrays and hashes
+ENOTSUPP = 524  # the kernel's "no such operation for this map type" (not EOPNOTSUPP, 95)
+
+
+def map_lookup_batch(map_fd: int, key_size: int, value_size: int, count: int,
+                     start: bytes | None = None) -> tuple[bytearray, bytearray]:
+    """Up to `count` elements in one syscall: (keys, values), each packed back to back.
+
+    The batch begins after the key `start` (at the first key with None); for an array
+    that is slot start + 1, and elements come in slot order. `value_size` is the whole
+    value as the syscall returns it (all CPUs for per-CPU maps). Reaching the end of
+    the map is no error: fewer elements come back.
+    """
+    keys, values = bytearray(key_size * count), bytearray(value_size * count)
+    # the kernel writes where the next batch would start; a hash map puts a u32 there
+    out_batch = ctypes.create_string_buffer(max(key_size, 4))
+    in_batch = ctypes.create_string_buffer(start, key_size) if start is not None else None
+    key_buf = (ctypes.c_char * len(keys)).from_buffer(keys)
+    value_buf = (ctypes.c_char * len(values)).from_buffer(values)
+    # union bpf_attr, batch: in_batch, out_batch, keys, values (u64 pointers), count, map_fd
+    buf = _attr((0, "Q", ctypes.addressof(in_batch) if in_batch is not None else 0),
+                (8, "Q", ctypes.addressof(out_batch)), (16, "Q", ctypes.addressof(key_buf)),
+                (24, "Q", ctypes.addressof(value_buf)), (32, "I", count), (36, "I", map_fd))
+    try:
+        _bpf(BPF_MAP_LOOKUP_BATCH, buf)
+    except BpfError as exc:
+        if exc.errno != errno.ENOENT:  # ENOENT: the map ended before `count` elements
+            raise
+    done = struct.unpack_from("I", buf, 32)[0]  # the kernel's count of elements copied
+    del key_buf, value_buf  # a bytearray with a live export cannot be resized
+    del keys[done * key_size:], values[done * value_size:]
+    return keys, values

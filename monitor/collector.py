@@ -11,11 +11,8 @@ from __future__ import annotations
 import platform
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
-
 from monitor import __version__, log
+from monitor.exposition import CounterFamily, Family, GaugeFamily
 from monitor.identity import OVERFLOW
 from monitor.kernelinfo import KernelInfo
 from monitor.kerneltypes import ProgramStats
@@ -28,8 +25,11 @@ POD_INFO_LABELS = ["namespace", "pod", "uid", "netns", "interface", "node", "wor
                    "workload_kind"]
 
 
-class PodCollector(Collector):
-    """Per-pod families from every enabled probe, podnet_pod_info and podnet_monitor_*."""
+class PodCollector:
+    """Per-pod families from every enabled probe, podnet_pod_info and podnet_monitor_*.
+
+    An exposition.Collector: register it with an exposition.Registry.
+    """
 
     def __init__(self, *, probes: Sequence[Probe], maps: MapReader, state: MonitorState,
                  node: str, kernel: KernelInfo, node_slot: int,
@@ -37,7 +37,8 @@ class PodCollector(Collector):
                  program_stats: Callable[[], Sequence[ProgramStats]] | None = None,
                  bcc_version: str = "", pod_labels: Sequence[str] = (),
                  api_stats: Callable[[], Mapping[str, float]] | None = None,
-                 bypassed: Callable[[], Mapping[tuple[str, str], bool]] | None = None) -> None:
+                 bypassed: Callable[[], Mapping[tuple[str, str], bool]] | None = None,
+                 scrape_stats: Callable[[], tuple[int, float]] | None = None) -> None:
         self._probes, self._maps, self._state, self._node = list(probes), maps, state, node
         self._kernel, self._node_slot = kernel, node_slot
         self._probe_states = dict(probe_states or {p.name: "loaded" for p in probes})
@@ -46,10 +47,11 @@ class PodCollector(Collector):
         self._label_names = [prometheus_label(k) for k in self._pod_labels]
         self._api_stats = api_stats
         self._bypassed = bypassed
+        self._scrape_stats = scrape_stats  # the registry's: scrapes done, seconds spent
         self._log = log.get("collector")
         self._probe_errors = 0
 
-    def describe(self) -> Iterator[Metric]:
+    def describe(self) -> Iterator[Family]:
         """Names and types only: registering the collector reads no kernel map."""
         for probe in self._probes:
             yield from probe.describe()
@@ -57,7 +59,7 @@ class PodCollector(Collector):
         yield from self._monitor(describe=True)
         yield self._lost_family({}, describe=True)
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Family]:
         scrape = Scrape(self._maps, self._state.snapshot.index, self._kernel, self._node,
                         self._node_slot)
         lost: dict[str, float] = dict(self._state.lost_events())
@@ -75,23 +77,23 @@ class PodCollector(Collector):
         yield from self._monitor()
         yield self._lost_family(lost)
 
-    def _lost_family(self, lost: Mapping[str, float], describe: bool = False) -> CounterMetricFamily:
-        family = CounterMetricFamily(
+    def _lost_family(self, lost: Mapping[str, float], describe: bool = False) -> CounterFamily:
+        family = CounterFamily(
             "podnet_monitor_lost_events", "Events the monitor could not count or deliver: "
             "drops (the drop map was full), capture and drop_events (a trace's perf buffer "
-            "overran).", labels=["source"])
+            "overran).", ["source"])
         if not describe:
             # capture and drop_events are the daemon's own counts, always there; a probe's
             # source is left out of a scrape that could not read it (never shown as 0,
             # which Prometheus would take for a counter reset)
             for source in sorted({"capture", "drop_events", *lost}):
-                family.add_metric([source], lost.get(source, 0))
+                family.add((source,), lost.get(source, 0))
         return family
 
-    def _pod_info(self, describe: bool = False) -> Iterator[Metric]:
-        info = GaugeMetricFamily("podnet_pod_info", "A monitored pod: always 1; its labels "
-                                 "join pod names to netns, interface and workload.",
-                                 labels=POD_INFO_LABELS + self._label_names)
+    def _pod_info(self, describe: bool = False) -> Iterator[Family]:
+        info = GaugeFamily("podnet_pod_info", "A monitored pod: always 1; its labels "
+                           "join pod names to netns, interface and workload.",
+                           POD_INFO_LABELS + self._label_names)
         if not describe:
             overflow = False
             for pod in self._state.snapshot.index.pods():
@@ -99,85 +101,102 @@ class PodCollector(Collector):
                     overflow = True  # one info series for all of them, not one each
                     continue
                 labels = dict(pod.meta.labels)
-                info.add_metric([
+                info.add((
                     pod.namespace, pod.name, pod.uid, str(pod.netns_inode),
                     ",".join(v.name for v in pod.interfaces), self._node,
                     pod.meta.workload, pod.meta.workload_kind,
-                    *(labels.get(k, "") for k in self._pod_labels)], 1)
+                    *(labels.get(k, "") for k in self._pod_labels)), 1)
             if overflow:
-                info.add_metric([OVERFLOW, OVERFLOW, "", "", "", self._node, "", "",
-                                 *("" for _ in self._pod_labels)], 1)
+                info.add((OVERFLOW, OVERFLOW, "", "", "", self._node, "", "",
+                          *("" for _ in self._pod_labels)), 1)
         yield info
 
-    def _monitor(self, describe: bool = False) -> Iterator[Metric]:
+    def _monitor(self, describe: bool = False) -> Iterator[Family]:
         state = self._state
-        attached = GaugeMetricFamily("podnet_monitor_attached_pods",
-                                     "Pods whose host veths carry our programs.")
-        errors = CounterMetricFamily("podnet_monitor_attach_errors",
-                                     "Failed attempts to attach to a pod's interface.")
-        reconciles = CounterMetricFamily("podnet_monitor_reconciles",
-                                         "Discovery and attach passes run.")
-        reconcile_seconds = CounterMetricFamily("podnet_monitor_reconcile_seconds",
-                                                "Time spent in discovery and attach passes.")
-        probe_errors = CounterMetricFamily("podnet_monitor_collect_errors",
-                                           "Scrapes in which a probe's maps could not be read.")
-        build = GaugeMetricFamily("podnet_monitor_build_info", "podnetmon's build: always 1.",
-                                  labels=["version", "bcc_version", "kernel"])
-        dropped = CounterMetricFamily(
+        attached = GaugeFamily("podnet_monitor_attached_pods",
+                               "Pods whose host veths carry our programs.")
+        errors = CounterFamily("podnet_monitor_attach_errors",
+                               "Failed attempts to attach to a pod's interface.")
+        reconciles = CounterFamily("podnet_monitor_reconciles",
+                                   "Discovery and attach passes run.")
+        reconcile_seconds = CounterFamily("podnet_monitor_reconcile_seconds",
+                                          "Time spent in discovery and attach passes.")
+        probe_errors = CounterFamily("podnet_monitor_collect_errors",
+                                     "Scrapes in which a probe's maps could not be read.")
+        build = GaugeFamily("podnet_monitor_build_info", "podnetmon's build: always 1.",
+                            ["version", "bcc_version", "kernel"])
+        dropped = CounterFamily(
             "podnet_monitor_series_dropped", "Pods counted under namespace=pod=_overflow "
             "because max_pods pods had series of their own already.")
-        api = GaugeMetricFamily(
+        api = GaugeFamily(
             "podnet_monitor_api_synced", "1 once the Kubernetes pod list has been read "
             "(absent without the API).")
-        api_calls = CounterMetricFamily(
+        api_calls = CounterFamily(
             "podnet_monitor_api_requests", "Kubernetes API requests: list, watch, and failed "
-            "ones (error).", labels=["kind"])
-        offsets = GaugeMetricFamily(
+            "ones (error).", ["kind"])
+        offsets = GaugeFamily(
             "podnet_monitor_kernel_offsets", "Where kernel struct offsets came from: btf, or "
             "none (then drops count under the node only; retransmits and RTT are off).",
-            labels=["source"])
-        probe_states = GaugeMetricFamily(
+            ["source"])
+        probe_states = GaugeFamily(
             "podnet_monitor_probe_state", "Each probe's state on this kernel: loaded, degraded "
-            "(it runs but attributes less) or off; the log says why.", labels=["probe", "state"])
-        run_seconds = CounterMetricFamily(
+            "(it runs but attributes less) or off; the log says why.", ["probe", "state"])
+        run_seconds = CounterFamily(
             "podnet_monitor_bpf_run_seconds", "Time the kernel spent running each of our BPF "
-            "programs (only while the kernel keeps BPF statistics).", labels=["program"])
-        runs = CounterMetricFamily("podnet_monitor_bpf_runs", "Runs of each of our BPF "
-                                   "programs (only while the kernel keeps BPF statistics).",
-                                   labels=["program"])
+            "programs (only while the kernel keeps BPF statistics).", ["program"])
+        runs = CounterFamily("podnet_monitor_bpf_runs", "Runs of each of our BPF "
+                             "programs (only while the kernel keeps BPF statistics).",
+                             ["program"])
+        maps = GaugeFamily(
+            "podnet_monitor_maps", "Where this daemon's counters started: adopted (the pinned "
+            "maps of the daemon before it: counters continue), fresh (nothing was pinned), "
+            "reset (pinned maps of another layout were found and left: counters restarted) "
+            "or unpinned (no bpffs: counters restart with every daemon).", ["state"])
+        scrapes = CounterFamily("podnet_monitor_scrapes", "Scrapes of /metrics answered.")
+        scrape_seconds = CounterFamily(
+            "podnet_monitor_scrape_seconds", "Time spent producing /metrics: reading the "
+            "maps and writing the exposition (a scrape counts once it is done).")
         if not describe:
-            attached.add_metric([], state.attached_pods())
-            errors.add_metric([], state.attach_errors)
-            reconciles.add_metric([], state.reconciles)
-            reconcile_seconds.add_metric([], state.reconcile_seconds)
-            probe_errors.add_metric([], self._probe_errors)
-            build.add_metric([__version__, self._bcc_version, platform.release()], 1)
-            offsets.add_metric([self._kernel.offsets_source], 1)
-            dropped.add_metric([], state.series_dropped)
+            attached.add((), state.attached_pods())
+            errors.add((), state.attach_errors)
+            reconciles.add((), state.reconciles)
+            reconcile_seconds.add((), state.reconcile_seconds)
+            probe_errors.add((), self._probe_errors)
+            build.add((__version__, self._bcc_version, platform.release()), 1)
+            offsets.add((self._kernel.offsets_source,), 1)
+            dropped.add((), state.series_dropped)
+            maps.add((state.maps_state,), 1)
             if self._api_stats is not None:
                 stats = self._api_stats()
-                api.add_metric([], stats.get("synced", 0))
+                api.add((), stats.get("synced", 0))
                 for kind in ("list", "watch", "error"):
-                    api_calls.add_metric([kind], stats.get(kind, 0))
+                    api_calls.add((kind,), stats.get(kind, 0))
             for name, probe_state in sorted(self._probe_states.items()):
-                probe_states.add_metric([name, probe_state], 1)
+                probe_states.add((name, probe_state), 1)
             for stat in self._program_stats() if self._program_stats else ():
-                run_seconds.add_metric([stat.name], stat.run_time_ns / 1e9)
-                runs.add_metric([stat.name], stat.run_cnt)
+                run_seconds.add((stat.name,), stat.run_time_ns / 1e9)
+                runs.add((stat.name,), stat.run_cnt)
+            if self._scrape_stats is not None:
+                done, seconds = self._scrape_stats()
+                scrapes.add((), done)
+                scrape_seconds.add((), seconds)
         yield from (attached, errors, reconciles, reconcile_seconds, probe_errors, build, offsets,
-                    probe_states, dropped)
+                    probe_states, dropped, maps)
         if describe or self._api_stats is not None:
             yield api
             yield api_calls
         if describe or self._bypassed is not None:
-            bypassed = GaugeMetricFamily(
+            bypassed = GaugeFamily(
                 "podnet_monitor_bypassed", "1 while a pod's veth counts packets our programs "
                 "do not see (another program ends their TC processing first).",
-                labels=["namespace", "pod"])
+                ["namespace", "pod"])
             for (namespace, pod), value in sorted((self._bypassed() if self._bypassed and
                                                    not describe else {}).items()):
-                bypassed.add_metric([namespace, pod], 1 if value else 0)
+                bypassed.add((namespace, pod), 1 if value else 0)
             yield bypassed
         if describe or self._program_stats:
             yield run_seconds
             yield runs
+        if describe or self._scrape_stats is not None:
+            yield scrapes
+            yield scrape_seconds

@@ -20,11 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import CollectorRegistry
-
 from monitor import __version__, log
 from monitor.auth import Access, Authenticator, AuthError, NoAuth, Request
+from monitor.exposition import Registry, negotiate
 from monitor.state import MonitorState
 
 MAX_BODY = 1 << 20  # an Alertmanager notification is a few KB; refuse what is not
@@ -48,7 +46,7 @@ Handler_ = Callable[["Handler", Params, Mapping[str, str]], None]
 class Api:
     """The routes, bound to the daemon's registry, state and capture machinery."""
 
-    def __init__(self, registry: CollectorRegistry, state: MonitorState, node: str,
+    def __init__(self, registry: Registry, state: MonitorState, node: str,
                  alive: Callable[[], bool], *, auth: Authenticator | None = None,
                  extensions: Any = None) -> None:
         self.registry, self.state, self.node, self.alive = registry, state, node, alive
@@ -80,8 +78,8 @@ class Api:
     # -- the unprotected routes ------------------------------------------------------------
 
     def metrics(self, h: Handler, _p: Params, _q: Mapping[str, str]) -> None:
-        encoder, content_type = choose_encoder(h.headers.get("Accept", ""))
-        h.reply(HTTPStatus.OK, encoder(self.registry), content_type)
+        fmt = negotiate(h.headers.get("Accept", ""))  # as prometheus_client's choose_encoder
+        h.reply(HTTPStatus.OK, self.registry.render(fmt), fmt.content_type)
 
     def healthz(self, h: Handler, _p: Params, _q: Mapping[str, str]) -> None:
         if self.alive():

@@ -15,9 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from prometheus_client.core import HistogramMetricFamily
-from prometheus_client.metrics_core import Metric
-
+from monitor.exposition import Family, HistogramFamily
 from monitor.identity import IdentityIndex
 from monitor.kernelinfo import KernelInfo
 from monitor.maps import MapReader
@@ -26,6 +24,8 @@ from monitor.maps import MapReader
 # retransmits of a host process). A name Kubernetes cannot give a namespace.
 NODE_NAMESPACE = "_node"
 HIST_BUCKETS = 28  # bpf/pnm.h PNM_HIST_BUCKETS: le = 2^i us for i < 27, then +Inf
+# The le values as written: 2^i us in seconds, as Python's repr() prints them ("1e-06"...)
+LE = (*(repr((2**i) / 1e6) for i in range(HIST_BUCKETS - 1)), "+Inf")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,15 @@ class Scrape:
         if with_node:
             yield self.node_slot, (NODE_NAMESPACE, self.node)
 
+    def read_slots(self, *maps: str, with_node: bool = False
+                   ) -> list[tuple[tuple[str, str], list[bytes | None]]]:
+        """(owner, [value in each of `maps`]) for every slot of slots(): one batch read per
+        map, not a lookup per slot and map."""
+        owners = list(self.slots(with_node))
+        numbers = [slot for slot, _ in owners]
+        columns = [self.maps.lookup_slots(name, numbers) for name in maps]
+        return [(owner, [column[i] for column in columns]) for i, (_, owner) in enumerate(owners)]
+
 
 class MapWriter(MapReader, Protocol):
     def delete(self, name: str, key: bytes) -> bool: ...
@@ -81,8 +90,8 @@ class Probe:
     summary: str
     c_file: str
     maps: Mapping[str, MapLayout]
-    collect: Callable[[Scrape], Iterable[Metric]]
-    describe: Callable[[], Iterable[Metric]]
+    collect: Callable[[Scrape], Iterable[Family]]
+    describe: Callable[[], Iterable[Family]]  # the same families, empty: reads no map
     tc_hook: str = ""  # static inline C function: void f(struct __sk_buff *, const struct pnm_pkt *)
     tracepoints: tuple[str, ...] = field(default=())  # "category:event"
     needs_ports: bool = False  # the TC parse must read ports and TCP flags
@@ -92,6 +101,9 @@ class Probe:
     sweep: Callable[[Sweep], None] | None = None
     # delete keys of a gone pod's netns (None: the pod lives on) and of detached ifindexes
     forget: Callable[[MapWriter, int | None, Sequence[int]], None] | None = None
+    # delete keys of every netns and ifindex not in the live sets: run once when a daemon
+    # adopts pinned maps, for pods that went while no daemon was there to forget them
+    prune: Callable[[MapWriter, set[int], set[int]], None] | None = None
     # events the probe could not count, by source (podnet_monitor_lost_events_total)
     lost: Callable[[Scrape], Mapping[str, int]] | None = None
 
@@ -127,16 +139,6 @@ def u32_of(key: bytes) -> int:
     return int(struct.unpack_from("=I", key)[0])
 
 
-def hist_buckets(counts: Sequence[int]) -> list[tuple[str, float]]:
-    """Cumulative Prometheus buckets (le in seconds) from the kernel's base-2 buckets."""
-    out, total = [], 0
-    for i in range(HIST_BUCKETS - 1):
-        total += counts[i]
-        out.append((repr((2**i) / 1e6), float(total)))
-    out.append(("+Inf", float(total + counts[HIST_BUCKETS - 1])))
-    return out
-
-
 class HistogramSum:
     """Adds kernel histograms of several slots (a pod's interfaces) into one series."""
 
@@ -144,14 +146,18 @@ class HistogramSum:
         self._series: dict[tuple[str, ...], tuple[list[int], int]] = {}
 
     def add(self, labels: tuple[str, ...], buckets: Sequence[int], sum_us: int) -> None:
-        counts, total = self._series.get(labels, ([0] * HIST_BUCKETS, 0))
+        seen = self._series.get(labels)
+        if seen is None:  # the common case: one interface, one series
+            self._series[labels] = (list(buckets), sum_us)
+            return
+        counts, total = seen
         self._series[labels] = ([a + b for a, b in zip(counts, buckets, strict=True)],
                                 total + sum_us)
 
-    def family(self, name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
-        fam = HistogramMetricFamily(name, doc, labels=labels)
+    def family(self, name: str, doc: str, labels: list[str]) -> HistogramFamily:
+        fam = HistogramFamily(name, doc, labels, LE)
         for key, (counts, sum_us) in sorted(self._series.items()):
-            fam.add_metric(list(key), hist_buckets(counts), sum_us / 1e6)
+            fam.add(key, counts, sum_us / 1e6)
         return fam
 
 
@@ -164,5 +170,5 @@ class CounterSum:
     def add(self, labels: tuple[str, ...], value: float) -> None:
         self.values[labels] = self.values.get(labels, 0) + value
 
-    def items(self) -> list[tuple[list[str], float]]:
-        return [(list(k), v) for k, v in sorted(self.values.items())]
+    def items(self) -> list[tuple[tuple[str, ...], float]]:
+        return sorted(self.values.items())

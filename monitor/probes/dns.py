@@ -6,10 +6,8 @@ import ctypes
 import struct
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.metrics_core import Metric
-
-from monitor.maps import decode
+from monitor.exposition import CounterFamily, Family
+from monitor.maps import decode, word_slice, words
 from monitor.probes.base import (
     HIST_BUCKETS,
     CounterSum,
@@ -52,41 +50,42 @@ HIST = ("podnet_dns_latency_seconds", "Time from a DNS query the pod sent to the
         "it received, on its veth.")
 
 
-def _families() -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+def _families() -> tuple[CounterFamily, CounterFamily, CounterFamily]:
     labels = ["namespace", "pod"]
     return (
-        CounterMetricFamily("podnet_dns_responses", "DNS answers the pod received to its "
-                            "queries, by RCODE.", labels=[*labels, "rcode"]),
-        CounterMetricFamily("podnet_dns_queries", "DNS queries the pod sent over UDP.",
-                            labels=labels),
-        CounterMetricFamily("podnet_dns_timeouts", "DNS queries the pod sent that had no "
-                            "answer within the daemon's timeout.", labels=labels),
+        CounterFamily("podnet_dns_responses", "DNS answers the pod received to its "
+                      "queries, by RCODE.", [*labels, "rcode"]),
+        CounterFamily("podnet_dns_queries", "DNS queries the pod sent over UDP.", labels),
+        CounterFamily("podnet_dns_timeouts", "DNS queries the pod sent that had no "
+                      "answer within the daemon's timeout.", labels),
     )
 
 
-def collect(scrape: Scrape) -> Iterator[Metric]:
+BUCKETS, RCODE_COUNTS = word_slice(Dns, "buckets"), word_slice(Dns, "rcodes")
+SUM, QUERIES = Dns.sum_us.offset // 8, Dns.queries.offset // 8
+
+
+def collect(scrape: Scrape) -> Iterator[Family]:
     responses, queries, timeouts = _families()
     hist, rcodes, sent, lost = HistogramSum(), CounterSum(), CounterSum(), CounterSum()
-    for slot, (namespace, pod) in scrape.slots():
-        raw = scrape.maps.lookup(MAP, u32_key(slot))
-        timeouts_raw = scrape.maps.lookup(TIMEOUTS, u32_key(slot))
+    for (namespace, pod), (raw, timeouts_raw) in scrape.read_slots(MAP, TIMEOUTS):
         if raw is None or timeouts_raw is None:
             continue
-        dns = decode(Dns, raw)
-        hist.add((namespace, pod), list(dns.buckets), dns.sum_us)
-        sent.add((namespace, pod), dns.queries)
+        dns = words(Dns, raw)
+        hist.add((namespace, pod), dns[BUCKETS], dns[SUM])
+        sent.add((namespace, pod), dns[QUERIES])
         lost.add((namespace, pod), struct.unpack("=Q", timeouts_raw)[0])
-        for code, n in enumerate(dns.rcodes):
+        for code, n in enumerate(dns[RCODE_COUNTS]):
             if n or code in (0, 2, 3):  # the usual three always, so rate() has a baseline
                 rcodes.add((namespace, pod, rcode_name(code)), n)
     for family, sums in ((responses, rcodes), (queries, sent), (timeouts, lost)):
         for labels, value in sums.items():
-            family.add_metric(labels, value)
+            family.add(labels, value)
     yield hist.family(*HIST, ["namespace", "pod"])
     yield from (responses, queries, timeouts)
 
 
-def describe() -> Iterator[Metric]:
+def describe() -> Iterator[Family]:
     yield HistogramSum().family(*HIST, ["namespace", "pod"])
     yield from _families()
 

@@ -6,9 +6,7 @@ import ctypes
 import struct
 from collections.abc import Iterator, Sequence
 
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.metrics_core import Metric
-
+from monitor.exposition import CounterFamily, Family
 from monitor.kernelinfo import KernelInfo
 from monitor.maps import decode
 from monitor.probes.base import NODE_NAMESPACE, CounterSum, MapLayout, MapWriter, Probe, Scrape
@@ -35,14 +33,14 @@ class DropKey(ctypes.Structure):
                 ("_pad", ctypes.c_uint8)]
 
 
-def _family() -> CounterMetricFamily:
-    return CounterMetricFamily(
+def _family() -> CounterFamily:
+    return CounterFamily(
         "podnet_drops", "Packets the kernel dropped, by its drop reason (the running "
         "kernel's names). namespace=_node: drops that belong to no pod.",
-        labels=["namespace", "pod", "reason"])
+        ["namespace", "pod", "reason"])
 
 
-def collect(scrape: Scrape) -> Iterator[Metric]:
+def collect(scrape: Scrape) -> Iterator[Family]:
     drops = _family()
     sums = CounterSum()
     node = (NODE_NAMESPACE, scrape.node)
@@ -58,7 +56,7 @@ def collect(scrape: Scrape) -> Iterator[Metric]:
             owner = (pod.namespace, pod.name) if pod else node
         sums.add((*owner, scrape.kernel.drop_reason(key.reason)), count)
     for labels, value in sums.items():
-        drops.add_metric(labels, value)
+        drops.add(labels, value)
     yield drops
 
 
@@ -68,7 +66,7 @@ def lost(scrape: Scrape) -> dict[str, int]:
     return {"drops": struct.unpack("=Q", raw)[0] if raw else 0}
 
 
-def describe() -> Iterator[Metric]:
+def describe() -> Iterator[Family]:
     yield _family()
 
 
@@ -80,6 +78,15 @@ def forget(maps: MapWriter, netns: int | None, ifindexes: Sequence[int]) -> None
     for raw_key, _value in maps.items(MAP):
         key = decode(DropKey, raw_key)
         if (key.kind, key.id) in gone:
+            maps.delete(MAP, raw_key)
+
+
+def prune(maps: MapWriter, live_netns: set[int], live_ifindexes: set[int]) -> None:
+    """Delete the keys of pods gone while no daemon ran (left in adopted pinned maps)."""
+    for raw_key, _value in maps.items(MAP):
+        key = decode(DropKey, raw_key)
+        if ((key.kind == KIND_NETNS and key.id not in live_netns) or
+                (key.kind == KIND_IFINDEX and key.id not in live_ifindexes)):
             maps.delete(MAP, raw_key)
 
 
@@ -100,5 +107,6 @@ PROBE = Probe(
     describe=describe,
     cflags=cflags,
     forget=forget,
+    prune=prune,
     lost=lost,
 )

@@ -5,10 +5,8 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.metrics_core import Metric
-
-from monitor.maps import decode
+from monitor.exposition import CounterFamily, Family
+from monitor.maps import decode, word_slice, words
 from monitor.probes.base import (
     HIST_BUCKETS,
     CounterSum,
@@ -50,13 +48,16 @@ class Flow(ctypes.Structure):
                 ("laddr", ctypes.c_uint8 * 16), ("raddr", ctypes.c_uint8 * 16)]
 
 
-def _families() -> tuple[CounterMetricFamily, HistogramSum]:
-    failures = CounterMetricFamily(
+def _families() -> tuple[CounterFamily, HistogramSum]:
+    failures = CounterFamily(
         "podnet_tcp_connect_failures", "TCP connection attempts that failed: answered by "
         "RST (reason=reset) or not answered within the daemon's timeout (reason=timeout). "
         "role=client: the pod connected out; server: a peer connected to the pod.",
-        labels=["namespace", "pod", "role", "reason"])
+        ["namespace", "pod", "role", "reason"])
     return failures, HistogramSum()
+
+
+BUCKETS, SUMS, RESETS = (word_slice(Handshake, f) for f in ("buckets", "sum_us", "resets"))
 
 
 HIST_NAME = "podnet_tcp_handshake_seconds"
@@ -64,26 +65,26 @@ HIST_DOC = ("TCP handshake time on the pod's veth: client, from the pod's SYN to
             "peer's SYN-ACK; server, from the peer's SYN to the pod's SYN-ACK.")
 
 
-def collect(scrape: Scrape) -> Iterator[Metric]:
+def collect(scrape: Scrape) -> Iterator[Family]:
     failures, hist = _families()
     sums = CounterSum()
-    for slot, (namespace, pod) in scrape.slots():
-        raw = scrape.maps.lookup(MAP, u32_key(slot))
-        timeouts_raw = scrape.maps.lookup(TIMEOUTS, u32_key(slot))
+    for (namespace, pod), (raw, timeouts_raw) in scrape.read_slots(MAP, TIMEOUTS):
         if raw is None or timeouts_raw is None:
             continue
-        hs, timeouts = decode(Handshake, raw), decode(Timeouts, timeouts_raw)
+        hs, timeouts = words(Handshake, raw), words(Timeouts, timeouts_raw)
+        buckets, sum_us, resets = hs[BUCKETS], hs[SUMS], hs[RESETS]
         for r, role in enumerate(ROLES):
-            hist.add((namespace, pod, role), list(hs.buckets[r]), hs.sum_us[r])
-            sums.add((namespace, pod, role, "reset"), hs.resets[r])
-            sums.add((namespace, pod, role, "timeout"), timeouts.count[r])
+            hist.add((namespace, pod, role), buckets[r * HIST_BUCKETS:(r + 1) * HIST_BUCKETS],
+                     sum_us[r])
+            sums.add((namespace, pod, role, "reset"), resets[r])
+            sums.add((namespace, pod, role, "timeout"), timeouts[r])
     for labels, value in sums.items():
-        failures.add_metric(labels, value)
+        failures.add(labels, value)
     yield hist.family(HIST_NAME, HIST_DOC, ["namespace", "pod", "role"])
     yield failures
 
 
-def describe() -> Iterator[Metric]:
+def describe() -> Iterator[Family]:
     failures, hist = _families()
     yield hist.family(HIST_NAME, HIST_DOC, ["namespace", "pod", "role"])
     yield failures

@@ -5,11 +5,9 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.metrics_core import Metric
-
-from monitor.maps import decode
-from monitor.probes.base import MapLayout, Probe, Scrape, u32_key
+from monitor.exposition import CounterFamily, Family
+from monitor.maps import word_slice, words
+from monitor.probes.base import MapLayout, Probe, Scrape
 
 # Index order of pnm_counts' arrays, as bpf/pnm.h numbers them.
 DIRECTIONS = ("ingress", "egress")  # PNM_DIR_INGRESS (pod receives), PNM_DIR_EGRESS (pod sends)
@@ -29,48 +27,56 @@ class Counts(ctypes.Structure):
     ]
 
 
-def _families() -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+def _families() -> tuple[CounterFamily, CounterFamily, CounterFamily]:
     return (
-        CounterMetricFamily("podnet_packets", "Packets the pod sent (egress) or received "
-                            "(ingress), counted on its host veth.", labels=LABELS),
-        CounterMetricFamily("podnet_bytes", "Bytes the pod sent (egress) or received "
-                            "(ingress), Ethernet header included, as the interface "
-                            "statistics count them.", labels=LABELS),
-        CounterMetricFamily("podnet_tcp_segments", "TCP segments the pod sent (egress) or "
-                            "received (ingress): a GSO packet counts its segments, as "
-                            "TcpOutSegs does.", labels=["namespace", "pod", "direction"]),
+        CounterFamily("podnet_packets", "Packets the pod sent (egress) or received "
+                      "(ingress), counted on its host veth.", LABELS),
+        CounterFamily("podnet_bytes", "Bytes the pod sent (egress) or received "
+                      "(ingress), Ethernet header included, as the interface "
+                      "statistics count them.", LABELS),
+        CounterFamily("podnet_tcp_segments", "TCP segments the pod sent (egress) or "
+                      "received (ingress): a GSO packet counts its segments, as "
+                      "TcpOutSegs does.", ["namespace", "pod", "direction"]),
     )
 
 
-def collect(scrape: Scrape) -> Iterator[Metric]:
+PACKETS, BYTES, SEGMENTS = (word_slice(Counts, f) for f in ("packets", "bytes", "tcp_segments"))
+
+
+def _by_name(names: tuple[str, ...]) -> list[int]:
+    return sorted(range(len(names)), key=names.__getitem__)
+
+
+# A pod's series in the order sorted label values put them (egress before ingress, icmp
+# first): (direction, protocol, index of the counter in the [direction][protocol] array).
+SERIES = [(DIRECTIONS[d], PROTOCOLS[p], d * len(PROTOCOLS) + p)
+          for d in _by_name(DIRECTIONS) for p in _by_name(PROTOCOLS)]
+
+
+def collect(scrape: Scrape) -> Iterator[Family]:
     packets, byte_count, segments = _families()
     # Several interfaces (or a recreated sandbox) can map to one pod's labels:
     # sum them rather than emit duplicate series.
-    totals: dict[tuple[str, ...], list[int]] = {}
-    segs: dict[tuple[str, ...], int] = {}
-    for slot, (namespace, pod) in scrape.slots():
-        value = scrape.maps.lookup(MAP, u32_key(slot))
+    totals: dict[tuple[str, str], list[int]] = {}
+    for owner, (value,) in scrape.read_slots(MAP):
         if value is None:
             continue
-        counts = decode(Counts, value)
-        for d, direction in enumerate(DIRECTIONS):
-            key = (namespace, pod, direction)
-            segs[key] = segs.get(key, 0) + counts.tcp_segments[d]
-            for p, protocol in enumerate(PROTOCOLS):
-                acc = totals.setdefault((namespace, pod, direction, protocol), [0, 0])
-                acc[0] += counts.packets[d][p]
-                acc[1] += counts.bytes[d][p]
-    for labels, (npackets, nbytes) in sorted(totals.items()):
-        packets.add_metric(list(labels), npackets)
-        byte_count.add_metric(list(labels), nbytes)
-    for labels, n in sorted(segs.items()):
-        segments.add_metric(list(labels), n)
+        counts = words(Counts, value)
+        seen = totals.get(owner)
+        totals[owner] = counts if seen is None else [a + b for a, b in zip(seen, counts, strict=True)]
+    for (namespace, pod), counts in sorted(totals.items()):
+        npackets, nbytes, nsegments = counts[PACKETS], counts[BYTES], counts[SEGMENTS]
+        for direction, protocol, i in SERIES:
+            packets.add((namespace, pod, direction, protocol), npackets[i])
+            byte_count.add((namespace, pod, direction, protocol), nbytes[i])
+        for d in _by_name(DIRECTIONS):
+            segments.add((namespace, pod, DIRECTIONS[d]), nsegments[d])
     yield packets
     yield byte_count
     yield segments
 
 
-def describe() -> Iterator[Metric]:
+def describe() -> Iterator[Family]:
     yield from _families()
 
 

@@ -6,34 +6,31 @@ import ctypes
 import struct
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.metrics_core import Metric
-
+from monitor.exposition import CounterFamily, Family
 from monitor.kernelinfo import KernelInfo
-from monitor.probes.base import CounterSum, MapLayout, Probe, Scrape, u32_key
+from monitor.probes.base import CounterSum, MapLayout, Probe, Scrape
 
 MAP = "pnm_retrans"
 
 
-def _family() -> CounterMetricFamily:
-    return CounterMetricFamily(
+def _family() -> CounterFamily:
+    return CounterFamily(
         "podnet_tcp_retransmits", "TCP segments the pod retransmitted (as TcpRetransSegs "
         "counts them, less retransmissions that failed before leaving the pod).",
-        labels=["namespace", "pod"])
+        ["namespace", "pod"])
 
 
-def collect(scrape: Scrape) -> Iterator[Metric]:
+def collect(scrape: Scrape) -> Iterator[Family]:
     family, sums = _family(), CounterSum()
-    for slot, owner in scrape.slots(with_node=True):
-        raw = scrape.maps.lookup(MAP, u32_key(slot))
+    for owner, (raw,) in scrape.read_slots(MAP, with_node=True):
         if raw is not None:
             sums.add(owner, struct.unpack("=Q", raw)[0])
     for labels, value in sums.items():
-        family.add_metric(labels, value)
+        family.add(labels, value)
     yield family
 
 
-def describe() -> Iterator[Metric]:
+def describe() -> Iterator[Family]:
     yield _family()
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Iterator
 
-from prometheus_client.metrics_core import Metric
-
-from monitor.maps import decode
-from monitor.probes.base import HIST_BUCKETS, HistogramSum, MapLayout, Probe, Scrape, u32_key
+from monitor.exposition import Family
+from monitor.maps import word_slice, words
+from monitor.probes.base import HIST_BUCKETS, HistogramSum, MapLayout, Probe, Scrape
 
 MAP = "pnm_rtt"
 HIST = ("podnet_tcp_rtt_seconds", "The kernel's smoothed round-trip time of the pod's TCP "
@@ -22,17 +21,19 @@ class Hist(ctypes.Structure):
                 ("count", ctypes.c_uint64)]
 
 
-def collect(scrape: Scrape) -> Iterator[Metric]:
+BUCKETS, SUM = word_slice(Hist, "buckets"), Hist.sum_us.offset // 8
+
+
+def collect(scrape: Scrape) -> Iterator[Family]:
     hist = HistogramSum()
-    for slot, owner in scrape.slots(with_node=True):
-        raw = scrape.maps.lookup(MAP, u32_key(slot))
+    for owner, (raw,) in scrape.read_slots(MAP, with_node=True):
         if raw is not None:
-            h = decode(Hist, raw)
-            hist.add(owner, list(h.buckets), h.sum_us)
+            h = words(Hist, raw)
+            hist.add(owner, h[BUCKETS], h[SUM])
     yield hist.family(*HIST, ["namespace", "pod"])
 
 
-def describe() -> Iterator[Metric]:
+def describe() -> Iterator[Family]:
     yield HistogramSum().family(*HIST, ["namespace", "pod"])
 
 

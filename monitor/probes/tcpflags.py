@@ -5,11 +5,9 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.metrics_core import Metric
-
-from monitor.maps import decode
-from monitor.probes.base import CounterSum, MapLayout, Probe, Scrape, u32_key
+from monitor.exposition import CounterFamily, Family
+from monitor.maps import words
+from monitor.probes.base import MapLayout, Probe, Scrape
 from monitor.probes.packets import DIRECTIONS
 
 FLAGS = ("syn", "synack", "rst", "fin")  # PNM_FLAG_* order
@@ -22,29 +20,34 @@ class Flags(ctypes.Structure):
     _fields_ = [("count", (ctypes.c_uint64 * len(FLAGS)) * len(DIRECTIONS))]
 
 
-def _family() -> CounterMetricFamily:
-    return CounterMetricFamily(
+def _family() -> CounterFamily:
+    return CounterFamily(
         "podnet_tcp_flags", "TCP segments the pod sent (egress) or received (ingress) "
         "carrying SYN (without ACK), SYN-ACK, RST or FIN.",
-        labels=["namespace", "pod", "direction", "flag"])
+        ["namespace", "pod", "direction", "flag"])
 
 
-def collect(scrape: Scrape) -> Iterator[Metric]:
-    family, sums = _family(), CounterSum()
-    for slot, (namespace, pod) in scrape.slots():
-        raw = scrape.maps.lookup(MAP, u32_key(slot))
+# A pod's series in sorted label order: (direction, flag, index in count[direction][flag]).
+SERIES = sorted((direction, flag, d * len(FLAGS) + f)
+                for d, direction in enumerate(DIRECTIONS) for f, flag in enumerate(FLAGS))
+
+
+def collect(scrape: Scrape) -> Iterator[Family]:
+    family = _family()
+    totals: dict[tuple[str, str], list[int]] = {}  # a pod's interfaces summed
+    for owner, (raw,) in scrape.read_slots(MAP):
         if raw is None:
             continue
-        flags = decode(Flags, raw)
-        for d, direction in enumerate(DIRECTIONS):
-            for f, flag in enumerate(FLAGS):
-                sums.add((namespace, pod, direction, flag), flags.count[d][f])
-    for labels, value in sums.items():
-        family.add_metric(labels, value)
+        counts = words(Flags, raw)
+        seen = totals.get(owner)
+        totals[owner] = counts if seen is None else [a + b for a, b in zip(seen, counts, strict=True)]
+    for (namespace, pod), counts in sorted(totals.items()):
+        for direction, flag, i in SERIES:
+            family.add((namespace, pod, direction, flag), counts[i])
     yield family
 
 
-def describe() -> Iterator[Metric]:
+def describe() -> Iterator[Family]:
     yield _family()
 
 

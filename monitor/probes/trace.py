@@ -10,8 +10,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Iterator
 
-from prometheus_client.metrics_core import Metric
-
+from monitor.exposition import Family
 from monitor.probes.base import MapLayout, Probe, Scrape
 
 MAP = "pnm_trace"
@@ -33,11 +32,11 @@ class TraceMeta(ctypes.Structure):
                 ("caplen", ctypes.c_uint32), ("dir", ctypes.c_uint8), ("_pad", ctypes.c_uint8 * 3)]
 
 
-def collect(_scrape: Scrape) -> Iterator[Metric]:
+def collect(_scrape: Scrape) -> Iterator[Family]:
     return iter(())
 
 
-def describe() -> Iterator[Metric]:
+def describe() -> Iterator[Family]:
     return iter(())
 
 

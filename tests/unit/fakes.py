@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import accumulate
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from monitor.exposition import CounterFamily, Family, GaugeFamily, HistogramFamily
 from monitor.kernelinfo import KernelInfo, TracepointFormat
 
 HOST_NETNS = 4026531840  # the host's netns inode on most machines; any number will do
@@ -46,6 +49,17 @@ class DictMaps:
         self.log.append(("lookup", name, key))
         return self.maps.get(name, {}).get(key)
 
+    def lookup_slots(self, name: str, slots: Sequence[int]) -> list[bytes | None]:
+        """One op in the log (a batch read), its key the u32 slots asked for, in order."""
+        self.log.append(("lookup_slots", name, b"".join(u32(s) for s in slots)))
+        values = self.maps.get(name, {})
+        return [values.get(u32(s)) for s in slots]
+
+    def slots_read(self, name: str) -> list[int]:
+        """The slots of every batch read of `name`, in order."""
+        return [slot for op, n, key in self.log if op == "lookup_slots" and n == name
+                for (slot,) in struct.iter_unpack("=I", key)]
+
     def delete(self, name: str, key: bytes) -> bool:
         self.log.append(("delete", name, key))
         return self.maps.get(name, {}).pop(key, None) is not None
@@ -80,18 +94,49 @@ def no_offsets_kernel(**kwargs: Any) -> KernelInfo:
                   "directory", **kwargs)
 
 
-class _Families:
-    def __init__(self, collect: Any) -> None:
-        self._collect = collect
+def to_prometheus(family: Family) -> Metric:
+    """The same family built with prometheus_client, from the same data: the oracle that
+    monitor.exposition's output is checked against, and what the tests read samples from."""
+    metric: Metric
+    if isinstance(family, HistogramFamily):
+        metric = HistogramMetricFamily(family.name, family.documentation, labels=family.labels)
+        for values, counts, sum_value in family.series:
+            buckets = [(le, float(n)) for le, n in zip(family.bounds, accumulate(counts), strict=True)]
+            metric.add_metric(list(values), buckets, sum_value)
+    elif isinstance(family, CounterFamily):
+        metric = CounterMetricFamily(family.name, family.documentation, labels=family.labels)
+        for values, value in family.series:
+            metric.add_metric(list(values), value)
+    elif isinstance(family, GaugeFamily):
+        metric = GaugeMetricFamily(family.name, family.documentation, labels=family.labels)
+        for values, value in family.series:
+            metric.add_metric(list(values), value)
+    else:
+        raise TypeError(family)
+    return metric
+
+
+class Bridge:
+    """A prometheus_client collector over an exposition collector (or a callable yielding
+    families), converting with to_prometheus at every read."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[Metric]:
+        if hasattr(self._source, "describe"):
+            yield from map(to_prometheus, self._source.describe())
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._collect()
+        families = self._source.collect() if hasattr(self._source, "collect") else self._source()
+        yield from map(to_prometheus, families)
 
 
-def registry_of(collect: Any) -> CollectorRegistry:
-    """A registry whose only collector yields what `collect()` yields, afresh at every read."""
-    registry = CollectorRegistry()
-    registry.register(_Families(collect))
+def registry_of(collect: Any, *, auto_describe: bool = False) -> CollectorRegistry:
+    """A prometheus_client registry over `collect` (an exposition collector, or a callable
+    yielding families afresh at every read), for get_sample_value() and generate_latest()."""
+    registry = CollectorRegistry(auto_describe=auto_describe)
+    registry.register(Bridge(collect))
     return registry
 
 

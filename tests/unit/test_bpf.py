@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.metrics_core import Metric
 
 from monitor import bpf, btf
+from monitor.exposition import Family
 from monitor.probes import REGISTRY, select
 from monitor.probes.base import MapLayout, Probe, Scrape
 from tests.unit.fakes import HOST_NETNS, OFFSETS, kernel, no_offsets_kernel
@@ -24,11 +24,11 @@ ALL_TRACEPOINTS = {"skb:kfree_skb": {"skbaddr", "reason", "rx_sk"},
                    "sock:inet_sock_set_state": {"skaddr", "oldstate", "protocol"}}
 
 
-def nothing(_scrape: Scrape) -> Iterator[Metric]:
+def nothing(_scrape: Scrape) -> Iterator[Family]:
     yield from ()
 
 
-def no_families() -> Iterator[Metric]:
+def no_families() -> Iterator[Family]:
     yield from ()
 
 

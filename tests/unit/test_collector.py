@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 import monitor
 from monitor.collector import PodCollector
+from monitor.exposition import DuplicateSeriesError, Registry
 from monitor.identity import OVERFLOW, HostVeth, IdentityIndex, Pod, PodMeta, PodNetwork, fold, identify
 from monitor.kerneltypes import ProgramStats
 from monitor.maps import only_u64, sum_u64_slots
@@ -21,7 +22,7 @@ from monitor.probes.base import Scrape
 from monitor.probes.packets import Counts
 from monitor.settings import prometheus_label as label_name
 from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
-from tests.unit.fakes import DictMaps, kernel, no_offsets_kernel, u32, u64
+from tests.unit.fakes import DictMaps, kernel, no_offsets_kernel, registry_of, u32, u64
 
 INGRESS, EGRESS = 0, 1
 TCP, UDP, ICMP, OTHER = 0, 1, 2, 3
@@ -55,11 +56,14 @@ class FakeMaps:
 
     def lookup(self, name: str, key: bytes) -> bytes | None:
         (slot,) = struct.unpack("=I", key)
-        self.reads.append((name, slot))
+        return self.lookup_slots(name, [slot])[0]
+
+    def lookup_slots(self, name: str, slots: Sequence[int]) -> list[bytes | None]:
+        self.reads.extend((name, slot) for slot in slots)
         if self.error is not None:
             raise self.error
         assert name == "pnm_packets"
-        return self.slots.get(slot)
+        return [self.slots.get(slot) for slot in slots]
 
 
 def status(pod: Pod, mode: str = "tc") -> PodStatus:
@@ -77,13 +81,19 @@ def setup(maps: FakeMaps, pods: Sequence[Pod], slots: dict[int, int] | None = No
     modes = list(modes) or ["tc"] * len(pods)
     state.publish(Snapshot(IdentityIndex(pods, slots),
                            tuple(status(p, m) for p, m in zip(pods, modes, strict=True))))
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(PodCollector(
+    registry = registry_of(PodCollector(
         probes=[packets.PROBE], maps=maps, state=state, node="node-1", kernel=kernel(),
         node_slot=1024,
         program_stats=(lambda: program_stats) if program_stats is not None else None,
-        bcc_version="0.26.0"))
+        bcc_version="0.26.0"), auto_describe=True)
     return registry, state
+
+
+def render(collector: PodCollector) -> str:
+    """The collector's text exposition, as /metrics serves it by default."""
+    registry = Registry()
+    registry.register(collector)
+    return registry.render().decode()
 
 
 def value(registry: CollectorRegistry, name: str, pod: tuple[str, str], direction: str,
@@ -252,8 +262,8 @@ def test_monitor_metrics(make_pod: PodFactory) -> None:
 
 
 def test_no_bpf_stats_families_without_program_stats(make_pod: PodFactory) -> None:
-    registry, _ = setup(FakeMaps(), [])
-    text = generate_latest(registry).decode()
+    text = render(PodCollector(probes=[packets.PROBE], maps=FakeMaps(), state=MonitorState(),
+                               node="node-1", kernel=kernel(), node_slot=1024))
     assert "podnet_monitor_bpf_run" not in text
     assert "podnet_monitor_bpf_runs" not in text
 
@@ -290,16 +300,27 @@ def test_registering_reads_no_map(make_pod: PodFactory) -> None:
     assert maps.reads == []
 
 
-def test_registering_with_a_plain_registry_reads_no_map(make_pod: PodFactory) -> None:
+def test_registering_reads_no_map_and_a_scrape_reads_them(make_pod: PodFactory) -> None:
     maps = FakeMaps()
     state = MonitorState()
     state.publish(Snapshot(IdentityIndex([make_pod(4026532001, [(7, "veth7")])], {7: 2})))
-    registry = CollectorRegistry()
+    registry = Registry()
     registry.register(PodCollector(probes=[packets.PROBE], maps=maps, state=state, node="node-1",
                                    kernel=kernel(), node_slot=1024))
     assert maps.reads == []
-    generate_latest(registry)
+    registry.render()
     assert maps.reads == [("pnm_packets", 2)]
+
+
+def test_registering_twice_is_refused() -> None:
+    def collector() -> PodCollector:
+        return PodCollector(probes=[packets.PROBE], maps=FakeMaps(), state=MonitorState(),
+                            node="node-1", kernel=kernel(), node_slot=1024)
+
+    registry = Registry()
+    registry.register(collector())
+    with pytest.raises(DuplicateSeriesError, match="podnet_packets_total"):
+        registry.register(collector())
 
 
 def test_describe_names_every_family_without_samples(make_pod: PodFactory) -> None:
@@ -307,16 +328,17 @@ def test_describe_names_every_family_without_samples(make_pod: PodFactory) -> No
     state.publish(Snapshot(IdentityIndex([make_pod(4026532001, [(7, "veth7")])])))
     collector = PodCollector(probes=[packets.PROBE], maps=FakeMaps(), state=state,
                              node="node-1", kernel=kernel(), node_slot=1024, program_stats=list)
-    assert [m.samples for m in collector.describe()] == [[]] * 19
+    assert [f.series for f in collector.describe()] == [[]] * 22
     assert [m.name for m in collector.describe()] == [
         "podnet_packets", "podnet_bytes", "podnet_tcp_segments", "podnet_pod_info",
         "podnet_monitor_attached_pods",
         "podnet_monitor_attach_errors", "podnet_monitor_reconciles",
         "podnet_monitor_reconcile_seconds", "podnet_monitor_collect_errors",
         "podnet_monitor_build_info", "podnet_monitor_kernel_offsets",
-        "podnet_monitor_probe_state", "podnet_monitor_series_dropped",
+        "podnet_monitor_probe_state", "podnet_monitor_series_dropped", "podnet_monitor_maps",
         "podnet_monitor_api_synced", "podnet_monitor_api_requests", "podnet_monitor_bypassed",
         "podnet_monitor_bpf_run_seconds", "podnet_monitor_bpf_runs",
+        "podnet_monitor_scrapes", "podnet_monitor_scrape_seconds",
         "podnet_monitor_lost_events"]
 
 
@@ -324,6 +346,11 @@ def test_exposition_text(make_pod: PodFactory) -> None:
     web = make_pod(4026532001, [(7, "veth7")], namespace="shop", name="web")
     registry, _ = setup(FakeMaps({0: counts({(INGRESS, TCP): 10}, {(INGRESS, TCP): 1500})}), [web], {7: 0})
     text = generate_latest(registry).decode()
+    state = MonitorState()
+    state.publish(Snapshot(IdentityIndex([web], {7: 0}), (status(web),)))
+    assert render(PodCollector(
+        probes=[packets.PROBE], maps=FakeMaps({0: counts({(INGRESS, TCP): 10}, {(INGRESS, TCP): 1500})}),
+        state=state, node="node-1", kernel=kernel(), node_slot=1024, bcc_version="0.26.0")) == text
     assert "# TYPE podnet_packets_total counter" in text
     assert ('podnet_packets_total{direction="ingress",namespace="shop",pod="web",protocol="tcp"} 10.0'
             in text)
@@ -400,10 +427,8 @@ def collector_over(maps: object, pods: Sequence[Pod], slots: dict[int, int], *,
                    probes: Sequence[object] = (), **kwargs: object) -> CollectorRegistry:
     state = MonitorState()
     state.publish(Snapshot(IdentityIndex(pods, slots), tuple(status(p) for p in pods)))
-    registry = CollectorRegistry()
-    registry.register(PodCollector(probes=list(probes) or [packets.PROBE], maps=maps,  # type: ignore[arg-type]
-                                   state=state, **kwargs))  # type: ignore[arg-type]
-    return registry
+    return registry_of(PodCollector(probes=list(probes) or [packets.PROBE], maps=maps,  # type: ignore[arg-type]
+                                    state=state, **kwargs))  # type: ignore[arg-type]
 
 
 def test_kernel_offsets_none() -> None:
@@ -485,10 +510,9 @@ def registry_with(pods: Sequence[Pod], slots: dict[int, int] | None = None, *, m
                   state: MonitorState | None = None, **kwargs: object) -> CollectorRegistry:
     state = state or MonitorState()
     state.publish(Snapshot(IdentityIndex(pods, slots), tuple(status(p) for p in pods)))
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(PodCollector(probes=[packets.PROBE], maps=maps or FakeMaps(), state=state,  # type: ignore[arg-type]
-                                   node="node-1", kernel=kernel(), node_slot=1024, **kwargs))  # type: ignore[arg-type]
-    return registry
+    return registry_of(PodCollector(probes=[packets.PROBE], maps=maps or FakeMaps(), state=state,  # type: ignore[arg-type]
+                                    node="node-1", kernel=kernel(), node_slot=1024, **kwargs),  # type: ignore[arg-type]
+                       auto_describe=True)
 
 
 @pytest.mark.parametrize(("key", "name"), [
@@ -554,6 +578,9 @@ def test_series_dropped_counter() -> None:
 def test_api_families_only_with_api_stats() -> None:
     text = generate_latest(registry_with([])).decode()
     assert "podnet_monitor_api" not in text
+    assert "podnet_monitor_api" not in render(PodCollector(
+        probes=[packets.PROBE], maps=FakeMaps(), state=MonitorState(), node="node-1",
+        kernel=kernel(), node_slot=1024))
     stats = {"synced": 1.0, "list": 2, "watch": 7, "error": 3}
     registry = registry_with([], api_stats=lambda: stats)
     assert registry.get_sample_value("podnet_monitor_api_synced") == 1
@@ -582,10 +609,9 @@ def lost_values(registry: CollectorRegistry) -> dict[str, float]:
 
 def test_lost_events_merge_the_drop_map_and_the_traces() -> None:
     state = MonitorState()
-    registry = CollectorRegistry()
     maps = DictMaps({drops.LOST: {u32(0): u64(9)}})
-    registry.register(PodCollector(probes=[drops.PROBE], maps=maps, state=state, node="node-1",
-                                   kernel=kernel(), node_slot=1024))
+    registry = registry_of(PodCollector(probes=[drops.PROBE], maps=maps, state=state, node="node-1",
+                                        kernel=kernel(), node_slot=1024))
     # every source is there from the start, at 0: a rate() needs the series before the first loss
     assert lost_values(registry) == {"capture": 0, "drop_events": 0, "drops": 9}
     state.count_lost("capture", 5)  # the trace perf buffers' lost callbacks (CaptureManager on_lost)
@@ -603,9 +629,9 @@ def test_lost_events_of_the_same_source_are_added() -> None:
     other = dataclasses.replace(retransmits.PROBE, name="other", lost=lost_too)
     state = MonitorState()
     state.count_lost("other", 3)
-    registry = CollectorRegistry()
-    registry.register(PodCollector(probes=[drops.PROBE, other], maps=DictMaps({drops.LOST: {u32(0): u64(9)}}),
-                                   state=state, node="node-1", kernel=kernel(), node_slot=1024))
+    registry = registry_of(PodCollector(probes=[drops.PROBE, other],
+                                        maps=DictMaps({drops.LOST: {u32(0): u64(9)}}),
+                                        state=state, node="node-1", kernel=kernel(), node_slot=1024))
     assert lost_values(registry) == {"capture": 0, "drop_events": 0, "drops": 13, "other": 5}
 
 
@@ -625,11 +651,20 @@ def test_an_unreadable_drop_map_does_not_reset_the_lost_counter() -> None:
             return super().items(name)
 
     maps = Flaky({drops.LOST: {u32(0): u64(9)}})
-    registry = CollectorRegistry()
-    registry.register(PodCollector(probes=[drops.PROBE], maps=maps, state=MonitorState(),
-                                   node="node-1", kernel=kernel(), node_slot=1024))
+    registry = registry_of(PodCollector(probes=[drops.PROBE], maps=maps, state=MonitorState(),
+                                        node="node-1", kernel=kernel(), node_slot=1024))
     assert lost_values(registry)["drops"] == 9
     maps.broken = True
     assert lost_values(registry) == {"capture": 0, "drop_events": 0}  # absent for that scrape
     maps.broken = False
     assert lost_values(registry)["drops"] == 9
+
+
+def test_maps_state_says_where_counters_started(make_pod: PodFactory) -> None:
+    state = MonitorState()
+    collector = PodCollector(probes=[packets.PROBE], maps=FakeMaps(), state=state,
+                             node="node-1", kernel=kernel(), node_slot=1024)
+    for where in ("adopted", "fresh", "reset", "unpinned"):
+        state.maps_state = where
+        family = next(f for f in collector.collect() if f.name == "podnet_monitor_maps")
+        assert [labels for labels, _ in family.series] == [(where,)]

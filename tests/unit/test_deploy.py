@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
 
 from monitor import settings
+from monitor.exposition import Registry
 from monitor.server import Api
 from monitor.state import MonitorState
 
@@ -281,7 +281,7 @@ def test_daemonset_probes_hit_the_daemons_routes_on_its_port() -> None:
     c = container()
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"metrics": PORT}
-    routes = Api(CollectorRegistry(), MonitorState(), "node", alive=lambda: True).routes
+    routes = Api(Registry(), MonitorState(), "node", alive=lambda: True).routes
     for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz"),
                         ("startupProbe", "/healthz")):
         get = c[probe]["httpGet"]

@@ -1,8 +1,8 @@
 """Each probe's collector over fake maps holding its C structs, its sweep, and drops' forget.
 
 Values are built with the probes' ctypes structures (which mirror bpf/*.c) and read back
-through a prometheus_client registry, so names, labels, le strings, _sum and _count are
-what Prometheus would scrape.
+through a prometheus_client registry (fakes.registry_of converts the families), so names,
+labels, le strings, _sum and _count are what Prometheus would scrape.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from collections.abc import Callable
 import pytest
 from prometheus_client import CollectorRegistry
 
+from monitor.exposition import TEXT, render
 from monitor.identity import IdentityIndex, Pod
 from monitor.kernelinfo import KernelInfo
 from monitor.probes import dns, drops, handshake, retransmits, rtt, tcpflags
-from monitor.probes.base import TIMED_OUT, Scrape, Sweep, hist_buckets
+from monitor.probes.base import LE as BOUNDS
+from monitor.probes.base import TIMED_OUT, HistogramSum, Scrape, Sweep
 from monitor.probes.dns import Dns, Query
 from monitor.probes.drops import DropKey
 from monitor.probes.handshake import Flow, Handshake, Timeouts
@@ -76,20 +78,28 @@ DB = {"namespace": "shop", "pod": "db"}
 NODE_LABELS = {"namespace": "_node", "pod": NODE}
 
 
-# -- hist_buckets ---------------------------------------------------------------------------------
+# -- the kernel's histograms as Prometheus buckets -----------------------------------------------
 
-def test_hist_buckets() -> None:
+def test_le_bounds() -> None:
+    assert list(BOUNDS) == LE
+    assert [float(le) for le in BOUNDS[:-1]] == [2**i * 1e-6 for i in range(27)]
+
+
+def test_histogram_sum_buckets_are_cumulative() -> None:
     counts = [0] * 28
     counts[0], counts[3], counts[26], counts[27] = 1, 2, 4, 8
-    got = hist_buckets(counts)
-    assert [le for le, _ in got] == LE
-    assert got[0] == ("1e-06", 1.0)
-    assert got[2] == ("4e-06", 1.0)
-    assert got[3] == ("8e-06", 3.0)
-    assert got[25] == ("33.554432", 3.0)
-    assert got[26] == ("67.108864", 7.0)
-    assert got[27] == ("+Inf", 15.0)
-    assert [float(le) for le, _ in got[:-1]] == [2**i * 1e-6 for i in range(27)]
+    hist = HistogramSum()
+    hist.add(("shop", "web"), counts, 1_500_000)
+    hist.add(("shop", "web"), [1] * 28, 500_000)  # a second interface of the same pod
+    text = render([hist.family("unit_seconds", "Doc.", ["namespace", "pod"])], TEXT).decode()
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    assert lines[0] == 'unit_seconds_bucket{le="1e-06",namespace="shop",pod="web"} 2.0'
+    assert lines[2] == 'unit_seconds_bucket{le="4e-06",namespace="shop",pod="web"} 4.0'
+    assert lines[3] == 'unit_seconds_bucket{le="8e-06",namespace="shop",pod="web"} 7.0'
+    assert lines[26] == 'unit_seconds_bucket{le="67.108864",namespace="shop",pod="web"} 34.0'
+    assert lines[27] == 'unit_seconds_bucket{le="+Inf",namespace="shop",pod="web"} 43.0'
+    assert lines[28:] == ['unit_seconds_count{namespace="shop",pod="web"} 43.0',
+                          'unit_seconds_sum{namespace="shop",pod="web"} 2.0']
 
 
 # -- tcpflags -------------------------------------------------------------------------------------
@@ -197,7 +207,9 @@ def test_handshake_reads_only_pod_slots(pods: tuple[list[Pod], dict[int, int]]) 
                      handshake.TIMEOUTS: {u32(NODE_SLOT): hs_timeouts(1, 1)}})
     reg = registry(handshake.collect, scrape(maps, pods))
     assert [s for m in reg.collect() for s in m.samples] == []
-    assert {op[2] for op in maps.log if op[0] == "lookup"} == {u32(0), u32(1), u32(2)}
+    assert maps.slots_read(handshake.MAP) == [0, 1, 2]  # by ifindex: 7, 8, 9
+    assert maps.slots_read(handshake.TIMEOUTS) == [0, 1, 2]
+    assert [op for op in maps.log if op[0] == "lookup"] == []  # one batch read a map, no more
 
 
 # -- dns ------------------------------------------------------------------------------------------
@@ -333,6 +345,15 @@ def test_drops_forget_with_no_interfaces() -> None:
     maps = DictMaps({drops.MAP: {drop_key(1, NS_WEB, 3): u64(6), drop_key(2, 7, 3): u64(8)}})
     drops.forget(maps, NS_WEB, [])
     assert maps.maps[drops.MAP] == {drop_key(2, 7, 3): u64(8)}
+
+
+def test_drops_prune_keeps_live_pods_and_the_node() -> None:
+    live = {drop_key(1, NS_WEB, 3): u64(1), drop_key(2, 7, 3): u64(2), drop_key(0, 0, 3): u64(3)}
+    gone = {drop_key(1, NS_DB, 3): u64(4), drop_key(2, 9, 3): u64(5),
+            drop_key(1, 7, 3): u64(6)}  # the live ifindex's number as a netns: not live
+    maps = DictMaps({drops.MAP: {**live, **gone}})
+    drops.prune(maps, {NS_WEB}, {7})
+    assert maps.maps[drops.MAP] == live
 
 
 def test_drops_cflags() -> None:

@@ -6,8 +6,8 @@ import ctypes
 from collections.abc import Iterator
 
 import pytest
-from prometheus_client.metrics_core import Metric
 
+from monitor.exposition import Family
 from monitor.probes import (
     REGISTRY,
     RegistryError,
@@ -27,11 +27,11 @@ from monitor.probes.base import MapLayout, Probe, Scrape, u32_key, u32_of
 ALL = ["packets", "tcpflags", "handshake", "dns", "drops", "retransmits", "rtt", "trace"]
 
 
-def nothing(_scrape: Scrape) -> Iterator[Metric]:
+def nothing(_scrape: Scrape) -> Iterator[Family]:
     yield from ()
 
 
-def no_families() -> Iterator[Metric]:
+def no_families() -> Iterator[Family]:
     yield from ()
 
 

@@ -10,17 +10,21 @@ from dataclasses import dataclass, field
 from email.message import Message
 
 import pytest
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
+from prometheus_client.exposition import choose_encoder
 
+from monitor.exposition import Family, GaugeFamily, Registry
 from monitor.server import Api, Server
 from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
 
 
 class Trivial:
-    def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("unit_test_up", "Always 1.", value=1)
+    def describe(self) -> Iterator[Family]:
+        yield GaugeFamily("unit_test_up", "Always 1.")
+
+    def collect(self) -> Iterator[Family]:
+        up = GaugeFamily("unit_test_up", "Always 1.")
+        up.add((), 1)
+        yield up
 
 
 @dataclass
@@ -59,8 +63,8 @@ class Live:
 @pytest.fixture(scope="module")
 def running() -> Iterator[tuple[Server, Api]]:
     """One server for the module: stopping one takes up to its 0.5 s poll interval."""
-    registry = CollectorRegistry()
-    registry.register(Trivial())  # type: ignore[arg-type]
+    registry = Registry()
+    registry.register(Trivial())
     api = Api(registry, MonitorState(), "node-1", alive=lambda: True)
     server = Server("127.0.0.1", 0, api)
     server.start()
@@ -97,6 +101,30 @@ def test_metrics_openmetrics(live: Live) -> None:
     assert reply.status == 200
     assert reply.content_type.startswith("application/openmetrics-text")
     assert reply.body.endswith(b"# EOF\n")
+
+
+# What Prometheus 2 and 3 send, and a few others: the content type is prometheus_client's
+@pytest.mark.parametrize("accept", [
+    "",
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,application/"
+    "openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,"
+    "text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+    "text/plain;version=1.0.0;escaping=dots",
+    "application/json",
+])
+def test_metrics_content_type_is_negotiated(live: Live, accept: str) -> None:
+    reply = live.request("/metrics", headers={"Accept": accept} if accept else {})
+    assert reply.status == 200
+    assert reply.content_type == choose_encoder(accept)[1]
+
+
+def test_metrics_head(live: Live) -> None:
+    get, head = live.request("/metrics"), live.request("/metrics", method="HEAD")
+    assert (head.status, head.content_type, head.body) == (200, get.content_type, b"")
+    assert head.headers is not None and get.headers is not None
+    assert head.headers["Content-Length"] == get.headers["Content-Length"]
 
 
 def test_healthz(live: Live) -> None:
@@ -186,7 +214,7 @@ def test_head(live: Live) -> None:
 
 
 def test_stop_closes_the_port() -> None:
-    server = Server("127.0.0.1", 0, Api(CollectorRegistry(), MonitorState(), "n", alive=lambda: True))
+    server = Server("127.0.0.1", 0, Api(Registry(), MonitorState(), "n", alive=lambda: True))
     server.start()
     port = server.port
     server.stop()

@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 import structlog
-from prometheus_client import CollectorRegistry
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.utils import PcapNgReader
@@ -33,6 +32,7 @@ from monitor import log as monitor_log
 from monitor.alerts import AlertCaptures
 from monitor.auth import CHALLENGE, TokenFileAuth
 from monitor.capture import CaptureError, Limits, Session, TraceRequest
+from monitor.exposition import Registry
 from monitor.identity import HostVeth, PodMeta, PodNetwork, identify
 from monitor.server import DRAIN_MAX, MAX_BODY, Api, Server
 from monitor.state import MonitorState
@@ -107,7 +107,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     captures = FakeCaptures()
     store = CaptureStore(str(tmp_path_factory.mktemp("captures")), max_files=10, max_bytes=1 << 20)
     traces = TraceApi(captures, store, AlertCaptures(captures, store, NODE), NODE)  # type: ignore[arg-type]
-    api = Api(CollectorRegistry(), MonitorState(), NODE, alive=lambda: True,
+    api = Api(Registry(), MonitorState(), NODE, alive=lambda: True,
               auth=TokenFileAuth(str(token_file)), extensions=traces)
     server = Server("127.0.0.1", 0, api)
     server.start()
