@@ -41,9 +41,9 @@ struct pnm_dns {
     __u64 rcodes[16];
 };
 
-BPF_TABLE("lru_hash", struct pnm_dns_key, __u64, pnm_dns_pending, PNM_DNS_QUERIES);
-BPF_ARRAY(pnm_dns, struct pnm_dns, PNM_SLOTS);
-BPF_ARRAY(pnm_dns_timeouts, __u64, PNM_SLOTS); /* written by the daemon's sweep only */
+PNM_MAP("lru_hash", struct pnm_dns_key, __u64, pnm_dns_pending, PNM_DNS_QUERIES);
+PNM_MAP("array", __u32, struct pnm_dns, pnm_dns, PNM_SLOTS);
+PNM_MAP("array", __u32, __u64, pnm_dns_timeouts, PNM_SLOTS); /* written by the daemon's sweep only */
 
 static __always_inline void dns_tc(struct __sk_buff *skb, const struct pnm_pkt *pkt)
 {

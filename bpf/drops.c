@@ -40,7 +40,7 @@ struct pnm_drop_key {
     __u8 _pad;
 };
 
-BPF_PERCPU_HASH(pnm_drops, struct pnm_drop_key, __u64, PNM_DROP_KEYS);
+PNM_MAP("percpu_hash", struct pnm_drop_key, __u64, pnm_drops, PNM_DROP_KEYS);
 
 #define PNM_DROP_HDR 64
 
@@ -58,7 +58,7 @@ struct pnm_drop_event {
 
 BPF_ARRAY(pnm_drop_trace, __u32, PNM_SLOTS);
 BPF_PERF_OUTPUT(pnm_drop_events);
-BPF_PERCPU_ARRAY(pnm_drops_lost, __u64, 1); /* drops not counted: the map was full */
+PNM_MAP("percpu_array", __u32, __u64, pnm_drops_lost, 1); /* drops not counted: the map was full */
 
 #ifndef PNM_NO_KSTRUCT
 static __always_inline int pnm_pod_netns(__u32 inum)
@@ -129,6 +129,8 @@ static __always_inline void pnm_drop_event(void *ctx, __u64 skb, const struct pn
 
 TRACEPOINT_PROBE(skb, kfree_skb)
 {
+    if (!pnm_current())
+        return 0; /* a restarted daemon's programs count now (pnm.h) */
     struct pnm_drop_key key = {};
     key.reason = args->reason;
 #ifndef PNM_NO_KSTRUCT

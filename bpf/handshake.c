@@ -40,12 +40,12 @@ struct pnm_handshake {
     __u64 resets[2];
 };
 
-BPF_TABLE("lru_hash", struct pnm_flow, __u64, pnm_hs_pending, PNM_HS_FLOWS);
-BPF_ARRAY(pnm_handshake, struct pnm_handshake, PNM_SLOTS);
+PNM_MAP("lru_hash", struct pnm_flow, __u64, pnm_hs_pending, PNM_HS_FLOWS);
+PNM_MAP("array", __u32, struct pnm_handshake, pnm_handshake, PNM_SLOTS);
 struct pnm_hs_timeouts {
     __u64 count[2]; /* [role] */
 };
-BPF_ARRAY(pnm_hs_timeouts, struct pnm_hs_timeouts, PNM_SLOTS); /* the daemon's sweep writes it */
+PNM_MAP("array", __u32, struct pnm_hs_timeouts, pnm_hs_timeouts, PNM_SLOTS); /* the daemon's sweep writes it */
 
 static __always_inline void handshake_tc(struct __sk_buff *skb, const struct pnm_pkt *pkt)
 {

@@ -18,7 +18,7 @@ struct pnm_counts {
     __u64 tcp_segments[PNM_NDIR];
 };
 
-BPF_PERCPU_ARRAY(pnm_packets, struct pnm_counts, PNM_SLOTS);
+PNM_MAP("percpu_array", __u32, struct pnm_counts, pnm_packets, PNM_SLOTS);
 
 static __always_inline void packets_tc(struct __sk_buff *skb, const struct pnm_pkt *pkt)
 {

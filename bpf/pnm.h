@@ -57,6 +57,39 @@
 #define PNM_IFSLOT_BUCKETS 65536
 #endif
 
+/* Maps that outlive the daemon.
+ *
+ * With PNM_PIN_DIR set (a directory in bpffs named after the maps' layout), BCC
+ * opens each counter map pinned there, or creates and pins it: a restarted
+ * daemon's programs count on in the same maps, and the programs left attached
+ * by the last daemon keep counting into them until they are replaced. Maps
+ * whose contents belong to one daemon's life (trace switches, perf buffers)
+ * are plain BPF_TABLEs.
+ */
+#ifdef PNM_PIN_DIR
+#define PNM_MAP(_type, _key, _leaf, _name, _max) \
+    BPF_TABLE_PINNED(_type, _key, _leaf, _name, _max, PNM_PIN_DIR "/" #_name)
+#else
+#define PNM_MAP(_type, _key, _leaf, _name, _max) BPF_TABLE(_type, _key, _leaf, _name, _max)
+#endif
+
+/* Hand-over between daemons for tracepoint programs. Tracepoints cannot swap
+ * a link's program in place, so a restarted daemon attaches its own next to
+ * the old one's; pnm_generation says which of them counts. The daemon writes
+ * its PNM_GENERATION there once its programs are attached: from that one
+ * write on, the old programs count nothing and the new ones everything. */
+#ifndef PNM_GENERATION
+#define PNM_GENERATION 0
+#endif
+PNM_MAP("array", __u32, __u32, pnm_generation, 1);
+
+static __always_inline int pnm_current(void)
+{
+    __u32 zero = 0;
+    __u32 *generation = pnm_generation.lookup(&zero);
+    return generation && *generation == PNM_GENERATION;
+}
+
 /* Latency histograms: bucket i counts values v (in microseconds) with
  * 2^(i-1) < v <= 2^i, i.e. Prometheus' le=2^i us, from 1 us to 2^26 us (67 s);
  * the last bucket holds what is larger and shows only in +Inf. */
@@ -82,9 +115,16 @@ struct pnm_ifslot {
     __u32 ifindex; /* 0: empty (no interface has index 0) */
     __u32 slot;
 };
-BPF_ARRAY(pnm_ifslots, struct pnm_ifslot, PNM_IFSLOT_BUCKETS);
-BPF_HASH(pnm_ifslot_spill, __u32, __u32, PNM_MAX_INTERFACES);
-BPF_HASH(pnm_netns, __u32, __u32, PNM_MAX_INTERFACES);
+PNM_MAP("array", __u32, struct pnm_ifslot, pnm_ifslots, PNM_IFSLOT_BUCKETS);
+PNM_MAP("hash", __u32, __u32, pnm_ifslot_spill, PNM_MAX_INTERFACES);
+PNM_MAP("hash", __u32, __u32, pnm_netns, PNM_MAX_INTERFACES);
+/* Who holds each slot: written by the daemon only, read back by the next daemon
+ * when it adopts the pinned maps (an ifindex alone could have been reused). */
+struct pnm_slot_owner {
+    __u32 ifindex;
+    __u32 netns;
+};
+PNM_MAP("array", __u32, struct pnm_slot_owner, pnm_slot_owner, PNM_SLOTS);
 
 static __always_inline int pnm_slot_of(__u32 ifindex, __u32 *slot)
 {

@@ -11,7 +11,7 @@
  * Cost:   a few bpf_probe_read_kernel() and one atomic add per retransmission.
  * Needs kernel offsets (BTF); without them this probe is not loaded.
  */
-BPF_ARRAY(pnm_retrans, __u64, PNM_SLOTS);
+PNM_MAP("array", __u32, __u64, pnm_retrans, PNM_SLOTS);
 
 static __always_inline void pnm_retrans_add(__u64 sk, __u64 segs)
 {
@@ -23,6 +23,8 @@ static __always_inline void pnm_retrans_add(__u64 sk, __u64 segs)
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
+    if (!pnm_current())
+        return 0;
 #ifdef PNM_RETRANS_HAS_ERR
     if (args->err)
         return 0;
@@ -36,6 +38,8 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 {
+    if (!pnm_current())
+        return 0;
     pnm_retrans_add((__u64)args->skaddr, 1);
     return 0;
 }

@@ -19,10 +19,12 @@ struct pnm_hist {
     __u64 count;
 };
 
-BPF_ARRAY(pnm_rtt, struct pnm_hist, PNM_SLOTS);
+PNM_MAP("array", __u32, struct pnm_hist, pnm_rtt, PNM_SLOTS);
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
+    if (!pnm_current())
+        return 0;
     if (args->protocol != IPPROTO_TCP || args->oldstate != PNM_TCP_ESTABLISHED)
         return 0;
     __u64 sk = (__u64)args->skaddr;

@@ -17,7 +17,7 @@ struct pnm_tcpflags {
     __u64 count[PNM_NDIR][4];
 };
 
-BPF_ARRAY(pnm_tcpflags, struct pnm_tcpflags, PNM_SLOTS);
+PNM_MAP("array", __u32, struct pnm_tcpflags, pnm_tcpflags, PNM_SLOTS);
 
 static __always_inline void tcpflags_tc(struct __sk_buff *skb, const struct pnm_pkt *pkt)
 {

@@ -15,20 +15,21 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
+import secrets
+import select
+import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bcc import BPF  # type: ignore[import-untyped]
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
-from pyroute2.netlink.rtnl import RTMGRP_LINK  # type: ignore[import-untyped]
 
-from monitor import bpfsys, log
+from monitor import bpfsys, loader, log, perfring, pins, rtnl, tracepoints
 from monitor.kernelinfo import KernelInfo
 from monitor.kerneltypes import Attachment, ProgramStats, VethLink
 from monitor.maps import KernelMaps, MapHandle, only_u64
@@ -57,6 +58,8 @@ _PERCPU_MAP_TYPES = {5, 6, 10}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
 IFSLOTS_MAP = "pnm_ifslots"  # bpf/pnm.h: ifindex bucket -> {ifindex, slot}
 IFSLOT_SPILL_MAP = "pnm_ifslot_spill"  # ifindex -> slot, where the bucket was taken
 NETNS_MAP = "pnm_netns"  # a pod's netns inode -> the slot its tracepoint events count in
+SLOT_OWNER_MAP = "pnm_slot_owner"  # slot -> {ifindex, netns}: for the next daemon
+GENERATION_MAP = "pnm_generation"  # which daemon's tracepoint programs count
 IFSLOT_BUCKETS = 65536
 WAKEUP_EVENTS = 32  # perf events per reader wake-up
 
@@ -100,18 +103,6 @@ def compose_source(probes: Sequence[Probe], bpf_dir: Path = BPF_DIR) -> str:
     return "\n".join(parts)
 
 
-def _release_compiler_memory() -> None:
-    """Give back to the system the heap clang and LLVM grew while compiling.
-
-    glibc keeps freed heap for reuse; after the one compile at start-up nothing
-    will reuse it. Measured here: resident memory 181 MB -> 139 MB.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to trim, nothing lost
-
-
 def tcx_supported() -> bool:
     """Probe tcx by trying a harmless query on lo: kernels without it answer EINVAL."""
     try:
@@ -153,35 +144,90 @@ def loadable(probes: Sequence[Probe], kernel: KernelInfo) -> tuple[list[Probe], 
     return keep, notes
 
 
+CORE_MAPS = (IFSLOTS_MAP, IFSLOT_SPILL_MAP, NETNS_MAP, SLOT_OWNER_MAP, GENERATION_MAP)
+_PERF_OUTPUT = re.compile(r"^BPF_PERF_OUTPUT\((\w+)\);", re.M)
+
+
+def tracepoint_function(tracepoint: str) -> str:
+    """The name BCC gives TRACEPOINT_PROBE(category, event)."""
+    category, event = tracepoint.split(":", 1)
+    return f"tracepoint__{category}__{event}"
+
+
+def maps_layout_version(max_interfaces: int, bpf_dir: Path = BPF_DIR) -> str:
+    """The layout version of every probe's maps (all registered probes, enabled or not:
+    choosing other probes must not reset the counters of the ones that stay)."""
+    from monitor.probes import REGISTRY
+
+    c_files = ["pnm.h", *sorted({p.c_file for p in REGISTRY.values()})]
+    layouts = [f"{name}:{pins.ctypes_layout(layout.key)}:{pins.ctypes_layout(layout.value)}"
+               for probe in REGISTRY.values() for name, layout in sorted(probe.maps.items())]
+    return pins.layout_version([(bpf_dir / f).read_text() for f in c_files], layouts,
+                               [("max_interfaces", max_interfaces),
+                                ("ifslot_buckets", IFSLOT_BUCKETS)])
+
+
 class Programs:
-    """The compiled BPF module: TC programs, tracepoint programs and maps, loaded once."""
+    """The BPF module, compiled and loaded by a child (monitor.loader): its programs'
+    and maps' descriptors, tracepoint links, and perf buffer readers.
+
+    With `pin` (a Pins), counter maps live in bpffs under their layout version: a
+    daemon that finds them there adopts them (`adopted`), one that finds only other
+    versions starts fresh and says so (`reset_from`).
+    """
 
     def __init__(self, probes: Sequence[Probe], kernel: KernelInfo, *, max_interfaces: int,
-                 bpf_stats: bool) -> None:
+                 bpf_stats: bool, pin: pins.Pins | None = None,
+                 tracefs: str = "/sys/kernel/tracing") -> None:
         self._log = log.get("bpf")
         self.probes, self.notes = loadable(probes, kernel)
         for name, note in self.notes.items():
             self._log.warning("probe limited on this kernel", probe=name, note=note)
-        self.max_interfaces = max_interfaces
+        self.max_interfaces, self._pins, self._tracefs = max_interfaces, pin, tracefs
+        # Nonzero and different from the last daemon's: see pnm_generation in pnm.h.
+        self.generation = secrets.randbelow(0xFFFFFFFE) + 1
+        self.layout = maps_layout_version(max_interfaces)
+        self.pin_dir = pin.maps_dir(self.layout) if pin is not None else None
+        self.adopted = bool(self.pin_dir is not None and self.pin_dir.is_dir()
+                            and any(self.pin_dir.iterdir()))
+        self.reset_from = [v for v in pin.versions() if v != self.layout] if pin else []
+        if self.pin_dir is not None:
+            self.pin_dir.mkdir(parents=True, exist_ok=True)
         source = compose_source(self.probes)
-        cflags = build_cflags(self.probes, kernel, max_interfaces)
+        cflags = [*build_cflags(self.probes, kernel, max_interfaces),
+                  f"-DPNM_GENERATION={self.generation}u"]
+        if self.pin_dir is not None:
+            cflags.append(f'-DPNM_PIN_DIR="{self.pin_dir}"')
+        programs = [(PROG_INGRESS, "sched_cls"), (PROG_EGRESS, "sched_cls")]
+        programs += [(tracepoint_function(tp), "tracepoint")
+                     for p in self.probes for tp in p.tracepoints]
+        map_names = [*CORE_MAPS, *(m for p in self.probes for m in p.maps),
+                     *_PERF_OUTPUT.findall(source)]
+        spec = loader.Spec(source, tuple(cflags), tuple(programs), tuple(map_names))
         started = time.monotonic()
         try:
-            # BCC attaches every TRACEPOINT_PROBE here, while it loads the module.
-            self._bpf = BPF(text=source.encode(), cflags=cflags)
-            self.ingress = self._bpf.load_func(PROG_INGRESS.encode(), BPF.SCHED_CLS)
-            self.egress = self._bpf.load_func(PROG_EGRESS.encode(), BPF.SCHED_CLS)
-        except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception; the compiler's text is on stderr
-            raise CompileError(f"the BPF programs did not compile or load: {exc}",
-                               probe=",".join(p.name for p in self.probes)) from None
+            self._loaded = loader.load(spec)
+        except loader.LoadError as exc:
+            raise CompileError(str(exc), probe=",".join(p.name for p in self.probes)) from None
         self.compile_seconds = time.monotonic() - started
-        self._perf_callbacks: list[tuple[Any, Any]] = []
-        _release_compiler_memory()
+        self.bcc_version = self._loaded.bcc_version
+        self.ingress_fd = self._loaded.programs[PROG_INGRESS]
+        self.egress_fd = self._loaded.programs[PROG_EGRESS]
+        self._tp_links: list[tuple[str, int]] = []
+        self._readers: list[perfring.PerfReader] = []
+        try:
+            self.maps = KernelMaps(self._check_maps())
+        except CompileError:
+            self._loaded.close()
+            raise
         self._stats_fd = self._enable_stats() if bpf_stats else None
-        self.maps = KernelMaps(self._check_maps())
         self._log.info("bpf programs loaded", probes=[p.name for p in self.probes],
                        seconds=round(self.compile_seconds, 3), bpf_stats=self.stats_enabled(),
-                       offsets=kernel.offsets_source)
+                       offsets=kernel.offsets_source, maps=str(self.pin_dir or "not pinned"),
+                       adopted=self.adopted)
+        if self.reset_from:
+            self._log.warning("pinned maps of another layout found: counters start from zero",
+                              previous=self.reset_from, layout=self.layout)
 
     def _enable_stats(self) -> int | None:
         try:
@@ -193,13 +239,15 @@ class Programs:
     def _check_maps(self) -> list[MapHandle]:
         """Each probe's declared layouts against the kernel's own view of the map.
 
-        The sizes come from the kernel (BPF_OBJ_GET_INFO_BY_FD), not from BCC's
-        generated ctypes, which drop dimensions of multi-dimensional arrays.
+        The sizes come from the kernel (BPF_OBJ_GET_INFO_BY_FD): a pinned map
+        adopted from a previous daemon is checked like a new one.
         """
         ncpus = bpfsys.possible_cpus()
         handles = [self._handle(IFSLOTS_MAP, 4, 8, ncpus, "core"),
                    self._handle(IFSLOT_SPILL_MAP, 4, 4, ncpus, "core"),
-                   self._handle(NETNS_MAP, 4, 4, ncpus, "core")]
+                   self._handle(NETNS_MAP, 4, 4, ncpus, "core"),
+                   self._handle(SLOT_OWNER_MAP, 4, 8, ncpus, "core"),
+                   self._handle(GENERATION_MAP, 4, 4, ncpus, "core")]
         for probe in self.probes:
             for name, layout in probe.maps.items():
                 handle = self._handle(name, ctypes.sizeof(layout.key), ctypes.sizeof(layout.value),
@@ -208,14 +256,19 @@ class Programs:
                     raise CompileError(f"map {name}: per-CPU values must be u64 counters only, "
                                        "to be summed over CPUs", probe=probe.name)
                 if layout.per_slot and handle.max_entries != self.max_interfaces + 1:
-                    raise CompileError(f"map {name}: a per-slot map needs PNM_SLOTS entries",
-                                       probe=probe.name)
+                    raise CompileError(f"map {name}: a per-slot map needs PNM_SLOTS entries, "
+                                       f"it has {handle.max_entries}", probe=probe.name)
                 handles.append(handle)
+        for name in self._loaded.maps:
+            if not any(h.name == name for h in handles):  # perf buffers: no layout to check
+                info = bpfsys.map_info(self._loaded.maps[name])
+                handles.append(MapHandle(name, self._loaded.maps[name], info.key_size,
+                                         info.value_size, False, ncpus, info.max_entries))
         return handles
 
     def _handle(self, name: str, key_size: int, value_size: int, ncpus: int,
                 owner: str) -> MapHandle:
-        fd = self._bpf.get_table(name.encode()).map_fd
+        fd = self._loaded.maps[name]
         info = bpfsys.map_info(fd)
         if (info.key_size, info.value_size) != (key_size, value_size):
             raise CompileError(f"map {name}: the kernel has key/value sizes {info.key_size}/"
@@ -224,29 +277,57 @@ class Programs:
         return MapHandle(name, fd, info.key_size, info.value_size,
                          info.map_type in _PERCPU_MAP_TYPES, ncpus, info.max_entries)
 
+    # -- tracepoints ------------------------------------------------------------------
+
+    def attach_tracepoints(self) -> None:
+        """Attach every tracepoint program by a bpf link, then take over from the last
+        daemon's programs in one map write, then pin the links in place of its own."""
+        for probe in self.probes:
+            for tp in probe.tracepoints:
+                category, event = tp.split(":", 1)
+                fd = self._loaded.programs[tracepoint_function(tp)]
+                try:
+                    link = tracepoints.attach_tracepoint(fd, category, event, self._tracefs)
+                except OSError as exc:
+                    raise KernelError(f"cannot attach to tracepoint {tp}: {exc}",
+                                      probe=probe.name) from None
+                self._tp_links.append((tp, link))
+        self.maps.put(GENERATION_MAP, struct.pack("=I", 0), struct.pack("=I", self.generation))
+        if self._pins is None:
+            return
+        for tp, link in self._tp_links:
+            path = self._pins.link_path(f"tp-{tp.replace(':', '-')}")
+            old = _open_pinned(path)
+            path.unlink(missing_ok=True)  # the old link (if any) now counts nothing
+            if old is not None:
+                _detach_quietly(old, close=True)
+            tracepoints.pin(link, str(path))
+
+    # -- perf buffers -----------------------------------------------------------------
+
     def open_perf(self, name: str, callback: Callable[[bytes], None],
                   lost: Callable[[int], None], pages: int) -> None:
         """Read a BPF_PERF_OUTPUT map: each event's bytes to `callback`, overruns to `lost`.
 
         Events are delivered by poll_perf(), from the one thread that calls it.
+        The reader is woken once per WAKEUP_EVENTS events, not for each: a wake-up
+        per packet cost ~7 us of the traced packet's time (bench/RESULTS.md);
+        poll_perf() drains what is left on each timeout, so a slow trace is not held back.
         """
-        def on_event(_cpu: int, data: Any, size: int) -> None:
-            callback(ctypes.string_at(data, size))
-
-        def on_lost(count: int) -> None:
-            lost(int(count))
-
-        self._perf_callbacks.append((on_event, on_lost))  # BCC keeps only C pointers to them
-        # Wake the reader once per WAKEUP_EVENTS events, not for each: a wake-up per
-        # packet cost ~7 us of the traced packet's time (bench/RESULTS.md). poll_perf()
-        # drains what is left on each timeout, so a slow trace is not held back.
-        self._bpf[name.encode()].open_perf_buffer(on_event, page_cnt=pages, lost_cb=on_lost,
-                                                  wakeup_events=WAKEUP_EVENTS)
+        self._readers.append(perfring.PerfReader(
+            self.maps.handle(name).fd, pages=pages, on_event=callback, on_lost=lost,
+            wakeup_events=WAKEUP_EVENTS))
 
     def poll_perf(self, timeout_ms: int) -> None:
-        """Deliver events: those that woke the reader, then whatever else is buffered."""
-        self._bpf.perf_buffer_poll(timeout_ms)
-        self._bpf.perf_buffer_consume()
+        """Deliver events: wait for a wake-up (or the timeout), then drain every buffer."""
+        if not self._readers:
+            time.sleep(timeout_ms / 1000)
+            return
+        select.select(self._readers, [], [], timeout_ms / 1000)
+        for reader in self._readers:
+            reader.drain()
+
+    # -- statistics -------------------------------------------------------------------
 
     def stats_enabled(self) -> bool:
         if self._stats_fd is not None:
@@ -259,18 +340,50 @@ class Programs:
     def program_stats(self) -> list[ProgramStats]:
         """Every loaded program of ours: the TC pair and each tracepoint program."""
         out = []
-        for fn in self._bpf.funcs.values():
-            info = bpfsys.prog_info(fn.fd)
-            # BCC's name: the kernel's is cut at 15 characters ("tracepoint__tcp")
-            out.append(ProgramStats(fn.name.decode(), info.prog_id, info.run_time_ns,
-                                    info.run_cnt))
+        for name, fd in self._loaded.programs.items():
+            info = bpfsys.prog_info(fd)
+            out.append(ProgramStats(name, info.prog_id, info.run_time_ns, info.run_cnt))
         return sorted(out, key=lambda s: s.name)
 
-    def close(self) -> None:
+    # -- the end ----------------------------------------------------------------------
+
+    def close(self, *, leave_attached: bool = False) -> None:
+        """Release everything. Unless `leave_attached`, also detach the tracepoint
+        links and unpin the maps: nothing of ours stays in the kernel (the TC
+        attachments are the reconciler's to remove, before this)."""
+        for reader in self._readers:
+            reader.close()
+        self._readers.clear()
+        for tp, link in self._tp_links:
+            if not leave_attached:
+                _detach_quietly(link)
+                if self._pins is not None:
+                    self._pins.link_path(f"tp-{tp.replace(':', '-')}").unlink(missing_ok=True)
+            os.close(link)
+        self._tp_links.clear()
+        if not leave_attached and self._pins is not None:
+            self._pins.remove_version(self.layout)
+            self._pins.remove_empty()
         if self._stats_fd is not None:
             os.close(self._stats_fd)
             self._stats_fd = None
-        self._bpf.cleanup()
+        self._loaded.close()
+
+
+def _open_pinned(path: Path) -> int | None:
+    try:
+        return tracepoints.get_pinned(str(path))
+    except OSError:
+        return None
+
+
+def _detach_quietly(link_fd: int, *, close: bool = False) -> None:
+    try:
+        bpfsys.link_detach(link_fd)
+    except OSError:
+        pass  # detached already (its hook went away)
+    if close:
+        os.close(link_fd)
 
 
 def _attr(msg: Any, name: str) -> Any:
@@ -278,7 +391,12 @@ def _attr(msg: Any, name: str) -> Any:
 
 
 class Netlink:
-    """Per-thread rtnetlink sockets."""
+    """Per-thread rtnetlink sockets: our own (monitor.rtnl) for the reconciler's
+    frequent link dumps and nsid queries, pyroute2 for the rarer tc changes.
+
+    pyroute2 sockets are bound to the thread that made them (0.9 runs an event
+    loop per socket), so each thread gets its own from a thread-local.
+    """
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -290,24 +408,27 @@ class Netlink:
             self._local.ipr = ipr
         return ipr
 
+    def _rtnl(self) -> rtnl.Rtnl:
+        sock = getattr(self._local, "rtnl", None)
+        if sock is None:
+            sock = rtnl.Rtnl()
+            self._local.rtnl = sock
+        return sock
+
     def close(self) -> None:
-        """Close this thread's socket."""
-        ipr = getattr(self._local, "ipr", None)
-        if ipr is not None:
-            ipr.close()
-            self._local.ipr = None
+        """Close this thread's sockets."""
+        for name in ("ipr", "rtnl"):
+            sock = getattr(self._local, name, None)
+            if sock is not None:
+                sock.close()
+                setattr(self._local, name, None)
+
+    def links(self) -> list[rtnl.Link]:
+        return self._rtnl().links()
 
     def veths(self) -> list[VethLink]:
-        out = []
-        for msg in self.ipr().get_links():
-            info = _attr(msg, "IFLA_LINKINFO")
-            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-            nsid = _attr(msg, "IFLA_LINK_NETNSID")
-            if kind != "veth" or nsid is None:
-                continue
-            out.append(VethLink(msg["index"], _attr(msg, "IFLA_IFNAME"), int(nsid),
-                                int(_attr(msg, "IFLA_LINK") or 0)))
-        return out
+        return [VethLink(link.ifindex, link.name, link.link_netnsid, link.link)
+                for link in self._rtnl().links("veth") if link.link_netnsid is not None]
 
     def netnsid(self, netns_path: str) -> int | None:
         """The host's id for a netns (None if it has none: no veth peer lives there)."""
@@ -316,21 +437,52 @@ class Netlink:
         except OSError:
             return None
         try:
-            reply = self.ipr().get_netnsid(fd=fd)
-        except NetlinkError:
+            return self._rtnl().netnsid(fd)
+        except rtnl.RtnlError:
             return None
         finally:
             os.close(fd)
-        nsid = reply.get("nsid") if isinstance(reply, dict) else None
-        return None if nsid is None or nsid < 0 else int(nsid)
+
+
+def filter_name_at(netlink: Netlink, ifindex: int, parent: int, prio: int,
+                   handle: int) -> str | None:
+    """The name of the bpf filter at this priority and handle, or None if there is none."""
+    for msg in netlink.ipr().get_filters(index=ifindex, parent=parent):
+        if msg["handle"] != handle or (msg["info"] >> 16) != prio:
+            continue
+        options = _attr(msg, "TCA_OPTIONS")
+        name = options.get_attr("TCA_BPF_NAME") if options is not None else None
+        return str(name or "")
+    return None
+
+
+def remove_our_filters(netlink: Netlink, ifindex: int, prio: int, handle: int) -> int:
+    """Remove our filters (this priority, handle and our name) from a device's two
+    hooks; returns how many there were. Another agent's filter is never touched."""
+    removed = 0
+    for parent in (TC_PARENT_INGRESS, TC_PARENT_EGRESS):
+        try:
+            if filter_name_at(netlink, ifindex, parent, prio, handle) != FILTER_NAME:
+                continue
+            netlink.ipr().tc("del-filter", "bpf", ifindex, handle, parent=parent, prio=prio)
+            removed += 1
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
+                log.get("attach").warning("detach failed", ifindex=ifindex, error=str(exc))
+    return removed
+
+
+def all_links(netlink: Netlink) -> list[tuple[int, str]]:
+    """(ifindex, name) of every interface in this netns."""
+    return [(link.ifindex, link.name) for link in netlink.links()]
 
 
 class Attacher:
     """Puts the compiled TC programs on host veths and takes them off again."""
 
     def __init__(self, programs: Programs, netlink: Netlink, *, mode: str,
-                 tc_priority: int, tc_handle: int) -> None:
-        self._programs, self._nl = programs, netlink
+                 tc_priority: int, tc_handle: int, pin: pins.Pins | None = None) -> None:
+        self._programs, self._nl, self._pins = programs, netlink, pin
         self._mode, self._prio, self._handle = mode, tc_priority, tc_handle
         self.tcx_available = tcx_supported()
         self._log = log.get("attach")
@@ -370,19 +522,60 @@ class Attacher:
         return att
 
     def _attach_tcx(self, att: Attachment) -> None:
-        for fn, hook in ((self._programs.ingress, bpfsys.BPF_TCX_INGRESS),
-                         (self._programs.egress, bpfsys.BPF_TCX_EGRESS)):
-            att.link_fds.append(bpfsys.tcx_link_create(fn.fd, att.ifindex, hook, first=True))
+        for fd, hook, direction in ((self._programs.ingress_fd, bpfsys.BPF_TCX_INGRESS, "ingress"),
+                                    (self._programs.egress_fd, bpfsys.BPF_TCX_EGRESS, "egress")):
+            link = self._pinned_link(att.ifindex, hook, direction)
+            if link is not None:  # the last daemon's: swap the program in place, atomically
+                try:
+                    tracepoints.link_update(link, fd)
+                finally:
+                    os.close(link)
+                continue
+            link = bpfsys.tcx_link_create(fd, att.ifindex, hook, first=True)
+            if self._pins is None:
+                att.link_fds.append(link)  # the link lives as long as this fd
+                continue
+            try:
+                tracepoints.pin(link, str(self._link_pin(att.ifindex, direction)))
+            finally:
+                os.close(link)  # the pin holds it: no fd per interface
+        self._remove_our_filters(att.ifindex)  # left by a daemon that attached by tc
+
+    def _link_pin(self, ifindex: int, direction: str) -> Path:
+        return pins.tcx_link_path(self._pins, ifindex, direction) if self._pins else Path()
+
+    def _pinned_link(self, ifindex: int, hook: int, direction: str) -> int | None:
+        """Our pinned tcx link on this device and hook, if a daemon left one; stale pins
+        (the device is gone, so the link is detached) are removed."""
+        if self._pins is None:
+            return None
+        path = self._link_pin(ifindex, direction)
+        fd = _open_pinned(path)
+        if fd is None:
+            return None
+        try:
+            info = tracepoints.link_info(fd)
+        except OSError:
+            info = None
+        if info is not None and info.ifindex == ifindex and info.attach_type == hook:
+            return fd
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        return None
+
+    def _unpin_links(self, ifindex: int) -> None:
+        """Detach and unpin our tcx links on a device (a no-op without pins)."""
+        if self._pins is None:
+            return
+        for direction in ("ingress", "egress"):
+            path = self._link_pin(ifindex, direction)
+            fd = _open_pinned(path)
+            if fd is not None:
+                _detach_quietly(fd, close=True)
+            path.unlink(missing_ok=True)
 
     def _our_filter(self, ifindex: int, parent: int) -> str | None:
-        """The name of the bpf filter at our priority and handle, or None if there is none."""
-        for msg in self._nl.ipr().get_filters(index=ifindex, parent=parent):
-            if msg["handle"] != self._handle or (msg["info"] >> 16) != self._prio:
-                continue
-            options = _attr(msg, "TCA_OPTIONS")
-            name = options.get_attr("TCA_BPF_NAME") if options is not None else None
-            return str(name or "")
-        return None
+        return filter_name_at(self._nl, ifindex, parent, self._prio, self._handle)
 
     def _attach_tc(self, att: Attachment) -> None:
         ipr = self._nl.ipr()
@@ -391,83 +584,56 @@ class Attacher:
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:  # a clsact the CNI (or we, before) added is fine
                 raise
-        for fn, parent in ((self._programs.ingress, TC_PARENT_INGRESS),
-                           (self._programs.egress, TC_PARENT_EGRESS)):
+        for fd, parent in ((self._programs.ingress_fd, TC_PARENT_INGRESS),
+                           (self._programs.egress_fd, TC_PARENT_EGRESS)):
             taken = self._our_filter(att.ifindex, parent)
             if taken is not None and taken != FILTER_NAME:
                 raise KernelError(f"priority {self._prio} handle {self._handle:#x} holds "
                                   f"another agent's filter {taken!r}; set tc_priority")
             # replace: atomic swap if ours is there from before (a restart), create otherwise
-            ipr.tc("replace-filter", "bpf", att.ifindex, self._handle, fd=fn.fd,
+            ipr.tc("replace-filter", "bpf", att.ifindex, self._handle, fd=fd,
                    name=FILTER_NAME, parent=parent, classid=1, direct_action=True,
                    prio=self._prio)
+        self._unpin_links(att.ifindex)  # left by a daemon that attached by tcx
 
     def detach(self, att: Attachment) -> None:
         """Remove ours from one interface. Idempotent; a vanished interface is fine."""
         for fd in att.link_fds:
-            try:
-                bpfsys.link_detach(fd)
-            except OSError:
-                pass  # the device went and took the link's hook with it
-            os.close(fd)
+            _detach_quietly(fd, close=True)  # the device may have taken the hook with it
         att.link_fds.clear()
-        if att.mode != "tc":
-            return
-        for parent in (TC_PARENT_INGRESS, TC_PARENT_EGRESS):
-            try:
-                if self._our_filter(att.ifindex, parent) != FILTER_NAME:
-                    continue  # not there, or not ours: never remove another's
-                self._nl.ipr().tc("del-filter", "bpf", att.ifindex, self._handle,
-                                  parent=parent, prio=self._prio)
-            except NetlinkError as exc:
-                if exc.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
-                    self._log.warning("detach failed", interface=att.ifname, error=str(exc))
+        if att.mode == "tcx":
+            self._unpin_links(att.ifindex)
+        else:
+            self._remove_our_filters(att.ifindex)
+
+    def _remove_our_filters(self, ifindex: int) -> int:
+        return remove_our_filters(self._nl, ifindex, self._prio, self._handle)
+
+    def remove_stale(self, keep: set[int]) -> list[str]:
+        """Our filters and pinned links on host veths we no longer attach to (left by
+        a daemon before us for pods that went while none ran)."""
+        removed = [f"tc filters on {veth.name}" for veth in self._nl.veths()
+                   if veth.ifindex not in keep and self._remove_our_filters(veth.ifindex)]
+        if self._pins is not None and self._pins.links.is_dir():
+            for entry in self._pins.links.iterdir():
+                parts = entry.name.split("-")
+                if (parts[0] == "tcx" and len(parts) == 3 and parts[1].isdigit()
+                        and int(parts[1]) not in keep):
+                    fd = _open_pinned(entry)
+                    if fd is not None:
+                        _detach_quietly(fd, close=True)
+                    entry.unlink(missing_ok=True)
+                    removed.append(f"tcx link pin {entry.name}")
+        return removed
 
 
-class LinkEvents:
-    """Wakes the reconciler on rtnetlink link changes.
+def link_events() -> rtnl.LinkEvents:
+    """Wakes the reconciler on rtnetlink link changes; made and used in its thread.
 
-    Made and used in the reconciler's thread. An overflowed socket (ENOBUFS,
-    events lost) is reported as an event too: the answer to lost events is a
-    full rescan, which is what every event triggers anyway.
+    An overflowed socket (ENOBUFS, events lost) counts as an event: the answer to
+    lost events is a full rescan, which is what every event triggers anyway.
     """
-
-    def __init__(self) -> None:
-        self._ipr = IPRoute()
-        self._ipr.bind(groups=RTMGRP_LINK)
-
-    def fileno(self) -> int:
-        return int(self._ipr.fileno())
-
-    def drain(self) -> int:
-        """Read what is pending; returns how many messages (1 for an overflow)."""
-        try:
-            return len(list(self._ipr.get()))
-        except (NetlinkError, OSError) as exc:
-            if getattr(exc, "code", getattr(exc, "errno", None)) == errno.ENOBUFS:
-                return 1
-            raise
-
-    def close(self) -> None:
-        self._ipr.close()
-
-
-@contextmanager
-def link_events() -> Iterator[LinkEvents]:
-    events = LinkEvents()
-    try:
-        yield events
-    finally:
-        events.close()
-
-
-def bcc_version() -> str:
-    try:
-        from bcc.version import __version__  # type: ignore[import-untyped]
-    except ImportError:
-        return "unknown"
-    return str(__version__)
-
+    return rtnl.LinkEvents()
 
 
 _CLONE_NEWNET = 0x40000000
@@ -525,12 +691,5 @@ def probe_attach_features() -> dict[str, str]:
 
 
 def compile_trivial() -> str:
-    """Compile a trivial program with BCC: proves clang and the kernel headers work."""
-    try:
-        b = BPF(text="#include <uapi/linux/pkt_cls.h>\n"
-                     "int f(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }\n")
-        b.load_func("f", BPF.SCHED_CLS)
-        b.cleanup()
-    except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception
-        return str(exc)
-    return ""
+    """Compile a trivial program with BCC (in a child): proves clang and the headers work."""
+    return loader.compile_check()

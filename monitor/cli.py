@@ -34,6 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--tracefs-root", default="/sys/kernel/tracing")
     check.add_argument("--bpffs-root", default="/sys/fs/bpf")
 
+    cleanup = sub.add_parser(
+        "cleanup", help="remove everything podnetmon attached or pinned on this node",
+        description="Remove our tc filters (by priority, handle and name) from every "
+        "interface, and our pinned links and maps from bpffs. For a node where no daemon "
+        "runs any more (it left its programs attached for an upgrade, or crashed).")
+    cleanup.add_argument("--bpffs-root", default="/sys/fs/bpf")
+    cleanup.add_argument("--tc-priority", type=int, default=settings.Settings.tc_priority)
+    cleanup.add_argument("--tc-handle", type=lambda v: int(v, 0), default=settings.Settings.tc_handle)
+    cleanup.add_argument("--force", action="store_true",
+                         help="even though a podnetmon daemon seems to be running")
+
     pods = sub.add_parser("pods", help="the pods the daemon sees, as a table")
     pods.add_argument("--address", default="127.0.0.1:9655",
                       help="the daemon's listen address (host:port)")
@@ -106,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args)
     if args.command == "pods":
         return _pods(args)
+    if args.command == "cleanup":
+        return _cleanup(args)
     if args.command in ("trace", "drops"):
         from monitor import tracecli
 
@@ -166,6 +179,22 @@ def _check(args: argparse.Namespace) -> int:
     text, code = check.report(check.run_checks(conf))
     print(text)
     return code
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    from monitor import cleanup
+
+    running = cleanup.daemons_running()
+    if running and not args.force:
+        print(f"podnetmon cleanup: a podnetmon daemon is running (pids {running}); stop it "
+              "first, or pass --force", file=sys.stderr)
+        return 1
+    removed = cleanup.cleanup(args.bpffs_root, args.tc_priority, args.tc_handle)
+    for line in removed:
+        print(f"removed {line}")
+    print(f"podnetmon cleanup: {len(removed)} removed" if removed else
+          "podnetmon cleanup: nothing of podnetmon's was left on this node")
+    return 0
 
 
 def _pods(args: argparse.Namespace) -> int:

@@ -2,7 +2,8 @@
 
 Start-up is where failure is fatal (a bad setting or inventory: exit 2; programs
 that do not compile or verify: exit 1, with the reason). After that, failures
-are contained per pod. SIGTERM/SIGINT detach everything we attached and exit 0.
+are contained per pod. SIGTERM/SIGINT detach everything we attached and exit 0,
+or, with leave_attached, leave programs and pinned maps counting for the next daemon.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
-from prometheus_client.registry import CollectorRegistry
-
 from monitor import kernelinfo, log
 from monitor.alerts import AlertCaptures
 from monitor.auth import Authenticator, authenticator
 from monitor.bypass import BypassDetector
 from monitor.capture import CaptureManager, Limits
 from monitor.collector import PodCollector
+from monitor.exposition import Registry
 from monitor.kallsyms import Symbols
 from monitor.metadata import MetadataSource
 from monitor.metadata.static import InventoryError, NoMetadata, StaticInventory
@@ -90,52 +90,84 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
         logger.error("bad configuration", error=str(exc))
         return EXIT_USAGE
 
-    from monitor import bpf  # imports bcc: after the configuration is known to be good
+    from monitor import bpf  # the kernel adapter: after the configuration is known to be good
 
+    # `run --check` pins nothing: it must never adopt, or remove, a running daemon's maps
+    pin = None if check_only else _pins(settings)
     try:
         kernel = kernelinfo.probe(proc_root=settings.proc_root, tracefs_root=settings.tracefs_root,
                                   btf_path=settings.btf_path)
         programs = bpf.Programs(probes, kernel, max_interfaces=settings.max_interfaces,
-                                bpf_stats=settings.bpf_stats)
+                                bpf_stats=settings.bpf_stats, pin=pin,
+                                tracefs=settings.tracefs_root)
     except (bpf.KernelError, OSError) as exc:
         logger.error("cannot load the BPF programs", error=str(exc))
         return EXIT_FAILED
     netlink = bpf.Netlink()
     try:
         attacher = bpf.Attacher(programs, netlink, mode=settings.attach_mode,
-                                tc_priority=settings.tc_priority, tc_handle=settings.tc_handle)
+                                tc_priority=settings.tc_priority, tc_handle=settings.tc_handle,
+                                pin=pin)
     except bpf.KernelError as exc:
         logger.error("cannot attach", error=str(exc))
         programs.close()
         return EXIT_FAILED
     state = MonitorState()
+    state.maps_state = ("unpinned" if pin is None else "adopted" if programs.adopted else
+                        "reset" if programs.reset_from else "fresh")
     maps = programs.maps
     slots = SlotTable(ifslots=maps.handle(bpf.IFSLOTS_MAP), spill=maps.handle(bpf.IFSLOT_SPILL_MAP),
-                      netns=maps.handle(bpf.NETNS_MAP),
+                      netns=maps.handle(bpf.NETNS_MAP), owners=maps.handle(bpf.SLOT_OWNER_MAP),
                       per_slot=[maps.handle(name) for p in programs.probes
                                 for name, layout in p.maps.items() if layout.per_slot],
                       capacity=settings.max_interfaces, buckets=bpf.IFSLOT_BUCKETS)
+    if programs.adopted:
+        logger.info("adopted the pinned maps of the last daemon: counters continue",
+                    slots=slots.adopt(), maps=str(programs.pin_dir))
     forget = [functools.partial(p.forget, maps) for p in programs.probes if p.forget]
     runtime = RuntimeIndex(settings.runtime_dirs)
+
+    def after_first_pass(attached: set[int], live_netns: set[int]) -> None:
+        """What the last daemon left for pods that went while none ran, and maps of
+        another layout, go once this daemon holds everything it needs."""
+        removed = attacher.remove_stale(attached)
+        if programs.adopted:
+            for probe in programs.probes:
+                if probe.prune is not None:
+                    probe.prune(maps, live_netns, attached)
+        if pin is not None:
+            for version in programs.reset_from:
+                removed += [f"pinned map {path}" for path in pin.remove_version(version)]
+        if removed:
+            logger.info("removed what an earlier daemon left", count=len(removed),
+                        items=removed[:20])
+
     reconciler = Reconciler(
         discovery=Discovery(settings.proc_root, settings.pause_comm, settings.netns_dirs),
         links=netlink, attacher=attacher, slots=slots, metadata=metadata, state=state,
         forget=forget, node=settings.node_name, max_pods=settings.max_pods,
-        runtime_uids=runtime.uids)
+        runtime_uids=runtime.uids, after_first_pass=None if check_only else after_first_pass)
     if check_only:
         return _check_once(reconciler, state, netlink, programs)
+    try:
+        programs.attach_tracepoints()
+    except bpf.KernelError as exc:
+        logger.error("cannot attach the tracepoint programs", error=str(exc))
+        programs.close()
+        return EXIT_FAILED
 
     bypass = (BypassDetector(maps, lambda: state.snapshot.index)
               if any(p.name == "packets" for p in programs.probes) else None)
-    registry = CollectorRegistry(auto_describe=True)
+    registry = Registry()
     registry.register(PodCollector(
         probes=programs.probes, maps=maps, state=state, node=settings.node_name,
         kernel=kernel, node_slot=settings.max_interfaces,
         probe_states=probe_states(probes, programs.notes),
         program_stats=programs.program_stats if programs.stats_enabled() else None,
-        bcc_version=bpf.bcc_version(), pod_labels=settings.pod_labels,
+        bcc_version=programs.bcc_version, pod_labels=settings.pod_labels,
         api_stats=getattr(metadata, "stats", None),
-        bypassed=(lambda: bypass.bypassed) if bypass is not None else None))
+        bypassed=(lambda: bypass.bypassed) if bypass is not None else None,
+        scrape_stats=registry.scrape_stats))
     stop = threading.Event()
     sweeps = [p.sweep for p in programs.probes if p.sweep]
     timeouts = {"tcp_connect": settings.tcp_connect_timeout, "dns": settings.dns_timeout}
@@ -150,9 +182,10 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
             bypass.check()
 
     loop = Loop(reconciler, resync_interval=settings.resync_interval,
-                debounce=settings.event_debounce, events_factory=bpf.LinkEvents, state=state,
+                debounce=settings.event_debounce, events_factory=bpf.link_events, state=state,
                 on_exit=netlink.close, sweep=sweep,
-                sweep_interval=settings.sweep_interval)
+                sweep_interval=settings.sweep_interval,
+                detach_on_exit=not settings.leave_attached)
     worker = threading.Thread(target=loop.run, args=(stop,), name="reconcile")
     traces = _traces(settings, programs, maps, state, kernel)
     try:
@@ -188,9 +221,27 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
     server.stop()
     if isinstance(metadata, KubernetesLike):
         metadata.stop()
-    programs.close()
-    logger.info("stopped")
+    programs.close(leave_attached=settings.leave_attached)
+    logger.info("stopped", left_attached=settings.leave_attached)
     return EXIT_OK
+
+
+def _pins(settings: Settings) -> Any:
+    """Where maps and links are pinned, or None (said in the log) if they cannot be."""
+    from monitor import pins
+
+    logger = log.get("daemon")
+    if not settings.bpffs_root:
+        logger.info("pinning is off (bpffs_root is empty): counters restart with the daemon")
+        return None
+    pin = pins.Pins(settings.bpffs_root)
+    try:
+        pin.prepare()
+    except OSError as exc:
+        logger.warning("maps are not pinned: counters restart with the daemon",
+                       error=str(exc))
+        return None
+    return pin
 
 
 def _traces(settings: Settings, programs: Any, maps: Any, state: MonitorState,

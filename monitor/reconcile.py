@@ -54,7 +54,8 @@ class EventSource(Protocol):
 class Slots(Protocol):
     """monitor.slots.SlotTable: counter slots for attached interfaces."""
 
-    def assign(self, ifindex: int) -> int: ...
+    def assign(self, ifindex: int, netns: int) -> int: ...
+    def release_unclaimed(self) -> list[int]: ...
     def release(self, ifindex: int) -> None: ...
     def assigned(self) -> dict[int, int]: ...
     def sync_netns(self, wanted: dict[int, int]) -> None: ...
@@ -87,6 +88,7 @@ class Reconciler:
                  slots: Slots, metadata: MetadataSource, state: MonitorState,
                  forget: Sequence[Forget] = (), node: str = "", max_pods: int = 1000,
                  runtime_uids: Callable[[], dict[str, str]] | None = None,
+                 after_first_pass: Callable[[set[int], set[int]], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._discovery, self._links, self._attacher = discovery, links, attacher
         self._slots, self._forget, self._node = slots, list(forget), node
@@ -97,6 +99,9 @@ class Reconciler:
         self._cap_logged = False
         self._denied_logged = False
         self._metadata, self._state, self._clock = metadata, state, clock
+        # Called once, after the first pass, with the attached ifindexes and live pod
+        # netns: what a previous daemon left for pods gone since is removed then.
+        self._after_first_pass = after_first_pass
         self._attached: dict[int, Attachment] = {}
         self._failures: dict[int, _Failure] = {}
         self._log = log.get("reconcile")
@@ -123,6 +128,8 @@ class Reconciler:
                 if (attached := [v.ifindex for v in pod.interfaces if v.ifindex in self._attached])}
         self._slots.sync_netns(live)  # first: a gone netns stops counting before it is forgotten
         self._forget_detached(set(live))
+        if self._after_first_pass is not None:
+            self._first_pass_done(set(live))
         self._publish(pods)
         self._state.count_reconcile(self._clock() - started)
 
@@ -184,7 +191,7 @@ class Reconciler:
         bound = self._log.bind(namespace=pod.namespace, pod=pod.name, interface=veth.name,
                                ifindex=veth.ifindex, netns=pod.netns_inode)
         try:
-            self._slots.assign(veth.ifindex)  # before attaching: the first packet counts
+            self._slots.assign(veth.ifindex, pod.netns_inode)  # before attaching: the first packet counts
             att = self._attacher.attach(veth.ifindex, veth.name, pod.netns_inode)
         except Exception as exc:  # noqa: BLE001 - contained per interface by design
             self._release(veth.ifindex)
@@ -209,6 +216,20 @@ class Reconciler:
         del self._attached[att.ifindex]
         self._log.info("detached", interface=att.ifname, ifindex=att.ifindex,
                        netns=att.netns, reason=reason)
+
+    def _first_pass_done(self, live_netns: set[int]) -> None:
+        """Release what a previous daemon held for pods that went while none ran."""
+        callback, self._after_first_pass = self._after_first_pass, None
+        if callback is None:
+            return
+        gone = self._slots.release_unclaimed()
+        if gone:
+            self._log.info("released slots of interfaces gone while no daemon ran",
+                           ifindexes=gone[:20], count=len(gone))
+        try:
+            callback(set(self._attached), live_netns)
+        except OSError as exc:
+            self._log.warning("cleaning up after the previous daemon failed", error=str(exc))
 
     def _forget_detached(self, live_netns: set[int]) -> None:
         """Let probes delete keys of this pass's detached interfaces, and of gone netns."""
@@ -267,8 +288,10 @@ class Loop:
     def __init__(self, reconciler: Reconciler, *, resync_interval: float, debounce: float,
                  events_factory: Callable[[], EventSource], state: MonitorState,
                  on_exit: Callable[[], None] = lambda: None,
-                 sweep: Callable[[], None] | None = None, sweep_interval: float = 1.0) -> None:
+                 sweep: Callable[[], None] | None = None, sweep_interval: float = 1.0,
+                 detach_on_exit: bool = True) -> None:
         self._reconciler, self._resync, self._debounce = reconciler, resync_interval, debounce
+        self._detach_on_exit = detach_on_exit  # False: leave everything for the next daemon
         self._events_factory, self._state, self._on_exit = events_factory, state, on_exit
         self._sweep, self._sweep_interval = sweep, sweep_interval
         self._log = log.get("reconcile")
@@ -317,7 +340,8 @@ class Loop:
                     next_resync = time.monotonic() + self._resync
         finally:
             try:
-                self._reconciler.detach_all()
+                if self._detach_on_exit:
+                    self._reconciler.detach_all()
             finally:
                 events.close()
                 with self._wake_lock:

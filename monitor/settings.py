@@ -52,8 +52,15 @@ class Settings:
         "Directories where runtimes pin network namespaces (containerd: cni-*, CRI-O: "
         "a UUID). Both usual spellings by default, as /var/run is often a link to /run.",
         default=("/run/netns", "/var/run/netns"))
-    bpffs_root: str = _doc("Where bpffs is mounted; objects the daemon pins live under it.",
-                           default="/sys/fs/bpf")
+    bpffs_root: str = _doc(
+        "Where bpffs is mounted (mounted there if it is not). Counter maps and links are "
+        "pinned under <bpffs_root>/podnetmon, so a restarted daemon continues every counter. "
+        "Empty: pin nothing (counters restart with the daemon).", default="/sys/fs/bpf")
+    leave_attached: bool = _doc(
+        "On stop, leave the programs attached and the maps pinned: they keep counting "
+        "until the next daemon adopts them, so an upgrade or restart loses nothing "
+        "(the DaemonSet sets this). Off: a stop removes everything the daemon added. "
+        "`podnetmon cleanup` removes it all in either case.", default=False)
     tracefs_root: str = _doc("Where tracefs is mounted; BCC reads tracepoint formats there.",
                              default="/sys/kernel/tracing")
     pause_comm: str = _doc("The comm (process name) of the pod infra container. 'pause' "

@@ -9,6 +9,11 @@ before handing the slot out.
 Freed slots are reused oldest-first: a program run that was already in
 flight when an interface was detached can still touch its old slot, and by
 the time that slot is handed out again such runs are long over.
+
+The tables outlive a daemon when its maps are pinned. The next daemon adopts
+them: every slot held (pnm_slot_owner says by which interface of which netns)
+stays with its interface if that interface still belongs to the same netns,
+so the counts in it carry on; the rest are released after the first pass.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class SlotMap(Protocol):
     def put(self, key: bytes, value: bytes) -> None: ...
     def put_zero(self, key: bytes) -> None: ...
     def delete(self, key: bytes) -> bool: ...
+    def items(self) -> list[tuple[bytes, bytes]]: ...
 
 
 class SlotsExhaustedError(RuntimeError):
@@ -38,12 +44,14 @@ def u32(value: int) -> bytes:
 class SlotTable:
     """Assigns and releases slots; mirrors the kernel's table in Python."""
 
-    def __init__(self, *, ifslots: SlotMap, spill: SlotMap, netns: SlotMap,
+    def __init__(self, *, ifslots: SlotMap, spill: SlotMap, netns: SlotMap, owners: SlotMap,
                  per_slot: Iterable[SlotMap], capacity: int, buckets: int) -> None:
         if buckets & (buckets - 1):
             raise ValueError("buckets must be a power of two")
         self._ifslots, self._spill, self._per_slot = ifslots, spill, list(per_slot)
-        self._netns = netns
+        self._netns, self._owners, self._capacity = netns, owners, capacity
+        self._owner_netns: dict[int, int] = {}  # ifindex -> the netns it was assigned for
+        self._unclaimed: set[int] = set()  # adopted ifindexes not assigned again yet
         self._netns_slot: dict[int, int] = {}  # what pnm_netns holds
         self._buckets = buckets
         self._free: deque[int] = deque(range(capacity))
@@ -61,10 +69,63 @@ class SlotTable:
         """How many interfaces use the slower overflow hash (their bucket was taken)."""
         return len(self._spilled)
 
-    def assign(self, ifindex: int) -> int:
-        """A zeroed slot for an interface, visible to the programs when this returns."""
+    def adopt(self) -> int:
+        """Take over the tables a previous daemon left in pinned maps; returns how
+        many slots were held. Entries that disagree with pnm_slot_owner are cleared."""
+        for raw_key, raw in self._owners.items():
+            slot = struct.unpack("=I", raw_key)[0]
+            ifindex, netns = struct.unpack("=II", raw)
+            if ifindex and slot < self._capacity and ifindex not in self._slot_of:
+                self._slot_of[ifindex] = slot
+                self._owner_netns[ifindex] = netns
+        held = set(self._slot_of.values())
+        self._free = deque(s for s in range(self._capacity) if s not in held)
+        for raw_key, raw in self._ifslots.items():
+            bucket = struct.unpack("=I", raw_key)[0]
+            ifindex, slot = struct.unpack("=II", raw)
+            if not ifindex:
+                continue
+            if self._slot_of.get(ifindex) == slot:
+                self._bucket_owner[bucket] = ifindex
+            else:
+                self._ifslots.put(raw_key, bytes(8))
+        for raw_key, raw in self._spill.items():
+            ifindex, slot = struct.unpack("=I", raw_key)[0], struct.unpack("=I", raw)[0]
+            if self._slot_of.get(ifindex) == slot and ifindex not in self._bucket_owner.values():
+                self._spilled.add(ifindex)
+            else:
+                self._spill.delete(raw_key)
+        for ifindex in [i for i in self._slot_of if i not in self._spilled
+                        and self._bucket_owner.get(i & (self._buckets - 1)) != i]:
+            self._forget(ifindex)  # the programs cannot find it: not worth keeping
+        for raw_key, raw in self._netns.items():
+            self._netns_slot[struct.unpack("=I", raw_key)[0]] = struct.unpack("=I", raw)[0]
+        self._unclaimed = set(self._slot_of)
+        return len(self._slot_of)
+
+    def _forget(self, ifindex: int) -> None:
+        slot = self._slot_of.pop(ifindex)
+        self._owner_netns.pop(ifindex, None)
+        self._owners.put_zero(u32(slot))
+        self._free.append(slot)
+
+    def release_unclaimed(self) -> list[int]:
+        """Release adopted slots no interface claimed (pods gone while no daemon ran)."""
+        gone = sorted(self._unclaimed)
+        for ifindex in gone:
+            self.release(ifindex)
+        self._unclaimed.clear()
+        return gone
+
+    def assign(self, ifindex: int, netns: int = 0) -> int:
+        """A zeroed slot for an interface, visible to the programs when this returns.
+        An adopted slot is kept (its counts carry on) if it was held for this netns."""
         if ifindex in self._slot_of:
-            return self._slot_of[ifindex]
+            if ifindex in self._unclaimed and self._owner_netns.get(ifindex) != netns:
+                self.release(ifindex)  # the ifindex was reused by another pod meanwhile
+            else:
+                self._unclaimed.discard(ifindex)
+                return self._slot_of[ifindex]
         if not self._free:
             raise SlotsExhaustedError(f"all {len(self._slot_of)} interface slots are in use; "
                                  "raise max_interfaces")
@@ -79,10 +140,12 @@ class SlotTable:
             else:
                 self._spill.put(u32(ifindex), u32(slot))
                 self._spilled.add(ifindex)
+            self._owners.put(u32(slot), struct.pack("=II", ifindex, netns))
         except OSError:
             self._free.appendleft(slot)
             raise
         self._slot_of[ifindex] = slot
+        self._owner_netns[ifindex] = netns
         return slot
 
     def sync_netns(self, wanted: dict[int, int]) -> None:
@@ -107,6 +170,8 @@ class SlotTable:
         slot = self._slot_of.pop(ifindex, None)
         if slot is None:
             return
+        self._owner_netns.pop(ifindex, None)
+        self._unclaimed.discard(ifindex)
         bucket = ifindex & (self._buckets - 1)
         try:
             if ifindex in self._spilled:
@@ -115,6 +180,7 @@ class SlotTable:
             elif self._bucket_owner.get(bucket) == ifindex:
                 del self._bucket_owner[bucket]
                 self._ifslots.put(u32(bucket), bytes(8))
+            self._owners.put_zero(u32(slot))
         finally:
             # Even if the kernel write failed: the entry names an ifindex that is gone,
             # and a slot kept out of the free list would be lost for good.

@@ -66,6 +66,8 @@ class MonitorState:
         self.reconcile_seconds = 0.0
         self.last_reconcile_error = ""
         self.series_dropped = 0
+        # adopted, fresh, reset or unpinned: see podnet_monitor_maps
+        self.maps_state = "unpinned"
         self._lost: dict[str, int] = {}
 
     def publish(self, snapshot: Snapshot) -> None:

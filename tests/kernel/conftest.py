@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from monitor import cleanup
 from monitor.lab import Lab
+from monitor.settings import Settings
 from tests.kernel.support import Daemon
 
 
@@ -22,11 +25,15 @@ def _root_and_clean() -> Iterator[None]:
     if os.geteuid() != 0:
         pytest.skip("kernel tests need root (run `make test` as root)")
     Lab().down()  # a previous crashed run must not leak into this one
+    cleanup.cleanup("/sys/fs/bpf", Settings.tc_priority, Settings.tc_handle)  # a crashed run's
     yield
     Lab().down()
     left = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
                           check=False).stdout
     assert "pnml" not in left, f"the tests leaked lab links:\n{left}"
+    pinned = sorted(str(p) for p in Path("/sys/fs/bpf/podnetmon").rglob("*"))
+    cleanup.cleanup("/sys/fs/bpf", Settings.tc_priority, Settings.tc_handle)
+    assert not pinned, f"the tests leaked pinned objects: {pinned}"
 
 
 @pytest.fixture

@@ -85,7 +85,7 @@ class FakeSlots:
         self.assign_errors: dict[int, Exception] = {}  # ifindex -> what assign raises
         self.release_errors: dict[int, Exception] = {}
 
-    def assign(self, ifindex: int) -> int:
+    def assign(self, ifindex: int, netns: int = 0) -> int:
         self.events.append(("assign", ifindex))
         if ifindex in self.assign_errors:
             raise self.assign_errors[ifindex]
@@ -101,6 +101,9 @@ class FakeSlots:
 
     def assigned(self) -> dict[int, int]:
         return dict(self.slots)
+
+    def release_unclaimed(self) -> list[int]:
+        return []
 
     def sync_netns(self, wanted: dict[int, int]) -> None:
         self.calls.append(("sync_netns", dict(wanted)))
@@ -132,6 +135,7 @@ class World:
 
     def __init__(self, metadata: object = None, forget_errors: dict[int, Exception] | None = None,
                  max_pods: int = 1000, runtime_uids: Callable[[], dict[str, str]] | None = None,
+                 after_first_pass: Callable[[set[int], set[int]], None] | None = None,
                  ) -> None:
         self.events: list[Event] = []
         self.calls: list[Event] = []  # sync_netns and forget, in order
@@ -147,7 +151,7 @@ class World:
             discovery=self.discovery, links=self.links, attacher=self.attacher,  # type: ignore[arg-type]
             slots=self.slots, metadata=self.metadata, state=self.state,  # type: ignore[arg-type]
             forget=[self.forget_first, self.forget_second], node="node-1", clock=self.clock,
-            max_pods=max_pods, runtime_uids=runtime_uids)
+            max_pods=max_pods, runtime_uids=runtime_uids, after_first_pass=after_first_pass)
 
     def forget_first(self, netns: int, ifindexes: Sequence[int]) -> None:
         # what pnm_netns and the slots hold at the moment keys are forgotten
@@ -225,6 +229,17 @@ def test_new_pod_attached_once_slot_first(world: World) -> None:
     assert world.run() == []  # nothing changed: nothing done
     assert world.state.reconciles == 2
     assert world.slots.assigned() == {7: 0}
+
+
+def test_after_first_pass_runs_once_with_what_is_attached() -> None:
+    seen: list[tuple[set[int], set[int]]] = []
+    world = World(after_first_pass=lambda attached, live: seen.append((attached, live)))
+    world.slots.release_unclaimed = lambda: [42]  # type: ignore[method-assign]
+    world.pod(4026532001, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
+    world.run()
+    world.pod(4026532002, 4, [(8, "veth8")], uid=UID_DB, pause_pid=101)
+    world.run()
+    assert seen == [({7}, {4026532001})]
 
 
 def test_published_status(world: World) -> None:

@@ -254,7 +254,7 @@ def test_add_arguments_one_flag_per_field() -> None:
         "--max-pods", "--runtime-dirs", "--auth", "--auth-token-file", "--capture-dir",
         "--capture-max-files", "--capture-max-bytes", "--trace-max-duration", "--trace-max-packets",
         "--trace-max-bytes", "--trace-snaplen", "--trace-max-snaplen", "--traces-per-node",
-        "--traces-per-pod", "--bypass-check-interval"}
+        "--traces-per-pod", "--bypass-check-interval", "--leave-attached"}
     assert len(flags) == len(settings.names())
 
 

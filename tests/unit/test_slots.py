@@ -40,6 +40,9 @@ class FakeMap:
         self.log.append((self.name, "delete", k))
         return self.data.pop(k, None) is not None
 
+    def items(self) -> list[tuple[bytes, bytes]]:
+        return [(struct.pack("=I", k), v) for k, v in sorted(self.data.items())]
+
 
 class Maps:
     def __init__(self, capacity: int = 4) -> None:
@@ -49,9 +52,11 @@ class Maps:
         self.packets = FakeMap("packets", self.log)
         self.other = FakeMap("other", self.log)
         self.netns = FakeMap("netns", self.log)
+        self.owner_log: list[Op] = []  # apart: the write order tests below are about the rest
+        self.owners = FakeMap("owners", self.owner_log)
         self.table = SlotTable(ifslots=self.ifslots, spill=self.spill, netns=self.netns,
-                               per_slot=[self.packets, self.other], capacity=capacity,
-                               buckets=BUCKETS)
+                               owners=self.owners, per_slot=[self.packets, self.other],
+                               capacity=capacity, buckets=BUCKETS)
 
     def take(self) -> list[Op]:
         ops, self.log[:] = list(self.log), []
@@ -185,7 +190,7 @@ def test_buckets_must_be_a_power_of_two() -> None:
     log: list[Op] = []
     with pytest.raises(ValueError, match="power of two"):
         SlotTable(ifslots=FakeMap("a", log), spill=FakeMap("b", log), netns=FakeMap("c", log),
-                  per_slot=[], capacity=4, buckets=24)
+                  owners=FakeMap("d", log), per_slot=[], capacity=4, buckets=24)
 
 
 # -- pnm_netns: a pod's netns inode -> the slot its tracepoint events count in ---------------------
@@ -272,3 +277,63 @@ def test_assign_and_release_leave_pnm_netns_alone(maps: Maps) -> None:
     maps.table.assign(7)
     maps.table.release(7)
     assert netns_ops(maps.take()) == []
+
+
+# -- adoption: the tables a previous daemon left pinned --------------------------------------------
+
+def owner(ifindex: int, netns: int) -> bytes:
+    return struct.pack("=II", ifindex, netns)
+
+
+def test_owners_record_who_holds_each_slot(maps: Maps) -> None:
+    maps.table.assign(7, NS_A)
+    maps.table.assign(9, NS_B)
+    assert maps.owners.data == {0: owner(7, NS_A), 1: owner(9, NS_B)}
+    maps.table.release(7)
+    assert maps.owners.data[0] == b"\0"  # zeroed: slot 0 is nobody's
+
+
+def left_by_a_previous_daemon(capacity: int = 4) -> Maps:
+    """Maps as a daemon leaves them: 7 (netns A) in slot 0, 9 (B) in slot 1, 7+16 (C)
+    spilled in slot 2 (its bucket is 7's); then a new daemon's table over them."""
+    before = Maps(capacity)
+    before.table.assign(7, NS_A)
+    before.table.assign(9, NS_B)
+    before.table.assign(7 + BUCKETS, NS_C)
+    before.table.sync_netns({NS_A: 7, NS_B: 9, NS_C: 7 + BUCKETS})
+    after = Maps(capacity)
+    for name in ("ifslots", "spill", "netns", "owners"):
+        getattr(after, name).data = dict(getattr(before, name).data)
+    return after
+
+
+def test_adopt_keeps_slots_whose_interface_is_still_the_same_pods() -> None:
+    maps = left_by_a_previous_daemon()
+    assert maps.table.adopt() == 3
+    maps.take()
+    assert maps.table.assign(7, NS_A) == 0
+    assert maps.table.assign(7 + BUCKETS, NS_C) == 2
+    assert maps.take() == []  # nothing zeroed, nothing rewritten: the counts carry on
+    assert maps.table.spilled() == 1
+    assert maps.table.release_unclaimed() == [9]  # 9's pod went while no daemon ran
+    assert maps.table.assign(11, NS_B) == 3  # slot 1 was freed after the never-used one
+    assert maps.table.slot_of(9) is None
+
+
+def test_adopt_does_not_hand_a_reused_ifindex_the_old_pods_counts() -> None:
+    maps = left_by_a_previous_daemon()
+    maps.table.adopt()
+    maps.take()
+    slot = maps.table.assign(9, NS_C)  # ifindex 9 now belongs to another netns
+    ops = maps.take()
+    assert ("packets", "put_zero", slot) in ops  # a fresh, zeroed slot
+    assert maps.owners.data[slot] == owner(9, NS_C)
+
+
+def test_adopt_drops_entries_the_owner_table_does_not_vouch_for() -> None:
+    maps = left_by_a_previous_daemon()
+    maps.ifslots.data[3] = entry(3, 3)  # a bucket pointing at a slot nobody owns
+    maps.table.adopt()
+    assert maps.ifslots.data[3] == bytes(8)
+    assert maps.table.slot_of(3) is None
+    assert maps.table.assign(3, NS_A) == 3  # the only free slot

@@ -1,0 +1,232 @@
+"""Restarts lose nothing: pinned maps adopted, programs replaced in place, pod traffic untouched.
+
+The oracles are the kernel's own: ping's loss count, the veth's statistics,
+the pod netns' UdpNoPorts, `tc filter show`, `bpftool`, and what bpffs holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from monitor.lab import Lab, LabPod
+from tests.kernel.support import ROOT, Daemon, in_pod, quiet_window, tc_filters, wait_for
+
+PINS = Path("/sys/fs/bpf/podnetmon")
+
+
+def udp_no_ports(pod: LabPod) -> int:
+    """UdpNoPorts of the pod's netns: datagrams that found no socket (the kernel's count)."""
+    lines = in_pod(pod, "cat", "/proc/net/snmp").stdout.splitlines()
+    names, values = [ln.split() for ln in lines if ln.startswith("Udp:")][:2]
+    return int(values[names.index("NoPorts")])
+
+
+def restart(daemon: Daemon, sig: int, *args: str, inventory: str) -> Daemon:
+    assert daemon.stop(sig) in (0, -signal.SIGKILL)
+    return Daemon(*args, inventory=inventory)
+
+
+def prog_ids(dev: str, hook: str) -> list[str]:
+    return re.findall(r" id (\d+) ", tc_filters(dev, hook))
+
+
+def test_twenty_restarts_under_ping_lose_no_packet_and_no_count(lab: Lab) -> None:
+    server, client = lab.up(2)
+    inventory = str(lab.inventory)
+    daemon = Daemon("--leave-attached", "true", inventory=inventory)
+    ping_out = open(f"/tmp/podnetmon-test-ping-{os.getpid()}.txt", "w+")  # noqa: SIM115
+    ping = subprocess.Popen([*client.exec_prefix(), "ping", "-i", "0.01", "-w", "600", server.ip],
+                            stdout=ping_out, stderr=subprocess.STDOUT, text=True)
+    sender = None
+    try:
+        wait_for(lambda: daemon.scrape().sum("podnet_packets_total", pod=client.name,
+                                             direction="egress", protocol="icmp") > 10, 10)
+        # from here on, what the veth and the pod's stack count must all be counted by us
+        base = quiet_window(daemon, [client])
+        base_no_ports = udp_no_ports(server)
+        # datagrams to a closed port: each one a NO_SOCKET drop the tracepoint counts
+        sender = subprocess.Popen(
+            [*client.exec_prefix(), sys.executable, "-c",
+             "import socket, time, sys\n"
+             "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+             "while True:\n"
+             f"    s.sendto(b'x', ('{server.ip}', 9)); time.sleep(0.002)\n"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        last = 0.0
+        for i in range(20):
+            before = daemon.scrape().sum("podnet_packets_total", pod=client.name,
+                                         direction="egress")
+            assert before >= last, f"restart {i}: the count went back from {last} to {before}"
+            ids_before = prog_ids(client.host_veth, "ingress")
+            daemon = restart(daemon, signal.SIGKILL if i % 2 else signal.SIGTERM,
+                             "--leave-attached", "true", inventory=inventory)
+            after = daemon.scrape().sum("podnet_packets_total", pod=client.name,
+                                        direction="egress")
+            assert after >= before, f"restart {i}: counters reset ({before} -> {after})"
+            ids_after = prog_ids(client.host_veth, "ingress")
+            assert len(ids_after) == 1 and ids_after != ids_before, tc_filters(
+                client.host_veth, "ingress")  # replaced in place: one filter, the new program
+            last = after
+        assert any(e.get("event", "").startswith("adopted") for e in daemon.log_events())
+        sender.kill()
+        sender.wait()
+        ping.send_signal(signal.SIGINT)
+        ping.wait(timeout=10)
+        ping_out.seek(0)
+        out = ping_out.read()
+        sent = int(re.search(r"(\d+) packets transmitted", out).group(1))  # type: ignore[union-attr]
+        answered = {int(n) for n in re.findall(r"icmp_seq=(\d+) ttl=", out)}
+        # every request answered, but the last, which SIGINT may have caught in flight
+        missing = sorted(set(range(1, sent)) - answered)
+        assert sent > 1000 and not missing, f"no reply to icmp_seq {missing[:20]}"
+        # every packet and every drop of the whole run, counted once, across 20 daemons
+        window = quiet_window(daemon, [client])
+        packets = [w.metrics.sum("podnet_packets_total", pod=client.name, direction="egress")
+                   for w in (base, window)]
+        assert packets[1] - packets[0] == (window.stats[client.host_veth]["rx_packets"] -
+                                           base.stats[client.host_veth]["rx_packets"])
+        drops = [w.metrics.sum("podnet_drops_total", pod=server.name, reason="NO_SOCKET")
+                 for w in (base, window)]
+        assert drops[1] - drops[0] == udp_no_ports(server) - base_no_ports > 10_000
+    finally:
+        for proc in (ping, sender):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        ping_out.close()
+        os.unlink(ping_out.name)
+        daemon.stop()  # it leaves everything attached, as told: cleanup removes it
+        _cleanup()
+    assert not PINS.exists()
+    assert "podnetmon" not in tc_filters(client.host_veth, "ingress")
+
+
+def _cleanup() -> None:
+    subprocess.run([sys.executable, "-m", "monitor", "cleanup"], cwd=ROOT, check=True,
+                   capture_output=True)
+
+
+def test_leave_attached_keeps_counting_and_cleanup_removes_everything(lab: Lab) -> None:
+    server, client = lab.up(2)
+    daemon = Daemon("--leave-attached", "true", inventory=str(lab.inventory))
+    assert daemon.stop() == 0
+    try:
+        assert "podnetmon" in tc_filters(client.host_veth, "ingress")
+        assert (PINS / "links").is_dir() and any(PINS.glob("maps-*/pnm_packets"))
+        before = _pinned_packets()
+        in_pod(client, "ping", "-c", "5", "-i", "0.01", server.ip)
+        assert _pinned_packets() >= before + 5  # no daemon, the programs still count
+    finally:
+        out = subprocess.run([sys.executable, "-m", "monitor", "cleanup"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+    assert "tc filters" in out and "pin" in out, out
+    assert not PINS.exists()
+    for pod in (server, client):
+        for hook in ("ingress", "egress"):
+            assert "podnetmon" not in tc_filters(pod.host_veth, hook)
+    progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
+                                      text=True, check=True).stdout)
+    assert not [p for p in progs if str(p.get("name", "")).startswith(("pnm_tc", "tracepoint__"))]
+
+
+def _pinned_packets() -> int:
+    """Every packet counted in the pinned pnm_packets map (all slots, CPUs, fields)."""
+    path = next(PINS.glob("maps-*/pnm_packets"))
+    dump = json.loads(subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(path)],
+                                     capture_output=True, text=True, check=True).stdout)
+    total = 0
+    for entry in dump:
+        for per_cpu in entry.get("values", []):
+            raw = bytes(int(b, 16) for b in per_cpu["value"])
+            total += sum(int.from_bytes(raw[i:i + 8], "little") for i in range(0, 64, 8))
+    return total
+
+
+def test_another_layout_starts_fresh_and_removes_the_old_maps(lab: Lab) -> None:
+    server, client = lab.up(2)
+    inventory = str(lab.inventory)
+    daemon = Daemon("--leave-attached", "true", "--max-interfaces", "64", inventory=inventory)
+    in_pod(client, "ping", "-c", "20", "-i", "0.01", server.ip)
+    old = {p.name for p in PINS.glob("maps-*")}
+    daemon.stop(signal.SIGKILL)
+    daemon = Daemon("--max-interfaces", "128", inventory=inventory)
+    try:
+        new = {p.name for p in PINS.glob("maps-*")}
+        assert len(new) == 1 and new != old  # the old layout's maps are gone
+        assert any(e.get("event", "").startswith("pinned maps of another layout")
+                   for e in daemon.log_events())
+        assert daemon.scrape().sum("podnet_packets_total", pod=client.name,
+                                   direction="egress", protocol="icmp") == 0
+        assert len(prog_ids(client.host_veth, "ingress")) == 1
+    finally:
+        daemon.stop()
+    assert not PINS.exists()
+
+
+def test_tcx_links_are_pinned_and_updated_in_place(lab: Lab) -> None:
+    server, client = lab.up(2)
+    inventory = str(lab.inventory)
+    args = ("--attach-mode", "tcx", "--leave-attached", "true")
+    daemon = Daemon(*args, inventory=inventory)
+    try:
+        links_before = _tcx_links(client)
+        assert len(links_before) == 2, links_before
+        in_pod(client, "ping", "-c", "10", "-i", "0.01", server.ip)
+        before = daemon.scrape().sum("podnet_packets_total", pod=client.name, protocol="icmp")
+        daemon.stop(signal.SIGKILL)
+        in_pod(client, "ping", "-c", "10", "-i", "0.01", server.ip)  # counted by the old ones
+        daemon = Daemon(*args, inventory=inventory)
+        links_after = _tcx_links(client)
+        assert {link for link, _ in links_after} == {link for link, _ in links_before}
+        assert {prog for _, prog in links_after}.isdisjoint({prog for _, prog in links_before})
+        after = daemon.scrape().sum("podnet_packets_total", pod=client.name, protocol="icmp")
+        assert after == before + 20  # the second ten requests and replies: counted, not lost
+    finally:
+        daemon.stop()
+        _cleanup()
+    assert not PINS.exists()
+
+
+BPF_LINK_TYPE_TCX = 11  # bpftool 7.1 (Debian 12) prints tcx links' type as a number
+
+
+def _tcx_links(pod: LabPod) -> set[tuple[int, int]]:
+    """(link id, program id) of the tcx links pinned for the pod's host veth, by bpftool."""
+    ifindex = int(Path(f"/sys/class/net/{pod.host_veth}/ifindex").read_text())
+    out = set()
+    for direction in ("ingress", "egress"):
+        path = PINS / "links" / f"tcx-{ifindex}-{direction}"
+        if path.exists():
+            link = json.loads(subprocess.run(["bpftool", "-j", "link", "show", "pinned", str(path)],
+                                             capture_output=True, text=True, check=True).stdout)
+            assert link["type"] in (BPF_LINK_TYPE_TCX, "tcx"), link
+            out.add((int(link["id"]), int(link["prog_id"])))
+    return out
+
+
+def test_bpffs_not_mounted_is_mounted_or_reported(lab: Lab, tmp_path: Path) -> None:
+    lab.up(1)
+    mountpoint = tmp_path / "bpf"
+    mountpoint.mkdir()
+    daemon = Daemon("--bpffs-root", str(mountpoint), inventory=str(lab.inventory))
+    try:
+        assert any(e.get("event") == "mounted bpffs" for e in daemon.log_events())
+        assert any((mountpoint / "podnetmon").glob("maps-*/pnm_packets"))
+    finally:
+        daemon.stop()
+        subprocess.run(["umount", str(mountpoint)], check=False)
+    missing = tmp_path / "nowhere"
+    daemon = Daemon("--bpffs-root", str(missing), inventory=str(lab.inventory))
+    try:
+        warned = [e for e in daemon.log_events() if e.get("event", "").startswith("maps are not pinned")]
+        assert warned and "mount" in str(warned[0]["error"])
+        assert daemon.scrape().has("podnet_packets_total")
+    finally:
+        daemon.stop()
+    assert not os.path.ismount(mountpoint)
