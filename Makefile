@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: setup demo test unit kernel lint bench clean
+.PHONY: setup demo test unit kernel lint bench soak clean
 
 setup:
 	scripts/setup.sh
@@ -27,6 +27,9 @@ lint: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+soak: setup
+	$(PY) bench/soak.py
 
 clean:
 	-$(PY) -m monitor lab down

@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +72,18 @@ def iperf3_gbits(client: LabPod, server: LabPod, seconds: float, streams: int = 
     raise RuntimeError(f"iperf3 failed: {doc['error']}")
 
 
+def iperf3_udp_pps(client: LabPod, server: LabPod, seconds: float, size: int = 64) -> float:
+    """Datagrams per second the server received from an unthrottled iperf3 UDP sender."""
+    for _attempt in range(20):
+        doc = json.loads(run_in(client, "iperf3", "-c", server.ip, "-u", "-l", str(size),
+                                "-b", "0", "-t", str(seconds), "-J", check=False))
+        if "error" not in doc:
+            total = doc["end"]["sum"]
+            return float(total["packets"] - total["lost_packets"]) / float(total["seconds"])
+        time.sleep(0.25)
+    raise RuntimeError(f"iperf3 failed: {doc['error']}")
+
+
 @contextmanager
 def lab_pods(count: int) -> Iterator[tuple[Lab, list[LabPod]]]:
     lab = Lab()
@@ -90,27 +103,86 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass
+class RunningDaemon:
+    address: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def status(self, key: str) -> int:
+        """A /proc/<pid>/status figure in kB (VmRSS, VmHWM) or a count (Threads)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        raise KeyError(key)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def events(self, name: str) -> list[dict[str, object]]:
+        """The daemon's JSON log lines whose event is `name`."""
+        out = []
+        for line in self.log.read_text().splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if doc.get("event") == name:
+                out.append(doc)
+        return out
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"http://{self.address}/metrics", timeout=30) as resp:
+            return str(resp.read().decode())
+
+
 @contextmanager
-def daemon(inventory: Path, *args: str) -> Iterator[str]:
-    """The real `podnetmon run`; yields its address once it is ready."""
+def running_daemon(inventory: Path, *args: str, log: Path = Path("/tmp/podnetmon-bench.log"),
+                   ready_timeout: float = 120) -> Iterator[RunningDaemon]:
+    """The real `podnetmon run` with its JSON log kept; yields once it is ready."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--inventory", str(inventory),
-                             "--listen", f"127.0.0.1:{port}", *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--inventory",
+                                 str(inventory), "--listen", f"127.0.0.1:{port}",
+                                 "--log-format", "json", *args], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + ready_timeout
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the daemon did not become ready") from None
+                    raise RuntimeError(f"the daemon did not become ready; see {log}") from None
                 time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
+        yield RunningDaemon(f"127.0.0.1:{port}", proc, log)
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
+
+
+@contextmanager
+def daemon(inventory: Path, *args: str) -> Iterator[str]:
+    """The real `podnetmon run`; yields its address once it is ready."""
+    with running_daemon(inventory, *args) as running:
+        yield running.address
+
+
+def stamp(event: dict[str, object]) -> float:
+    """A log line's timestamp in seconds since the epoch."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 @contextmanager

@@ -17,7 +17,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bcc import BPF  # type: ignore[import-untyped]
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
 from bench.common import UDP_SENDER, lab_pods, machine, median, run_in, spawn_in
@@ -25,8 +24,6 @@ from monitor import bpf, bpfsys, kernelinfo
 from monitor.bpf import TC_PARENT_INGRESS, Programs
 from monitor.probes import select
 from monitor.slots import SlotTable
-
-EMPTY = "#include <uapi/linux/pkt_cls.h>\nint empty_prog(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }\n"
 
 
 def _ns_per_run(fd: int, before: bpfsys.ProgInfo) -> tuple[float, int]:
@@ -42,10 +39,11 @@ def _slots_for(programs: Programs, ifindex: int, kernel_netns: int) -> None:
     slots = SlotTable(ifslots=programs.maps.handle(bpf.IFSLOTS_MAP),
                       spill=programs.maps.handle(bpf.IFSLOT_SPILL_MAP),
                       netns=programs.maps.handle(bpf.NETNS_MAP),
+                      owners=programs.maps.handle(bpf.SLOT_OWNER_MAP),
                       per_slot=[programs.maps.handle(n) for p in programs.probes
                                 for n, layout in p.maps.items() if layout.per_slot],
                       capacity=64, buckets=bpf.IFSLOT_BUCKETS)
-    slots.assign(ifindex)  # as the daemon does before it attaches
+    slots.assign(ifindex, kernel_netns)  # as the daemon does before it attaches
     slots.sync_netns({kernel_netns: ifindex})
 
 
@@ -55,8 +53,7 @@ def measure(rounds: int, datagrams: int) -> dict[str, dict[str, list[float]]]:
                               btf_path="/sys/kernel/btf/vmlinux")
     programs = {name: Programs(select(probes), kernel, max_interfaces=64, bpf_stats=False)
                 for name, probes in VARIANTS.items()}
-    empty = BPF(text=EMPTY.encode())
-    empty_fn = empty.load_func(b"empty_prog", BPF.SCHED_CLS)
+    empty_fd = bpfsys.load_unspec_program()  # "return TC_ACT_UNSPEC", two instructions
     results: dict[str, dict[str, list[float]]] = {
         name: {"udp64": [], "tcp": []} for name in programs}
     with lab_pods(2) as (_lab, (a, b)):
@@ -66,7 +63,7 @@ def measure(rounds: int, datagrams: int) -> dict[str, dict[str, list[float]]]:
         ipr = IPRoute()
         ipr.tc("add", "clsact", ifindex)  # a fresh lab veth has none; lab down removes it
         sink = spawn_in(b, "iperf3", "-s")
-        fds = {"empty": empty_fn.fd, **{n: p.ingress.fd for n, p in programs.items()}}
+        fds = {"empty": empty_fd, **{n: p.ingress_fd for n, p in programs.items()}}
         order = list(fds)
         try:
             for r in range(rounds):
@@ -101,7 +98,7 @@ def measure(rounds: int, datagrams: int) -> dict[str, dict[str, list[float]]]:
             ipr.close()
     for prog in programs.values():
         prog.close()
-    empty.cleanup()
+    os.close(empty_fd)
     os.close(stats_fd)
     return results
 

@@ -54,9 +54,9 @@ def per_packet(rounds: int, datagrams: int) -> dict[str, list[float]]:
                 for name, snaplen in (("off", 0), ("on96", 96), ("on1500", 1500)):
                     cfg = TraceConfig(on=1 if snaplen else 0, snaplen=snaplen)
                     programs.maps.handle(MAP).put(slot_key, bytes(cfg))
-                    before = bpfsys.prog_info(programs.ingress.fd)
+                    before = bpfsys.prog_info(programs.ingress_fd)
                     run_in(a, sys.executable, "-c", UDP_SENDER, b.ip, "9", str(datagrams), "22")
-                    now = bpfsys.prog_info(programs.ingress.fd)
+                    now = bpfsys.prog_info(programs.ingress_fd)
                     runs = now.run_cnt - before.run_cnt
                     out[name].append((now.run_time_ns - before.run_time_ns) / max(runs, 1))
         finally:

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,3 +353,51 @@ def lab_with_daemon(count: int, *daemon_args: str, pinned: int = 0,
             code = daemon.stop()
             assert code == 0, daemon.logs()
         lab.down()
+
+
+@dataclass(frozen=True)
+class Census:
+    """What podnetmon holds in the kernel and the process, counted from outside."""
+
+    filters: int  # our classic tc filters (bpftool net), on any interface
+    tcx: int  # tcx programs of ours attached (bpftool net)
+    ifslots: int  # occupied entries of the slot table (pinned map, by bpftool)
+    spill: int
+    netns: int
+    owners: int
+    drop_keys: int
+    fds: int  # /proc/<pid>/fd
+    threads: int  # /proc/<pid>/status
+    rss_kib: int
+
+
+def _pinned_entries(name: str, occupied: Callable[[bytes], bool] = lambda v: True) -> int:
+    paths = list(Path("/sys/fs/bpf/podnetmon").glob(f"maps-*/{name}"))
+    if not paths:
+        return 0
+    dump = bpftool_json("map", "dump", "pinned", str(paths[0])) or []
+    count = 0
+    for entry in dump:  # type: ignore[union-attr]
+        raw = entry.get("value") or (entry.get("values") or [{}])[0].get("value", [])
+        if occupied(bytes(int(b, 16) for b in raw)):
+            count += 1
+    return count
+
+
+def census(pid: int) -> Census:
+    net = bpftool_json("net", "show") or []
+    filters = sum(str(entry.get("name", "")).startswith("pnm_tc_")
+                  for section in net for entry in section.get("tc", []))  # type: ignore[union-attr]
+    # tcx links: bpftool 7.1 lists them under `link` only, their type as the number 11
+    names = {int(p["id"]): str(p.get("name", "")) for p in bpftool_json("prog", "show") or []}  # type: ignore[union-attr]
+    tcx = sum(1 for link in bpftool_json("link", "show") or []  # type: ignore[union-attr]
+              if link.get("type") in (11, "tcx") and
+              names.get(int(link.get("prog_id", 0)), "").startswith("pnm_tc_"))
+    status = Path(f"/proc/{pid}/status").read_text()
+    field = {ln.split(":")[0]: ln.split(":")[1].split() for ln in status.splitlines() if ":" in ln}
+    # an entry of an array map is taken when it is not all zero
+    return Census(filters, tcx, _pinned_entries("pnm_ifslots", any),
+                  _pinned_entries("pnm_ifslot_spill"), _pinned_entries("pnm_netns"),
+                  _pinned_entries("pnm_slot_owner", any), _pinned_entries("pnm_drops"),
+                  len(os.listdir(f"/proc/{pid}/fd")), int(field["Threads"][0]),
+                  int(field["VmRSS"][0]))
