@@ -37,10 +37,10 @@ def attached_by_bpftool(prefix: str = "pnml") -> int:
                                     text=True, check=True).stdout)
     hooks: dict[str, set[str]] = {}
     for section in out:
-        for key in ("tc", "tcx"):
+        for key in ("tc",):  # bpftool 7.1 lists classic filters only (the daemon's default)
             for entry in section.get(key, []):
                 name = str(entry.get("devname", ""))
-                if name.startswith(prefix) and str(entry.get("name", "")).startswith("pnm_tc_"):
+                if name.startswith(prefix) and entry.get("name") == "podnetmon":  # the filter's
                     hooks.setdefault(name, set()).add(str(entry.get("kind", "")))
     return sum(1 for kinds in hooks.values() if len(kinds) >= 2)
 

@@ -20,6 +20,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from monitor.lab import Lab, LabPod
@@ -78,6 +79,10 @@ class Churn:
         self.live: list[ChurnPod] = []
         self.done: list[ChurnPod] = []
         self.lifecycles = 0
+        # pods are removed in the background (killing the pause process and deleting the
+        # veth take longer than making them): the senders of the live ones keep their pace
+        self._remover = ThreadPoolExecutor(max_workers=2, thread_name_prefix="churn-rm")
+        self._removing: list[Future[None]] = []
 
     def _create(self) -> ChurnPod:
         started = time.monotonic()
@@ -112,8 +117,11 @@ class Churn:
             now = time.monotonic()
             if now - start < duration and now >= next_create:
                 self.live.append(self._create())
-                next_create += 1.0 / self.rate
-                continue
+                # When making a pod takes longer than the interval, the rate is what the
+                # machine manages: never a backlog made in a burst, and never a turn
+                # without the live pods' datagrams.
+                next_create = max(next_create + 1.0 / self.rate, time.monotonic() - 1.0 / self.rate)
+                now = time.monotonic()
             self._send(now)
             if now >= next_count or (now - start >= duration and self.live and
                                      all(now >= cp.stop_sending for cp in self.live)):
@@ -124,12 +132,16 @@ class Churn:
                     self._delete(cp, keep)
                 next_count = now + count_every
             if now - start >= duration and not self.live:
+                wait(self._removing)
+                for future in self._removing:
+                    future.result()  # a removal that failed fails the run
+                self._removing.clear()
                 return
             time.sleep(0.001)
 
     def _delete(self, cp: ChurnPod, keep: bool) -> None:
         cp.sock.close()
-        self.lab.remove_pod(cp.pod)
+        self._removing.append(self._remover.submit(self.lab.remove_pod, cp.pod))
         self.live.remove(cp)
         self.lifecycles += 1
         if keep:
@@ -138,3 +150,4 @@ class Churn:
     def stop(self) -> None:
         for cp in list(self.live):
             self._delete(cp, keep=False)
+        self._remover.shutdown(wait=True)

@@ -386,7 +386,8 @@ def _pinned_entries(name: str, occupied: Callable[[bytes], bool] = lambda v: Tru
 
 def census(pid: int) -> Census:
     net = bpftool_json("net", "show") or []
-    filters = sum(str(entry.get("name", "")).startswith("pnm_tc_")
+    # bpftool lists a classic filter under its name: ours are all called "podnetmon"
+    filters = sum(entry.get("name") == "podnetmon"
                   for section in net for entry in section.get("tc", []))  # type: ignore[union-attr]
     # tcx links: bpftool 7.1 lists them under `link` only, their type as the number 11
     names = {int(p["id"]): str(p.get("name", "")) for p in bpftool_json("prog", "show") or []}  # type: ignore[union-attr]
