@@ -4,21 +4,38 @@ from __future__ import annotations
 
 import bisect
 import threading
+from typing import IO
 
 
 class Symbols:
-    """Loaded on first use; root sees real addresses (kptr_restrict permitting)."""
+    """Loaded on first use (the table is ~10 MB in Python, needed only by drop traces).
+
+    The kernel decides whether the file shows real addresses when it is opened, by
+    the opener's capabilities (CAP_SYSLOG, unless perf_event_paranoid <= 1); open()
+    at start-up, before the daemon drops its capabilities, keeps that answer for the
+    lazy read later.
+    """
 
     def __init__(self, path: str = "/proc/kallsyms") -> None:
         self._path = path
         self._lock = threading.Lock()
         self._addrs: list[int] | None = None
         self._names: list[str] = []
+        self._file: IO[str] | None = None
+
+    def open(self) -> None:
+        """Open the file now (with the capabilities the process holds now)."""
+        try:
+            self._file = open(self._path, encoding="ascii", errors="replace")  # noqa: SIM115
+        except OSError:
+            self._file = None
 
     def _load(self) -> None:
         entries = []
         try:
-            with open(self._path, encoding="ascii", errors="replace") as f:
+            f = self._file if self._file is not None else open(self._path, encoding="ascii",  # noqa: SIM115
+                                                                errors="replace")
+            with f:
                 for line in f:
                     parts = line.split()
                     if len(parts) >= 3 and parts[1] in "tTwW":  # text (code) symbols

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from monitor.lab import Lab
-from tests.kernel.support import ROOT
+from tests.kernel.support import ROOT, Daemon, tc_filters, wait_for
 
 DAEMONSET = ROOT / "deploy" / "base" / "daemonset.yaml"
 
@@ -53,14 +53,58 @@ def lab() -> Path:
 
 def test_the_listed_capabilities_are_enough(lab: Lab) -> None:
     caps = _capabilities()
-    assert caps == ["BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE"]
+    assert caps == ["BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE", "SYSLOG"]
     code, attached, events = _check(lab, caps)
     assert (code, attached) == (0, 3), events
 
 
-@pytest.mark.parametrize("missing", ["BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE"])
+@pytest.mark.parametrize("missing", ["BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE"])  # SYSLOG: below
 def test_each_listed_capability_is_needed(lab: Lab, missing: str) -> None:
     code, attached, events = _check(lab, [c for c in _capabilities() if c != missing])
     assert code != 0 or attached < 3, (missing, events)
     if missing == "SYS_PTRACE":  # pause processes are unreadable: the log says so
         assert any("cannot be read" in e for e in events), events
+
+
+NAMES = """
+from monitor.kallsyms import Symbols
+s = Symbols(); s.open()
+addr = int(next(l for l in open("/proc/kallsyms") if " kfree_skb_reason" in l or " sk_skb_reason_drop" in l
+                or " kfree_skb" in l).split()[0], 16)
+print(s.resolve(addr + 1))
+"""
+
+
+def test_syslog_is_needed_for_function_names_in_drop_traces() -> None:
+    def resolve(caps: str) -> str:
+        return subprocess.run(["setpriv", "--bounding-set", caps, "--inh-caps", "-all",
+                               sys.executable, "-c", NAMES], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    assert resolve("-all,+syslog").endswith("+0x1")  # a function name and the offset
+    assert resolve("-all").startswith("0x")  # no names: the addresses read as zero
+
+
+def _thread_caps(pid: int) -> set[tuple[str, str]]:
+    """(CapEff, CapPrm) of every thread of a process, as /proc shows them."""
+    out = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines()
+                      if ":\t" in line)
+        out.add((fields["CapEff"].strip(), fields["CapPrm"].strip()))
+    return out
+
+
+def test_a_root_daemon_drops_what_it_needs_only_to_start(lab: Lab) -> None:
+    runtime = (1 << 39) | (1 << 38) | (1 << 12) | (1 << 19)  # BPF, PERFMON, NET_ADMIN, SYS_PTRACE
+    daemon = Daemon("--runtime-dirs", str(lab.runtime_dir), inventory=str(lab.inventory))
+    try:
+        assert _thread_caps(daemon.proc.pid) == {(f"{runtime:016x}", f"{runtime:016x}")}
+        dropped = [e for e in daemon.log_events()
+                   if e.get("event") == "dropped capabilities not needed after start-up"]
+        assert dropped and "SYS_ADMIN" in dropped[0]["dropped"], dropped  # type: ignore[operator]
+        pod = lab.add(style="containerd")  # what it kept is enough for a pod arriving now
+        wait_for(lambda: daemon.scrape().has("podnet_packets_total", pod=pod.name), 10)
+    finally:
+        assert daemon.stop() == 0  # and to clean up on the way out
+    assert "podnetmon" not in tc_filters(pod.host_veth, "ingress")

@@ -35,7 +35,7 @@ K8S_VERSION = "1.30.0"
 NAMESPACE = "podnetmon"
 IMAGE = "ghcr.io/podnetmon/podnetmon:0.1.0"
 PORT = 9655
-CAPABILITIES = {"BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE"}
+CAPABILITIES = {"BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE", "SYSLOG"}
 # Host paths the daemon writes: bpffs (objects it pins) and the directory of captures started
 # by alerts (--capture-dir). tracefs is only read (tracepoint formats and ids; no
 # kprobe_events), so every other hostPath is mounted read-only.
