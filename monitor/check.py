@@ -71,16 +71,25 @@ def check_btf() -> Finding:
                    "read kernel structs degrade to what needs no offsets")
 
 
+def missing_headers() -> Finding | None:
+    """The headers finding if there are no kernel headers at all (no compile tried)."""
+    build = os.environ.get("BCC_KERNEL_SOURCE") or f"/lib/modules/{platform.release()}/build"
+    if os.path.isdir(os.path.join(build, "include")):
+        return None
+    return Finding("headers", False, True, f"no kernel headers at {build}: BCC compiles "
+                   "the probes against them",
+                   "install the headers of this kernel (Debian: linux-headers-$(uname -r)); "
+                   "where none exist, link /lib/modules/$(uname -r) to another version's "
+                   "(make setup does this): uapi types stay right and struct offsets "
+                   "come from BTF")
+
+
 def check_headers() -> Finding:
     release = platform.release()
     build = os.environ.get("BCC_KERNEL_SOURCE") or f"/lib/modules/{release}/build"
-    if not os.path.isdir(os.path.join(build, "include")):
-        return Finding("headers", False, True, f"no kernel headers at {build}: BCC compiles "
-                       "the probes against them",
-                       "install the headers of this kernel (Debian: linux-headers-$(uname -r)); "
-                       "where none exist, link /lib/modules/$(uname -r) to another version's "
-                       "(make setup does this): uapi types stay right and struct offsets "
-                       "come from BTF")
+    missing = missing_headers()
+    if missing is not None:
+        return missing
     from monitor import bpf  # imports bcc: only once we know there are headers
 
     error = bpf.compile_trivial()

@@ -152,6 +152,9 @@ class PodCollector:
             "maps of the daemon before it: counters continue), fresh (nothing was pinned), "
             "reset (pinned maps of another layout were found and left: counters restarted) "
             "or unpinned (no bpffs: counters restart with every daemon).", ["state"])
+        overflows = CounterFamily(
+            "podnet_monitor_netlink_overflows", "Times the kernel dropped link events for the "
+            "monitor (its netlink socket overflowed); each is answered by a full rescan.")
         scrapes = CounterFamily("podnet_monitor_scrapes", "Scrapes of /metrics answered.")
         scrape_seconds = CounterFamily(
             "podnet_monitor_scrape_seconds", "Time spent producing /metrics: reading the "
@@ -166,6 +169,7 @@ class PodCollector:
             offsets.add((self._kernel.offsets_source,), 1)
             dropped.add((), state.series_dropped)
             maps.add((state.maps_state,), 1)
+            overflows.add((), state.netlink_overflows)
             if self._api_stats is not None:
                 stats = self._api_stats()
                 api.add((), stats.get("synced", 0))
@@ -181,7 +185,7 @@ class PodCollector:
                 scrapes.add((), done)
                 scrape_seconds.add((), seconds)
         yield from (attached, errors, reconciles, reconcile_seconds, probe_errors, build, offsets,
-                    probe_states, dropped, maps)
+                    probe_states, dropped, maps, overflows)
         if describe or self._api_stats is not None:
             yield api
             yield api_calls

@@ -101,7 +101,11 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
                                 bpf_stats=settings.bpf_stats, pin=pin,
                                 tracefs=settings.tracefs_root)
     except (bpf.KernelError, OSError) as exc:
-        logger.error("cannot load the BPF programs", error=str(exc))
+        from monitor.check import missing_headers
+
+        missing = missing_headers()  # the likeliest cause, with its remedy
+        logger.error("cannot load the BPF programs", error=str(exc),
+                     **({"cause": missing.sentence, "remedy": missing.remedy} if missing else {}))
         return EXIT_FAILED
     netlink = bpf.Netlink()
     try:
@@ -209,6 +213,7 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    _drop_privileges()  # the last step of start-up, before the first thread starts
     server.start()
     if isinstance(metadata, KubernetesLike):
         metadata.on_change = loop.wake  # a pod's object arrived or changed: label it now
@@ -224,6 +229,23 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
     programs.close(leave_attached=settings.leave_attached)
     logger.info("stopped", left_attached=settings.leave_attached)
     return EXIT_OK
+
+
+def _drop_privileges() -> None:
+    """Keep only the capabilities needed after start-up (monitor/privileges.py); in the
+    main thread, before any other thread exists, so that every thread inherits it."""
+    from monitor import privileges
+
+    logger = log.get("daemon")
+    try:
+        dropped = privileges.drop_to()
+    except OSError as exc:
+        logger.warning("could not drop capabilities", error=str(exc))
+        return
+    effective, _ = privileges.current()
+    if dropped:
+        logger.info("dropped capabilities not needed after start-up", dropped=dropped,
+                    kept=privileges.names(effective))
 
 
 def _pins(settings: Settings) -> Any:
@@ -254,9 +276,11 @@ def _traces(settings: Settings, programs: Any, maps: Any, state: MonitorState,
                     max_packets=settings.trace_max_packets, max_bytes=settings.trace_max_bytes,
                     max_snaplen=settings.trace_max_snaplen, default_snaplen=settings.trace_snaplen,
                     per_node=settings.traces_per_node, per_pod=settings.traces_per_pod)
+    symbols = Symbols()
+    symbols.open()  # now, while the process may still hold CAP_SYSLOG (monitor/kallsyms.py)
     captures = CaptureManager(programs, maps, limits, lambda: state.snapshot.index,
                               settings.node_name, drop_reason=kernel.drop_reason,
-                              symbol=Symbols().resolve, on_lost=state.count_lost)
+                              symbol=symbols.resolve, on_lost=state.count_lost)
     store = CaptureStore(settings.capture_dir, max_files=settings.capture_max_files,
                          max_bytes=settings.capture_max_bytes)
     return TraceApi(captures, store, AlertCaptures(captures, store, settings.node_name),

@@ -353,6 +353,13 @@ class Loop:
     def _drain(self, readable: list[Any], events: EventSource) -> None:
         if events in readable:
             events.drain()
+            overflows = getattr(events, "overflows", 0)
+            if overflows > self._state.netlink_overflows:
+                # the kernel dropped link events for us: the pass that follows rescans
+                # everything, which is the whole answer to lost events
+                self._state.netlink_overflows = overflows
+                self._log.warning("link events were lost (the netlink socket overflowed): "
+                                  "rescanning everything", overflows=overflows)
         if self._wake_r in readable:
             try:
                 os.read(self._wake_r, 4096)

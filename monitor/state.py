@@ -66,6 +66,7 @@ class MonitorState:
         self.reconcile_seconds = 0.0
         self.last_reconcile_error = ""
         self.series_dropped = 0
+        self.netlink_overflows = 0  # link event socket overflows (ENOBUFS), each a rescan
         # adopted, fresh, reset or unpinned: see podnet_monitor_maps
         self.maps_state = "unpinned"
         self._lost: dict[str, int] = {}

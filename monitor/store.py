@@ -9,6 +9,7 @@ being written (its file is kept, truncated, and says so in its metadata).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -64,11 +65,23 @@ class CaptureStore:
         return record, path
 
     def save(self, record: StoredCapture) -> None:
+        """Write a record: a new file replacing the old one, so that a reader never sees
+        half of it; on a full disk, over the old one in place (its block is freed by the
+        truncation and reused), so that a capture that filled the disk still says so."""
+        text = json.dumps(asdict(record))
+        final = self.dir / f"{record.id}.json"
         tmp = self.dir / f".{record.id}.json.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(record), f)
-        os.replace(tmp, self.dir / f"{record.id}.json")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno != errno.ENOSPC or not final.exists():
+                raise
+            with open(final, "w", encoding="utf-8") as f:  # truncates first: the block is ours
+                f.write(text)
 
     def captures(self) -> list[StoredCapture]:
         out = []

@@ -174,9 +174,11 @@ class FakeApiServer:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> FakeApiServer:
+    def start(self, port: int = 0) -> FakeApiServer:
+        """Listen on `port` (0: one the OS picks; a fixed one to come up where a client
+        has been failing to connect)."""
         handler = type("Handler", (_Handler,), {"api": self})
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._http = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self._http.daemon_threads = True
         self._thread = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="fakeapi", daemon=True)

@@ -1,12 +1,25 @@
-"""Without BTF: nothing read from kernel structs, drops under the node, said in metrics and log."""
+"""Without BTF: nothing read from kernel structs, drops under the node, said in metrics and log.
+Without kernel headers: a refusal that names the cause and the remedy."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import time
 
 from monitor.lab import Lab
-from tests.kernel.support import UDP_SENDER, Daemon, in_pod, quiet_window, wait_for
+from tests.kernel.support import (
+    ROOT,
+    UDP_SENDER,
+    Daemon,
+    free_port,
+    in_pod,
+    quiet_window,
+    tc_filters,
+    wait_for,
+)
 
 
 def test_no_btf_degrades_as_stated(lab: Lab, daemons: list[Daemon]) -> None:
@@ -43,3 +56,18 @@ def test_no_btf_degrades_as_stated(lab: Lab, daemons: list[Daemon]) -> None:
     sent = (w1.metrics.sum("podnet_packets_total", pod=a.name, direction="egress")
             - w0.metrics.sum("podnet_packets_total", pod=a.name, direction="egress"))
     assert sent == w1.stats[a.host_veth]["rx_packets"] - w0.stats[a.host_veth]["rx_packets"]
+
+
+def test_no_kernel_headers_refuses_with_a_remedy(lab: Lab) -> None:
+    lab.up(1)
+    proc = subprocess.run(
+        [sys.executable, "-m", "monitor", "run", "--inventory", str(lab.inventory), "--listen",
+         f"127.0.0.1:{free_port()}", "--log-format", "json"], cwd=ROOT, capture_output=True,
+        text=True, timeout=120, env={**os.environ, "BCC_KERNEL_SOURCE": "/nonexistent/build"},
+        check=False)
+    assert proc.returncode == 1, proc.stderr
+    (failed,) = [json.loads(line) for line in proc.stderr.splitlines()
+                 if '"cannot load the BPF programs"' in line]
+    assert "no kernel headers at /nonexistent/build" in failed["cause"]
+    assert "linux-headers" in failed["remedy"]
+    assert "podnetmon" not in tc_filters(lab.pods()[0].host_veth, "ingress")

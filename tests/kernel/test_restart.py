@@ -130,9 +130,18 @@ def test_leave_attached_keeps_counting_and_cleanup_removes_everything(lab: Lab) 
     for pod in (server, client):
         for hook in ("ingress", "egress"):
             assert "podnetmon" not in tc_filters(pod.host_veth, hook)
+    # The kernel frees a program once its last link is released, through RCU work that may
+    # finish a moment after cleanup has exited; wait for it rather than race it.
+    try:
+        wait_for(lambda: not _our_programs(), timeout=10)
+    finally:
+        assert not _our_programs()
+
+
+def _our_programs() -> list[object]:
     progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
                                       text=True, check=True).stdout)
-    assert not [p for p in progs if str(p.get("name", "")).startswith(("pnm_tc", "tracepoint__"))]
+    return [p for p in progs if str(p.get("name", "")).startswith(("pnm_tc", "tracepoint__"))]
 
 
 def _pinned_packets() -> int:

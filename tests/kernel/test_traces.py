@@ -345,3 +345,17 @@ def test_unauthenticated_refused_and_bad_input_answered_4xx(env: Env) -> None:
     assert api(env, "/metrics", method="DELETE")[0] == 405
     assert env.daemon.get("/healthz")[0] == 200  # and the daemon lives on
     assert TOKEN not in env.daemon.logs()
+
+
+def test_packet_bytes_never_reach_the_log(env: Env, tmp_path: Path) -> None:
+    a, b, _c = env.pods
+    secret = b"pnm-s3cret-bytes"  # ping fills its payload with this pattern
+    out = tmp_path / "secret.pcapng"
+    thread = trace_in_thread(env, a, "duration=2s", out)
+    time.sleep(0.5)
+    in_pod(a, "ping", "-c", "5", "-i", "0.02", "-q", "-p", secret.hex(), b.ip)
+    thread.join(timeout=30)
+    assert secret in out.read_bytes()  # the trace has it: the one place it belongs
+    log = env.daemon.log_path.read_bytes()
+    assert secret not in log and secret.hex().encode() not in log
+    assert TOKEN.encode() not in log
