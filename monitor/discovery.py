@@ -64,24 +64,47 @@ def host_netns_inode(proc_root: str) -> int | None:
     return netns_inode(os.path.join(proc_root, "self", "ns", "net"))
 
 
-def scan_pause_processes(proc_root: str, comm: str,
-                         denied: list[int] | None = None) -> Iterator[PauseProcess]:
+def _read_comm(path: str) -> bytes | None:
+    # Raw os.open/os.read: this runs for every process on the node each pass, and
+    # the text-mode open() costs three times as much.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 64)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def scan_pause_processes(proc_root: str, comm: str, denied: list[int] | None = None,
+                         uids: dict[tuple[int, int], str | None] | None = None,
+                         ) -> Iterator[PauseProcess]:
     """Every process whose comm is `comm`, with its netns inode and pod UID.
 
     A process may exit between listing and reading: it is skipped, not an error.
     One whose netns we may not see (no CAP_SYS_PTRACE) is skipped too, and its
     pid added to `denied`, so the caller can say why pods are missing.
+
+    `uids` caches each pause process's pod UID by (pid, netns inode) across scans:
+    a process's cgroup does not change, and a pid reused by another process in
+    the same netns would be another pause process of the same pod. Entries for
+    processes gone are removed.
     """
     try:
         entries = os.listdir(proc_root)
     except OSError:
         return
+    wanted = comm.encode()
+    seen: set[tuple[int, int]] = set()
     for entry in entries:
         if not entry.isdigit():
             continue
         base = os.path.join(proc_root, entry)
-        name = _read(os.path.join(base, "comm"))
-        if name is None or name.rstrip("\n") != comm:
+        name = _read_comm(os.path.join(base, "comm"))
+        if name is None or name.rstrip(b"\n") != wanted:
             continue
         try:
             inode = os.stat(os.path.join(base, "ns", "net")).st_ino
@@ -91,8 +114,18 @@ def scan_pause_processes(proc_root: str, comm: str,
             continue
         except OSError:
             continue
-        cgroup = _read(os.path.join(base, "cgroup")) or ""
-        yield PauseProcess(int(entry), inode, pod_uid_from_cgroup(cgroup))
+        key = (int(entry), inode)
+        if uids is not None and key in uids:
+            uid = uids[key]
+        else:
+            uid = pod_uid_from_cgroup(_read(os.path.join(base, "cgroup")) or "")
+            if uids is not None:
+                uids[key] = uid
+        seen.add(key)
+        yield PauseProcess(int(entry), inode, uid)
+    if uids is not None:
+        for gone in uids.keys() - seen:
+            del uids[gone]
 
 
 def scan_pinned(dirs: Iterable[str], nsfs_dev: int | None) -> Iterator[tuple[str, int]]:
@@ -125,7 +158,8 @@ def scan_pinned(dirs: Iterable[str], nsfs_dev: int | None) -> Iterator[tuple[str
 
 
 def discover(proc_root: str, comm: str, netns_dirs: Iterable[str],
-             denied: list[int] | None = None) -> list[PodNetwork]:
+             denied: list[int] | None = None,
+             uids: dict[tuple[int, int], str | None] | None = None) -> list[PodNetwork]:
     """Every pod network namespace on this host, one entry per netns inode.
 
     Where a pause process and a pinned file name the same namespace (containerd
@@ -138,7 +172,7 @@ def discover(proc_root: str, comm: str, netns_dirs: Iterable[str],
     except OSError:
         nsfs_dev = None
     found: dict[int, PodNetwork] = {}
-    for proc in scan_pause_processes(proc_root, comm, denied):
+    for proc in scan_pause_processes(proc_root, comm, denied, uids):
         if proc.netns_inode == host_inode or proc.netns_inode in found:
             continue
         found[proc.netns_inode] = PodNetwork(

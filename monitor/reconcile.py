@@ -17,7 +17,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from monitor import discovery, log
@@ -61,16 +61,19 @@ class Slots(Protocol):
     def sync_netns(self, wanted: dict[int, int]) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class Discovery:
-    """Where and how to look for pod networks."""
+    """Where and how to look for pod networks (and what earlier scans learnt)."""
 
     proc_root: str
     pause_comm: str
     netns_dirs: Sequence[str]
+    # pod UIDs of pause processes by (pid, netns inode): their cgroup files are read once
+    _uids: dict[tuple[int, int], str | None] = field(default_factory=dict, repr=False)
 
     def scan(self, denied: list[int] | None = None) -> list[PodNetwork]:
-        return discovery.discover(self.proc_root, self.pause_comm, self.netns_dirs, denied)
+        return discovery.discover(self.proc_root, self.pause_comm, self.netns_dirs, denied,
+                                  self._uids)
 
 
 @dataclass
@@ -104,6 +107,11 @@ class Reconciler:
         self._after_first_pass = after_first_pass
         self._attached: dict[int, Attachment] = {}
         self._failures: dict[int, _Failure] = {}
+        # The host's nsid of each pod netns, by (inode, the path it was opened by): an nsid
+        # stays while its netns lives, and a path (/proc/<pause pid>/ns/net, a runtime's
+        # pin with a random name) with the same inode again is the same netns. Asking the
+        # kernel for 500 of them each pass was a third of an idle pass's cost.
+        self._nsids: dict[tuple[int, str], int] = {}
         self._log = log.get("reconcile")
 
     # -- one pass -------------------------------------------------------------
@@ -148,8 +156,14 @@ class Reconciler:
                 self._log.error("pause processes whose netns cannot be read: their pods are not "
                                 "watched (is CAP_SYS_PTRACE missing?)", pids=denied[:10],
                                 count=len(denied))
+        nsids: dict[tuple[int, str], int] = {}
         for network in networks:
-            nsid = self._links.netnsid(network.open_path)
+            nsid_key = (network.netns_inode, network.open_path)
+            nsid = self._nsids.get(nsid_key)
+            if nsid is None:
+                nsid = self._links.netnsid(network.open_path)
+            if nsid is not None:  # none yet: the kernel numbers it when a veth is wired
+                nsids[nsid_key] = nsid
             interfaces = by_nsid.get(nsid, []) if nsid is not None else []
             if not interfaces:
                 continue  # not wired yet, or host networking: nothing of its own to watch
@@ -163,6 +177,7 @@ class Reconciler:
             paths = [p for p in (known.pinned_path,) if p]
             meta = self._metadata.lookup(known.uid, paths)
             pods.append(identify(known, sorted(interfaces, key=lambda v: v.ifindex), meta))
+        self._nsids = nsids  # only the namespaces still here
         seen = {p.netns_inode for p in pods}
         self._own_series &= seen  # first: a pod gone frees its place for one arriving now
         self._folded &= seen

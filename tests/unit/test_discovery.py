@@ -8,6 +8,7 @@ they share its inode exactly as the kernel's nsfs files do.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,23 @@ def test_comm_must_match_exactly(host: Host) -> None:
         host.process(pid, comm, host.netns(f"other-{pid}"))
     found = host.discover()
     assert sorted(n.pause_pid or 0 for n in found) == [100, 101]
+
+
+def test_uid_cache_reads_each_cgroup_once_and_forgets_the_gone(host: Host) -> None:
+    ns_a, ns_b = host.netns("a"), host.netns("b")
+    a = host.process(100, "pause\n", ns_a, cgroup_of(UUID))
+    host.process(101, "pause\n", ns_b, cgroup_of(UUID.replace("1b4e", "2c5f")))
+    uids: dict[tuple[int, int], str | None] = {}
+    first = discover(str(host.proc), "pause", [], uids=uids)
+    assert sorted(uids) == [(100, ino(ns_a)), (101, ino(ns_b))]
+    (a / "cgroup").write_text("")  # were it read again, the UID would be gone
+    assert discover(str(host.proc), "pause", [], uids=uids) == first
+    shutil.rmtree(a)  # the process exits: its entry goes
+    assert [n.pause_pid for n in discover(str(host.proc), "pause", [], uids=uids)] == [101]
+    assert sorted(uids) == [(101, ino(ns_b))]
+    # another process under the same pid in another netns is read afresh
+    host.process(100, "pause\n", host.netns("c"), "")
+    assert {n.pause_pid: n.uid for n in discover(str(host.proc), "pause", [], uids=uids)}[100] is None
 
 
 def test_custom_comm(host: Host) -> None:

@@ -47,11 +47,13 @@ class FakeLinks:
     def __init__(self) -> None:
         self.links: list[VethLink] = []
         self.nsids: dict[str, int] = {}
+        self.asked: list[str] = []
 
     def veths(self) -> Sequence[VethLink]:
         return list(self.links)
 
     def netnsid(self, netns_path: str) -> int | None:
+        self.asked.append(netns_path)
         return self.nsids.get(netns_path)
 
 
@@ -229,6 +231,30 @@ def test_new_pod_attached_once_slot_first(world: World) -> None:
     assert world.run() == []  # nothing changed: nothing done
     assert world.state.reconciles == 2
     assert world.slots.assigned() == {7: 0}
+
+
+def test_nsid_asked_once_per_netns_until_it_goes(world: World) -> None:
+    world.pod(4026532001, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
+    unwired = PodNetwork(4026532002, "/proc/101/ns/net", pause_pid=101, uid=UID_DB)
+    world.discovery.networks.append(unwired)  # no nsid yet: no veth wired
+    world.run()
+    world.run()
+    assert sorted(world.links.asked) == ["/proc/100/ns/net", "/proc/101/ns/net",
+                                         "/proc/101/ns/net"]  # none yet: asked again
+    world.links.asked.clear()
+    world.links.nsids["/proc/101/ns/net"] = 4
+    world.links.links.append(VethLink(8, "veth8", 4, 2))
+    assert world.run() == attach_events(8, "veth8", 4026532002)
+    world.run()
+    assert world.links.asked == ["/proc/101/ns/net"]
+    world.remove(4026532001)
+    world.run()
+    # the netns is back under the same pause pid (a new netns with a reused inode would
+    # be a new pause pid too): forgotten while gone, so asked afresh
+    world.links.asked.clear()
+    world.pod(4026532001, 5, [(9, "veth9")], uid=UID_WEB, pause_pid=100)
+    assert world.run() == attach_events(9, "veth9", 4026532001)
+    assert world.links.asked == ["/proc/100/ns/net"]
 
 
 def test_after_first_pass_runs_once_with_what_is_attached() -> None:
