@@ -430,6 +430,11 @@ class Netlink:
         return [VethLink(link.ifindex, link.name, link.link_netnsid, link.link)
                 for link in self._rtnl().links("veth") if link.link_netnsid is not None]
 
+    def link_stats(self) -> dict[int, tuple[int, int]]:
+        """(rx_packets, tx_packets) of every veth by ifindex, from one link dump."""
+        return {link.ifindex: (link.rx_packets, link.tx_packets)
+                for link in self._rtnl().links("veth")}
+
     def netnsid(self, netns_path: str) -> int | None:
         """The host's id for a netns (None if it has none: no veth peer lives there)."""
         try:

@@ -13,12 +13,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from monitor import log
 from monitor.identity import IdentityIndex
 from monitor.maps import MapReader
-from monitor.probes.base import u32_key
 
 MIN_PACKETS = 20  # the interface must have moved this much for a verdict
 SHORTFALL = 0.5  # ours below this share of the interface's: bypassed (reads are not atomic)
@@ -32,42 +30,45 @@ class _Seen:
     ingress: int
 
 
-def read_stats(name: str, sys_class_net: str = "/sys/class/net") -> tuple[int, int] | None:
-    base = Path(sys_class_net) / name / "statistics"
-    try:
-        return int((base / "rx_packets").read_text()), int((base / "tx_packets").read_text())
-    except (OSError, ValueError):
-        return None
+# ifindex -> (rx_packets, tx_packets) of every link, from one netlink dump: reading
+# two sysfs files per veth cost 30 ms at 500 pods, the dump a third of that.
+LinkStats = Callable[[], dict[int, tuple[int, int]]]
 
 
 class BypassDetector:
     """Compares, per attached interface, the veth's packet counts with ours."""
 
     def __init__(self, maps: MapReader, snapshot: Callable[[], IdentityIndex],
-                 stats: Callable[[str], tuple[int, int] | None] = read_stats) -> None:
+                 stats: LinkStats) -> None:
         self._maps, self._snapshot, self._stats = maps, snapshot, stats
         self._seen: dict[int, _Seen] = {}
         self.bypassed: dict[tuple[str, str], bool] = {}
         self._log = log.get("bypass")
 
-    def _ours(self, slot: int) -> tuple[int, int] | None:
-        raw = self._maps.lookup("pnm_packets", u32_key(slot))
-        if raw is None:
-            return None
-        words = struct.unpack_from("=8Q", raw)
-        # struct pnm_counts: packets[2 directions][4 protocols] first; direction 0 ingress
-        return sum(words[4:8]), sum(words[0:4])  # (egress, ingress)
+    def _ours(self, slots: list[int]) -> dict[int, tuple[int, int]]:
+        """(egress, ingress) packets we counted, by slot, in one batch read."""
+        out = {}
+        for slot, raw in zip(slots, self._maps.lookup_slots("pnm_packets", slots), strict=True):
+            if raw is not None:
+                words = struct.unpack_from("=8Q", raw)
+                # struct pnm_counts: packets[2 directions][4 protocols] first; 0 is ingress
+                out[slot] = (sum(words[4:8]), sum(words[0:4]))
+        return out
 
     def check(self) -> None:
         index = self._snapshot()
         verdicts: dict[tuple[str, str], bool] = {}
         seen_now: dict[int, _Seen] = {}
+        all_stats = self._stats()
+        slot_of = {veth.ifindex: slot for pod in index.pods() for veth in pod.interfaces
+                   if (slot := index.slot_of(veth.ifindex)) is not None}
+        counted = self._ours(sorted(set(slot_of.values())))
         for pod in index.pods():
             key = (pod.namespace, pod.name)
             for veth in pod.interfaces:
-                slot = index.slot_of(veth.ifindex)
-                stats = self._stats(veth.name)
-                ours = self._ours(slot) if slot is not None else None
+                stats = all_stats.get(veth.ifindex)
+                slot = slot_of.get(veth.ifindex)
+                ours = counted.get(slot) if slot is not None else None
                 if stats is None or ours is None:
                     continue
                 now = _Seen(stats[0], stats[1], ours[0], ours[1])
