@@ -345,7 +345,36 @@ def _render_simple(family: CounterFamily | GaugeFamily, fmt: Format, out: list[s
     out.extend([line % (*picked(values), _number(value)) for values, value in family.series])
 
 
-def _render_histogram(family: HistogramFamily, fmt: Format, out: list[str]) -> None:
+# A histogram series' text, by its label values, with the counts and sum it was made from.
+_Rendered = dict[tuple[str, ...], tuple[Sequence[int], float, str]]
+
+
+class RenderCache:
+    """Histogram series' text from the last scrape, reused while their numbers stand still.
+
+    Three quarters of a 500-pod scrape are histogram bucket lines, and most of them
+    belong to series that did not move since the scrape before (an idle pod's DNS or
+    handshake latencies): comparing 28 counts costs a tenth of writing 30 lines. Keyed by
+    everything the text depends on besides the numbers (the family's name, labels and
+    bounds, and the format); a scrape keeps only the series it wrote, so series of gone
+    pods go with it. Concurrent scrapes each build their own generation and the last one
+    stored wins: an entry is only ever used when its numbers match.
+    """
+
+    def __init__(self) -> None:
+        self._families: dict[tuple[object, ...], _Rendered] = {}
+
+    def take(self, family: HistogramFamily, fmt: Format) -> tuple[_Rendered, _Rendered]:
+        """(the last scrape's series of this family, a fresh dict for this scrape's)."""
+        key = (family.name, family.labels, family.bounds, fmt)
+        fresh: _Rendered = {}
+        old = self._families.get(key, {})
+        self._families[key] = fresh
+        return old, fresh
+
+
+def _render_histogram(family: HistogramFamily, fmt: Format, out: list[str],
+                      cache: RenderCache | None = None) -> None:
     bucket = _sample_name(family.name + "_bucket", fmt)
     names = family.labels
     order = _sorted(names)
@@ -364,7 +393,14 @@ def _render_histogram(family: HistogramFamily, fmt: Format, out: list[str]) -> N
     series += (f"{_sample_name(family.name + '_count', fmt)}%s %s\n"
                f"{_sample_name(family.name + '_sum', fmt)}%s %s\n")
     head, tail, labels = f"{bucket}{{", "} ", ""
+    last, kept = cache.take(family, fmt) if cache is not None else ({}, None)
     for values, counts, sum_value in family.series:
+        seen = last.get(values)
+        if seen is not None and seen[1] == sum_value and seen[0] == counts:
+            out.append(seen[2])
+            if kept is not None:
+                kept[values] = seen
+            continue
         if picked is not None:
             label_values = picked(values)
             if split:
@@ -377,16 +413,19 @@ def _render_histogram(family: HistogramFamily, fmt: Format, out: list[str]) -> N
         args: list[str] = [head, tail, ""] * len(numbers)
         args[2::3] = numbers
         args += (labels, numbers[-1], labels, go_float(sum_value))
-        out.append(series % tuple(args))
+        text = series % tuple(args)
+        out.append(text)
+        if kept is not None:
+            kept[values] = (counts, sum_value, text)
 
 
-def render(families: Iterable[Family], fmt: Format) -> bytes:
+def render(families: Iterable[Family], fmt: Format, cache: RenderCache | None = None) -> bytes:
     """The exposition of `families`, in order, as prometheus_client would write it."""
     out: list[str] = []
     for family in families:
         out.append(_header(family, fmt))
         if isinstance(family, HistogramFamily):
-            _render_histogram(family, fmt, out)
+            _render_histogram(family, fmt, out, cache)
         elif isinstance(family, CounterFamily | GaugeFamily):
             _render_simple(family, fmt, out)
         else:
@@ -416,6 +455,7 @@ class Registry:
         self._lock = threading.Lock()
         self._scrapes = 0
         self._scrape_seconds = 0.0
+        self._cache = RenderCache()
 
     def register(self, collector: Collector) -> None:
         """Add a collector; its describe() must name no series another one writes."""
@@ -436,7 +476,7 @@ class Registry:
     def render(self, fmt: Format = TEXT) -> bytes:
         """One scrape: every collector's families, rendered; timed for scrape_stats()."""
         start = time.perf_counter()
-        body = render(self.collect(), fmt)
+        body = render(self.collect(), fmt, self._cache)
         elapsed = time.perf_counter() - start
         with self._lock:
             self._scrapes += 1

@@ -33,6 +33,7 @@ from monitor.exposition import (
     GaugeFamily,
     HistogramFamily,
     Registry,
+    RenderCache,
     _number,
     go_float,
     negotiate,
@@ -216,6 +217,47 @@ ACCEPTS = [
     " application/openmetrics-text ; version=1.0.0", "application/openmetrics-text;version= 1.0.0",
     "application/openmetrics-text;version=1.0.0 ;escaping=dots ",
 ]
+
+
+def test_cached_histograms_are_what_a_fresh_render_writes() -> None:
+    """Scrape after scrape through one cache, series unchanged, moved, gone and new: each
+    body is the uncached render's, in every format (which prometheus_client's is, above)."""
+    rnd = random.Random(7)
+    pods = {f"pod-{i}": ([0] * len(LE), 0.0) for i in range(8)}
+    cache = RenderCache()
+    for scrape in range(12):
+        for name in rnd.sample(sorted(pods), 3):  # a few series move
+            counts, total = pods[name]
+            bucket = rnd.randrange(len(LE))
+            pods[name] = ([c + (i == bucket) for i, c in enumerate(counts)], total + rnd.random())
+        if scrape % 4 == 3:  # one goes and another comes
+            del pods[sorted(pods)[0]]
+            pods[f"pod-new-{scrape}"] = ([rnd.randrange(3) for _ in LE], 1.5)
+
+        def families() -> list[Family]:
+            fam = HistogramFamily("unit_seconds", "Doc.", ["pod", "zone"], LE)
+            for name, (counts, total) in sorted(pods.items()):
+                fam.add((name, "z"), list(counts), total)
+            return [fam]
+
+        for fmt, _ in FORMATS:
+            assert render(families(), fmt, cache) == render(families(), fmt), (scrape, fmt)
+
+
+def test_render_cache_reuses_unchanged_series_only() -> None:
+    fam = HistogramFamily("unit_seconds", "Doc.", ["pod"], ("1.0", "+Inf"))
+    fam.add(("a",), [1, 0], 0.5)
+    cache = RenderCache()
+    render([fam], TEXT, cache)
+    old, _ = cache.take(fam, TEXT)
+    assert set(old) == {("a",)}
+    # a series whose numbers match is written from the cache: a stale entry would show
+    old[("a",)] = ([1, 0], 0.5, "CACHED\n")
+    cache._families[("unit_seconds", ("pod",), ("1.0", "+Inf"), TEXT)] = old
+    assert render([fam], TEXT, cache).endswith(b"CACHED\n")
+    moved = HistogramFamily("unit_seconds", "Doc.", ["pod"], ("1.0", "+Inf"))
+    moved.add(("a",), [1, 1], 0.5)
+    assert b"CACHED" not in render([moved], TEXT, cache)
 
 
 @pytest.fixture(scope="module")
