@@ -159,6 +159,11 @@ class StaticInventory:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+    def changed(self) -> bool:
+        """Whether the file changed since it was last read: one stat(), cheap enough to
+        ask every second, so an edit is picked up at once rather than at the next rescan."""
+        return self._file_stamp() != self._stamp
+
     def refresh(self) -> None:
         stamp = self._file_stamp()
         if stamp == self._stamp:

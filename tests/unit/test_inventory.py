@@ -272,6 +272,17 @@ def test_refresh_keeps_last_good_then_picks_up_a_good_change(inv_file: Path) -> 
     assert source.lookup(None, ["/run/netns/cni-7f3c"]) is None  # gone with the old version
 
 
+def test_changed_says_whether_a_refresh_would_reread(inv_file: Path) -> None:
+    source = StaticInventory(str(inv_file))
+    assert not source.changed()
+    write(inv_file, f"pods:\n  - {{uid: {UID_WEB}, namespace: shop, name: web-new}}\n", 1_700_000_200)
+    assert source.changed() and source.changed()  # asking reads nothing and changes nothing
+    source.refresh()
+    assert not source.changed()
+    inv_file.unlink()
+    assert source.changed()
+
+
 def test_refresh_keeps_last_good_when_the_file_goes(inv_file: Path) -> None:
     source = StaticInventory(str(inv_file))
     inv_file.unlink()

@@ -38,7 +38,7 @@ def test_defaults() -> None:
     assert s.attach_mode == "auto"
     assert s.tc_priority == 4096
     assert s.tc_handle == 0x504E
-    assert s.resync_interval == 5.0
+    assert s.resync_interval == 30.0
     assert s.event_debounce == 0.05
     assert s.max_interfaces == 1024
     assert s.btf_path == "/sys/kernel/btf/vmlinux"
