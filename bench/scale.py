@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
@@ -25,10 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import lab_pods, machine, median, percentile, running_daemon, stamp
-from monitor.churn import Churn, ChurnPod
-
-UDP_SENT = re.compile(r'^podnet_packets_total\{namespace="_unknown",pod="netns-(\d+)",'
-                      r'direction="egress",protocol="udp"\} (\S+)$', re.M)
+from monitor.churn import Churn, ChurnPod, udp_sent_by_netns
 
 
 def attached_by_bpftool(prefix: str = "pnml") -> int:
@@ -87,9 +83,9 @@ def main() -> int:
                   f"one core over {time.monotonic() - wall0:.0f} s (goal 1%)", flush=True)
 
             def count(finished: list[ChurnPod]) -> None:
-                seen = {int(m[0]): float(m[1]) for m in UDP_SENT.findall(daemon.scrape())}
+                seen = udp_sent_by_netns(daemon.scrape())
                 for cp in finished:
-                    cp.counted = int(seen.get(cp.pod.netns, 0))
+                    cp.counted = seen.get(cp.pod.netns, 0)
 
             churn = Churn(lab, pods[0].ip, rate=args.rate, lifetime=args.lifetime)
             cpu0, wall0 = daemon.cpu_seconds(), time.monotonic()
@@ -102,12 +98,16 @@ def main() -> int:
                     over += 1
                 if first is None:
                     never += 1
+                    print(f"never counted: {cp.pod.name} netns {cp.pod.netns} "
+                          f"{cp.pod.host_veth}: sent {len(cp.sent)}, counted {cp.counted}, "
+                          f"made in {cp.ready - cp.created:.3f} s", flush=True)
                 else:
                     latencies.append(first - cp.created)
+            after = (f"counted after p50 {percentile(latencies, 0.5) * 1000:.0f} ms, p99 "
+                     f"{percentile(latencies, 0.99) * 1000:.0f} ms, max "
+                     f"{max(latencies) * 1000:.0f} ms" if latencies else "none counted")
             print(f"RESULT churn {churn.lifecycles} pods at {args.rate:g}/s beside {args.pods}: "
-                  f"counted after p50 {percentile(latencies, 0.5) * 1000:.0f} ms, p99 "
-                  f"{percentile(latencies, 0.99) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms "
-                  f"(goal p99 1 s); never counted: {never}; over-counted: {over}; daemon CPU "
+                  f"{after} (goal p99 1 s); never counted: {never}; over-counted: {over}; daemon CPU "
                   f"{churn_cpu * 100:.0f}% of a core", flush=True)
             print(f"RESULT memory after churn: VmRSS {daemon.status('VmRSS') / 1024:.1f} MiB",
                   flush=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -27,6 +28,22 @@ from monitor.lab import Lab, LabPod
 
 CLONE_NEWNET = 0x40000000
 SINK_PORT = 9  # discard: the peer answers with ICMP port unreachable, which nobody minds
+
+_PACKETS = re.compile(r'^podnet_packets_total\{([^}]*)\} (\S+)$', re.M)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def udp_sent_by_netns(exposition: str) -> dict[int, int]:
+    """UDP packets counted leaving each pod the monitor knows only by netns inode
+    (churned pods are in no inventory), from a /metrics text, whatever the label order."""
+    out: dict[int, int] = {}
+    for labels_text, value in _PACKETS.findall(exposition):
+        labels = dict(_LABEL.findall(labels_text))
+        pod = labels.get("pod", "")
+        if (labels.get("namespace") == "_unknown" and pod.startswith("netns-")
+                and labels.get("direction") == "egress" and labels.get("protocol") == "udp"):
+            out[int(pod.removeprefix("netns-"))] = int(float(value))
+    return out
 
 
 def _setns(fd: int) -> None:

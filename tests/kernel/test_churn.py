@@ -10,14 +10,9 @@ memory is `make soak` (bench/soak.py).
 
 from __future__ import annotations
 
-import re
-
-from monitor.churn import Churn, ChurnPod
+from monitor.churn import Churn, ChurnPod, udp_sent_by_netns
 from monitor.lab import Lab
 from tests.kernel.support import Daemon, census, wait_for
-
-UDP_SENT = re.compile(r'^podnet_packets_total\{direction="egress",namespace="_unknown",'
-                      r'pod="netns-(\d+)",protocol="udp"\} (\S+)$', re.M)
 
 
 def test_churn_counts_every_pod_and_leaks_nothing(lab: Lab) -> None:
@@ -28,10 +23,9 @@ def test_churn_counts_every_pod_and_leaks_nothing(lab: Lab) -> None:
         assert (before.filters, before.ifslots, before.owners, before.netns) == (10, 5, 5, 5)
 
         def count(finished: list[ChurnPod]) -> None:
-            text = daemon.get("/metrics")[1].decode()
-            seen = {int(inode): float(v) for inode, v in UDP_SENT.findall(text)}
+            seen = udp_sent_by_netns(daemon.get("/metrics")[1].decode())
             for cp in finished:
-                cp.counted = int(seen.get(cp.pod.netns, 0))
+                cp.counted = seen.get(cp.pod.netns, 0)
 
         churn = Churn(lab, idle[0].ip, rate=20, lifetime=1.0)
         churn.run(10, count=count)
