@@ -10,6 +10,7 @@ from pathlib import Path
 from bcc import BPF, libbcc  # type: ignore[import-untyped]
 
 TCX_INGRESS, TCX_EGRESS = 46, 47
+BPF_F_BEFORE = 1 << 3
 
 _SOURCE = r"""
 #include <uapi/linux/pkt_cls.h>
@@ -55,9 +56,15 @@ class ForeignPrograms:
                             "1", "bpf", "object-pinned", str(pin), "da"], check=True)
             self._tc.append((dev, hook, prio))
 
-    def attach_tcx(self, ifindex: int) -> None:
+    def attach_tcx(self, ifindex: int, first: bool = False) -> None:
+        """Appended after the device's tcx programs, or with `first` ahead of all of them
+        (BPF_F_BEFORE with no anchor), as an agent that insists on running first would."""
         for fn, hook in ((self.ingress, TCX_INGRESS), (self.egress, TCX_EGRESS)):
-            BPF.attach_func(fn, ifindex, hook)
+            if first:
+                err = libbcc.lib.bpf_prog_attach(fn.fd, ifindex, hook, BPF_F_BEFORE)
+                assert err == 0, f"bpf_prog_attach before all: {os.strerror(-err)}"
+            else:
+                BPF.attach_func(fn, ifindex, hook)
             self._tcx.append((fn, ifindex, hook))
 
     def close(self) -> None:

@@ -167,3 +167,30 @@ def test_a_filter_ending_tc_processing_before_ours_is_noticed(lab: Lab, daemons:
     pinger.wait(timeout=10)
     events = [e["event"] for e in daemon.log_events() if e.get("component") == "bypass"]
     assert events == ["traffic bypasses our programs", "traffic reaches our programs again"]
+
+
+def test_a_tcx_program_passing_before_ours_is_noticed(
+        lab: Lab, foreign: ForeignPrograms, daemons: list[Daemon]) -> None:
+    a, b = lab.up(2)
+    ifindex = int(Path(f"/sys/class/net/{a.host_veth}/ifindex").read_text())
+    foreign.attach_tcx(ifindex)  # tcx on the device: auto mode joins with a tcx link
+    daemon = Daemon("--bypass-check-interval", "1", "--sweep-interval", "0.2",
+                    inventory=str(lab.inventory))
+    daemons.append(daemon)
+    assert {p["pod"]: p["attach_mode"] for p in daemon.pods_api()}[a.name] == "tcx"
+    in_pod(a, "ping", "-c", "1", "-W", "1", b.ip)
+    passer = ForeignPrograms(verdict="0")  # TCX_PASS, put ahead of ours: ours never runs
+    try:
+        passer.attach_tcx(ifindex, first=True)
+        pinger = spawn_in_pod(a, "ping", "-i", "0.02", "-c", "150", b.ip)
+        wait_for(lambda: daemon.scrape().sum("podnet_monitor_bypassed", pod=a.name) == 1,
+                 timeout=10)
+        assert daemon.scrape().sum("podnet_monitor_bypassed", pod=b.name) == 0
+        pinger.wait(timeout=10)
+        assert passer.counts()[0] >= 150  # it saw them; and its verdict stood: ping got through
+        assert pinger.returncode == 0
+    finally:
+        passer.close()
+    pinger = spawn_in_pod(a, "ping", "-i", "0.02", "-c", "150", b.ip)
+    wait_for(lambda: daemon.scrape().sum("podnet_monitor_bypassed", pod=a.name) == 0, timeout=10)
+    pinger.wait(timeout=10)
