@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from monitor import cleanup
 from monitor.lab import Lab
 from monitor.settings import Settings
-from tests.kernel.support import Daemon
+from tests.kernel.support import LOG_DIR, Daemon
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -27,6 +28,7 @@ def _root_and_clean() -> Iterator[None]:
     Lab().down()  # a previous crashed run must not leak into this one
     cleanup.cleanup("/sys/fs/bpf", Settings.tc_priority, Settings.tc_handle)  # a crashed run's
     yield
+    shutil.rmtree(LOG_DIR, ignore_errors=True)
     Lab().down()
     left = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
                           check=False).stdout

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from monitor.lab import Lab, LabPod
 
 ROOT = Path(__file__).resolve().parents[2]
+# The daemons' logs (read by tests after a daemon stopped), removed with the session
+LOG_DIR = Path(tempfile.gettempdir()) / f"podnetmon-test-logs-{os.getpid()}"
 Sample = tuple[str, frozenset[tuple[str, str]]]
 
 
@@ -71,7 +74,8 @@ class Daemon:
                "--log-format", "json", *args]
         if inventory:
             cmd += ["--inventory", inventory]
-        self.log_path = Path(f"/tmp/podnetmon-test-{self.port}.log")
+        LOG_DIR.mkdir(mode=0o700, exist_ok=True)
+        self.log_path = LOG_DIR / f"daemon-{self.port}.log"
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})

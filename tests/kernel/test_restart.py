@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from monitor.lab import Lab, LabPod
-from tests.kernel.support import ROOT, Daemon, in_pod, quiet_window, tc_filters, wait_for
+from tests.kernel.support import LOG_DIR, ROOT, Daemon, in_pod, quiet_window, tc_filters, wait_for
 
 PINS = Path("/sys/fs/bpf/podnetmon")
 
@@ -40,7 +40,8 @@ def test_twenty_restarts_under_ping_lose_no_packet_and_no_count(lab: Lab) -> Non
     server, client = lab.up(2)
     inventory = str(lab.inventory)
     daemon = Daemon("--leave-attached", "true", inventory=inventory)
-    ping_out = open(f"/tmp/podnetmon-test-ping-{os.getpid()}.txt", "w+")  # noqa: SIM115
+    LOG_DIR.mkdir(mode=0o700, exist_ok=True)
+    ping_out = open(LOG_DIR / "ping.txt", "w+")  # noqa: SIM115
     ping = subprocess.Popen([*client.exec_prefix(), "ping", "-i", "0.01", "-w", "600", server.ip],
                             stdout=ping_out, stderr=subprocess.STDOUT, text=True)
     sender = None
