@@ -223,6 +223,7 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
     if isinstance(metadata, KubernetesLike):
         metadata.on_change = loop.wake  # a pod's object arrived or changed: label it now
         metadata.start()
+        _await_first_list(metadata)
     worker.start()
     frozen = False
     while worker.is_alive():
@@ -237,6 +238,20 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
     programs.close(leave_attached=settings.leave_attached)
     logger.info("stopped", left_attached=settings.leave_attached)
     return EXIT_OK
+
+
+FIRST_LIST_WAIT = 3.0  # seconds the first pass waits for the API's first list, at most
+
+
+def _await_first_list(metadata: object) -> None:
+    """Give the API's first list a moment before the first pass, so a restart does not
+    publish every pod under its fallback name for the instant until the list is in (a
+    series that appears and vanishes). Bounded: an unreachable API must not hold up
+    counting; its pods are renamed when it answers."""
+    synced = getattr(metadata, "synced", None)
+    if isinstance(synced, threading.Event) and not synced.wait(FIRST_LIST_WAIT):
+        log.get("daemon").warning("the kubernetes api has not answered yet: pods get "
+                                  "fallback names until it does", waited=FIRST_LIST_WAIT)
 
 
 def _freeze_heap() -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,24 @@ def test_other_sources_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert isinstance(source, StaticInventory)
     assert not isinstance(source, daemon.KubernetesLike)
     assert isinstance(daemon._metadata(Settings(node_name="node-a")), NoMetadata)
+
+
+class _Listing:
+    def __init__(self) -> None:
+        self.synced = threading.Event()
+
+
+def test_first_pass_waits_for_the_first_list_but_not_forever(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon, "FIRST_LIST_WAIT", 0.2)
+    never = _Listing()
+    started = time.monotonic()
+    daemon._await_first_list(never)  # an API that does not answer: counting starts anyway
+    assert 0.2 <= time.monotonic() - started < 1.0
+    answered = _Listing()
+    threading.Timer(0.05, answered.synced.set).start()
+    started = time.monotonic()
+    daemon._await_first_list(answered)
+    assert time.monotonic() - started < 0.2  # no longer than the list takes
+    started = time.monotonic()
+    daemon._await_first_list(NoMetadata())  # a source without a list: no wait
+    assert time.monotonic() - started < 0.05
