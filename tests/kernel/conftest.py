@@ -22,13 +22,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _root_and_clean() -> Iterator[None]:
+def _root_and_clean(request: pytest.FixtureRequest) -> Iterator[None]:
     if os.geteuid() != 0:
         pytest.skip("kernel tests need root (run `make test` as root)")
     Lab().down()  # a previous crashed run must not leak into this one
     cleanup.cleanup("/sys/fs/bpf", Settings.tc_priority, Settings.tc_handle)  # a crashed run's
     yield
-    shutil.rmtree(LOG_DIR, ignore_errors=True)
+    if request.session.testsfailed:
+        print(f"\nthe daemons' logs are kept in {LOG_DIR}")
+    else:
+        shutil.rmtree(LOG_DIR, ignore_errors=True)
     Lab().down()
     left = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
                           check=False).stdout
