@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -200,6 +201,35 @@ def wait_for(predicate: object, timeout: float, interval: float = 0.02) -> float
 def tc_filters(dev: str, hook: str) -> str:
     return subprocess.run(["tc", "filter", "show", "dev", dev, hook], capture_output=True,
                           text=True, check=True).stdout
+
+
+def our_programs(dev: str) -> dict[str, list[int]]:
+    """Our programs on a device's hooks, seen from outside the daemon, by hook:
+    {"tc ingress": [prog id], "tcx egress": [...]}. Classic filters from `tc filter show`
+    (ours are named podnetmon); tcx programs from the kernel's own list for the device
+    (BPF_PROG_QUERY: no command-line tool here shows tcx per device), named by bpftool."""
+    from monitor import bpfsys
+
+    found: dict[str, list[int]] = {}
+    for hook in ("ingress", "egress"):
+        listing = subprocess.run(["tc", "filter", "show", "dev", dev, hook], capture_output=True,
+                                 text=True, check=False).stdout
+        ids = [int(i) for line in listing.splitlines() if " podnetmon " in line
+               for i in re.findall(r" id (\d+) ", line)]
+        if ids:
+            found[f"tc {hook}"] = ids
+    try:
+        ifindex = int(Path(f"/sys/class/net/{dev}/ifindex").read_text())
+    except OSError:
+        return found  # the device is gone, and with it whatever was on it
+    names = {int(p["id"]): str(p.get("name", "")) for p in bpftool_json("prog", "show") or []}  # type: ignore[union-attr]
+    for hook, attach_type in (("ingress", bpfsys.BPF_TCX_INGRESS),
+                              ("egress", bpfsys.BPF_TCX_EGRESS)):
+        ids = [i for i in bpfsys.tcx_query(ifindex, attach_type)
+               if names.get(i, "").startswith("pnm_tc_")]
+        if ids:
+            found[f"tcx {hook}"] = ids
+    return found
 
 
 def tc_qdiscs(dev: str) -> str:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from monitor.lab import Lab
-from tests.kernel.support import ROOT, Daemon, tc_filters, wait_for
+from tests.kernel.support import ROOT, Daemon, our_programs, wait_for
 
 DAEMONSET = ROOT / "deploy" / "base" / "daemonset.yaml"
 
@@ -107,4 +107,4 @@ def test_a_root_daemon_drops_what_it_needs_only_to_start(lab: Lab) -> None:
         wait_for(lambda: daemon.scrape().has("podnet_packets_total", pod=pod.name), 10)
     finally:
         assert daemon.stop() == 0  # and to clean up on the way out
-    assert "podnetmon" not in tc_filters(pod.host_veth, "ingress")
+    assert our_programs(pod.host_veth) == {}

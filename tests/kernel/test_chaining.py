@@ -14,6 +14,7 @@ from tests.kernel.support import (
     Daemon,
     bpftool_json,
     in_pod,
+    our_programs,
     quiet_window,
     spawn_in_pod,
     tc_filters,
@@ -41,11 +42,14 @@ def _our_programs_loaded() -> list[str]:
     return [p.get("name", "") for p in progs if str(p.get("name", "")).startswith("pnm_tc_")]
 
 
+@pytest.mark.parametrize("mode", ["tc", "tcx"])
 def test_foreign_filter_before_ours_both_count_everything(
-        lab: Lab, foreign: ForeignPrograms, daemons: list[Daemon]) -> None:
+        lab: Lab, foreign: ForeignPrograms, daemons: list[Daemon], mode: str) -> None:
     a, b = lab.up(2)
-    foreign.attach_tc(a.host_veth, prio=100)  # before ours (4096): it runs first
-    daemon = Daemon(inventory=str(lab.inventory))
+    # tc: a classic filter before ours (4096) runs first; tcx: ours runs before every
+    # classic filter
+    foreign.attach_tc(a.host_veth, prio=100)
+    daemon = Daemon("--attach-mode", mode, inventory=str(lab.inventory))
     daemons.append(daemon)
     in_pod(a, "ping", "-c", "1", "-W", "1", b.ip)
     before, f_before = quiet_window(daemon, [a, b]), foreign.counts()
@@ -64,7 +68,7 @@ def test_foreign_filter_before_ours_both_count_everything(
     for hook in ("ingress", "egress"):
         listing = tc_filters(a.host_veth, hook)
         assert "pnmtest-" in listing, listing  # theirs stays
-        assert "podnetmon" not in listing, listing  # ours is gone
+    assert our_programs(a.host_veth) == {}  # ours is gone
     assert "clsact" in tc_qdiscs(a.host_veth)
     assert _our_programs_loaded() == []
     # and theirs keeps working after we left
@@ -82,6 +86,8 @@ def test_auto_mode_joins_tcx_where_the_device_has_tcx_programs(
     daemons.append(daemon)
     modes = {p["pod"]: p["attach_mode"] for p in daemon.pods_api()}
     assert modes == {a.name: "tcx", b.name: "tc"}
+    assert set(our_programs(a.host_veth)) == {"tcx ingress", "tcx egress"}
+    assert set(our_programs(b.host_veth)) == {"tc ingress", "tc egress"}
     in_pod(a, "ping", "-c", "1", "-W", "1", b.ip)
     before, f_before = quiet_window(daemon, [a, b]), foreign.counts()
     in_pod(a, "ping", "-c", "23", "-i", "0.01", "-q", b.ip)
@@ -106,6 +112,8 @@ def test_forced_mode_counts_exactly_and_leaves_nothing(
     daemon = Daemon("--attach-mode", mode, inventory=str(lab.inventory))
     daemons.append(daemon)
     assert {p["attach_mode"] for p in daemon.pods_api()} == {mode}
+    for pod in pods:
+        assert set(our_programs(pod.host_veth)) == {f"{mode} ingress", f"{mode} egress"}
     in_pod(pods[0], "ping", "-c", "1", "-W", "1", pods[1].ip)
     before = quiet_window(daemon, pods)
     in_pod(pods[0], "ping", "-c", "23", "-i", "0.01", "-q", pods[1].ip)
@@ -116,8 +124,7 @@ def test_forced_mode_counts_exactly_and_leaves_nothing(
             assert _ours(after, pod.name, direction) - _ours(before, pod.name, direction) == kernel
     assert daemon.stop() == 0
     for pod in pods:
-        assert "podnetmon" not in tc_filters(pod.host_veth, "ingress")
-        assert "podnetmon" not in tc_filters(pod.host_veth, "egress")
+        assert our_programs(pod.host_veth) == {}
     assert _our_programs_loaded() == []
 
 

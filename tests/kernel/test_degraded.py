@@ -16,8 +16,8 @@ from tests.kernel.support import (
     Daemon,
     free_port,
     in_pod,
+    our_programs,
     quiet_window,
-    tc_filters,
     wait_for,
 )
 
@@ -70,4 +70,4 @@ def test_no_kernel_headers_refuses_with_a_remedy(lab: Lab) -> None:
                  if '"cannot load the BPF programs"' in line]
     assert "no kernel headers at /nonexistent/build" in failed["cause"]
     assert "linux-headers" in failed["remedy"]
-    assert "podnetmon" not in tc_filters(lab.pods()[0].host_veth, "ingress")
+    assert our_programs(lab.pods()[0].host_veth) == {}

@@ -8,15 +8,17 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from monitor.lab import BRIDGE, CGROUP_PARENT, Lab, cgroup2_root
 from tests.kernel.support import (
     ROOT,
     Daemon,
     ifslot_of,
     in_pod,
+    our_programs,
     quiet_window,
     spawn_in_pod,
-    tc_filters,
     wait_for,
 )
 
@@ -85,18 +87,21 @@ def test_pod_without_metadata_gets_the_fallback_then_its_name(
     assert m.sum("podnet_packets_total", pod=a.name, direction="egress") >= counted  # no reset
 
 
-def test_stop_removes_ours_and_keeps_the_qdisc(lab: Lab, daemons: list[Daemon]) -> None:
+@pytest.mark.parametrize("mode", ["auto", "tcx"])
+def test_stop_removes_ours_and_keeps_the_qdisc(lab: Lab, daemons: list[Daemon], mode: str) -> None:
     pods = lab.up(3, pinned=1)
-    daemon = Daemon(inventory=str(lab.inventory))
+    daemon = Daemon("--attach-mode", mode, inventory=str(lab.inventory))
+    hooks = "tc" if mode == "auto" else "tcx"  # auto: classic tc, as no device has tcx
     for pod in pods:
-        assert "podnetmon" in tc_filters(pod.host_veth, "ingress")
+        assert set(our_programs(pod.host_veth)) == {f"{hooks} ingress", f"{hooks} egress"}
     assert daemon.stop() == 0
     for pod in pods:
-        assert "podnetmon" not in tc_filters(pod.host_veth, "ingress")
-        assert "podnetmon" not in tc_filters(pod.host_veth, "egress")
+        assert our_programs(pod.host_veth) == {}
         qdiscs = subprocess.run(["tc", "qdisc", "show", "dev", pod.host_veth],
                                 capture_output=True, text=True, check=True).stdout
-        assert "clsact" in qdiscs  # never deleted: another agent may have filters on it
+        # A clsact we added is never deleted (another agent may have filters on it); tcx
+        # needs none, so none is added.
+        assert ("clsact" in qdiscs) == (mode == "auto"), qdiscs
     assert ifslot_of(int(Path(f"/sys/class/net/{pods[0].host_veth}/ifindex").read_text())) is None
 
 
@@ -108,7 +113,7 @@ def test_run_check_attaches_reports_and_detaches(lab: Lab) -> None:
     assert proc.returncode == 0, proc.stderr
     assert '"attached": 2' in proc.stderr
     for pod in pods:
-        assert "podnetmon" not in tc_filters(pod.host_veth, "ingress")
+        assert our_programs(pod.host_veth) == {}
 
 
 def test_bpf_stats_count_every_run_and_pods_table(lab: Lab, daemons: list[Daemon]) -> None:

@@ -14,8 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from monitor.lab import Lab, LabPod
-from tests.kernel.support import LOG_DIR, ROOT, Daemon, in_pod, quiet_window, tc_filters, wait_for
+from tests.kernel.support import LOG_DIR, ROOT, Daemon, in_pod, our_programs, quiet_window, wait_for
 
 PINS = Path("/sys/fs/bpf/podnetmon")
 
@@ -32,8 +34,9 @@ def restart(daemon: Daemon, sig: int, *args: str, inventory: str) -> Daemon:
     return Daemon(*args, inventory=inventory)
 
 
-def prog_ids(dev: str, hook: str) -> list[str]:
-    return re.findall(r" id (\d+) ", tc_filters(dev, hook))
+def ingress_programs(dev: str) -> list[int]:
+    """Ids of our programs on the device's ingress hook, tcx link or classic filter."""
+    return [i for hook, ids in our_programs(dev).items() if hook.endswith(" ingress") for i in ids]
 
 
 def test_twenty_restarts_under_ping_lose_no_packet_and_no_count(lab: Lab) -> None:
@@ -64,15 +67,15 @@ def test_twenty_restarts_under_ping_lose_no_packet_and_no_count(lab: Lab) -> Non
             before = daemon.scrape().sum("podnet_packets_total", pod=client.name,
                                          direction="egress")
             assert before >= last, f"restart {i}: the count went back from {last} to {before}"
-            ids_before = prog_ids(client.host_veth, "ingress")
+            ids_before = ingress_programs(client.host_veth)
             daemon = restart(daemon, signal.SIGKILL if i % 2 else signal.SIGTERM,
                              "--leave-attached", "true", inventory=inventory)
             after = daemon.scrape().sum("podnet_packets_total", pod=client.name,
                                         direction="egress")
             assert after >= before, f"restart {i}: counters reset ({before} -> {after})"
-            ids_after = prog_ids(client.host_veth, "ingress")
-            assert len(ids_after) == 1 and ids_after != ids_before, tc_filters(
-                client.host_veth, "ingress")  # replaced in place: one filter, the new program
+            ids_after = ingress_programs(client.host_veth)
+            # replaced in place: one attachment, the new program
+            assert len(ids_after) == 1 and ids_after != ids_before, our_programs(client.host_veth)
             last = after
         assert any(e.get("event", "").startswith("adopted") for e in daemon.log_events())
         sender.kill()
@@ -105,7 +108,7 @@ def test_twenty_restarts_under_ping_lose_no_packet_and_no_count(lab: Lab) -> Non
         daemon.stop()  # it leaves everything attached, as told: cleanup removes it
         _cleanup()
     assert not PINS.exists()
-    assert "podnetmon" not in tc_filters(client.host_veth, "ingress")
+    assert our_programs(client.host_veth) == {}
 
 
 def _cleanup() -> None:
@@ -113,12 +116,14 @@ def _cleanup() -> None:
                    capture_output=True)
 
 
-def test_leave_attached_keeps_counting_and_cleanup_removes_everything(lab: Lab) -> None:
+@pytest.mark.parametrize("mode", ["tcx", "tc"])
+def test_leave_attached_keeps_counting_and_cleanup_removes_everything(lab: Lab, mode: str) -> None:
     server, client = lab.up(2)
-    daemon = Daemon("--leave-attached", "true", inventory=str(lab.inventory))
+    daemon = Daemon("--leave-attached", "true", "--attach-mode", mode,
+                    inventory=str(lab.inventory))
     assert daemon.stop() == 0
     try:
-        assert "podnetmon" in tc_filters(client.host_veth, "ingress")
+        assert set(our_programs(client.host_veth)) == {f"{mode} ingress", f"{mode} egress"}
         assert (PINS / "links").is_dir() and any(PINS.glob("maps-*/pnm_packets"))
         before = _pinned_packets()
         in_pod(client, "ping", "-c", "5", "-i", "0.01", server.ip)
@@ -126,11 +131,12 @@ def test_leave_attached_keeps_counting_and_cleanup_removes_everything(lab: Lab) 
     finally:
         out = subprocess.run([sys.executable, "-m", "monitor", "cleanup"], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout
-    assert "tc filters" in out and "pin" in out, out
+    # classic filters are found on the devices; tcx links through their pins
+    assert ("tc filters" in out) == (mode == "tc") and "pin" in out, out
+    assert mode == "tc" or "links/tcx-" in out, out
     assert not PINS.exists()
     for pod in (server, client):
-        for hook in ("ingress", "egress"):
-            assert "podnetmon" not in tc_filters(pod.host_veth, hook)
+        assert our_programs(pod.host_veth) == {}
     # The kernel frees a program once its last link is released, through RCU work that may
     # finish a moment after cleanup has exited; wait for it rather than race it.
     try:
@@ -173,7 +179,7 @@ def test_another_layout_starts_fresh_and_removes_the_old_maps(lab: Lab) -> None:
                    for e in daemon.log_events())
         assert daemon.scrape().sum("podnet_packets_total", pod=client.name,
                                    direction="egress", protocol="icmp") == 0
-        assert len(prog_ids(client.host_veth, "ingress")) == 1
+        assert len(ingress_programs(client.host_veth)) == 1
     finally:
         daemon.stop()
     assert not PINS.exists()
