@@ -62,37 +62,15 @@ def spawn_in(pod: LabPod, *cmd: str) -> subprocess.Popen[bytes]:
                             stderr=subprocess.DEVNULL)
 
 
-def iperf3_gbits(client: LabPod, server: LabPod, seconds: float, streams: int = 1) -> float:
-    for _attempt in range(20):  # the server may still be starting, or finishing the last test
-        doc = json.loads(run_in(client, "iperf3", "-c", server.ip, "-t", str(seconds),
-                                "-P", str(streams), "-J", check=False))
-        if "error" not in doc:
-            return float(doc["end"]["sum_received"]["bits_per_second"]) / 1e9
-        time.sleep(0.25)
-    raise RuntimeError(f"iperf3 failed: {doc['error']}")
-
-
-def iperf3_udp_pps(client: LabPod, server: LabPod, seconds: float, size: int = 64) -> float:
-    """Datagrams per second the server received from an unthrottled iperf3 UDP sender."""
-    for _attempt in range(20):
-        doc = json.loads(run_in(client, "iperf3", "-c", server.ip, "-u", "-l", str(size),
-                                "-b", "0", "-t", str(seconds), "-J", check=False))
-        if "error" not in doc:
-            total = doc["end"]["sum"]
-            return float(total["packets"] - total["lost_packets"]) / float(total["seconds"])
-        time.sleep(0.25)
-    raise RuntimeError(f"iperf3 failed: {doc['error']}")
-
-
 @contextmanager
 def lab_pods(count: int) -> Iterator[tuple[Lab, list[LabPod]]]:
     lab = Lab()
     lab.down()
     try:
         pods = lab.up(count)
-        # Warm the first pair's neighbour entries (the throughput benches measure between
-        # them). Not every pod's: the kernel's ARP table is one for all namespaces, and a
-        # ping from 500 pods fills it to its default gc_thresh3 (1024) with entries too
+        # Warm the first pair's neighbour entries (the benches send between them). Not
+        # every pod's: the kernel's ARP table is one for all namespaces, and a ping from
+        # 500 pods fills it to its default gc_thresh3 (1024) with entries too
         # fresh to collect, after which new pods cannot resolve anyone for a while.
         if len(pods) > 1:
             run_in(pods[1], "ping", "-c", "1", "-W", "1", pods[0].ip)
