@@ -93,7 +93,9 @@ class Settings:
     attach_mode: str = _doc(
         "auto: tcx where the kernel has it and the device already carries tcx programs "
         "(a CNI like Cilium that returns TCX_PASS would hide classic tc filters), classic "
-        "tc otherwise; tc or tcx force one.", default="auto")
+        "tc otherwise; tc or tcx force one. tcx costs less per packet, more per attach "
+        "(an RCU grace period under the rtnl lock, ~10 ms a link): bench/RESULTS.md.",
+        default="auto")
     tc_priority: int = _doc(
         "Priority of our classic tc filters. 4096 runs after CNIs that take the first "
         "slots (Cilium uses 1) and before filters added without a priority (the kernel "
