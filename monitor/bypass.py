@@ -10,13 +10,13 @@ podnet_monitor_bypassed{namespace,pod} and one log line per change.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from monitor import log
 from monitor.identity import IdentityIndex
-from monitor.maps import MapReader
+from monitor.maps import MapReader, words
+from monitor.probes import packets
 
 MIN_PACKETS = 20  # the interface must have moved this much for a verdict
 SHORTFALL = 0.5  # ours below this share of the interface's: bypassed (reads are not atomic)
@@ -48,11 +48,14 @@ class BypassDetector:
     def _ours(self, slots: list[int]) -> dict[int, tuple[int, int]]:
         """(egress, ingress) packets we counted, by slot, in one batch read."""
         out = {}
-        for slot, raw in zip(slots, self._maps.lookup_slots("pnm_packets", slots), strict=True):
+        per_direction = len(packets.PROTOCOLS)
+        egress = packets.DIRECTIONS.index("egress") * per_direction
+        ingress = packets.DIRECTIONS.index("ingress") * per_direction
+        for slot, raw in zip(slots, self._maps.lookup_slots(packets.MAP, slots), strict=True):
             if raw is not None:
-                words = struct.unpack_from("=8Q", raw)
-                # struct pnm_counts: packets[2 directions][4 protocols] first; 0 is ingress
-                out[slot] = (sum(words[4:8]), sum(words[0:4]))
+                counted = words(packets.Counts, raw)[packets.PACKETS]  # [direction][protocol]
+                out[slot] = (sum(counted[egress:egress + per_direction]),
+                             sum(counted[ingress:ingress + per_direction]))
         return out
 
     def check(self) -> None:
