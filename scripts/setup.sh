@@ -9,7 +9,8 @@ say() { printf 'setup: %s\n' "$*"; }
 
 # 1. Debian packages. bcc comes from Debian (python3-bpfcc): PyPI's "bcc" is another project.
 packages=(python3-bpfcc libbpfcc bpftool iproute2 iperf3 tcpdump tshark nftables prometheus
-          iputils-ping netcat-openbsd util-linux python3-venv procps kmod)
+          iputils-ping netcat-openbsd util-linux python3-venv procps kmod
+          etcd-server etcd-client openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

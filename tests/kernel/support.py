@@ -143,6 +143,16 @@ class Daemon:
         return int(self.proc.returncode)
 
 
+def pod_info(m: Metrics) -> dict[tuple[str, str], dict[str, str]]:
+    """The labels of each podnet_pod_info series, by (namespace, pod)."""
+    out = {}
+    for (name, labels), _v in m.samples.items():
+        if name == "podnet_pod_info":
+            d = dict(labels)
+            out[(d["namespace"], d["pod"])] = d
+    return out
+
+
 def iface_stats(name: str) -> dict[str, int]:
     base = Path("/sys/class/net") / name / "statistics"
     return {k: int((base / k).read_text()) for k in ("rx_packets", "rx_bytes",

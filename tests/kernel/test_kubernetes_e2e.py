@@ -18,18 +18,10 @@ import pytest
 
 from monitor.lab import Lab, LabPod
 from tests.fakeapi import FakeApiServer, make_pod
-from tests.kernel.support import Daemon, Metrics, in_pod, quiet_window, wait_for
+from tests.kernel.support import Daemon, in_pod, pod_info, quiet_window, wait_for
 
 NODE = "lab-node"
 
-
-def _info(m: Metrics) -> dict[tuple[str, str], dict[str, str]]:
-    out = {}
-    for (name, labels), _v in m.samples.items():
-        if name == "podnet_pod_info":
-            d = dict(labels)
-            out[(d["namespace"], d["pod"])] = d
-    return out
 
 
 @pytest.fixture
@@ -76,9 +68,9 @@ def test_names_workloads_and_lifecycle_from_the_api(
     # the first pass waits (boundedly) for the API's first list, so the names are there
     # when the daemon is ready; a loaded machine gets a few seconds more
     try:
-        wait_for(lambda: set(_info(daemon.scrape())) == named, timeout=10)
+        wait_for(lambda: set(pod_info(daemon.scrape())) == named, timeout=10)
     finally:
-        info = _info(daemon.scrape())
+        info = pod_info(daemon.scrape())
         assert set(info) == named, daemon.logs()
     web = info[("shop", "web-5d8f7c9b4-x2x2x")]
     assert (web["workload"], web["workload_kind"]) == ("web", "Deployment")
@@ -107,16 +99,16 @@ def test_names_workloads_and_lifecycle_from_the_api(
     # the API pod whose netns was not there yet: labelled as soon as its pod appears
     started = time.monotonic()
     lab.add(style="containerd", uid=later_uid)
-    took = wait_for(lambda: ("shop", "later-0") in _info(daemon.scrape()), timeout=5)
+    took = wait_for(lambda: ("shop", "later-0") in pod_info(daemon.scrape()), timeout=5)
     assert time.monotonic() - started < 2, took
 
     # a netns seen before its API object: the fallback name, then the API's, never both
     early = lab.add(style="docker")
     fallback = ("_unknown", f"netns-{early.netns}")
-    wait_for(lambda: fallback in _info(daemon.scrape()), timeout=5)
+    wait_for(lambda: fallback in pod_info(daemon.scrape()), timeout=5)
     api.add(make_pod("early-0", "shop", early.uid, NODE))
-    wait_for(lambda: ("shop", "early-0") in _info(daemon.scrape()), timeout=5)
-    info = _info(daemon.scrape())
+    wait_for(lambda: ("shop", "early-0") in pod_info(daemon.scrape()), timeout=5)
+    info = pod_info(daemon.scrape())
     assert fallback not in info
     assert sum(1 for d in info.values() if d["netns"] == str(early.netns)) == 1
 
@@ -124,7 +116,7 @@ def test_names_workloads_and_lifecycle_from_the_api(
     api.delete("shop", "db-0")
     lab.remove(db.name)
     took = wait_for(lambda: not daemon.scrape().has("podnet_packets_total", pod="db-0"), timeout=60)
-    assert ("shop", "db-0") not in _info(daemon.scrape())
+    assert ("shop", "db-0") not in pod_info(daemon.scrape())
     assert took < 5
     # only list and watch requests, all for this node: no per-pod call
     assert api.requests and all(path == "/api/v1/pods" and q.get("fieldSelector") ==
@@ -136,9 +128,9 @@ def test_series_cap_folds_extra_pods_into_overflow(lab: Lab, daemons: list[Daemo
     daemon = Daemon("--max-pods", "3", inventory=str(lab.inventory))
     daemons.append(daemon)
     m = daemon.scrape()
-    named = {k for k in _info(m) if k[0] == "lab"}
+    named = {k for k in pod_info(m) if k[0] == "lab"}
     assert len(named) == 3
-    assert ("_overflow", "_overflow") in _info(m)  # one info series for all folded pods
+    assert ("_overflow", "_overflow") in pod_info(m)  # one info series for all folded pods
     assert m.sum("podnet_monitor_series_dropped_total") == 2
     pod_series = {dict(ls)["pod"] for (n, ls) in m.samples if n == "podnet_packets_total"}
     assert pod_series == {name for _ns, name in named} | {"_overflow"}

@@ -1,0 +1,180 @@
+"""The daemon under a real control plane: kube-apiserver, etcd, kube-controller-manager.
+
+Built from the published modules by tests/cluster/build.sh and started on
+loopback by tests/cluster/controlplane.py. Nothing about the API is assumed:
+pods, owners and tokens are made through the real API, names are read back
+from the daemon's metrics, access is judged by the real RBAC authorizer, and
+what the daemon asked of the API is read from the API server's audit log.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from monitor.lab import Lab
+from tests.cluster import fixtures
+from tests.cluster.controlplane import ROOT, ControlPlane
+from tests.kernel.support import Daemon, in_pod, pod_info, quiet_window, wait_for
+
+NODE = "node-1"
+WORKLOAD_LABELS = {"app": "web", "pod-template-hash": "5d8f7c9b4"}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ControlPlane]:
+    yield from fixtures.start()
+
+
+
+def _token_review(cp: ControlPlane, token: str, audiences: list[str]) -> dict[str, Any]:
+    review = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+              "spec": {"token": token, "audiences": audiences}}
+    out = cp.kubectl("create", "-f", "-", "-o", "json", stdin=json.dumps(review))
+    return dict(json.loads(out.stdout)["status"])
+
+
+def test_tokenreview_honours_audiences(cluster: ControlPlane) -> None:
+    token = cluster.create_token(fixtures.DAEMON_NAMESPACE, fixtures.DAEMON_SA, "podnetmon")
+    ok = _token_review(cluster, token, ["podnetmon"])
+    assert ok["authenticated"] is True
+    assert ok["audiences"] == ["podnetmon"]
+    assert ok["user"]["username"] == fixtures.DAEMON_USER
+    other = _token_review(cluster, token, ["some-other-service"])
+    assert other.get("authenticated") is not True
+    assert "audience" in other.get("error", ""), other
+    # a token minted for the API server is no token for podnetmon either
+    api_token = cluster.create_token(fixtures.DAEMON_NAMESPACE, fixtures.DAEMON_SA,
+                                     "https://kubernetes.default.svc.cluster.local")
+    assert _token_review(cluster, api_token, ["podnetmon"]).get("authenticated") is not True
+
+
+def _can_i(cp: ControlPlane, kubeconfig: Path, verb: str, resource: str,
+           subresource: str = "") -> bool:
+    extra = [f"--subresource={subresource}"] if subresource else []
+    out = cp.kubectl("auth", "can-i", verb, resource, "--all-namespaces", *extra, check=False,
+                     kubeconfig=kubeconfig)
+    answer = out.stdout.strip()
+    assert answer in ("yes", "no"), out.stderr
+    return answer == "yes"
+
+
+def test_shipped_rbac_grants_exactly_what_the_daemon_uses(
+        cluster: ControlPlane, tmp_path: Path) -> None:
+    kubeconfig = fixtures.daemon_kubeconfig(cluster, tmp_path / "daemon.kubeconfig")
+    granted = {("list", "pods"), ("watch", "pods"),
+               ("create", "tokenreviews.authentication.k8s.io"),
+               ("create", "subjectaccessreviews.authorization.k8s.io")}
+    asked = {(verb, res) for verb in ("get", "list", "watch", "create", "update", "patch",
+                                      "delete", "deletecollection")
+             for res in ("pods", "secrets", "nodes", "services",
+                         "endpointslices.discovery.k8s.io", "configmaps",
+                         "tokenreviews.authentication.k8s.io",
+                         "subjectaccessreviews.authorization.k8s.io")}
+    allowed = {(v, r) for v, r in sorted(asked | granted) if _can_i(cluster, kubeconfig, v, r)}
+    assert allowed == granted
+    for verb, subresource in (("update", "status"), ("create", "exec"), ("get", "log"),
+                              ("create", "eviction")):
+        assert not _can_i(cluster, kubeconfig, verb, "pods", subresource), (verb, subresource)
+    # and a real request outside the role is refused by the real authorizer
+    out = cluster.kubectl("get", "secrets", "-A", check=False, kubeconfig=kubeconfig)
+    assert out.returncode != 0 and "Forbidden" in out.stderr, out.stderr
+
+
+def test_deploy_passes_server_side_dry_run(cluster: ControlPlane) -> None:
+    out = cluster.kubectl("apply", "-k", str(ROOT / "deploy" / "base"), "--dry-run=server")
+    assert "daemonset.apps/podnetmon" in out.stdout, out.stdout
+
+
+def _etcdctl(cp: ControlPlane, *args: str) -> str:
+    return subprocess.run(["etcdctl", f"--endpoints=http://127.0.0.1:{cp.etcd_port}", *args],
+                          capture_output=True, text=True, check=True, timeout=30,
+                          env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"}).stdout
+
+
+def test_names_from_the_real_api_through_expiry_and_outage(
+        cluster: ControlPlane, lab: Lab, daemons: list[Daemon], tmp_path: Path) -> None:
+    fixtures.add_node(cluster, NODE)
+    cluster.kubectl("create", "namespace", "shop", check=False)
+    rs = fixtures.add_owner(cluster, "ReplicaSet", "web-5d8f7c9b4", "shop", WORKLOAD_LABELS)
+    sts = fixtures.add_owner(cluster, "StatefulSet", "db", "shop", {"app": "db"})
+    web0 = fixtures.add_pod(cluster, "web-5d8f7c9b4-x2x2x", "shop", NODE,
+                            labels={**WORKLOAD_LABELS, "team": "a"}, owner=rs)
+    db0 = fixtures.add_pod(cluster, "db-0", "shop", NODE, labels={"app": "db"}, owner=sts)
+    elsewhere = fixtures.add_pod(cluster, "elsewhere-0", "shop", "node-2")
+    # lab pods whose cgroups carry the UIDs the API server gave
+    pods = [lab.add(style=style, uid=p["metadata"]["uid"])
+            for style, p in (("docker", web0), ("containerd", db0), ("docker", elsewhere))]
+    web, db, stranger = pods
+    for api_pod, lab_pod in ((web0, web), (db0, db)):
+        fixtures.add_pod(cluster, api_pod["metadata"]["name"], "shop", NODE,
+                         labels=api_pod["metadata"]["labels"],
+                         owner=rs if lab_pod is web else sts, ip=lab_pod.ip)
+    kubeconfig = fixtures.daemon_kubeconfig(cluster, tmp_path / "daemon.kubeconfig")
+    mark = cluster.audit_mark()  # the other tests' requests with this identity came before
+    daemon = Daemon("--metadata", "kubernetes", "--kubeconfig", str(kubeconfig),
+                    "--node-name", NODE, "--runtime-dirs", str(lab.runtime_dir),
+                    "--pod-labels", "app,team")
+    daemons.append(daemon)
+
+    named = {("shop", "web-5d8f7c9b4-x2x2x"), ("shop", "db-0")}
+    fallback = ("_unknown", f"netns-{stranger.netns}")  # its API pod is on another node
+    wait_for(lambda: set(pod_info(daemon.scrape())) == named | {fallback}, timeout=15)
+    info = pod_info(daemon.scrape())
+    assert info[("shop", "web-5d8f7c9b4-x2x2x")]["workload"] == "web"
+    assert info[("shop", "web-5d8f7c9b4-x2x2x")]["workload_kind"] == "Deployment"
+    assert info[("shop", "db-0")]["workload_kind"] == "StatefulSet"
+    assert info[("shop", "web-5d8f7c9b4-x2x2x")]["uid"] == web0["metadata"]["uid"]
+
+    # counted exactly, under the API's names
+    in_pod(web, "ping", "-c", "1", "-W", "1", db.ip)
+    before = quiet_window(daemon, [web, db])
+    in_pod(web, "ping", "-c", "13", "-i", "0.01", "-q", db.ip)
+    after = quiet_window(daemon, [web, db])
+    for pod, name in ((web, "web-5d8f7c9b4-x2x2x"), (db, "db-0")):
+        for direction, stat in (("egress", "rx_packets"), ("ingress", "tx_packets")):
+            ours = (after.metrics.sum("podnet_packets_total", pod=name, direction=direction)
+                    - before.metrics.sum("podnet_packets_total", pod=name, direction=direction))
+            kernel = after.stats[pod.host_veth][stat] - before.stats[pod.host_veth][stat]
+            assert ours == kernel >= 13, (name, direction)
+
+    # the API goes away: every series stays as it was, none invented
+    series_before = {k for k in daemon.scrape().samples if k[0] == "podnet_pod_info"}
+    cluster.kill_apiserver()
+    time.sleep(2)
+    assert {k for k in daemon.scrape().samples if k[0] == "podnet_pod_info"} == series_before
+    # ... and its history is compacted meanwhile, so the daemon's resourceVersion expires
+    for i in range(5):
+        _etcdctl(cluster, "put", f"/podnetmon-test/bump-{i}", "x")
+    status = json.loads(_etcdctl(cluster, "endpoint", "status", "-w", "json"))
+    revision = status[0]["Status"]["header"]["revision"]
+    _etcdctl(cluster, "compact", str(revision))
+    cluster.restart_apiserver()
+    # a change the daemon can only see by listing again
+    late = fixtures.add_pod(cluster, "web-5d8f7c9b4-late1", "shop", NODE,
+                            labels=WORKLOAD_LABELS, owner=rs)
+    late_pod = lab.add(style="containerd", uid=late["metadata"]["uid"])
+    wait_for(lambda: ("shop", "web-5d8f7c9b4-late1") in pod_info(daemon.scrape()), timeout=60)
+    # no kubelet confirms a graceful deletion here: delete at once, as a kubelet would end it
+    cluster.kubectl("delete", "pod", "db-0", "-n", "shop", "--grace-period=0", "--force")
+    lab.remove(db.name)
+    wait_for(lambda: ("shop", "db-0") not in pod_info(daemon.scrape()), timeout=60)
+    assert set(pod_info(daemon.scrape())) == {("shop", "web-5d8f7c9b4-x2x2x"),
+                                             ("shop", "web-5d8f7c9b4-late1"), fallback}
+    events = [str(e.get("event")) for e in daemon.log_events()]
+    assert "watch expired, listing again" in events, events[-30:]
+    assert late_pod.uid == late["metadata"]["uid"]
+
+    # what the daemon asked of the API, as the API server audited it: one list+watch of
+    # this node's pods, nothing else; the shipped ClusterRole grants no more than that
+    used = {(e["verb"], (e.get("objectRef") or {}).get("resource", ""))
+            for e in cluster.audit_events(fixtures.DAEMON_USER, mark)}
+    assert used == {("list", "pods"), ("watch", "pods")}, used
+    assert all("fieldSelector=spec.nodeName%3D" + NODE in e["requestURI"]
+               for e in cluster.audit_events(fixtures.DAEMON_USER, mark)), "unscoped request"
