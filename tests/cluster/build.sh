@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the real control plane the cluster tests run, from the published Go modules:
 # kube-apiserver and kube-controller-manager of one Kubernetes release (go/kubernetes),
-# and the Prometheus Operator (go/prometheus-operator). Each set is cached under
+# the Prometheus Operator (go/prometheus-operator) and a Prometheus with Kubernetes service
+# discovery (go/prometheus; Debian's has none). Each set is cached under
 # $PODNETMON_CACHE (default /var/cache/podnetmon) by release and by a digest of its
 # go.mod and go.sum, so a second run on the same machine costs nothing; a cold build
 # prints how long it took. etcd is Debian's (etcd-server, installed by setup.sh):
@@ -10,12 +11,14 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${PODNETMON_CACHE:-/var/cache/podnetmon}
 say() { printf 'cluster-build: %s\n' "$*" >&2; }
+# Go's own install places, for a shell whose PATH lacks them (CI's, a sudo's).
+command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin:/usr/lib/go/bin
 command -v go >/dev/null || { say "no go on PATH: the cluster tests need Go 1.26 to build Kubernetes"; exit 3; }
 
 k8s_release=$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" {print $3}' "$here/go/kubernetes/go.mod")
 op_release=$(awk '$1 == "require" && $2 ~ /prometheus-operator$/ {print $3}' "$here/go/prometheus-operator/go.mod")
 digest() { cat "$1/go.mod" "$1/go.sum" | sha256sum | cut -c1-12; }
-out="$cache/cluster-$k8s_release-$(digest "$here/go/kubernetes")-op-$op_release-$(digest "$here/go/prometheus-operator")"
+out="$cache/cluster-$k8s_release-$(digest "$here/go/kubernetes")-op-$op_release-$(digest "$here/go/prometheus-operator")-$(digest "$here/go/prometheus")"
 
 build() {  # build DIR BINARY PACKAGE LDFLAGS
   local dir=$1 bin=$2 pkg=$3 ldflags=$4
@@ -41,6 +44,9 @@ build "$here/go/kubernetes" kube-controller-manager k8s.io/kubernetes/cmd/kube-c
 ov="-s -w -X github.com/prometheus/common/version.Version=${op_release#v}"
 build "$here/go/prometheus-operator" prometheus-operator \
   github.com/prometheus-operator/prometheus-operator/cmd/operator "$ov"
+pv="-s -w -X github.com/prometheus/common/version.Version=$(awk '$1 == "require" {print $3}' \
+  "$here/go/prometheus/go.mod" | sed 's/^v0\./2./')"
+build "$here/go/prometheus" prometheus github.com/prometheus/prometheus/cmd/prometheus "$pv"
 # The operator's CRDs, from the same module (the tests apply them).
 crds=$(cd "$here/go/prometheus-operator" && go list -m -f '{{.Dir}}' \
   github.com/prometheus-operator/prometheus-operator)/example/prometheus-operator-crd

@@ -12,18 +12,22 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from monitor.lab import Lab
-from tests.cluster import fixtures
+from tests.cluster import fixtures, operator
 from tests.cluster.controlplane import ROOT, ControlPlane
 from tests.kernel.support import Daemon, in_pod, pod_info, quiet_window, wait_for
+from tests.kernel.test_alerts_e2e import query
 
 NODE = "node-1"
+OPERATOR_DIR = ROOT / "deploy" / "prometheus-operator"
 WORKLOAD_LABELS = {"app": "web", "pod-template-hash": "5d8f7c9b4"}
 
 
@@ -178,3 +182,89 @@ def test_names_from_the_real_api_through_expiry_and_outage(
     assert used == {("list", "pods"), ("watch", "pods")}, used
     assert all("fieldSelector=spec.nodeName%3D" + NODE in e["requestURI"]
                for e in cluster.audit_events(fixtures.DAEMON_USER, mark)), "unscoped request"
+
+
+def _daemon_pod(cluster: ControlPlane, daemon: Daemon) -> dict[str, Any]:
+    """The daemon's pod as the DaemonSet's template makes it, its IP the daemon's listener."""
+    ds = yaml.safe_load((ROOT / "deploy" / "base" / "daemonset.yaml").read_text())
+    template = ds["spec"]["template"]
+    container = template["spec"]["containers"][0]
+    ports = [{**p, "containerPort": daemon.port} for p in container["ports"]]
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "podnetmon-q7x9k", "namespace": fixtures.DAEMON_NAMESPACE,
+                        "labels": template["metadata"]["labels"]},
+           "spec": {"nodeName": NODE, "serviceAccountName": fixtures.DAEMON_SA,
+                    "containers": [{"name": container["name"], "image": container["image"],
+                                    "ports": ports}]}}
+    cluster.apply(pod)
+    cluster.kubectl("patch", "pod", "podnetmon-q7x9k", "-n", fixtures.DAEMON_NAMESPACE,
+                    "--subresource=status", "--type=merge", "-p", json.dumps({"status": {
+                        "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+                        "conditions": [{"type": "Ready", "status": "True"}]}}))
+    return pod
+
+
+def test_operator_generated_config_keeps_the_pods_labels(
+        cluster: ControlPlane, lab: Lab, daemons: list[Daemon], tmp_path: Path) -> None:
+    bin_dir = fixtures.built_binaries()
+    op = operator.Operator(cluster, bin_dir)
+    prom = None
+    try:
+        fixtures.add_node(cluster, NODE)
+        cluster.kubectl("create", "namespace", "monitoring", check=False)
+        cluster.apply(operator.prometheus_rbac("monitoring"))
+        pods = lab.up(2)
+        daemon = Daemon(inventory=str(lab.inventory))
+        daemons.append(daemon)
+        _daemon_pod(cluster, daemon)
+        cluster.kubectl("apply", "-f", str(OPERATOR_DIR / "podmonitor.yaml"))
+        cluster.apply(operator.prometheus_resource("k8s", "monitoring"))
+        config = op.generated_config("monitoring", "k8s",
+                                     must_contain="podMonitor/podnetmon/podnetmon/0")
+        print("the operator's configuration:\n" + config)
+        token = cluster.create_token("monitoring", "prometheus",
+                                     "https://kubernetes.default.svc.cluster.local")
+        prom, port = operator.run_prometheus(cluster, bin_dir / "prometheus", config,
+                                             tmp_path / "prometheus", token)
+        address = f"127.0.0.1:{port}"
+        in_pod(pods[0], "ping", "-c", "5", "-i", "0.05", "-q", pods[1].ip)
+
+        def targets() -> str:
+            try:
+                with urllib.request.urlopen(f"http://{address}/api/v1/targets", timeout=5) as r:
+                    return str(r.read()[:3000])
+            except OSError as exc:
+                return str(exc)
+
+        def scraped() -> bool:
+            try:
+                return bool(query(address, 'up{job="podnetmon"} == 1'))
+            except OSError:
+                return False
+        try:
+            wait_for(scraped, timeout=60, interval=0.5)
+        except AssertionError:
+            raise AssertionError(f"the daemon was never scraped: {targets()}\n"
+                                 + (tmp_path / "prometheus" / "prometheus.log").read_text()) from None
+
+        def series() -> list[dict[str, Any]]:
+            if prom is not None and prom.poll() is not None:
+                raise AssertionError((tmp_path / "prometheus" / "prometheus.log").read_text())
+            try:
+                return query(address, 'podnet_packets_total{direction="egress",protocol="icmp"}')
+            except OSError:
+                return []
+        wait_for(series, timeout=60, interval=0.5)
+        got = {(s["metric"].get("namespace"), s["metric"].get("pod"), s["metric"].get("job"))
+               for s in series()}
+        assert ("lab", pods[0].name, "podnetmon") in got, got
+        assert not any("exported_pod" in s["metric"] for s in series())
+        # the daemon's own series carry the daemon pod's names, one instance per daemon
+        own = query(address, "podnet_monitor_attached_pods")
+        assert [(s["metric"].get("namespace"), s["metric"].get("pod")) for s in own] == [
+            ("podnetmon", "podnetmon-q7x9k")], own
+    finally:
+        if prom is not None:
+            prom.terminate()
+            prom.wait(timeout=20)
+        op.stop()

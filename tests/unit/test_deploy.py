@@ -187,7 +187,8 @@ def test_prometheus_operator_monitors_select_the_daemon() -> None:
         assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
         [endpoint] = spec[endpoints_key]
         assert set(endpoint) <= endpoint_keys, f"{kind}: unknown fields {set(endpoint) - endpoint_keys}"
-        assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "30s"}
+        assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "30s",
+                            "honorLabels": True}
         assert endpoint["port"] in port_names
     assert ports["metrics"] == PORT
     [service_port] = service["spec"]["ports"]
