@@ -43,6 +43,9 @@ def test_twenty_restarts_under_ping_lose_no_packet_and_no_count(lab: Lab) -> Non
     server, client = lab.up(2)
     inventory = str(lab.inventory)
     daemon = Daemon("--leave-attached", "true", inventory=inventory)
+    # from here on, what the veth and the pod's stack count must all be counted by us;
+    # taken before the ping starts, as a scrape here can outlast ping's 10 ms interval
+    base = quiet_window(daemon, [client])
     LOG_DIR.mkdir(mode=0o700, exist_ok=True)
     ping_out = open(LOG_DIR / "ping.txt", "w+")  # noqa: SIM115
     ping = subprocess.Popen([*client.exec_prefix(), "ping", "-i", "0.01", "-w", "600", server.ip],
@@ -51,8 +54,6 @@ def test_twenty_restarts_under_ping_lose_no_packet_and_no_count(lab: Lab) -> Non
     try:
         wait_for(lambda: daemon.scrape().sum("podnet_packets_total", pod=client.name,
                                              direction="egress", protocol="icmp") > 10, 10)
-        # from here on, what the veth and the pod's stack count must all be counted by us
-        base = quiet_window(daemon, [client])
         base_no_ports = udp_no_ports(server)
         # datagrams to a closed port: each one a NO_SOCKET drop the tracepoint counts
         sender = subprocess.Popen(
