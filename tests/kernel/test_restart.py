@@ -54,6 +54,9 @@ def test_twenty_restarts_under_ping_lose_no_packet_and_no_count(lab: Lab) -> Non
     try:
         wait_for(lambda: daemon.scrape().sum("podnet_packets_total", pod=client.name,
                                              direction="egress", protocol="icmp") > 10, 10)
+        # drops are compared from here (no datagram to a closed port yet): a stray one at
+        # ping's start (issue 21: a reply freed with a reason) is not the restarts' concern
+        drop_base = daemon.scrape()
         base_no_ports = udp_no_ports(server)
         # datagrams to a closed port: each one a NO_SOCKET drop the tracepoint counts
         sender = subprocess.Popen(
@@ -96,8 +99,8 @@ def test_twenty_restarts_under_ping_lose_no_packet_and_no_count(lab: Lab) -> Non
                    for w in (base, window)]
         assert packets[1] - packets[0] == (window.stats[client.host_veth]["rx_packets"] -
                                            base.stats[client.host_veth]["rx_packets"])
-        drops = [w.metrics.sum("podnet_drops_total", pod=server.name, reason="NO_SOCKET")
-                 for w in (base, window)]
+        drops = [m.sum("podnet_drops_total", pod=server.name, reason="NO_SOCKET")
+                 for m in (drop_base, window.metrics)]
         assert drops[1] - drops[0] == udp_no_ports(server) - base_no_ports > 10_000
     finally:
         for proc in (ping, sender):
