@@ -230,34 +230,26 @@ class ControlPlane:
             "--v=1"])
 
     def _write_kubeconfig(self, path: Path, pair: pki.Pair, user: str) -> None:
+        self._kubeconfig(path, user, {"client-certificate": str(pair.cert),
+                                      "client-key": str(pair.key)})
+
+    def write_token_kubeconfig(self, path: str | Path, token: str, user: str = "token") -> Path:
+        """A kubeconfig that authenticates with a bearer token (a ServiceAccount's)."""
+        return self._kubeconfig(Path(path), user, {"token": token})
+
+    def _kubeconfig(self, path: Path, user: str, credentials: dict[str, str]) -> Path:
         assert self.pki is not None
         doc = {
             "apiVersion": "v1", "kind": "Config", "current-context": "podnetmon-test",
             "clusters": [{"name": "podnetmon-test", "cluster": {
                 "server": self.url, "certificate-authority": str(self.pki.ca.cert)}}],
-            "users": [{"name": user, "user": {"client-certificate": str(pair.cert),
-                                              "client-key": str(pair.key)}}],
+            "users": [{"name": user, "user": credentials}],
             "contexts": [{"name": "podnetmon-test",
                           "context": {"cluster": "podnetmon-test", "user": user}}],
         }
         path.write_text(json.dumps(doc, indent=1))
         path.chmod(0o600)
-
-    def write_token_kubeconfig(self, path: str | Path, token: str, user: str = "token") -> Path:
-        """A kubeconfig that authenticates with a bearer token (a ServiceAccount's)."""
-        assert self.pki is not None
-        doc = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "podnetmon-test",
-            "clusters": [{"name": "podnetmon-test", "cluster": {
-                "server": self.url, "certificate-authority": str(self.pki.ca.cert)}}],
-            "users": [{"name": user, "user": {"token": token}}],
-            "contexts": [{"name": "podnetmon-test",
-                          "context": {"cluster": "podnetmon-test", "user": user}}],
-        }
-        out = Path(path)
-        out.write_text(json.dumps(doc, indent=1))
-        out.chmod(0o600)
-        return out
+        return path
 
     # -- readiness -----------------------------------------------------------------
 

@@ -95,13 +95,18 @@ def add_pod(cp: ControlPlane, name: str, namespace: str, node: str, *,
             "controller": True, "blockOwnerDeletion": True}]
     cp.apply({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
               "spec": {"nodeName": node, "containers": [{"name": "app", "image": "pause"}]}})
+    set_running(cp, name, namespace, ip)
+    return get(cp, "pod", name, namespace)
+
+
+def set_running(cp: ControlPlane, name: str, namespace: str, ip: str = "") -> None:
+    """What a kubelet would report: Running and Ready, with the pod's IP (via /status)."""
     status: dict[str, Any] = {"phase": "Running",
                               "conditions": [{"type": "Ready", "status": "True"}]}
     if ip:
         status.update(podIP=ip, podIPs=[{"ip": ip}])
     cp.kubectl("patch", "pod", name, "-n", namespace, "--subresource=status", "--type=merge",
                "-p", json.dumps({"status": status}))
-    return get(cp, "pod", name, namespace)
 
 
 def daemon_kubeconfig(cp: ControlPlane, path: Path) -> Path:

@@ -22,7 +22,7 @@ import yaml
 
 from monitor.lab import Lab
 from tests.cluster import fixtures, operator
-from tests.cluster.controlplane import ROOT, ControlPlane
+from tests.cluster.controlplane import ISSUER, ROOT, ControlPlane
 from tests.kernel.support import Daemon, in_pod, pod_info, quiet_window, wait_for
 from tests.kernel.test_alerts_e2e import query
 
@@ -55,7 +55,7 @@ def test_tokenreview_honours_audiences(cluster: ControlPlane) -> None:
     assert "audience" in other.get("error", ""), other
     # a token minted for the API server is no token for podnetmon either
     api_token = cluster.create_token(fixtures.DAEMON_NAMESPACE, fixtures.DAEMON_SA,
-                                     "https://kubernetes.default.svc.cluster.local")
+                                     ISSUER)
     assert _token_review(cluster, api_token, ["podnetmon"]).get("authenticated") is not True
 
 
@@ -197,10 +197,7 @@ def _daemon_pod(cluster: ControlPlane, daemon: Daemon) -> dict[str, Any]:
                     "containers": [{"name": container["name"], "image": container["image"],
                                     "ports": ports}]}}
     cluster.apply(pod)
-    cluster.kubectl("patch", "pod", "podnetmon-q7x9k", "-n", fixtures.DAEMON_NAMESPACE,
-                    "--subresource=status", "--type=merge", "-p", json.dumps({"status": {
-                        "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
-                        "conditions": [{"type": "Ready", "status": "True"}]}}))
+    fixtures.set_running(cluster, "podnetmon-q7x9k", fixtures.DAEMON_NAMESPACE, "127.0.0.1")
     return pod
 
 
@@ -223,7 +220,7 @@ def test_operator_generated_config_keeps_the_pods_labels(
                                      must_contain="podMonitor/podnetmon/podnetmon/0")
         print("the operator's configuration:\n" + config)
         token = cluster.create_token("monitoring", "prometheus",
-                                     "https://kubernetes.default.svc.cluster.local")
+                                     ISSUER)
         prom, port = operator.run_prometheus(cluster, bin_dir / "prometheus", config,
                                              tmp_path / "prometheus", token)
         address = f"127.0.0.1:{port}"
