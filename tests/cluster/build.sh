@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real control plane the cluster tests run, from the published Go modules:
-# kube-apiserver and kube-controller-manager of one Kubernetes release (go/kubernetes),
+# kube-apiserver, kube-controller-manager and kubelet of one Kubernetes release (go/kubernetes),
 # the Prometheus Operator (go/prometheus-operator) and a Prometheus with Kubernetes service
 # discovery (go/prometheus; Debian's has none). Each set is cached under
 # $PODNETMON_CACHE (default /var/cache/podnetmon) by release and by a digest of its
@@ -41,6 +41,7 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 build "$here/go/kubernetes" kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$kv"
 build "$here/go/kubernetes" kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$kv"
+build "$here/go/kubernetes" kubelet k8s.io/kubernetes/cmd/kubelet "$kv"
 ov="-s -w -X github.com/prometheus/common/version.Version=${op_release#v}"
 build "$here/go/prometheus-operator" prometheus-operator \
   github.com/prometheus-operator/prometheus-operator/cmd/operator "$ov"

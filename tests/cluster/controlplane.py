@@ -96,7 +96,7 @@ class ControlPlane:
         try:
             self._start_etcd()
             self._start_apiserver()
-            self._write_kubeconfig(self.kubeconfig, self.pki.admin, "admin")
+            self.write_cert_kubeconfig(self.kubeconfig, self.pki.admin, "admin")
             self._wait_ready()
             self._start_controller_manager()
             self._wait_default_service_account()
@@ -212,7 +212,7 @@ class ControlPlane:
         assert self.pki is not None
         p = self.pki
         kubeconfig = self.dir / "controller-manager.kubeconfig"
-        self._write_kubeconfig(kubeconfig, p.controller_manager, "system:kube-controller-manager")
+        self.write_cert_kubeconfig(kubeconfig, p.controller_manager, "system:kube-controller-manager")
         self._spawn("kube-controller-manager", [
             str(self.bin_dir / "kube-controller-manager"),
             f"--kubeconfig={kubeconfig}",
@@ -229,8 +229,9 @@ class ControlPlane:
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--v=1"])
 
-    def _write_kubeconfig(self, path: Path, pair: pki.Pair, user: str) -> None:
-        self._kubeconfig(path, user, {"client-certificate": str(pair.cert),
+    def write_cert_kubeconfig(self, path: Path, pair: pki.Pair, user: str) -> Path:
+        """A kubeconfig that authenticates with a client certificate of this PKI."""
+        return self._kubeconfig(path, user, {"client-certificate": str(pair.cert),
                                       "client-key": str(pair.key)})
 
     def write_token_kubeconfig(self, path: str | Path, token: str, user: str = "token") -> Path:

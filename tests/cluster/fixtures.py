@@ -89,14 +89,18 @@ def add_pod(cp: ControlPlane, name: str, namespace: str, node: str, *,
     """A pod bound to `node` (no scheduler); its status (Running, IP) through /status."""
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels or {})}
     if owner is not None:
-        meta["ownerReferences"] = [{
-            "apiVersion": owner["apiVersion"], "kind": owner["kind"],
-            "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"],
-            "controller": True, "blockOwnerDeletion": True}]
+        meta["ownerReferences"] = owned_by(owner)
     cp.apply({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
               "spec": {"nodeName": node, "containers": [{"name": "app", "image": "pause"}]}})
     set_running(cp, name, namespace, ip)
     return get(cp, "pod", name, namespace)
+
+
+def owned_by(owner: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ownerReferences of a pod its controller `owner` made."""
+    return [{"apiVersion": owner["apiVersion"], "kind": owner["kind"],
+             "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"],
+             "controller": True, "blockOwnerDeletion": True}]
 
 
 def set_running(cp: ControlPlane, name: str, namespace: str, ip: str = "") -> None:

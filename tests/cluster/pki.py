@@ -41,7 +41,7 @@ class Pki:
     sa_pub: Path
 
 
-def _leaf(d: Path, ca: Pair, name: str, subject: str, *, usage: str, sans: str = "") -> Pair:
+def leaf(d: Path, ca: Pair, name: str, subject: str, *, usage: str, sans: str = "") -> Pair:
     key, csr, cert, ext = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.crt", d / f"{name}.ext"
     _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
              "-keyout", key.name, "-out", csr.name, "-subj", subject, cwd=d)
@@ -69,9 +69,9 @@ def make(d: Path, *, extra_sans: tuple[str, ...] = ()) -> Pki:
     sans = ",".join(["IP:127.0.0.1", "DNS:localhost", "IP:10.96.0.1", "DNS:kubernetes",
                      "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
                      "DNS:kubernetes.default.svc.cluster.local", *extra_sans])
-    apiserver = _leaf(d, ca, "apiserver", "/CN=kube-apiserver", usage="serverAuth", sans=sans)
-    admin = _leaf(d, ca, "admin", "/O=system:masters/CN=podnetmon-test-admin", usage="clientAuth")
-    cm = _leaf(d, ca, "controller-manager", "/CN=system:kube-controller-manager",
+    apiserver = leaf(d, ca, "apiserver", "/CN=kube-apiserver", usage="serverAuth", sans=sans)
+    admin = leaf(d, ca, "admin", "/O=system:masters/CN=podnetmon-test-admin", usage="clientAuth")
+    cm = leaf(d, ca, "controller-manager", "/CN=system:kube-controller-manager",
                usage="clientAuth")
     sa_key, sa_pub = d / "sa.key", d / "sa.pub"
     _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
