@@ -11,9 +11,13 @@
 # in debian:12-slim gives the version to pin instead.
 
 # checkov:skip=CKV_DOCKER_2:No HEALTHCHECK because Kubernetes ignores it; the DaemonSet's startup, liveness and readiness probes call /healthz and /readyz
+# checkov:skip=CKV_DOCKER_7:FROM names the BASE build argument whose default debian:12-slim is a versioned tag; checkov does not read build arguments
 # checkov:skip=CKV_DOCKER_3:Runs as root on purpose because loading BPF and opening root-owned bpffs, tracefs and netns files need uid 0 with all DAC capabilities dropped
 
-FROM debian:12-slim
+# BASE: `make image` builds on a Debian 12 root file system made by mmdebstrap (no
+# registry is needed); a docker build takes Debian's own image.
+ARG BASE=debian:12-slim
+FROM ${BASE}
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
@@ -33,6 +37,11 @@ RUN python3 -m venv /opt/podnetmon \
     && echo /opt/podnetmon/bcc-path \
         > "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/debian_bcc.pth" \
     && python -c 'import bcc'
+
+# PIP_CERT: a CA bundle for pip where the build's network reaches PyPI through a TLS proxy
+# (`make image` mounts the host's for the build only; nothing of it stays in the image).
+# Unset, it is not in the environment at all and pip uses its own bundle.
+ARG PIP_CERT
 
 # Only what the package needs (.dockerignore keeps everything else out of the context).
 WORKDIR /src

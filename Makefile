@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: setup demo test unit kernel cluster cluster-build lint bench soak clean
+.PHONY: setup demo test unit kernel cluster cluster-build image lint bench soak clean
 
 setup:
 	scripts/setup.sh
@@ -24,6 +24,11 @@ cluster-build:
 # A real single-node control plane on loopback to try podnetmon against; Ctrl-C ends it.
 cluster: setup cluster-build
 	$(PY) -m tests.cluster
+
+# The daemon's image from the Dockerfile, with buildah on an mmdebstrap'd Debian 12 (no
+# registry); prints the docker-archive it wrote (scripts/image.sh).
+image: setup
+	scripts/image.sh
 
 unit: setup
 	$(PYTEST) tests/unit -q

@@ -11,7 +11,8 @@ say() { printf 'setup: %s\n' "$*"; }
 packages=(python3-bpfcc libbpfcc bpftool iproute2 iperf3 tcpdump tshark nftables prometheus
           iputils-ping netcat-openbsd util-linux python3-venv procps kmod
           etcd-server etcd-client openssl
-          containerd runc containernetworking-plugins umoci gcc libc6-dev)
+          containerd runc containernetworking-plugins umoci gcc libc6-dev
+          buildah mmdebstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

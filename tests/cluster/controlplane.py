@@ -58,12 +58,13 @@ class ControlPlane:
 
     def __init__(self, bin_dir: str | Path, *, etcd: str | None = None,
                  workdir: str | Path | None = None, extra_apiserver_args: Sequence[str] = (),
-                 controllers: str = "*") -> None:
+                 controllers: str = "*", scheduler: bool = False) -> None:
         self.bin_dir = Path(bin_dir)
         self.etcd_bin = etcd or shutil.which("etcd") or str(self.bin_dir / "etcd")
         self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="podnetmon-cluster-"))
         self._extra = tuple(extra_apiserver_args)
         self._controllers = controllers
+        self._scheduler = scheduler
         self.port = 0
         self.etcd_port = 0
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -99,6 +100,8 @@ class ControlPlane:
             self.write_cert_kubeconfig(self.kubeconfig, self.pki.admin, "admin")
             self._wait_ready()
             self._start_controller_manager()
+            if self._scheduler:
+                self._start_scheduler()
             self._wait_default_service_account()
         except BaseException:
             self.stop()
@@ -106,7 +109,7 @@ class ControlPlane:
         self.start_seconds = time.monotonic() - t0
 
     def stop(self) -> None:
-        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
+        for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             proc = self._procs.pop(name, None)
             if proc is None:
                 continue
@@ -228,6 +231,18 @@ class ControlPlane:
             "--leader-elect=false",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--v=1"])
+
+    def _start_scheduler(self) -> None:
+        """For pods the API binds to nodes, DaemonSets' among them (tests give theirs a
+        nodeName and need none)."""
+        assert self.pki is not None
+        kubeconfig = self.write_cert_kubeconfig(self.dir / "scheduler.kubeconfig",
+                                                self.pki.scheduler, "system:kube-scheduler")
+        self._spawn("kube-scheduler", [
+            str(self.bin_dir / "kube-scheduler"), f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1", "--secure-port=0", "--leader-elect=false", "--v=1"])
 
     def write_cert_kubeconfig(self, path: Path, pair: pki.Pair, user: str) -> Path:
         """A kubeconfig that authenticates with a client certificate of this PKI."""

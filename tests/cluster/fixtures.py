@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -15,6 +16,7 @@ import pytest
 from tests.cluster.controlplane import ISSUER, ROOT, ControlPlane
 
 BUILD = ROOT / "tests" / "cluster" / "build.sh"
+IMAGE = ROOT / "scripts" / "image.sh"
 NO_GO = 3  # build.sh's exit status when there is no Go toolchain
 DAEMON_NAMESPACE, DAEMON_SA = "podnetmon", "podnetmon"
 DAEMON_USER = f"system:serviceaccount:{DAEMON_NAMESPACE}:{DAEMON_SA}"
@@ -47,14 +49,30 @@ def built_binaries() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def start(**kwargs: Any) -> Iterator[ControlPlane]:
-    """A started control plane with the shipped RBAC applied; stopped afterwards."""
-    cp = ControlPlane(built_binaries(), controllers=CONTROLLERS, **kwargs)
+def built_image() -> Path:
+    """The daemon's image archive from `make image` (scripts/image.sh; cached)."""
+    missing = [t for t in ("buildah", "mmdebstrap") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"the daemon's image cannot be built here: no {', '.join(missing)}")
+    out = subprocess.run(["bash", str(IMAGE)], capture_output=True, text=True, check=False,
+                         timeout=1800)
+    if out.returncode != 0:
+        raise AssertionError(f"make image failed:\n{out.stderr[-4000:]}")
+    print(out.stderr)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def start(controllers: str = CONTROLLERS, rbac: bool = True,
+          **kwargs: Any) -> Iterator[ControlPlane]:
+    """A started control plane with the shipped RBAC applied (unless not `rbac`);
+    stopped afterwards."""
+    cp = ControlPlane(built_binaries(), controllers=controllers, **kwargs)
     cp.start()
     print(f"control plane started in {cp.start_seconds:.1f} s at {cp.url}")
     try:
         base = ROOT / "deploy" / "base"
-        cp.kubectl("apply", *[a for f in RBAC_FILES for a in ("-f", str(base / f))])
+        if rbac:
+            cp.kubectl("apply", *[a for f in RBAC_FILES for a in ("-f", str(base / f))])
         yield cp
     finally:
         cp.stop()

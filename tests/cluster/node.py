@@ -51,10 +51,13 @@ NETNS_DIR = Path("/var/run/netns")
 CONTAINER_LOGS = Path("/var/log/containers")
 CNI_CACHE = Path("/var/lib/cni/results")
 RUN_CONTAINERD = Path("/run/containerd")
+NFT_TABLE = "podnetmon_test_kubeproxy"
 # What kubelet's container manager sets at start when protectKernelDefaults is off.
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic",
                    "kernel/panic_on_oops", "kernel/keys/root_maxkeys",
                    "kernel/keys/root_maxbytes")
+# mount, umount and nsenter are in /usr/bin; iptables (/usr/sbin) is left out on purpose
+KUBELET_PATH = "/usr/local/bin:/usr/bin:/bin"
 NEEDED = ("containerd", "ctr", "runc", "umoci", "gcc", "nsenter")
 READY_TIMEOUT = 120.0
 
@@ -104,6 +107,20 @@ def _pause_pids() -> dict[int, str]:
     return out
 
 
+def _mount_of(path: Path) -> tuple[str, bool]:
+    """The mount point holding `path`, and whether it propagates (shared or slave)."""
+    best, propagates = "/", False
+    real = os.path.realpath(path)
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        point, optional = fields[4], fields[6:fields.index("-")]
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best = point
+            propagates = any(f.startswith(("shared:", "master:")) for f in optional)
+    return best, propagates
+
+
 class KubeletNode:
     """containerd + kubelet registered as one Node of `cp`, started and stopped by the caller."""
 
@@ -117,6 +134,8 @@ class KubeletNode:
         self._netns_before: set[str] = set()
         self._cache_before: set[str] = set()
         self._run_containerd_existed = True
+        self._nft = False
+        self._shared: list[str] = []
         self.start_seconds = 0.0
 
     @property
@@ -164,11 +183,17 @@ class KubeletNode:
             self._runc("delete", "--force", cid)
         self._remove_netns()
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
+        if self._nft:
+            subprocess.run(["nft", "delete", "table", "ip", NFT_TABLE], capture_output=True,
+                           check=False)
         self._remove_log_links()
         self._remove_cni_cache()
         self._remove_cgroup_root()
         self._restore_sysctls()
         self._unmount_under(self.dir)
+        for point in self._shared:
+            subprocess.run(["mount", "--make-private", point], capture_output=True,
+                           check=False)
         if not self._run_containerd_existed:
             # the shims' socket directory, which containerd 1.6 does not let us move
             for d in (RUN_CONTAINERD / "s", RUN_CONTAINERD):
@@ -183,6 +208,50 @@ class KubeletNode:
         return path.read_text(errors="replace")[-6000:] if path.exists() else ""
 
     # -- pods ------------------------------------------------------------------------
+
+    def proxy_kubernetes_service(self) -> None:
+        """What kube-proxy does for the one Service a DaemonSet pod uses, the API's own.
+
+        In-cluster clients dial KUBERNETES_SERVICE_HOST:PORT (the "kubernetes"
+        Service's ClusterIP, 443); with no kube-proxy here, an nft DNAT rule in the host's
+        output path sends it to the API server on loopback (its certificate names
+        10.96.0.1). The table is ours alone and goes at stop().
+        """
+        out = self.cp.kubectl("get", "service", "kubernetes", "-n", "default", "-o",
+                              "jsonpath={.spec.clusterIP} {.spec.ports[0].port}")
+        ip, port = out.stdout.split()
+        rules = (f"table ip {NFT_TABLE} {{\n"
+                 "  chain output {\n"
+                 "    type nat hook output priority -100; policy accept;\n"
+                 f"    ip daddr {ip} tcp dport {port} dnat to 127.0.0.1:{self.cp.port}\n"
+                 "  }\n}\n")
+        subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True,
+                       capture_output=True, timeout=30)
+        self._nft = True
+
+    def share_host_mounts(self, paths: list[str]) -> None:
+        """Make the host mounts holding `paths` shared, as systemd makes every mount at boot.
+
+        A HostToContainer volume needs its host mount shared or slave: containerd
+        refuses the container otherwise ("is mounted on / but it is not a shared or
+        slave mount"). Every systemd node has them shared; this machine boots without
+        systemd and has them private. Only the mounts named are changed (not
+        recursively), and stop() makes them private again.
+        """
+        for path in paths:
+            p = Path(path)
+            while not p.exists():
+                p = p.parent
+            point, shared = _mount_of(p)
+            if not shared and point not in self._shared:
+                subprocess.run(["mount", "--make-shared", point], check=True,
+                               capture_output=True, timeout=30)
+                self._shared.append(point)
+
+    def import_image(self, archive: str | Path) -> None:
+        """An image archive (docker-archive or OCI) into the kubelet's containerd namespace."""
+        self._ctr("images", "import", str(archive))
+
 
     def run_pod(self, name: str, namespace: str, *, labels: dict[str, str] | None = None,
                 owner: dict[str, Any] | None = None, timeout: float = 90) -> RealPod:
@@ -225,10 +294,10 @@ class KubeletNode:
 
     # -- the parts -------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         log = (self.dir / f"{name}.log").open("ab")
         self._procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, cwd=self.dir)
+                                             stdin=subprocess.DEVNULL, cwd=self.dir, env=env)
         log.close()
 
     def _end(self, name: str) -> None:
@@ -349,7 +418,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def _ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         out = subprocess.run(["ctr", "--address", str(self.socket), "--namespace", "k8s.io",
-                              *args], capture_output=True, text=True, timeout=60, check=False)
+                              *args], capture_output=True, text=True, timeout=300, check=False)
         if check and out.returncode != 0:
             raise RuntimeError(f"ctr {' '.join(args)} failed: {out.stderr}")
         return out
@@ -403,7 +472,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "registerNode": True, "localStorageCapacityIsolation": False,
         }
         (self.dir / "kubelet.json").write_text(json.dumps(config, indent=1))
-        self._spawn("kubelet", [
+        # No iptables on kubelet's PATH: it would otherwise leave its canary chains and a
+        # KUBE-FIREWALL chain in the host's iptables (nothing here needs them: no kube-proxy)
+        self._spawn("kubelet", env={**os.environ, "PATH": KUBELET_PATH}, args=[
             str(self.bin_dir / "kubelet"), f"--config={self.dir / 'kubelet.json'}",
             f"--kubeconfig={kubeconfig}", f"--root-dir={self.dir / 'kubelet'}",
             f"--hostname-override={self.name}", "--v=1"])

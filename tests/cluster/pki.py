@@ -37,6 +37,7 @@ class Pki:
     apiserver: Pair
     admin: Pair
     controller_manager: Pair
+    scheduler: Pair
     sa_key: Path
     sa_pub: Path
 
@@ -73,10 +74,11 @@ def make(d: Path, *, extra_sans: tuple[str, ...] = ()) -> Pki:
     admin = leaf(d, ca, "admin", "/O=system:masters/CN=podnetmon-test-admin", usage="clientAuth")
     cm = leaf(d, ca, "controller-manager", "/CN=system:kube-controller-manager",
                usage="clientAuth")
+    scheduler = leaf(d, ca, "scheduler", "/CN=system:kube-scheduler", usage="clientAuth")
     sa_key, sa_pub = d / "sa.key", d / "sa.pub"
     _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
              "-out", sa_key.name, cwd=d)
     _openssl("pkey", "-in", sa_key.name, "-pubout", "-out", sa_pub.name, cwd=d)
-    for key in (ca.key, apiserver.key, admin.key, cm.key, sa_key):
+    for key in (ca.key, apiserver.key, admin.key, cm.key, scheduler.key, sa_key):
         key.chmod(0o600)
-    return Pki(ca, apiserver, admin, cm, sa_key, sa_pub)
+    return Pki(ca, apiserver, admin, cm, scheduler, sa_key, sa_pub)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -167,7 +168,20 @@ class Window:
     metrics: Metrics
 
 
-def quiet_window(daemon: Daemon, pods: Sequence[LabPod], attempts: int = 50) -> Window:
+class Scrapes(Protocol):
+    """A daemon to scrape: ours as a subprocess, or the DaemonSet's pod."""
+
+    def scrape(self) -> Metrics: ...
+
+
+class HasHostVeth(Protocol):
+    """A pod with a host-side veth: a lab pod, or one a real kubelet runs."""
+
+    @property
+    def host_veth(self) -> str: ...
+
+
+def quiet_window(daemon: Scrapes, pods: Sequence[HasHostVeth], attempts: int = 50) -> Window:
     """Read statistics, scrape, read again; keep the pair only if nothing moved.
 
     Stray packets (ARP refreshes, IPv6 neighbour discovery) can cross a veth at
@@ -184,7 +198,34 @@ def quiet_window(daemon: Daemon, pods: Sequence[LabPod], attempts: int = 50) -> 
     raise AssertionError("interfaces never stood still long enough to compare")
 
 
-def in_pod(pod: LabPod, *cmd: str, check: bool = True, timeout: float = 120,
+class NamedVethPod(HasHostVeth, Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+def assert_pings_counted_exactly(daemon: Scrapes, sender: Any, receiver: NamedVethPod,
+                                 count: int, names: tuple[str, str] | None = None) -> None:
+    """`count` pings from sender to receiver, counted in both pods' packets, both ways,
+    exactly as their host veths counted them (the pod's egress is its veth's rx).
+
+    `names`: the two pods' `pod` labels, where they are not the pods' own names (lab
+    pods named from an API)."""
+    label = dict(zip((sender.name, receiver.name), names or (sender.name, receiver.name),
+                     strict=True))
+    in_pod(sender, "ping", "-c", "1", "-W", "1", receiver.ip)  # neighbours settle first
+    before = quiet_window(daemon, [sender, receiver])
+    in_pod(sender, "ping", "-c", str(count), "-i", "0.01", "-q", receiver.ip)
+    after = quiet_window(daemon, [sender, receiver])
+    for pod in (sender, receiver):
+        for direction, stat in (("egress", "rx_packets"), ("ingress", "tx_packets")):
+            name = label[pod.name]
+            ours = (after.metrics.sum("podnet_packets_total", pod=name, direction=direction)
+                    - before.metrics.sum("podnet_packets_total", pod=name, direction=direction))
+            kernel = after.stats[pod.host_veth][stat] - before.stats[pod.host_veth][stat]
+            assert ours == kernel >= count, (name, direction, ours, kernel)
+
+
+def in_pod(pod: Any, *cmd: str, check: bool = True, timeout: float = 120,
            ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([*pod.exec_prefix(), *cmd], capture_output=True, text=True,
                           timeout=timeout, check=False)

@@ -23,7 +23,7 @@ import yaml
 from monitor.lab import Lab
 from tests.cluster import fixtures, operator
 from tests.cluster.controlplane import ISSUER, ROOT, ControlPlane
-from tests.kernel.support import Daemon, in_pod, pod_info, quiet_window, wait_for
+from tests.kernel.support import Daemon, assert_pings_counted_exactly, in_pod, pod_info, wait_for
 from tests.kernel.test_alerts_e2e import query
 
 NODE = "node-1"
@@ -137,16 +137,7 @@ def test_names_from_the_real_api_through_expiry_and_outage(
     assert info[("shop", "web-5d8f7c9b4-x2x2x")]["uid"] == web0["metadata"]["uid"]
 
     # counted exactly, under the API's names
-    in_pod(web, "ping", "-c", "1", "-W", "1", db.ip)
-    before = quiet_window(daemon, [web, db])
-    in_pod(web, "ping", "-c", "13", "-i", "0.01", "-q", db.ip)
-    after = quiet_window(daemon, [web, db])
-    for pod, name in ((web, "web-5d8f7c9b4-x2x2x"), (db, "db-0")):
-        for direction, stat in (("egress", "rx_packets"), ("ingress", "tx_packets")):
-            ours = (after.metrics.sum("podnet_packets_total", pod=name, direction=direction)
-                    - before.metrics.sum("podnet_packets_total", pod=name, direction=direction))
-            kernel = after.stats[pod.host_veth][stat] - before.stats[pod.host_veth][stat]
-            assert ours == kernel >= 13, (name, direction)
+    assert_pings_counted_exactly(daemon, web, db, 13, names=("web-5d8f7c9b4-x2x2x", "db-0"))
 
     # the API goes away: every series stays as it was, none invented
     series_before = {k for k in daemon.scrape().samples if k[0] == "podnet_pod_info"}

@@ -19,7 +19,7 @@ import pytest
 from tests.cluster import fixtures
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.node import KubeletNode, NodeUnavailableError
-from tests.kernel.support import Daemon, in_pod, pod_info, quiet_window, wait_for
+from tests.kernel.support import Daemon, assert_pings_counted_exactly, pod_info, wait_for
 
 WEB_LABELS = {"app": "web", "pod-template-hash": "7c4d9f8b6"}
 
@@ -77,17 +77,7 @@ def test_kubelet_pods_found_named_and_counted_exactly(
     assert info[("shop", db.name)]["uid"] == db.uid
 
     # counted exactly against the veths the bridge plugin made
-    in_pod(web, "ping", "-c", "1", "-W", "1", db.ip)  # ARP settles before the window
-    before = quiet_window(daemon, [web, db])
-    in_pod(web, "ping", "-c", "17", "-i", "0.01", "-q", db.ip)
-    after = quiet_window(daemon, [web, db])
-    for pod in (web, db):
-        for direction, stat in (("egress", "rx_packets"), ("ingress", "tx_packets")):
-            ours = (after.metrics.sum("podnet_packets_total", pod=pod.name, direction=direction)
-                    - before.metrics.sum("podnet_packets_total", pod=pod.name,
-                                         direction=direction))
-            kernel = after.stats[pod.host_veth][stat] - before.stats[pod.host_veth][stat]
-            assert ours == kernel >= 17, (pod.name, direction, ours, kernel)
+    assert_pings_counted_exactly(daemon, web, db, 17)
 
     # the kubelet tears a pod down (CNI DEL removes its veth and netns): its series go,
     # the other pod's stay

@@ -1,0 +1,160 @@
+"""The shipped DaemonSet, run by a real kubelet: the image `make image` builds, the
+manifest's own security context, capabilities, seccomp profile, probes and mounts.
+
+`kubectl apply -k deploy/base` on a control plane whose daemonset controller runs;
+the kubelet of tests/cluster/node.py pulls nothing (the image is imported into its
+containerd) and starts podnetmon with exactly what deploy/ says. The daemon reaches the
+API the in-cluster way, through the "kubernetes" Service (a DNAT rule stands in for
+kube-proxy). Its counts are checked against the veths of real pods beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from monitor import cleanup
+from monitor.settings import Settings
+from tests.cluster import fixtures
+from tests.cluster.controlplane import ROOT, ControlPlane
+from tests.cluster.node import KubeletNode, NodeUnavailableError
+from tests.kernel.support import (
+    Metrics,
+    assert_pings_counted_exactly,
+    parse_metrics,
+    pod_info,
+    wait_for,
+)
+
+METRICS = "http://127.0.0.1:9655/metrics"
+# host paths the DaemonSet mounts with DirectoryOrCreate: the kubelet makes the missing
+# ones, the test removes what it made
+CREATED_BY_MOUNTS = ("/run/netns", "/run/containerd/io.containerd.runtime.v2.task/k8s.io",
+                     "/run/containers/storage/overlay-containers",
+                     "/var/lib/containers/storage/overlay-containers",
+                     "/var/lib/podnetmon/captures")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ControlPlane]:
+    # the daemonset controller makes the DaemonSet's pod and the scheduler binds it; the
+    # only node is the kubelet's
+    yield from fixtures.start(controllers=fixtures.CONTROLLERS.replace(
+        ",-daemonset-controller", ""), scheduler=True)
+
+
+def _first_missing(path: str) -> Path | None:
+    p = Path(path)
+    top = None
+    while not p.exists():
+        top, p = p, p.parent
+    return top
+
+
+def _remove_made(tops: list[Path]) -> None:
+    for top in tops:
+        for d in sorted((p for p in [top, *top.rglob("*")] if p.is_dir()),
+                        key=lambda p: len(p.parts), reverse=True):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def node(cluster: ControlPlane) -> Iterator[KubeletNode]:
+    archive = fixtures.built_image()
+    made = [t for t in map(_first_missing, CREATED_BY_MOUNTS) if t is not None]
+    node = KubeletNode(cluster, fixtures.built_binaries())
+    try:
+        node.start()
+    except NodeUnavailableError as exc:
+        pytest.skip(str(exc))
+    try:
+        node.import_image(archive)
+        node.proxy_kubernetes_service()
+        node.share_host_mounts(_host_to_container_paths())
+        yield node
+    finally:
+        cluster.kubectl("delete", "-k", str(ROOT / "deploy" / "base"), "--wait=true",
+                        "--timeout=90s", check=False)
+        node.stop()
+        # the DaemonSet leaves its programs attached on SIGTERM (PODNETMON_LEAVE_ATTACHED,
+        # for upgrades); a node it leaves for good is cleaned as `podnetmon cleanup` does
+        cleanup.cleanup("/sys/fs/bpf", Settings.tc_priority, Settings.tc_handle)
+        _remove_made(made)
+
+
+class DaemonSetPod:
+    """The DaemonSet's daemon, scraped where Prometheus would: the node's port 9655."""
+
+    def scrape(self) -> Metrics:
+        with urllib.request.urlopen(METRICS, timeout=10) as resp:
+            return Metrics(parse_metrics(resp.read().decode()))
+
+
+def _host_to_container_paths() -> list[str]:
+    """The host paths of the DaemonSet's HostToContainer volumes, read from deploy/."""
+    ds = yaml.safe_load((ROOT / "deploy" / "base" / "daemonset.yaml").read_text())
+    spec = ds["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    return [volumes[m["name"]]["hostPath"]["path"]
+            for c in spec["containers"] for m in c["volumeMounts"]
+            if m.get("mountPropagation") == "HostToContainer"]
+
+
+def _scrape() -> Metrics:
+    return DaemonSetPod().scrape()
+
+
+def _daemon_pod(cluster: ControlPlane) -> dict[str, Any]:
+    pods = json.loads(cluster.kubectl("get", "pods", "-n", fixtures.DAEMON_NAMESPACE, "-o",
+                                      "json").stdout)["items"]
+    assert len(pods) <= 1, [p["metadata"]["name"] for p in pods]
+    return dict(pods[0]) if pods else {}
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True"
+               for c in pod.get("status", {}).get("conditions", []))
+
+
+def test_shipped_daemonset_runs_under_kubelet_and_counts_exactly(
+        cluster: ControlPlane, node: KubeletNode) -> None:
+    web = node.run_pod("web-0", "default", labels={"app": "web"})
+    cluster.kubectl("apply", "-k", str(ROOT / "deploy" / "base"))
+    try:
+        wait_for(lambda: _ready(_daemon_pod(cluster)), timeout=240, interval=1)
+    except AssertionError:
+        pod = _daemon_pod(cluster)
+        logs = cluster.kubectl("logs", "-n", fixtures.DAEMON_NAMESPACE,
+                               pod.get("metadata", {}).get("name", "none"), check=False)
+        raise AssertionError(f"the DaemonSet's pod never became Ready:\n"
+                             f"{json.dumps(pod.get('status'), indent=1)[-3000:]}\n"
+                             f"{logs.stdout[-3000:]}{logs.stderr[-1000:]}\n"
+                             f"{node.logs('kubelet')[-2000:]}") from None
+    daemon_pod = _daemon_pod(cluster)
+    # the kubelet ran what the manifest says, not something looser
+    container = daemon_pod["spec"]["containers"][0]
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    status = daemon_pod["status"]["containerStatuses"][0]
+    assert status["image"] == container["image"] == "ghcr.io/podnetmon/podnetmon:0.1.0"
+    assert status["restartCount"] == 0
+
+    db = node.run_pod("db-0", "default", labels={"app": "db"})  # after the daemon started
+    wait_for(lambda: {("default", "web-0"), ("default", "db-0")} <= set(pod_info(_scrape())),
+             timeout=60, interval=0.5)
+    info = pod_info(_scrape())
+    assert info[("default", "web-0")]["uid"] == web.uid
+    assert info[("default", "db-0")]["uid"] == db.uid
+    # the daemon's own pod is host-network: nothing of its own to count
+    assert ("podnetmon", daemon_pod["metadata"]["name"]) not in info
+
+    assert_pings_counted_exactly(DaemonSetPod(), web, db, 23)
