@@ -13,7 +13,7 @@ demo: setup
 
 test: setup lint cluster-build
 	$(PYTEST) tests/unit -q
-	$(PYTEST) tests/kernel -q -m kernel
+	$(PYTEST) tests/kernel -q -m kernel --durations=25
 
 # The real control plane of the cluster tests, built from the published Go modules and
 # cached by release (tests/cluster/build.sh); a cold build prints its time.

@@ -147,6 +147,7 @@ class KubeletNode:
     def start(self) -> None:
         missing = missing_parts()
         if missing:
+            shutil.rmtree(self.dir, ignore_errors=True)
             raise NodeUnavailableError(f"a real node needs {', '.join(missing)} (make setup)")
         t0 = time.monotonic()
         self._sysctls = {n: _sysctl_path(n).read_text().strip() for n in KUBELET_SYSCTLS}
