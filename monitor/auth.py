@@ -31,7 +31,7 @@ import hmac
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -44,6 +44,8 @@ SHARED_USER = "token"  # the user name TokenFileAuth reports: the token is share
 MAX_TOKEN_LENGTH = 16384  # service account JWTs are ~1 KB; OIDC ones with many groups a few KB
 MAX_REASON_LENGTH = 300  # an authorizer's reason longer than this is not passed on
 NO_AUTH_REASON = "no authentication is configured: set --auth-token-file or run in a cluster"
+# The audience a podnetmon token is minted for (kubectl create token SA --audience podnetmon).
+DEFAULT_AUDIENCES = ("podnetmon",)
 CHALLENGE = 'Bearer realm="podnetmon"'  # RFC 6750's WWW-Authenticate for a 401
 
 
@@ -285,13 +287,17 @@ class KubernetesAuth:
     unreachable or failing) is never kept: the next request asks again.
     """
 
-    def __init__(self, api_client: Any, *, ttl: float = 10.0, negative_ttl: float = 10.0,
+    def __init__(self, api_client: Any, *, audiences: Sequence[str] = DEFAULT_AUDIENCES,
+                 ttl: float = 10.0, negative_ttl: float = 10.0,
                  max_entries: int = 4096, timeout: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         from kubernetes import client  # the client is imported late, as everywhere else
 
         if ttl < 0 or negative_ttl < 0 or max_entries < 1 or timeout <= 0:
             raise ValueError("ttl and negative_ttl must be >= 0, max_entries >= 1, timeout > 0")
+        if not audiences or not all(audiences):
+            raise ValueError("audiences: at least one, none empty")
+        self.audiences = tuple(audiences)
         self._client = client
         self._authn = client.AuthenticationV1Api(api_client)
         self._authz = client.AuthorizationV1Api(api_client)
@@ -370,7 +376,8 @@ class KubernetesAuth:
         """The V1UserInfo of the token's user; AuthError 401 if nobody, 503 if unknown."""
         c = self._client
         review = c.V1TokenReview(api_version="authentication.k8s.io/v1", kind="TokenReview",
-                                 spec=c.V1TokenReviewSpec(token=token))
+                                 spec=c.V1TokenReviewSpec(token=token,
+                                                          audiences=list(self.audiences)))
         try:
             answer = self._authn.create_token_review(review, _request_timeout=self._timeout)
         except Exception as exc:  # noqa: BLE001 - whatever broke, nobody can vouch for the token
@@ -385,6 +392,13 @@ class KubernetesAuth:
             error = _safe(result.error if result is not None else None, token)
             self._log.debug("token not authenticated", error=error or None)
             raise AuthError(401, "invalid or expired bearer token")
+        # The API server refuses a token for other audiences itself, but an authenticator
+        # it delegates to may ignore spec.audiences: the answer must name one of ours
+        # (as the TokenReview API asks of every client).
+        if not set(result.audiences or ()) & set(self.audiences):
+            self._log.debug("token not meant for this service", audiences=result.audiences)
+            raise AuthError(401, f"bearer token not meant for {' or '.join(self.audiences)} "
+                                 "(its audience)")
         return user
 
     def _review_access(self, token: str, user: Any, access: Access) -> tuple[bool | None, str]:
@@ -425,7 +439,8 @@ class KubernetesAuth:
 MODES = ("auto", "token", "kubernetes", "none")
 
 
-def authenticator(mode: str, *, token_file: str, api_client_factory: Callable[[], Any]) -> Authenticator:
+def authenticator(mode: str, *, token_file: str, api_client_factory: Callable[[], Any],
+                  audiences: Sequence[str] = DEFAULT_AUDIENCES) -> Authenticator:
     """The Authenticator for a mode: token, kubernetes, none, or auto.
 
     auto: the token file if one is given; else the cluster, if `api_client_factory`
@@ -448,8 +463,8 @@ def authenticator(mode: str, *, token_file: str, api_client_factory: Callable[[]
         api_client = api_client_factory()
         if api_client is None:
             raise ValueError("auth mode kubernetes needs a Kubernetes API client")
-        logger.info("authenticating with the kubernetes api")
-        return KubernetesAuth(api_client)
+        logger.info("authenticating with the kubernetes api", audiences=list(audiences))
+        return KubernetesAuth(api_client, audiences=audiences)
     try:
         api_client = api_client_factory()
     except Exception as exc:  # noqa: BLE001 - not in a cluster, which auto allows for
@@ -458,6 +473,6 @@ def authenticator(mode: str, *, token_file: str, api_client_factory: Callable[[]
     if api_client is None:
         logger.warning("no authentication configured: capture and drop endpoints refuse everything")
         return NoAuth()
-    logger.info("authenticating with the kubernetes api")
-    return KubernetesAuth(api_client)
+    logger.info("authenticating with the kubernetes api", audiences=list(audiences))
+    return KubernetesAuth(api_client, audiences=audiences)
 

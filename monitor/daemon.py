@@ -330,7 +330,7 @@ def _authenticator(settings: Settings) -> Authenticator:
 
     try:
         return authenticator(settings.auth, token_file=settings.auth_token_file,
-                             api_client_factory=api_client)
+                             api_client_factory=api_client, audiences=settings.auth_audiences)
     except Exception as exc:  # noqa: BLE001 - the client's config errors have no common base
         raise ConfigError(f"cannot set up authentication: {exc}") from None
 

@@ -145,6 +145,11 @@ class Settings:
         "kubernetes (TokenReview + SubjectAccessReview against the API), none (nobody), or "
         "auto: token if a file is given, else kubernetes in a cluster, else none.",
         default="auto")
+    auth_audiences: tuple[str, ...] = _doc(
+        "With auth=kubernetes, the audiences a bearer token must be meant for: the "
+        "TokenReview names them and the API's answer must grant one, so a token made for "
+        "the API server (or any other service) is refused here. Mint one with `kubectl "
+        "create token SA --audience podnetmon`.", default=("podnetmon",))
     auth_token_file: str = _doc("A file holding the bearer token for auth=token; re-read when "
                                 "it changes, so it can be rotated.", default="")
     capture_dir: str = _doc("Where captures started by alerts are stored (0700; files 0600).",
@@ -241,6 +246,9 @@ def _validate(s: Settings) -> None:
     for name in ("proc_root", "bpffs_root", "tracefs_root", "btf_path", "capture_dir"):
         if not os.path.isabs(getattr(s, name)):
             raise SettingsError(f"{name}: {getattr(s, name)!r} must be an absolute path")
+    if not s.auth_audiences:
+        raise SettingsError("auth_audiences: name at least one audience (a token meant for "
+                            "any audience would be one meant for the API server)")
     for name in ("netns_dirs", "runtime_dirs"):
         for d in getattr(s, name):
             if not os.path.isabs(d):

@@ -54,6 +54,7 @@ from urllib.parse import parse_qs, urlsplit
 
 PODS_PATH = "/api/v1/pods"
 AUTHN_REVIEWS_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
+API_AUDIENCE = "https://kubernetes.default.svc"  # what a TokenReview naming none asks for
 AUTHZ_REVIEWS_PATH = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
 FIRST_RESOURCE_VERSION = 100  # any start will do; not 0, which means "any version" to the API
 POLL = 0.05  # how often a waiting watch checks whether its client went away
@@ -167,7 +168,10 @@ class FakeApiServer:
         self._stopping = False
         self._http: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
-        self.tokens: dict[str, tuple[str, tuple[str, ...]]] = {}  # token -> (user, groups)
+        # token -> (user, groups, the audiences it was minted for)
+        self.tokens: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {}
+        # True: answer as an authenticator webhook that ignores spec.audiences would
+        self.ignore_audiences = False
         self.grants: set[Grant] = set()
         self.deny_reason: str | None = None  # None: a sentence naming what was asked
         self.bodies: list[tuple[str, Any]] = []  # (path, JSON body) of every review POSTed
@@ -321,10 +325,12 @@ class FakeApiServer:
         with self._cond:
             self._failures.extend([status] * n)
 
-    def add_token(self, token: str, user: str, groups: Sequence[str] = ()) -> None:
-        """A TokenReview of `token` answers: authenticated as `user`, in `groups`."""
+    def add_token(self, token: str, user: str, groups: Sequence[str] = (),
+                  audiences: Sequence[str] = ("podnetmon",)) -> None:
+        """A TokenReview of `token` answers: authenticated as `user`, in `groups`, when it
+        asks for one of `audiences` (as a token from `kubectl create token --audience`)."""
         with self._cond:
-            self.tokens[token] = (user, tuple(groups))
+            self.tokens[token] = (user, tuple(groups), tuple(audiences))
 
     def grant(self, subject: str, verb: str = "", namespace: str = "", resource: str = "pods",  # noqa: PLR0917
               subresource: str = "", name: str = "") -> None:
@@ -364,11 +370,21 @@ class FakeApiServer:
             known = self.tokens.get(token)
         answer = {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
                   "metadata": {"creationTimestamp": None}, "spec": review.get("spec") or {}}
+        # As kube-apiserver: the review's audiences, or the API server's own if it names
+        # none; the token must be meant for one of them, and the answer names those.
+        wanted = list((review.get("spec") or {}).get("audiences") or [API_AUDIENCE])
+        granted = [] if known is None else [a for a in wanted if a in known[2]]
+        if known is not None and self.ignore_audiences:
+            granted = list(known[2])
         if known is None:
             answer["status"] = {"authenticated": False, "user": {}, "error": "invalid bearer token"}
+        elif not granted:
+            answer["status"] = {"authenticated": False, "user": {}, "error": (
+                f"[invalid bearer token, token audiences {list(known[2])} is invalid for the "
+                f"target audiences {wanted}]")}
         else:
-            user, groups = known
-            answer["status"] = {"authenticated": True, "audiences": ["https://kubernetes.default.svc"],
+            user, groups, _ = known
+            answer["status"] = {"authenticated": True, "audiences": granted,
                                 "user": {"username": user, "groups": list(groups),
                                          "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"user/{user}"))}}
         return answer

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -256,3 +257,49 @@ def test_operator_generated_config_keeps_the_pods_labels(
             prom.terminate()
             prom.wait(timeout=20)
         op.stop()
+
+
+def _get_with_token(daemon: Daemon, path: str, token: str) -> tuple[int, str]:
+    request = urllib.request.Request(daemon.base + path,
+                                     headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_auth_takes_only_tokens_meant_for_podnetmon(
+        cluster: ControlPlane, daemons: list[Daemon], tmp_path: Path) -> None:
+    """--auth kubernetes against the real TokenReview and SubjectAccessReview APIs."""
+    cluster.apply([
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": {"name": "oncall", "namespace": "default"}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": {"name": "podnetmon-captures-reader"},
+         "rules": [{"apiGroups": [""], "resources": ["pods/captures"], "verbs": ["list"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": "oncall-reads-captures"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                     "name": "podnetmon-captures-reader"},
+         "subjects": [{"kind": "ServiceAccount", "name": "oncall", "namespace": "default"}]}])
+    kubeconfig = fixtures.daemon_kubeconfig(cluster, tmp_path / "daemon.kubeconfig")
+    daemon = Daemon("--metadata", "kubernetes", "--kubeconfig", str(kubeconfig),
+                    "--node-name", NODE, "--auth", "kubernetes",
+                    "--capture-dir", str(tmp_path / "captures"))
+    daemons.append(daemon)
+
+    def ask(audience: str, sa: str = "oncall", namespace: str = "default") -> tuple[int, str]:
+        token = cluster.create_token(namespace, sa, audience)
+        return _get_with_token(daemon, "/api/v1/captures", token)
+
+    status, body = ask("podnetmon")
+    assert status == 200, body
+    # the same account's tokens for the API server and for another service: not ours
+    for audience in (ISSUER, "some-other-service"):
+        status, body = ask(audience)
+        assert status == 401, (audience, body)
+    # a token meant for podnetmon, of an account RBAC grants nothing: authenticated, refused
+    status, body = ask("podnetmon", fixtures.DAEMON_SA, fixtures.DAEMON_NAMESPACE)
+    assert status == 403, body
+    assert fixtures.DAEMON_USER in body

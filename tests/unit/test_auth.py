@@ -381,12 +381,50 @@ def test_kubernetes_grants_are_exact(server: FakeApiServer, kube: KubeFactory, a
     assert refused(a, bearer(ALICE), access).status == 403
 
 
+API_TOKEN = "eyJhbGciOiJSUzI1NiJ9.carol-api-token.sig"  # minted for the API server only
+
+
+def test_kubernetes_refuses_a_token_meant_for_another_audience(
+        server: FakeApiServer, kube: KubeFactory) -> None:
+    server.add_token(API_TOKEN, "carol", ["system:authenticated"],
+                     audiences=["https://kubernetes.default.svc"])
+    server.grant("carol")
+    a = kube()
+    err = refused(a, bearer(API_TOKEN))
+    assert err.status == 401
+    assert server.access_reviews() == []  # refused before anyone asks what carol may do
+
+
+def test_kubernetes_checks_the_audiences_the_answer_grants(
+        server: FakeApiServer, kube: KubeFactory) -> None:
+    # an authenticator webhook behind the API server that ignores spec.audiences
+    server.ignore_audiences = True
+    server.add_token(API_TOKEN, "carol", ["system:authenticated"],
+                     audiences=["https://kubernetes.default.svc"])
+    server.grant("carol")
+    err = refused(kube(), bearer(API_TOKEN))
+    assert err.status == 401
+    assert "audience" in err.reason and "podnetmon" in err.reason
+
+
+def test_kubernetes_takes_the_audiences_it_is_given(
+        server: FakeApiServer, kube: KubeFactory) -> None:
+    server.add_token(API_TOKEN, "carol", ["system:authenticated"], audiences=["netmon.example"])
+    server.grant("carol")
+    assert kube(audiences=["netmon.example", "podnetmon"]).check(bearer(API_TOKEN),
+                                                                  CAPTURE) == "carol"
+    assert server.token_reviews()[-1]["spec"]["audiences"] == ["netmon.example", "podnetmon"]
+    assert refused(kube(), bearer(API_TOKEN)).status == 401  # the default: podnetmon only
+    with pytest.raises(ValueError, match="audiences"):
+        kube(audiences=[])
+
+
 def test_kubernetes_sends_exactly_these_reviews(server: FakeApiServer, kube: KubeFactory) -> None:
     server.grant("devs", "create", "shop", "pods", "captures", "")
     a = kube()
     assert a.check(bearer(ALICE), Access("create", "shop", "", "captures")) == "alice"
     assert server.token_reviews() == [{"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
-                                       "spec": {"token": ALICE}}]
+                                       "spec": {"token": ALICE, "audiences": ["podnetmon"]}}]
     [review] = server.access_reviews()
     assert review["apiVersion"] == "authorization.k8s.io/v1"
     assert review["kind"] == "SubjectAccessReview"

@@ -251,7 +251,7 @@ def test_add_arguments_one_flag_per_field() -> None:
         "--tc-handle", "--resync-interval", "--event-debounce", "--max-interfaces", "--bpf-stats",
         "--probes", "--log-level", "--log-format", "--btf-path", "--tcp-connect-timeout",
         "--dns-timeout", "--sweep-interval", "--metadata", "--kubeconfig", "--pod-labels",
-        "--max-pods", "--runtime-dirs", "--auth", "--auth-token-file", "--capture-dir",
+        "--max-pods", "--runtime-dirs", "--auth", "--auth-audiences", "--auth-token-file", "--capture-dir",
         "--capture-max-files", "--capture-max-bytes", "--trace-max-duration", "--trace-max-packets",
         "--trace-max-bytes", "--trace-snaplen", "--trace-max-snaplen", "--traces-per-node",
         "--traces-per-pod", "--bypass-check-interval", "--leave-attached"}
@@ -318,3 +318,12 @@ def test_inventory_mode_with_an_inventory() -> None:
 def test_pod_labels_that_collide_as_prometheus_names_are_refused() -> None:
     with pytest.raises(SettingsError, match=r"^pod_labels: "):
         Settings(pod_labels=("app-name", "app_name"))
+
+
+def test_auth_audiences_default_to_podnetmon_and_take_a_list() -> None:
+    assert Settings().auth_audiences == ("podnetmon",)
+    s = from_sources(parse_flags("--auth-audiences", "podnetmon,netmon.example"), environ={})
+    assert s.auth_audiences == ("podnetmon", "netmon.example")
+    # none would mean "whatever the API server takes": its own audience, any token
+    with pytest.raises(SettingsError, match=r"^auth_audiences: "):
+        Settings(auth_audiences=())
