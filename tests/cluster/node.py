@@ -182,6 +182,9 @@ class KubeletNode:
         for cid in self._runc_ids():
             self._runc("kill", cid, "KILL")
             self._runc("delete", "--force", cid)
+        # killed containers whose shim is gone are reaped by init, a moment later
+        self._wait(lambda: not any(f"/{CGROUP_ROOT}/" in cgroup
+                                   for cgroup in _pause_pids().values()), 15)
         self._remove_netns()
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
         if self._nft:
@@ -424,16 +427,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             raise RuntimeError(f"ctr {' '.join(args)} failed: {out.stderr}")
         return out
 
+    @property
+    def _runc_root(self) -> Path:
+        """runc's state of our containers: the shim adds containerd's namespace to Root."""
+        return self.dir / "runc" / "k8s.io"
+
     def _runc(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["runc", "--root", str(self.dir / "runc"), *args],
+        return subprocess.run(["runc", "--root", str(self._runc_root), *args],
                               capture_output=True, text=True, timeout=30, check=False)
 
     def _runc_ids(self) -> list[str]:
-        if not (self.dir / "runc" / "k8s.io").exists():
+        if not self._runc_root.exists():
             return []
-        out = subprocess.run(["runc", "--root", str(self.dir / "runc" / "k8s.io"), "list",
-                              "-q"], capture_output=True, text=True, timeout=30, check=False)
-        return out.stdout.split()
+        return self._runc("list", "-q").stdout.split()
 
     def _write_cni_config(self) -> None:
         (self.dir / "cni").mkdir(exist_ok=True)  # containerd may have made it

@@ -417,8 +417,10 @@ def lab_with_daemon(count: int, *daemon_args: str, pinned: int = 0,
                     neighbours: bool = False) -> Iterator[LabRun]:
     """Fresh lab pods and a daemon; both gone afterwards, whatever happened.
 
-    neighbours=True fills every pair's ARP and ND caches first, so that no
-    neighbour exchange straddles a test's counting window.
+    neighbours=True gives every pod a permanent ARP and ND entry for every other, so
+    that no neighbour exchange straddles a test's counting window: a cache filled by a
+    ping goes stale after ~30 s, and the next reply through it sends a probe (an ND
+    probe and its answer are ICMPv6, which a test counting ICMP would see).
     """
     lab = Lab()
     lab.down()
@@ -427,11 +429,14 @@ def lab_with_daemon(count: int, *daemon_args: str, pinned: int = 0,
         pods = lab.up(count, pinned=pinned)
         daemon = Daemon(*daemon_args, inventory=str(lab.inventory))
         if neighbours:
+            macs = {p.name: json.loads(in_pod(p, "ip", "-j", "link", "show", "eth0").stdout)
+                    [0]["address"] for p in pods}
             for x in pods:
                 for y in pods:
                     if x is not y:
-                        in_pod(x, "ping", "-c", "1", "-W", "1", y.ip)
-                        in_pod(x, "ping", "-6", "-c", "1", "-W", "1", y.ip6)
+                        for ip in (y.ip, y.ip6):
+                            in_pod(x, "ip", "neigh", "replace", ip, "lladdr", macs[y.name],
+                                   "dev", "eth0", "nud", "permanent")
         yield LabRun(lab, pods, daemon)
     finally:
         if daemon is not None:

@@ -284,6 +284,7 @@ def test_auth_takes_only_tokens_meant_for_podnetmon(
                      "name": "podnetmon-captures-reader"},
          "subjects": [{"kind": "ServiceAccount", "name": "oncall", "namespace": "default"}]}])
     kubeconfig = fixtures.daemon_kubeconfig(cluster, tmp_path / "daemon.kubeconfig")
+    mark = cluster.audit_mark()
     daemon = Daemon("--metadata", "kubernetes", "--kubeconfig", str(kubeconfig),
                     "--node-name", NODE, "--auth", "kubernetes",
                     "--capture-dir", str(tmp_path / "captures"))
@@ -303,3 +304,13 @@ def test_auth_takes_only_tokens_meant_for_podnetmon(
     status, body = ask("podnetmon", fixtures.DAEMON_SA, fixtures.DAEMON_NAMESPACE)
     assert status == 403, body
     assert fixtures.DAEMON_USER in body
+
+    # Everything this daemon can ask of the API, it asked here (names, and both reviews):
+    # the ClusterRole grants exactly what the audit log shows it used, no more, no less.
+    used = {(e["objectRef"].get("apiGroup", ""), e["objectRef"]["resource"], e["verb"])
+            for e in cluster.audit_events(fixtures.DAEMON_USER, mark)}
+    role = yaml.safe_load((ROOT / "deploy" / "base" / "clusterrole.yaml").read_text())
+    granted = {(group, resource, verb) for rule in role["rules"]
+               for group in rule["apiGroups"] for resource in rule["resources"]
+               for verb in rule["verbs"]}
+    assert used == granted, (used, granted)
