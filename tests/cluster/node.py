@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -51,6 +52,7 @@ NETNS_DIR = Path("/var/run/netns")
 CONTAINER_LOGS = Path("/var/log/containers")
 CNI_CACHE = Path("/var/lib/cni/results")
 RUN_CONTAINERD = Path("/run/containerd")
+SHIM_SOCKETS = RUN_CONTAINERD / "s"  # containerd 1.6 puts its shims' sockets here, always
 NFT_TABLE = "podnetmon_test_kubeproxy"
 # What kubelet's container manager sets at start when protectKernelDefaults is off.
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic",
@@ -136,6 +138,7 @@ class KubeletNode:
         self._run_containerd_existed = True
         self._nft = False
         self._shared: list[str] = []
+        self._shim_sockets_before: set[str] = set()
         self.start_seconds = 0.0
 
     @property
@@ -154,6 +157,8 @@ class KubeletNode:
         self._netns_before = set(os.listdir(NETNS_DIR)) if NETNS_DIR.exists() else set()
         self._cache_before = set(os.listdir(CNI_CACHE)) if CNI_CACHE.exists() else set()
         self._run_containerd_existed = RUN_CONTAINERD.exists()
+        self._shim_sockets_before = (set(os.listdir(SHIM_SOCKETS)) if SHIM_SOCKETS.exists()
+                                     else set())
         try:
             self._make_cgroup_root()
             image = self._build_pause_image()
@@ -179,6 +184,7 @@ class KubeletNode:
         for name in ("kubelet", "containerd"):
             self._end(name)
         self._kill_shims()
+        self._remove_shim_sockets()
         for cid in self._runc_ids():
             self._runc("kill", cid, "KILL")
             self._runc("delete", "--force", cid)
@@ -522,6 +528,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                     os.kill(int(entry.name), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+    def _remove_shim_sockets(self) -> None:
+        """A killed shim leaves its socket in /run/containerd/s (one that exits removes it)."""
+        if not SHIM_SOCKETS.exists():
+            return
+        for name in set(os.listdir(SHIM_SOCKETS)) - self._shim_sockets_before:
+            path = SHIM_SOCKETS / name
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                path.unlink(missing_ok=True)
 
     def _remove_netns(self) -> None:
         """The netns files our sandboxes pinned (CNI DEL removes them on a clean stop)."""

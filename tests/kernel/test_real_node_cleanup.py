@@ -16,7 +16,15 @@ import pytest
 
 from tests.cluster import fixtures
 from tests.cluster.controlplane import ControlPlane
-from tests.cluster.node import BRIDGE, CGROUP_FS, CGROUP_ROOT, NETNS_DIR, KubeletNode, NodeUnavailableError
+from tests.cluster.node import (
+    BRIDGE,
+    CGROUP_FS,
+    CGROUP_ROOT,
+    NETNS_DIR,
+    SHIM_SOCKETS,
+    KubeletNode,
+    NodeUnavailableError,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +34,7 @@ def cluster() -> Iterator[ControlPlane]:
 
 def test_stop_after_the_kubelet_died_leaves_nothing(cluster: ControlPlane) -> None:
     netns_before = set(os.listdir(NETNS_DIR)) if NETNS_DIR.exists() else set()
+    sockets_before = set(os.listdir(SHIM_SOCKETS)) if SHIM_SOCKETS.exists() else set()
     node = KubeletNode(cluster, fixtures.built_binaries())
     try:
         node.start()
@@ -49,6 +58,8 @@ def test_stop_after_the_kubelet_died_leaves_nothing(cluster: ControlPlane) -> No
     shims = [p for p in Path("/proc").iterdir() if p.name.isdigit()
              and str(node.socket).encode() in _cmdline(p)]
     assert shims == []
+    # the killed shims' sockets too (and /run/containerd itself if it was not there before)
+    assert (set(os.listdir(SHIM_SOCKETS)) if SHIM_SOCKETS.exists() else set()) <= sockets_before
 
 
 def _cmdline(proc: Path) -> bytes:
