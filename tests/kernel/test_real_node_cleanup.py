@@ -16,15 +16,7 @@ import pytest
 
 from tests.cluster import fixtures
 from tests.cluster.controlplane import ControlPlane
-from tests.cluster.node import (
-    BRIDGE,
-    CGROUP_FS,
-    CGROUP_ROOT,
-    NETNS_DIR,
-    SHIM_SOCKETS,
-    KubeletNode,
-    NodeUnavailableError,
-)
+from tests.cluster.node import BRIDGE, CGROUP_FS, CGROUP_ROOT, NETNS_DIR, SHIM_SOCKETS, started_node
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +27,10 @@ def cluster() -> Iterator[ControlPlane]:
 def test_stop_after_the_kubelet_died_leaves_nothing(cluster: ControlPlane) -> None:
     netns_before = set(os.listdir(NETNS_DIR)) if NETNS_DIR.exists() else set()
     sockets_before = set(os.listdir(SHIM_SOCKETS)) if SHIM_SOCKETS.exists() else set()
-    node = KubeletNode(cluster, fixtures.built_binaries())
-    try:
-        node.start()
-    except NodeUnavailableError as exc:
-        pytest.skip(str(exc))
+    node = started_node(cluster)
     try:
         pod = node.run_pod("orphan-0", "default")
-        kubelet = node._procs.pop("kubelet")
-        kubelet.kill()
-        kubelet.wait(timeout=10)
+        node.kill_kubelet()
         assert Path(f"/proc/{pod.pause_pid}").exists()  # the pod outlives its kubelet
     finally:
         node.stop()
