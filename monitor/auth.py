@@ -28,6 +28,8 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
+import ipaddress
+import math
 import os
 import threading
 import time
@@ -37,6 +39,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from monitor import log
+from monitor.listener import Certificate
 
 VERBS = ("get", "list", "create")
 SUBRESOURCES = ("capture", "drops", "captures")
@@ -51,11 +54,18 @@ CHALLENGE = 'Bearer realm="podnetmon"'  # RFC 6750's WWW-Authenticate for a 401
 
 @dataclass(frozen=True)
 class Request:
-    """What the HTTP layer knows of a request; headers are looked up case-insensitively."""
+    """What the HTTP layer knows of a request; headers are looked up case-insensitively.
+
+    certificate: the client certificate the TLS layer verified against the client CA,
+    if the client presented one (then a bearer token is not needed).
+    """
 
     method: str
     path: str
     headers: Mapping[str, str]
+    peer: str = ""
+    tls: bool = False
+    certificate: Certificate | None = None
 
 
 @dataclass(frozen=True)
@@ -68,19 +78,26 @@ class Access:
     """
 
     verb: str
-    namespace: str
-    pod: str
-    subresource: str
+    namespace: str = ""
+    pod: str = ""
+    subresource: str = ""
+    path: str = ""  # a non-resource URL (/metrics), as kube-rbac-proxy authorizes it
 
     def __post_init__(self) -> None:
         if self.verb not in VERBS:
             raise ValueError(f"verb {self.verb!r} is not one of {', '.join(VERBS)}")
+        if self.path:
+            if not self.path.startswith("/") or self.namespace or self.pod or self.subresource:
+                raise ValueError("a non-resource access is a path alone")
+            return
         if self.subresource not in SUBRESOURCES:
             raise ValueError(f"subresource {self.subresource!r} is not one of {', '.join(SUBRESOURCES)}")
         if self.pod and not self.namespace:
             raise ValueError("a pod needs its namespace")
 
     def describe(self) -> str:
+        if self.path:
+            return f"{self.verb} {self.path}"
         where = f'in namespace "{self.namespace}"' if self.namespace else "in every namespace"
         what = f'pods/{self.subresource} of "{self.pod}"' if self.pod else f"pods/{self.subresource}"
         return f"{self.verb} {what} {where}"
@@ -92,15 +109,21 @@ class AuthError(Exception):
     `reason` goes back to the client as is, so it never holds a token.
     """
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, *, retry_after: float = 0) -> None:
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
+        self.retry_after = retry_after
 
     @property
     def headers(self) -> dict[str, str]:
-        """Headers the response should carry: the bearer challenge with a 401."""
-        return {"WWW-Authenticate": CHALLENGE} if self.status == 401 else {}
+        """Headers the response should carry: the bearer challenge with a 401, when to
+        come back with a 429 or 503."""
+        if self.status == 401:
+            return {"WWW-Authenticate": CHALLENGE}
+        if self.retry_after > 0:
+            return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+        return {}
 
 
 class Authenticator(Protocol):
@@ -242,6 +265,11 @@ class TokenFileAuth:
             return self._token
 
     def check(self, request: Request, access: Access) -> str:
+        if request.certificate is not None and _header(request.headers, "Authorization") is None:
+            # Signed by the client CA the operator named: as good as the shared token.
+            user = request.certificate.user
+            _log_decision(self._log, request, access, user=user, status=200, via="certificate")
+            return user
         expected = self._current()
         try:
             if not expected:
@@ -289,7 +317,8 @@ class KubernetesAuth:
 
     def __init__(self, api_client: Any, *, audiences: Sequence[str] = DEFAULT_AUDIENCES,
                  ttl: float = 10.0, negative_ttl: float = 10.0,
-                 max_entries: int = 4096, timeout: float = 5.0,
+                 max_entries: int = 4096, timeout: float = 5.0, max_reviews: int = 4,
+                 review_wait: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         from kubernetes import client  # the client is imported late, as everywhere else
 
@@ -304,7 +333,16 @@ class KubernetesAuth:
         self.ttl, self.negative_ttl, self.max_entries = ttl, negative_ttl, max_entries
         self._timeout, self._clock = timeout, clock
         self._lock = threading.Lock()
+        # Two caches: decisions about users the API vouched for, and tokens it did not
+        # know. Garbage tokens only ever fill the second, so a flood of them cannot push
+        # a good decision out (and make the next scrape of a trace pay two reviews).
         self._cache: collections.OrderedDict[CacheKey, _Decision] = collections.OrderedDict()
+        self._refused: collections.OrderedDict[str, _Decision] = collections.OrderedDict()
+        # Reviews in flight at once, at most: a burst of new tokens waits for a slot, and
+        # past review_wait is told to retry (503), instead of each costing the API server.
+        self._reviews = threading.BoundedSemaphore(max_reviews)
+        self.review_wait = review_wait
+        self.reviews_sent = 0
         self._log = log.get("auth").bind(mode="kubernetes")
 
     def cache_keys(self) -> list[CacheKey]:
@@ -312,44 +350,83 @@ class KubernetesAuth:
         with self._lock:
             return list(self._cache)
 
+    def refused_keys(self) -> list[str]:
+        """Digests of tokens the API did not authenticate, still remembered."""
+        with self._lock:
+            return list(self._refused)
+
     def check(self, request: Request, access: Access) -> str:
+        if request.certificate is not None and _header(request.headers, "Authorization") is None:
+            return self._check_certificate(request, access, request.certificate)
         try:
             token = bearer_token(request)
         except AuthError as err:
             _log_decision(self._log, request, access, user="", status=err.status, reason=err.reason)
             raise
-        key = (token_digest(token), access)
-        decision = self._cached(key)
+        digest = token_digest(token)
+        key = (digest, access)
+        decision = self._cached(self._refused, digest) or self._cached(self._cache, key)
         cached = decision is not None
         if decision is None:
-            decision = self._decide(token, access)
-            if decision.status != 503:
-                self._store(key, decision)
+            decision = self._bounded(lambda: self._decide(token, access))
+            if decision.status == 401:
+                self._store(self._refused, digest, decision)
+            elif decision.status != 503:
+                self._store(self._cache, key, decision)
         _log_decision(self._log, request, access, user=decision.user, status=decision.status,
                       reason=decision.reason, cached=cached)
         if decision.status != 200:
-            raise AuthError(decision.status, decision.reason)
+            raise AuthError(decision.status, decision.reason,
+                            retry_after=1 if decision.status == 503 else 0)
         return decision.user
+
+    def _check_certificate(self, request: Request, access: Access, cert: Certificate) -> str:
+        """A client certificate the TLS layer verified names the user: no TokenReview,
+        the SubjectAccessReview as for a token (kubelet's x509 authenticator)."""
+        user = _CertUser(cert.user, list(cert.groups))
+        key = ("x509:" + cert.user + "\0" + "\0".join(cert.groups), access)
+        decision = self._cached(self._cache, key)
+        cached = decision is not None
+        if decision is None:
+            decision = self._bounded(lambda: self._authorize(user, access, token=""))
+            if decision.status != 503:
+                self._store(self._cache, key, decision)
+        _log_decision(self._log, request, access, user=decision.user, status=decision.status,
+                      reason=decision.reason, cached=cached, via="certificate")
+        if decision.status != 200:
+            raise AuthError(decision.status, decision.reason,
+                            retry_after=1 if decision.status == 503 else 0)
+        return decision.user
+
+    def _bounded(self, decide: Callable[[], _Decision]) -> _Decision:
+        if not self._reviews.acquire(timeout=self.review_wait):
+            return _Decision(self._clock(), "", 503, "too many credential checks in flight: "
+                                                      "retry in a second")
+        try:
+            return decide()
+        finally:
+            self._reviews.release()
 
     # -- the cache -----------------------------------------------------------------------
 
-    def _cached(self, key: CacheKey) -> _Decision | None:
+    def _cached(self, cache: collections.OrderedDict[Any, _Decision], key: Any) -> _Decision | None:
         with self._lock:
-            decision = self._cache.get(key)
+            decision = cache.get(key)
             if decision is None:
                 return None
             if self._clock() >= decision.expires:
-                del self._cache[key]
+                del cache[key]
                 return None
-            self._cache.move_to_end(key)
+            cache.move_to_end(key)
             return decision
 
-    def _store(self, key: CacheKey, decision: _Decision) -> None:
+    def _store(self, cache: collections.OrderedDict[Any, _Decision], key: Any,
+               decision: _Decision) -> None:
         with self._lock:
-            self._cache[key] = decision
-            self._cache.move_to_end(key)
-            while len(self._cache) > self.max_entries:
-                self._cache.popitem(last=False)
+            cache[key] = decision
+            cache.move_to_end(key)
+            while len(cache) > self.max_entries:
+                cache.popitem(last=False)
 
     # -- the reviews ---------------------------------------------------------------------
 
@@ -361,6 +438,10 @@ class KubernetesAuth:
             if err.status == 503:
                 return _Decision(now, "", 503, err.reason)
             return _Decision(now + self.negative_ttl, "", err.status, err.reason)
+        return self._authorize(user, access, token=token)
+
+    def _authorize(self, user: Any, access: Access, *, token: str) -> _Decision:
+        now = self._clock()
         allowed, reason = self._review_access(token, user, access)
         name = str(user.username)
         if allowed is None:
@@ -379,6 +460,7 @@ class KubernetesAuth:
                                  spec=c.V1TokenReviewSpec(token=token,
                                                           audiences=list(self.audiences)))
         try:
+            self.reviews_sent += 1
             answer = self._authn.create_token_review(review, _request_timeout=self._timeout)
         except Exception as exc:  # noqa: BLE001 - whatever broke, nobody can vouch for the token
             self._api_failed("TokenReview", exc)
@@ -404,14 +486,19 @@ class KubernetesAuth:
     def _review_access(self, token: str, user: Any, access: Access) -> tuple[bool | None, str]:
         """(allowed, reason): None when the API could not answer; reason client-safe."""
         c = self._client
+        if access.path:
+            what = {"non_resource_attributes": c.V1NonResourceAttributes(path=access.path,
+                                                                        verb=access.verb)}
+        else:
+            what = {"resource_attributes": c.V1ResourceAttributes(
+                namespace=access.namespace, verb=access.verb, group="", resource="pods",
+                subresource=access.subresource, name=access.pod)}
         review = c.V1SubjectAccessReview(
             api_version="authorization.k8s.io/v1", kind="SubjectAccessReview",
             spec=c.V1SubjectAccessReviewSpec(
-                user=user.username, groups=user.groups, uid=user.uid, extra=user.extra,
-                resource_attributes=c.V1ResourceAttributes(
-                    namespace=access.namespace, verb=access.verb, group="", resource="pods",
-                    subresource=access.subresource, name=access.pod)))
+                user=user.username, groups=user.groups, uid=user.uid, extra=user.extra, **what))
         try:
+            self.reviews_sent += 1
             answer = self._authz.create_subject_access_review(review, _request_timeout=self._timeout)
         except Exception as exc:  # noqa: BLE001 - no answer is not a no
             self._api_failed("SubjectAccessReview", exc)
@@ -434,13 +521,84 @@ class KubernetesAuth:
                           status=getattr(exc, "status", None))
 
 
+@dataclass(frozen=True)
+class _CertUser:
+    """A certificate's user in the shape of the TokenReview's V1UserInfo."""
+
+    username: str
+    groups: list[str]
+    uid: str | None = None
+    extra: dict[str, list[str]] | None = None
+
+
+# -- failed authentications ----------------------------------------------------------------
+
+
+class FailureLimiter:
+    """Failed authentications per client address: a token bucket each.
+
+    `per_minute` failures a minute, in bursts of a sixth of that; an address past it
+    waits (429) before anything it sends is checked again, so garbage tokens cost the
+    API server at most this many TokenReviews per address. IPv6 clients are counted
+    per /64, which is what one host can pick its addresses from. At most
+    `max_addresses` are remembered, those idle longest forgotten first (an address
+    forgotten starts again with a full bucket, which is the worst it can gain).
+    """
+
+    def __init__(self, per_minute: int = 60, *, max_addresses: int = 10000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if per_minute < 1 or max_addresses < 1:
+            raise ValueError("per_minute and max_addresses must be at least 1")
+        self.rate = per_minute / 60.0
+        self.burst = max(1.0, per_minute / 6.0)
+        self.max_addresses, self._clock = max_addresses, clock
+        self._lock = threading.Lock()
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+        self.limited = 0  # requests answered 429, for the figures
+
+    @staticmethod
+    def _key(peer: str) -> str:
+        try:
+            ip = ipaddress.ip_address(peer)
+        except ValueError:
+            return peer
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(getattr(ip, "ipv4_mapped", None) or ip)
+
+    def _tokens(self, key: str, now: float) -> float:
+        tokens, stamp = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - stamp) * self.rate)
+
+    def wait(self, peer: str) -> float:
+        """Seconds until this address may try again; 0: now."""
+        key, now = self._key(peer), self._clock()
+        with self._lock:
+            if key not in self._buckets:
+                return 0.0
+            tokens = self._tokens(key, now)
+            if tokens >= 1.0:
+                return 0.0
+            self.limited += 1
+            return (1.0 - tokens) / self.rate
+
+    def failed(self, peer: str) -> None:
+        key, now = self._key(peer), self._clock()
+        with self._lock:
+            self._buckets[key] = (self._tokens(key, now) - 1.0, now)
+            self._buckets.move_to_end(key)
+            while len(self._buckets) > self.max_addresses:
+                self._buckets.popitem(last=False)
+
+
 # -- choosing one --------------------------------------------------------------------------
 
 MODES = ("auto", "token", "kubernetes", "none")
 
 
 def authenticator(mode: str, *, token_file: str, api_client_factory: Callable[[], Any],
-                  audiences: Sequence[str] = DEFAULT_AUDIENCES) -> Authenticator:
+                  audiences: Sequence[str] = DEFAULT_AUDIENCES,
+                  max_reviews: int = 4) -> Authenticator:
     """The Authenticator for a mode: token, kubernetes, none, or auto.
 
     auto: the token file if one is given; else the cluster, if `api_client_factory`
@@ -464,7 +622,7 @@ def authenticator(mode: str, *, token_file: str, api_client_factory: Callable[[]
         if api_client is None:
             raise ValueError("auth mode kubernetes needs a Kubernetes API client")
         logger.info("authenticating with the kubernetes api", audiences=list(audiences))
-        return KubernetesAuth(api_client, audiences=audiences)
+        return KubernetesAuth(api_client, audiences=audiences, max_reviews=max_reviews)
     try:
         api_client = api_client_factory()
     except Exception as exc:  # noqa: BLE001 - not in a cluster, which auto allows for
@@ -474,5 +632,5 @@ def authenticator(mode: str, *, token_file: str, api_client_factory: Callable[[]
         logger.warning("no authentication configured: capture and drop endpoints refuse everything")
         return NoAuth()
     logger.info("authenticating with the kubernetes api", audiences=list(audiences))
-    return KubernetesAuth(api_client, audiences=audiences)
+    return KubernetesAuth(api_client, audiences=audiences, max_reviews=max_reviews)
 

@@ -20,12 +20,14 @@ from typing import Any, Protocol, runtime_checkable
 
 from monitor import kernelinfo, log
 from monitor.alerts import AlertCaptures
-from monitor.auth import Authenticator, authenticator
+from monitor.auth import Authenticator, FailureLimiter, NoAuth, authenticator
 from monitor.bypass import BypassDetector
 from monitor.capture import CaptureManager, Limits
 from monitor.collector import PodCollector
 from monitor.exposition import Registry
 from monitor.kallsyms import Symbols
+from monitor.listener import Limits as HttpLimits
+from monitor.listener import TlsError, TlsFiles
 from monitor.metadata import MetadataSource
 from monitor.metadata.static import InventoryError, NoMetadata, StaticInventory
 from monitor.probes import RegistryError, select
@@ -87,9 +89,31 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
     try:
         metadata = _metadata(settings)
         probes = select(settings.probes)
+        authenticator = _authenticator(settings)
+        tls = _tls(settings)
     except (InventoryError, RegistryError, ConfigError) as exc:
         logger.error("bad configuration", error=str(exc))
         return EXIT_USAGE
+    # The port before the kernel: a second daemon (or a busy port) stops here, having
+    # touched nothing the running one uses. `run --check` serves nothing and binds nothing.
+    server = None
+    if not check_only:
+        try:
+            server = Server(settings.listen_host, settings.listen_port, tls=tls,
+                            limits=_limits(settings))
+        except OSError as exc:
+            logger.error("cannot listen", address=settings.listen, error=exc.strerror)
+            return EXIT_FAILED
+    try:
+        return _run(settings, metadata, probes, authenticator, server, check_only=check_only)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _run(settings: Settings, metadata: MetadataSource, probes: Sequence[Probe],
+         authenticator: Authenticator, server: Server | None, *, check_only: bool) -> int:
+    logger = log.get("daemon")
 
     from monitor import bpf  # the kernel adapter: after the configuration is known to be good
 
@@ -197,20 +221,12 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
                 detach_on_exit=not settings.leave_attached)
     worker = threading.Thread(target=loop.run, args=(stop,), name="reconcile")
     traces = _traces(settings, programs, maps, state, kernel)
-    try:
-        authenticator = _authenticator(settings)
-    except ConfigError as exc:
-        logger.error("bad configuration", error=str(exc))
-        programs.close()
-        return EXIT_USAGE
-    try:
-        server = Server(settings.listen_host, settings.listen_port,
-                        Api(registry, state, settings.node_name, alive=worker.is_alive,
-                            auth=authenticator, extensions=traces))
-    except OSError as exc:
-        logger.error("cannot listen", address=settings.listen, error=exc.strerror)
-        programs.close()
-        return EXIT_FAILED
+    if server is None:  # only `run --check` has none, and it returned above
+        raise RuntimeError("the daemon runs with a listener")
+    api = Api(registry, state, settings.node_name, alive=worker.is_alive, auth=authenticator,
+              extensions=traces, auth_metrics=settings.auth_metrics,
+              allow_insecure_auth=settings.allow_insecure_auth,
+              failures=FailureLimiter(settings.auth_failures_per_minute))
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         logger.info("stopping", signal=signal.Signals(signum).name)
@@ -219,7 +235,7 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     _drop_privileges()  # the last step of start-up, before the first thread starts
-    server.start()
+    server.start(api)
     if isinstance(metadata, KubernetesLike):
         metadata.on_change = loop.wake  # a pod's object arrived or changed: label it now
         metadata.start()
@@ -232,7 +248,7 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
             frozen = _freeze_heap()
     if traces is not None:
         traces.captures.stop()
-    server.stop()
+    server.stop()  # run() closes it again, which is harmless
     if isinstance(metadata, KubernetesLike):
         metadata.stop()
     programs.close(leave_attached=settings.leave_attached)
@@ -322,6 +338,23 @@ def _traces(settings: Settings, programs: Any, maps: Any, state: MonitorState,
                     settings.node_name)
 
 
+def _tls(settings: Settings) -> TlsFiles | None:
+    if not settings.tls_cert_file:
+        return None
+    try:
+        return TlsFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    except TlsError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _limits(settings: Settings) -> HttpLimits:
+    return HttpLimits(max_connections=settings.http_max_connections, workers=settings.http_workers,
+                  header_timeout=settings.http_header_timeout,
+                  idle_timeout=settings.http_idle_timeout,
+                  body_timeout=settings.http_body_timeout,
+                  write_timeout=settings.http_write_timeout)
+
+
 def _authenticator(settings: Settings) -> Authenticator:
     def api_client() -> Any:
         from monitor.metadata import kubernetes
@@ -329,10 +362,15 @@ def _authenticator(settings: Settings) -> Authenticator:
         return kubernetes.api_client(settings.kubeconfig).api_client
 
     try:
-        return authenticator(settings.auth, token_file=settings.auth_token_file,
-                             api_client_factory=api_client, audiences=settings.auth_audiences)
+        chosen = authenticator(settings.auth, token_file=settings.auth_token_file,
+                               api_client_factory=api_client, audiences=settings.auth_audiences,
+                               max_reviews=settings.auth_max_reviews)
     except Exception as exc:  # noqa: BLE001 - the client's config errors have no common base
         raise ConfigError(f"cannot set up authentication: {exc}") from None
+    if settings.auth_metrics and isinstance(chosen, NoAuth):
+        raise ConfigError("auth_metrics needs an authenticator (--auth token or kubernetes): "
+                          "with none, nobody could scrape")
+    return chosen
 
 
 def probe_states(wanted: Sequence[Probe], notes: Mapping[str, str]) -> dict[str, str]:

@@ -1,28 +1,33 @@
-"""The one HTTP listener: /metrics, /healthz, /readyz and /api/v1/.
+"""The one HTTP listener's routes: /metrics, /healthz, /readyz and /api/v1/.
 
-A small router over the standard library's threading server: each request
-gets a thread, so a long capture or a slow client cannot hold up a scrape.
-Everything that returns packet contents or drop details, or starts a
-capture, is authorized first (monitor/auth.py); bad requests get a 4xx with
-the reason, never a traceback.
+A small router over the standard library's request handler. Connections, TLS and
+every bound on what a client may cost (connections, threads, sizes, time) live in
+monitor/listener.py; this module is what a request means. Everything that returns
+packet contents or drop details, or starts a capture, is authorized first
+(monitor/auth.py), as /metrics and /api/v1/pods are with --auth-metrics; a
+request that carries credentials over plain HTTP from another host is refused
+before anything reads them. Bad requests get a 4xx with the reason, never a
+traceback.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
-import threading
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from monitor import __version__, log
-from monitor.auth import Access, Authenticator, AuthError, NoAuth, Request
+from monitor.auth import Access, Authenticator, AuthError, FailureLimiter, NoAuth, Request
 from monitor.exposition import Registry, negotiate
+from monitor.listener import Conn, ConnReader, ConnWriter, FrontDoor, Limits, TlsFiles
 from monitor.state import MonitorState
 
 MAX_BODY = 1 << 20  # an Alertmanager notification is a few KB; refuse what is not
@@ -48,9 +53,13 @@ class Api:
 
     def __init__(self, registry: Registry, state: MonitorState, node: str,
                  alive: Callable[[], bool], *, auth: Authenticator | None = None,
-                 extensions: Any = None) -> None:
+                 extensions: Any = None, auth_metrics: bool = False,
+                 allow_insecure_auth: bool = False,
+                 failures: FailureLimiter | None = None) -> None:
         self.registry, self.state, self.node, self.alive = registry, state, node, alive
         self.auth: Authenticator = auth or NoAuth()
+        self.auth_metrics, self.allow_insecure_auth = auth_metrics, allow_insecure_auth
+        self.failures = failures or FailureLimiter()
         self.routes: list[tuple[str, re.Pattern[str], Handler_]] = []
         self._no_head: set[re.Pattern[str]] = set()
         self.route("GET", "/metrics", self.metrics)
@@ -72,12 +81,36 @@ class Api:
         return regex not in self._no_head
 
     def authorize(self, h: Handler, access: Access) -> str:
-        request = Request(h.command, urlsplit(h.path).path, dict(h.headers.items()))
-        return self.auth.check(request, access)
+        """The user, or AuthError. An address whose authentications keep failing is told
+        to wait (429) before its next token costs the API server a TokenReview."""
+        request = h.auth_request()
+        wait = self.failures.wait(request.peer)
+        if wait > 0:
+            raise AuthError(429, "too many failed authentications from this address: retry "
+                                 f"in {wait:.0f} s", retry_after=wait)
+        try:
+            return self.auth.check(request, access)
+        except AuthError as err:
+            if err.status == 401:
+                self.failures.failed(request.peer)
+            raise
 
-    # -- the unprotected routes ------------------------------------------------------------
+    def refuse_cleartext(self, h: Handler) -> None:
+        """A request that sent credentials in cleartext across the network is refused, so
+        that a misconfigured client learns it leaked its token instead of working."""
+        if h.conn.tls or self.allow_insecure_auth or "Authorization" not in h.headers:
+            return
+        if is_loopback(h.conn.address):
+            return
+        raise AuthError(403, "credentials were sent over plain HTTP from another host: use "
+                             "https (the daemon's --tls-cert-file), and rotate that token; "
+                             "--allow-insecure-auth accepts them on a trusted network")
+
+    # -- the routes everyone may read (with --auth-metrics, those allowed to) ---------------
 
     def metrics(self, h: Handler, _p: Params, _q: Mapping[str, str]) -> None:
+        if self.auth_metrics:
+            self.authorize(h, Access("get", path="/metrics"))
         fmt = negotiate(h.headers.get("Accept", ""))  # as prometheus_client's choose_encoder
         h.reply(HTTPStatus.OK, self.registry.render(fmt), fmt.content_type)
 
@@ -96,9 +129,21 @@ class Api:
                     "text/plain; charset=utf-8")
 
     def pods(self, h: Handler, _p: Params, _q: Mapping[str, str]) -> None:
+        if self.auth_metrics:
+            self.authorize(h, Access("get", path="/api/v1/pods"))
         snapshot = self.state.snapshot
         h.reply_json(HTTPStatus.OK, {"node": self.node, "time": time.time(),
                                      "pods": [p.as_json() for p in snapshot.pods]})
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def pod_params(params: Params) -> tuple[str, str]:
@@ -120,8 +165,42 @@ def int_param(query: Mapping[str, str], name: str, limit: int) -> int:
 
 
 class Handler(BaseHTTPRequestHandler):
+    """One request on a connection the front door (monitor/listener.py) read the headers
+    of; keep-alive is the front door's: it waits for the next request, not this thread."""
+
     server_version = f"podnetmon/{__version__}"
-    api: Api  # set on the subclass made per server
+    protocol_version = "HTTP/1.1"  # keep-alive: a scrape over TLS need not handshake each time
+    api: Api
+
+    def __init__(self, conn: Conn, api: Api, limits: Limits) -> None:
+        self.conn, self.api, self._limits = conn, api, limits
+        self._body_read = False
+        super().__init__(conn.sock, conn.peer, None)  # type: ignore[arg-type]
+
+    def setup(self) -> None:
+        self.connection = self.request
+        self.rfile = ConnReader(self.conn, self._limits)  # type: ignore[assignment]
+        self.wfile = ConnWriter(self.conn)  # type: ignore[assignment]
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
+        if not self.close_connection and self._unread_body():
+            self.close_connection = True  # what is left of the body is not the next request
+
+    def _unread_body(self) -> bool:
+        headers = getattr(self, "headers", None)
+        if headers is None:
+            return False
+        if headers.get("Transfer-Encoding"):
+            return True
+        length = headers.get("Content-Length", "0").strip()
+        return not self._body_read and length not in ("", "0")
+
+    def auth_request(self) -> Request:
+        return Request(self.command, urlsplit(self.path).path, dict(self.headers.items()),
+                       peer=self.conn.address, tls=self.conn.tls,
+                       certificate=self.conn.certificate)
 
     def _dispatch(self) -> None:
         parts = urlsplit(self.path)
@@ -136,6 +215,7 @@ class Handler(BaseHTTPRequestHandler):
             if method != self.command and not head:
                 continue
             try:
+                self.api.refuse_cleartext(self)
                 query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
                 handler(self, match.groupdict(), query)
             except AuthError as exc:
@@ -167,7 +247,12 @@ class Handler(BaseHTTPRequestHandler):
                     length -= len(self.rfile.read(min(length, 1 << 16)) or b"x" * length)
             self.close_connection = True
             raise RequestError(413, f"the body is {raw} bytes; at most {MAX_BODY}")
-        return self.rfile.read(length)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True
+            raise RequestError(400, f"the body ended after {len(body)} of {length} bytes")
+        self._body_read = True
+        return body
 
     def reply(self, status: int, body: bytes, content_type: str,
               headers: Mapping[str, str] | None = None) -> None:
@@ -206,24 +291,44 @@ def _jsonable(value: Any) -> Any:
 
 
 class Server:
-    """The listener in a thread of its own."""
+    """The listener: the port is bound when this is made (so a start-up learns at once
+    that another daemon holds it, before the kernel is touched); requests are served
+    from start() on."""
 
-    def __init__(self, host: str, port: int, api: Api) -> None:
-        handler = type("BoundHandler", (Handler,), {"api": api})
-        ThreadingHTTPServer.allow_reuse_address = True
-        self._httpd = ThreadingHTTPServer((host, port), handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="http",
-                                        daemon=True)
+    def __init__(self, host: str, port: int, api: Api | None = None, *,
+                 tls: TlsFiles | None = None, limits: Limits | None = None) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, port), family=family, backlog=1024)
+        self.api, self.tls, self.limits = api, tls, limits or Limits()
+        self._door: FrontDoor | None = None
 
     @property
     def port(self) -> int:
-        return int(self._httpd.server_address[1])
+        return int(self._sock.getsockname()[1])
 
-    def start(self) -> None:
-        self._thread.start()
-        log.get("http").info("listening", address=self._httpd.server_address[0], port=self.port)
+    @property
+    def door(self) -> FrontDoor | None:
+        return self._door
+
+    def start(self, api: Api | None = None) -> None:
+        self.api = api or self.api
+        if self.api is None:
+            raise ValueError("a server needs its routes (Api) to start")
+        bound_api, limits = self.api, self.limits
+
+        def serve(conn: Conn) -> bool:
+            handler = Handler(conn, bound_api, limits)
+            return not handler.close_connection
+
+        self._door = FrontDoor(self._sock, limits, self.tls, serve)
+        self._door.start()
+        log.get("http").info("listening", address=self._sock.getsockname()[0], port=self.port,
+                             tls=self.tls is not None)
 
     def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        door, self._door = self._door, None
+        if door is not None:
+            door.stop()
+        self._sock.close()
+
+    close = stop  # a start-up that fails after binding: release the port

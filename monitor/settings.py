@@ -152,6 +152,52 @@ class Settings:
         "create token SA --audience podnetmon`.", default=("podnetmon",))
     auth_token_file: str = _doc("A file holding the bearer token for auth=token; re-read when "
                                 "it changes, so it can be rotated.", default="")
+    tls_cert_file: str = _doc(
+        "The listener's serving certificate (PEM, the chain after the leaf). With "
+        "--tls-key-file the one listener speaks TLS 1.2+ only; both files are re-read when "
+        "they change (a rotated Secret), with no restart. Empty: plain HTTP.", default="")
+    tls_key_file: str = _doc("The serving certificate's private key (PEM).", default="")
+    tls_client_ca_file: str = _doc(
+        "CA bundle for optional client certificates: a client that presents one signed by "
+        "it is known by its certificate (CN the user, O the groups, as the API server and "
+        "kubelet read them) and needs no bearer token. Empty: client certificates are not "
+        "asked for.", default="")
+    allow_insecure_auth: bool = _doc(
+        "Accept credentials (a bearer token) over plain HTTP from other hosts. Off: such a "
+        "request is refused with 403 and the reason, because the token crossed the network "
+        "in cleartext; loopback is always allowed. Only for a network you trust end to end.",
+        default=False)
+    auth_metrics: bool = _doc(
+        "Authorize /metrics and /api/v1/pods too, as kube-rbac-proxy does: a SubjectAccess"
+        "Review for the non-resource URL (verb get), so Prometheus presents a token granted "
+        "`nonResourceURLs: [/metrics]`. The multi-tenant setting; off by default (/healthz "
+        "and /readyz never need it).", default=False)
+    http_max_connections: int = _doc(
+        "Connections held open at most. Idle ones cost a socket, not a thread; when the cap "
+        "is reached the connection idle longest (no request in progress) is closed for the "
+        "new one, so held-open connections cannot lock scrapes out.", default=512)
+    http_workers: int = _doc(
+        "Threads serving /api requests (traces, drops, alerts) at once; /metrics, /healthz "
+        "and /readyz have two threads of their own, so API work never delays a scrape.",
+        default=8)
+    http_header_timeout: float = _doc(
+        "Seconds a client has to send a request's headers (and finish the TLS handshake) "
+        "once it starts; slower ones are closed (408).", default=10.0)
+    http_idle_timeout: float = _doc(
+        "Seconds a keep-alive connection may wait for its next request (Prometheus keeps "
+        "one per target between scrapes).", default=120.0)
+    http_body_timeout: float = _doc("Seconds a client has to send a request body.",
+                                    default=10.0)
+    http_write_timeout: float = _doc(
+        "Seconds a response may wait on a client that does not read; a trace streaming to "
+        "a stalled client also ends at its own deadline.", default=30.0)
+    auth_failures_per_minute: int = _doc(
+        "Failed authentications allowed per client address per minute (bursts of a sixth "
+        "of it); past it the address gets 429 with no TokenReview sent, so garbage tokens "
+        "cannot make the daemon flood the API server.", default=60)
+    auth_max_reviews: int = _doc(
+        "TokenReviews and SubjectAccessReviews in flight at most; a request that finds no "
+        "slot within a second gets 503.", default=4)
     capture_dir: str = _doc("Where captures started by alerts are stored (0700; files 0600).",
                             default="/var/lib/podnetmon/captures")
     capture_max_files: int = _doc("Stored captures kept at most; the oldest go first.",
@@ -246,6 +292,24 @@ def _validate(s: Settings) -> None:
     for name in ("proc_root", "bpffs_root", "tracefs_root", "btf_path", "capture_dir"):
         if not os.path.isabs(getattr(s, name)):
             raise SettingsError(f"{name}: {getattr(s, name)!r} must be an absolute path")
+    if bool(s.tls_cert_file) != bool(s.tls_key_file):
+        raise SettingsError("tls_cert_file and tls_key_file: give both or neither")
+    if s.tls_client_ca_file and not s.tls_cert_file:
+        raise SettingsError("tls_client_ca_file: client certificates need TLS "
+                            "(--tls-cert-file and --tls-key-file)")
+    if not 1 <= s.http_max_connections <= 65536:
+        raise SettingsError(f"http_max_connections: {s.http_max_connections} is outside 1..65536")
+    if not 1 <= s.http_workers <= 256:
+        raise SettingsError(f"http_workers: {s.http_workers} is outside 1..256")
+    for name in ("http_header_timeout", "http_idle_timeout", "http_body_timeout",
+                 "http_write_timeout"):
+        if not 0.1 <= getattr(s, name) <= 3600:
+            raise SettingsError(f"{name}: {getattr(s, name)} s is outside 0.1..3600")
+    if not 1 <= s.auth_failures_per_minute <= 100000:
+        raise SettingsError(f"auth_failures_per_minute: {s.auth_failures_per_minute} is "
+                            "outside 1..100000")
+    if not 1 <= s.auth_max_reviews <= 256:
+        raise SettingsError(f"auth_max_reviews: {s.auth_max_reviews} is outside 1..256")
     if not s.auth_audiences:
         raise SettingsError("auth_audiences: name at least one audience (a token meant for "
                             "any audience would be one meant for the API server)")

@@ -56,6 +56,7 @@ PODS_PATH = "/api/v1/pods"
 AUTHN_REVIEWS_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 API_AUDIENCE = "https://kubernetes.default.svc"  # what a TokenReview naming none asks for
 AUTHZ_REVIEWS_PATH = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+NON_RESOURCE = "<non-resource URL>"  # how grant_path() grants are told apart from pods
 FIRST_RESOURCE_VERSION = 100  # any start will do; not 0, which means "any version" to the API
 POLL = 0.05  # how often a waiting watch checks whether its client went away
 
@@ -338,6 +339,10 @@ class FakeApiServer:
         with self._cond:
             self.grants.add((subject, verb, namespace, resource, subresource, name))
 
+    def grant_path(self, subject: str, path: str, verb: str = "get") -> None:
+        """Allow a user or group a non-resource URL (a ClusterRole's nonResourceURLs)."""
+        self.grant(subject, verb, "", NON_RESOURCE, "", path)
+
     def token_reviews(self) -> list[dict[str, Any]]:
         return [b for p, b in list(self.bodies) if p == AUTHN_REVIEWS_PATH]
 
@@ -393,6 +398,9 @@ class FakeApiServer:
         """Allowed when some grant matches the user or one of the groups, and every field."""
         spec = review.get("spec") or {}
         attrs = spec.get("resourceAttributes")
+        url = spec.get("nonResourceAttributes")
+        if isinstance(url, dict) and not isinstance(attrs, dict):  # as a grant_path() names it
+            attrs = {"verb": url.get("verb"), "resource": NON_RESOURCE, "name": url.get("path")}
         subjects = {str(spec.get("user") or "")} | {str(g) for g in spec.get("groups") or []}
         allowed = False
         if isinstance(attrs, dict):

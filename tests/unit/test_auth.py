@@ -29,12 +29,14 @@ from monitor.auth import (
     NO_AUTH_REASON,
     Access,
     AuthError,
+    FailureLimiter,
     KubernetesAuth,
     NoAuth,
     Request,
     TokenFileAuth,
     authenticator,
 )
+from monitor.listener import Certificate
 from tests.fakeapi import AUTHN_REVIEWS_PATH, AUTHZ_REVIEWS_PATH, FakeApiServer
 
 SHARED = "s3cr3t-T0ken.with_chars~+/="  # what TokenFileAuth expects
@@ -587,9 +589,9 @@ def test_kubernetes_cache_never_holds_the_token(server: FakeApiServer, kube: Kub
     refused(a, bearer(BOB))
     refused(a, bearer("unknown-token-xyz"))
     keys = a.cache_keys()
-    assert keys == [(hashlib.sha256(t.encode()).hexdigest(), CAPTURE)
-                    for t in (ALICE, BOB, "unknown-token-xyz")]
-    held = repr(keys) + repr(a._cache)  # keys and decisions, as they are stored
+    assert keys == [(hashlib.sha256(t.encode()).hexdigest(), CAPTURE) for t in (ALICE, BOB)]
+    assert a.refused_keys() == [hashlib.sha256(b"unknown-token-xyz").hexdigest()]
+    held = repr(keys) + repr(a._cache) + repr(a._refused)  # keys and decisions, as stored
     for token in (ALICE, BOB, "unknown-token-xyz"):
         assert token not in held
 
@@ -764,3 +766,106 @@ def test_the_log_never_contains_a_token_when_the_api_is_down(server: FakeApiServ
     output = rendered.getvalue()
     assert '"kubernetes api review failed"' in output
     assert ALICE not in output + caplog.text
+
+
+# -- issue 12: non-resource URLs, certificates, bounds under abuse ---------------------------
+
+
+def test_kubernetes_non_resource_url_is_a_non_resource_review(server: FakeApiServer,
+                                                              kube: KubeFactory) -> None:
+    server.grant_path("alice", "/metrics")
+    a = kube()
+    assert a.check(bearer(ALICE), Access("get", path="/metrics")) == "alice"
+    review = server.access_reviews()[-1]["spec"]
+    assert review["nonResourceAttributes"] == {"path": "/metrics", "verb": "get"}
+    assert "resourceAttributes" not in review
+    err = refused(a, bearer(BOB), Access("get", path="/metrics"))
+    assert err.status == 403 and "get /metrics" in err.reason
+    assert refused(a, bearer(ALICE), Access("get", path="/api/v1/pods")).status == 403
+
+
+def test_access_for_a_path_is_a_path_alone() -> None:
+    with pytest.raises(ValueError, match="path alone"):
+        Access("get", "shop", path="/metrics")
+    with pytest.raises(ValueError, match="path alone"):
+        Access("get", path="metrics")
+
+
+def test_kubernetes_client_certificate_needs_no_token_review(server: FakeApiServer,
+                                                             kube: KubeFactory) -> None:
+    server.grant("netops", "get", "shop", "pods", "capture", "web-1")
+    a = kube()
+    carol = Request("GET", "/x", {}, certificate=Certificate("carol", ("netops",)))
+    assert a.check(carol, CAPTURE) == "carol"
+    assert posts(server) == [AUTHZ_REVIEWS_PATH]  # the certificate is the authentication
+    spec = server.access_reviews()[-1]["spec"]
+    assert spec["user"] == "carol" and spec["groups"] == ["netops"]
+    dave = Request("GET", "/x", {}, certificate=Certificate("dave", ()))
+    assert refused(a, dave).status == 403
+
+
+def test_token_file_accepts_a_verified_client_certificate(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text(SHARED)
+    a = TokenFileAuth(str(path))
+    assert a.check(Request("GET", "/x", {}, certificate=Certificate("ops", ())), CAPTURE) == "ops"
+    # a token beside a certificate is still checked: a wrong one is not rescued by it
+    both = Request("GET", "/x", {"Authorization": "Bearer wrong"},
+                   certificate=Certificate("ops", ()))
+    assert refused(a, both).status == 401
+
+
+def test_kubernetes_garbage_tokens_cannot_evict_good_decisions(server: FakeApiServer,
+                                                               kube: KubeFactory) -> None:
+    server.grant("alice")
+    a = kube(max_entries=3)
+    a.check(bearer(ALICE), CAPTURE)
+    for i in range(50):
+        assert refused(a, bearer(f"garbage-{i}")).status == 401
+    before = len(posts(server))
+    assert a.check(bearer(ALICE), CAPTURE) == "alice"
+    assert len(posts(server)) == before  # still cached: no review for it
+    assert len(a.refused_keys()) == 3  # the garbage has a bounded cache of its own
+
+
+def test_kubernetes_reviews_in_flight_are_bounded(server: FakeApiServer, kube: KubeFactory) -> None:
+    server.grant("alice")
+    a = kube(max_reviews=1, review_wait=0.05)
+    a._reviews.acquire()  # one review in flight: the only slot
+    try:
+        err = refused(a, bearer(ALICE))
+    finally:
+        a._reviews.release()
+    assert err.status == 503 and "in flight" in err.reason
+    assert err.headers == {"Retry-After": "1"}
+    assert posts(server) == []  # nothing was sent past the bound, and nothing cached
+    assert a.check(bearer(ALICE), CAPTURE) == "alice"
+
+
+def test_failure_limiter_blocks_an_address_past_its_rate(clock: Clock) -> None:
+    limiter = FailureLimiter(60, clock=clock)  # one a second, bursts of 10
+    for _ in range(10):
+        assert limiter.wait("10.0.0.1") == 0
+        limiter.failed("10.0.0.1")
+    assert limiter.wait("10.0.0.1") == pytest.approx(1.0)
+    assert limiter.wait("10.0.0.2") == 0  # others are not held up
+    clock.now += 1.0
+    assert limiter.wait("10.0.0.1") == 0  # one more try a second
+    limiter.failed("10.0.0.1")
+    assert limiter.wait("10.0.0.1") > 0
+
+
+def test_failure_limiter_counts_ipv6_per_64_and_mapped_ipv4_as_ipv4(clock: Clock) -> None:
+    limiter = FailureLimiter(6, clock=clock)  # bursts of 1
+    limiter.failed("2001:db8:1:2::5")
+    assert limiter.wait("2001:db8:1:2:ffff::9") > 0  # the same /64: the same host
+    assert limiter.wait("2001:db8:1:3::5") == 0
+    limiter.failed("::ffff:10.1.2.3")
+    assert limiter.wait("10.1.2.3") > 0
+
+
+def test_failure_limiter_remembers_a_bounded_number_of_addresses(clock: Clock) -> None:
+    limiter = FailureLimiter(6, max_addresses=100, clock=clock)
+    for i in range(1000):
+        limiter.failed(f"10.0.{i // 256}.{i % 256}")
+    assert len(limiter._buckets) == 100

@@ -254,7 +254,11 @@ def test_add_arguments_one_flag_per_field() -> None:
         "--max-pods", "--runtime-dirs", "--auth", "--auth-audiences", "--auth-token-file", "--capture-dir",
         "--capture-max-files", "--capture-max-bytes", "--trace-max-duration", "--trace-max-packets",
         "--trace-max-bytes", "--trace-snaplen", "--trace-max-snaplen", "--traces-per-node",
-        "--traces-per-pod", "--bypass-check-interval", "--leave-attached"}
+        "--traces-per-pod", "--bypass-check-interval", "--leave-attached", "--tls-cert-file",
+            "--tls-key-file", "--tls-client-ca-file", "--allow-insecure-auth", "--auth-metrics",
+            "--http-max-connections", "--http-workers", "--http-header-timeout",
+            "--http-idle-timeout", "--http-body-timeout", "--http-write-timeout",
+            "--auth-failures-per-minute", "--auth-max-reviews"}
     assert len(flags) == len(settings.names())
 
 

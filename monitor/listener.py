@@ -1,0 +1,527 @@
+"""The listener's front door: accept, TLS handshake, a request's headers, then a worker.
+
+Why not the standard library's ThreadingHTTPServer: it gives every connection a
+thread for as long as the connection is open and never times it out, so 1,000
+held-open connections are 1,000 threads and one slow client holds a thread
+forever. Here one thread, the front door, waits on every connection with a
+selector: an idle or slow connection costs a socket and a buffer, no thread. A
+request goes to a worker only once all its headers are in, and workers are a fixed
+number of threads in two lanes, so a scrape never waits behind API work (traces,
+alerts, reviews). Every phase has a deadline: the handshake and headers, the idle
+wait between keep-alive requests, a body, a write. When the connection cap is
+reached, the connection that has been waiting longest without a request in
+progress is closed to make room, so held-open connections cannot lock anyone out.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import selectors
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from monitor import log
+
+# The routes the probe lane serves: cheap, unauthenticated by default, and what the
+# kubelet and Prometheus need answered whatever else the daemon is doing.
+PROBE_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+RECV_SIZE = 65536
+
+
+class TlsError(ValueError):
+    """The serving certificate, its key or the client CA cannot be used."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much the listener gives any client; see the http_* settings for why."""
+
+    max_connections: int = 512
+    workers: int = 8
+    probe_workers: int = 2
+    header_timeout: float = 10.0
+    idle_timeout: float = 120.0
+    body_timeout: float = 10.0
+    write_timeout: float = 30.0
+    max_header_bytes: int = 32 << 10  # a 16 KiB token and the usual headers fit
+    queued: int = 64  # requests waiting for a worker, per lane; beyond it 503
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A client certificate the TLS layer verified against the client CA."""
+
+    user: str  # the subject's CN, as the API server and kubelet read it
+    groups: tuple[str, ...]  # the subject's O values
+
+
+# -- TLS -----------------------------------------------------------------------------------
+
+
+def _stamp(path: str) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)  # follows the symlink a Kubernetes Secret volume swaps on rotation
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+class TlsFiles:
+    """The serving context, rebuilt when the certificate, key or client CA file changes.
+
+    Checked at most once a second, on a new connection. A pair that does not load
+    (a half-written rotation: the certificate new, the key still old) keeps the last
+    good context and is tried again at the next check; at start-up it is an error.
+    """
+
+    CHECK_INTERVAL = 1.0
+
+    def __init__(self, cert_file: str, key_file: str, client_ca_file: str = "",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.paths = tuple(p for p in (cert_file, key_file, client_ca_file) if p)
+        self.cert_file, self.key_file, self.client_ca_file = cert_file, key_file, client_ca_file
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._log = log.get("tls")
+        self._stamps = self._read_stamps()
+        self._context = self._build()  # raises TlsError: a bad pair stops the start-up
+        self._checked = clock()
+        self.reloads = 0
+
+    def _read_stamps(self) -> tuple[Any, ...]:
+        return tuple(_stamp(p) for p in self.paths)
+
+    def _build(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_alpn_protocols(["http/1.1"])
+        try:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+            if self.client_ca_file:
+                ctx.load_verify_locations(cafile=self.client_ca_file)
+                ctx.verify_mode = ssl.CERT_OPTIONAL  # a certificate is one way in, not the only one
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsError(f"cannot load the TLS files ({', '.join(self.paths)}): "
+                           f"{getattr(exc, 'strerror', None) or exc}") from None
+        return ctx
+
+    def context(self) -> ssl.SSLContext:
+        now = self._clock()
+        with self._lock:
+            if now - self._checked < self.CHECK_INTERVAL:
+                return self._context
+            self._checked = now
+            stamps = self._read_stamps()
+            if stamps == self._stamps:
+                return self._context
+            try:
+                self._context = self._build()
+            except TlsError as exc:
+                self._log.warning("new TLS files do not load: still serving the last good "
+                                  "certificate", error=str(exc))
+                return self._context  # stamps not taken: retried at the next check
+            self._stamps = stamps
+            self.reloads += 1
+            self._log.info("TLS files changed: serving the new certificate", reloads=self.reloads)
+            return self._context
+
+
+def peer_certificate(sock: socket.socket) -> Certificate | None:
+    """The verified client certificate of a TLS connection, or None."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    cert = sock.getpeercert()
+    if not cert:
+        return None
+    names: dict[str, list[str]] = {}
+    subject: Any = cert.get("subject", ())  # ((("commonName", "x"),), (("organizationName", "g"),))
+    for rdn in subject:
+        for key, value in rdn:
+            names.setdefault(key, []).append(value)
+    user = (names.get("commonName") or [""])[0]
+    return Certificate(user, tuple(names.get("organizationName", ()))) if user else None
+
+
+# -- a connection --------------------------------------------------------------------------
+
+
+class Conn:
+    """One client connection: its socket, what it sent that no request consumed yet,
+    and the deadline of the phase it is in."""
+
+    def __init__(self, sock: socket.socket, peer: tuple[Any, ...], tls: bool,
+                 deadline: float) -> None:
+        self.sock, self.peer, self.tls = sock, peer, tls
+        self.buf = bytearray()
+        self.handshaking = tls
+        self.busy = False  # a worker has it
+        self.deadline = deadline
+        self.waiting_since = time.monotonic()
+        self.certificate: Certificate | None = None
+
+    @property
+    def address(self) -> str:
+        return str(self.peer[0]) if self.peer else ""
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def headers_complete(self) -> bool:
+        data = bytes(self.buf.lstrip(b"\r\n"))  # RFC 9112: blank lines before a request are ignored
+        return b"\r\n\r\n" in data or b"\n\n" in data
+
+    def request_path(self) -> str:
+        line = bytes(self.buf.lstrip(b"\r\n")).split(b"\n", 1)[0].decode("latin-1")
+        parts = line.split()
+        return urlsplit(parts[1]).path if len(parts) >= 2 else ""
+
+
+class ConnReader:
+    """The request side of a connection for BaseHTTPRequestHandler: what the front door
+    read first, then the socket, every read bounded by the body deadline."""
+
+    closed = False
+
+    def __init__(self, conn: Conn, limits: Limits) -> None:
+        self.conn, self.limits = conn, limits
+        self._deadline: float | None = None
+
+    def _fill(self) -> bool:
+        """One more read into the buffer; False at end of stream."""
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self.limits.body_timeout
+        left = self._deadline - now
+        if left <= 0:
+            raise TimeoutError("the request body did not arrive in time")
+        sock = self.conn.sock
+        sock.settimeout(left)
+        try:
+            data = sock.recv(RECV_SIZE)
+        finally:
+            sock.settimeout(self.limits.write_timeout)
+        if not data:
+            return False
+        self.conn.buf += data
+        return True
+
+    def readline(self, limit: int = -1) -> bytes:
+        buf = self.conn.buf
+        while True:
+            end = buf.find(b"\n")
+            if end >= 0 and (limit < 0 or end < limit):
+                line = bytes(buf[:end + 1])
+                del buf[:end + 1]
+                return line
+            if 0 <= limit <= len(buf):
+                line = bytes(buf[:limit])
+                del buf[:limit]
+                return line
+            if not self._fill():
+                line = bytes(buf)
+                buf.clear()
+                return line
+
+    def read(self, n: int = -1) -> bytes:
+        buf = self.conn.buf
+        while n < 0 or len(buf) < n:
+            if not self._fill():
+                break
+        n = len(buf) if n < 0 else min(n, len(buf))
+        data = bytes(buf[:n])
+        del buf[:n]
+        return data
+
+    def close(self) -> None:
+        return
+
+
+class ConnWriter:
+    """The response side: sendall under the socket's timeout (write_timeout unless the
+    handler set its own, as a trace does for its deadline)."""
+
+    closed = False  # BaseHTTPRequestHandler.finish() asks
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+
+    def write(self, data: bytes) -> int:
+        self.conn.sock.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        return
+
+    def close(self) -> None:
+        return
+
+
+# -- the front door and the lanes ----------------------------------------------------------
+
+Serve = Callable[[Conn], bool]  # handles one request; True: keep the connection open
+
+
+class Lane:
+    """A fixed set of worker threads behind a bounded queue."""
+
+    def __init__(self, name: str, workers: int, queued: int, serve: Serve,
+                 done: Callable[[Conn, bool], None]) -> None:
+        self.name = name
+        self.queue: queue.Queue[Conn | None] = queue.Queue(maxsize=queued)
+        self._serve, self._done = serve, done
+        self._threads = [threading.Thread(target=self._work, name=f"http-{name}-{i}", daemon=True)
+                         for i in range(workers)]
+        self.busy = 0
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            try:
+                self.queue.put(None, timeout=1.0)
+            except queue.Full:
+                break
+
+    def _work(self) -> None:
+        while True:
+            conn = self.queue.get()
+            if conn is None:
+                return
+            self.busy += 1
+            keep = False
+            try:
+                keep = self._serve(conn)
+            except Exception as exc:  # noqa: BLE001 - one request's failure ends its connection only
+                log.get("http").debug("request failed", error=type(exc).__name__,
+                                      detail=str(exc)[:200])
+            finally:
+                self.busy -= 1
+                self._done(conn, keep)
+
+
+class FrontDoor:
+    """The one thread that accepts and waits on every connection."""
+
+    def __init__(self, sock: socket.socket, limits: Limits, tls: TlsFiles | None,
+                 serve: Serve) -> None:
+        self.sock, self.limits, self.tls = sock, limits, tls
+        self.sock.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._returned: queue.SimpleQueue[tuple[Conn, bool]] = queue.SimpleQueue()
+        self._conns: set[Conn] = set()
+        self._stop = threading.Event()
+        self._log = log.get("http")
+        self.lanes = {
+            "probe": Lane("probe", limits.probe_workers, limits.queued, serve, self._hand_back),
+            "api": Lane("api", limits.workers, limits.queued, serve, self._hand_back),
+        }
+        self.stats = {"accepted": 0, "evicted": 0, "timed_out": 0, "refused_busy": 0,
+                      "too_large": 0}
+        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def start(self) -> None:
+        for lane in self.lanes.values():
+            lane.start()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake()
+        self._thread.join(timeout=5)
+        for lane in self.lanes.values():
+            lane.stop()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        sel = self._selector
+        sel.register(self.sock, selectors.EVENT_READ, "accept")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while not self._stop.is_set():
+                for key, _mask in sel.select(timeout=0.25):
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        self._drain_wake()
+                    else:
+                        self._readable(key.data)
+                self._expire(time.monotonic())
+        finally:
+            for conn in list(self._conns):
+                self._close(conn)
+            sel.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # the pipe is full: a wake-up is already pending
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        while True:
+            try:
+                conn, keep = self._returned.get_nowait()
+            except queue.Empty:
+                return
+            conn.busy = False
+            if not keep:
+                self._close(conn)
+                continue
+            conn.sock.setblocking(False)
+            now = time.monotonic()
+            conn.waiting_since = now
+            conn.deadline = now + (self.limits.header_timeout if conn.buf else
+                                   self.limits.idle_timeout)
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+            self._readable(conn)  # a pipelined request, or TLS data already decrypted
+
+    def _hand_back(self, conn: Conn, keep: bool) -> None:
+        """From a worker: the request is done; wait for the connection's next one."""
+        self._returned.put((conn, keep))
+        self._wake()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: keep serving who is connected
+                self._log.warning("accept failed", error=exc.strerror)
+                return
+            if len(self._conns) >= self.limits.max_connections and not self._evict():
+                self.stats["refused_busy"] += 1  # every connection has a request in progress
+                if self.tls is None:
+                    _refuse(sock, 503, "too many connections")
+                sock.close()
+                continue
+            self.stats["accepted"] += 1
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = self.tls is not None
+            if self.tls is not None:
+                sock = self.tls.context().wrap_socket(sock, server_side=True,
+                                                      do_handshake_on_connect=False)
+            conn = Conn(sock, peer, tls, time.monotonic() + self.limits.header_timeout)
+            self._conns.add(conn)
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _evict(self) -> bool:
+        """Close the connection waiting longest with no request in progress."""
+        idle = [c for c in self._conns if not c.busy]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.waiting_since)
+        self.stats["evicted"] += 1
+        self._close(victim)
+        return True
+
+    def _close(self, conn: Conn, status: int = 0, reason: str = "") -> None:
+        """Forget the connection; with a status, tell the client why first (best effort:
+        never over a TLS connection whose handshake is not done)."""
+        if not conn.busy:
+            try:
+                self._selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+        self._conns.discard(conn)
+        if status and not conn.handshaking:
+            _refuse(conn.sock, status, reason)
+        conn.close()
+
+    def _expire(self, now: float) -> None:
+        for conn in [c for c in self._conns if not c.busy and c.deadline <= now]:
+            self.stats["timed_out"] += 1
+            # a request under way is told why it ends; an idle keep-alive just closes
+            self._close(conn, 408 if conn.buf else 0,
+                        "the request's headers did not arrive in time")
+
+    def _readable(self, conn: Conn) -> None:
+        if conn.handshaking:
+            try:
+                conn.sock.do_handshake()  # type: ignore[attr-defined]
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except (ssl.SSLError, OSError):
+                self._close(conn)
+                return
+            conn.handshaking = False
+            conn.certificate = peer_certificate(conn.sock)
+        while True:
+            try:
+                data = conn.sock.recv(RECV_SIZE)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            except OSError:
+                self._close(conn)
+                return
+            if not data:
+                self._close(conn)
+                return
+            if not conn.buf:
+                conn.deadline = min(conn.deadline, time.monotonic() + self.limits.header_timeout)
+            conn.buf += data
+            if len(conn.buf) > self.limits.max_header_bytes:
+                break
+        if conn.headers_complete():
+            self._dispatch(conn)
+        elif len(conn.buf) > self.limits.max_header_bytes:
+            self.stats["too_large"] += 1
+            self._close(conn, 431, "the request's headers are too large")
+
+    def _dispatch(self, conn: Conn) -> None:
+        lane = self.lanes["probe" if conn.request_path() in PROBE_PATHS else "api"]
+        self._selector.unregister(conn.sock)
+        conn.busy = True
+        conn.sock.setblocking(True)
+        conn.sock.settimeout(self.limits.write_timeout)
+        try:
+            lane.queue.put_nowait(conn)
+        except queue.Full:
+            self.stats["refused_busy"] += 1
+            self._conns.discard(conn)
+            _refuse(conn.sock, 503, f"the {lane.name} workers are all busy: retry")
+            conn.close()
+
+
+def _refuse(sock: socket.socket, status: int, reason: str) -> None:
+    """A last answer, best effort and never blocking for long; the caller closes."""
+    body = f'{{"error": "{reason}"}}\n'.encode()
+    head = (f"HTTP/1.1 {status} {_PHRASES.get(status, 'Error')}\r\nContent-Type: "
+            f"application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+            + ("Retry-After: 1\r\n" if status == 503 else "") + "\r\n")
+    try:
+        sock.settimeout(0.05)
+        sock.sendall(head.encode() + body)
+    except (OSError, ValueError):
+        pass
+
+
+_PHRASES = {408: "Request Timeout", 431: "Request Header Fields Too Large",
+            503: "Service Unavailable"}
