@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from monitor import __version__, log, settings
+from monitor import __version__, client, log, settings
 
 EXIT_USAGE = 2
 
@@ -46,8 +44,6 @@ def _parser() -> argparse.ArgumentParser:
                          help="even though a podnetmon daemon seems to be running")
 
     pods = sub.add_parser("pods", help="the pods the daemon sees, as a table")
-    pods.add_argument("--address", default="127.0.0.1:9655",
-                      help="the daemon's listen address (host:port)")
     pods.add_argument("--json", action="store_true", help="print the daemon's JSON as it is")
 
     trace = sub.add_parser("trace", help="a pod's packets as pcapng, from the daemon",
@@ -64,18 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     drops.add_argument("target", metavar="NAMESPACE/POD")
     drops.add_argument("-d", "--duration", default="60s")
     drops.add_argument("-c", "--count", type=int, default=0, help="stop after this many events")
-    for p in (trace, drops):
-        p.add_argument("--address", default="127.0.0.1:9655", help="the daemon (host:port)")
-        p.add_argument("--token-file", default="", help="a file with the bearer token "
-                       "(else $PODNETMON_TOKEN)")
 
     top = sub.add_parser("top", help="the node's pods live: rates, drops, latency")
-    top.add_argument("--address", default="127.0.0.1:9655", help="the daemon (host:port)")
     top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     top.add_argument("--sort", default="bytes", choices=("bytes", "packets", "drops", "retrans",
                                                          "handshake", "dns"))
     top.add_argument("--rows", type=int, default=40)
     top.add_argument("--once", action="store_true", help="print one table and exit")
+    for p in (pods, trace, drops, top):  # the daemon's clients: --address, TLS, token
+        client.add_arguments(p)
 
     rules = sub.add_parser("rules", help="the Prometheus alert rules, with your thresholds",
                            description="Print the alert rules: a Prometheus rule file, or a "
@@ -198,12 +191,15 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 
 def _pods(args: argparse.Namespace) -> int:
-    url = f"http://{args.address}/api/v1/pods"
     try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
+        daemon = client.from_args(args)
+        with daemon.open("/api/v1/pods", timeout=10) as resp:
             doc = json.load(resp)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"podnetmon: cannot read {url}: {exc}", file=sys.stderr)
+    except client.ClientError as exc:
+        print(f"podnetmon pods: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:  # the answer broke off, or is not JSON
+        print(f"podnetmon pods: {daemon.url}/api/v1/pods: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(doc, indent=1))

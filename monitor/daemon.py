@@ -98,6 +98,7 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
     # touched nothing the running one uses. `run --check` serves nothing and binds nothing.
     server = None
     if not check_only:
+        _raise_fd_limit()
         try:
             server = Server(settings.listen_host, settings.listen_port, tls=tls,
                             limits=_limits(settings))
@@ -336,6 +337,22 @@ def _traces(settings: Settings, programs: Any, maps: Any, state: MonitorState,
                          max_bytes=settings.capture_max_bytes)
     return TraceApi(captures, store, AlertCaptures(captures, store, settings.node_name),
                     settings.node_name)
+
+
+def _raise_fd_limit() -> None:
+    """Every held connection is a descriptor, beside a few hundred BPF ones: the soft limit
+    (often 1,024) goes up towards the hard one, as Go's runtime does for every Go daemon;
+    65,536 is plenty past the connection cap's maximum."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (OSError, ValueError) as exc:
+            log.get("daemon").warning("could not raise the open-file limit", soft=soft,
+                                      error=str(exc))
 
 
 def _tls(settings: Settings) -> TlsFiles | None:

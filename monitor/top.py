@@ -13,12 +13,13 @@ import sys
 import termios
 import time
 import tty
-import urllib.request
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from monitor import client
 
 SORTS = ("bytes", "packets", "drops", "retrans", "handshake", "dns")
 
@@ -145,16 +146,20 @@ def table(all_rows: list[Row], sort: str, limit: int) -> str:
                      for line in lines)
 
 
-def fetch(address: str) -> Snapshot:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
-        return parse(resp.read().decode())
+def fetch(daemon: client.Daemon) -> Snapshot:
+    try:
+        with daemon.open("/metrics", timeout=10) as resp:
+            return parse(resp.read().decode())
+    except OSError as exc:  # the answer broke off after it began
+        raise client.ClientError(f"{daemon.url}/metrics: {exc}") from None
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        before, t0 = fetch(args.address), time.monotonic()
-    except OSError as exc:
-        print(f"podnetmon top: cannot read http://{args.address}/metrics: {exc}", file=sys.stderr)
+        daemon = client.from_args(args)
+        before, t0 = fetch(daemon), time.monotonic()
+    except client.ClientError as exc:
+        print(f"podnetmon top: {exc}", file=sys.stderr)
         return 1
     sort = args.sort
     interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.once
@@ -175,14 +180,14 @@ def main(args: argparse.Namespace) -> int:
             if not interactive:
                 time.sleep(max(0.0, deadline - time.monotonic()))
             try:
-                after, t1 = fetch(args.address), time.monotonic()
-            except OSError as exc:
+                after, t1 = fetch(daemon), time.monotonic()
+            except client.ClientError as exc:
                 print(f"podnetmon top: {exc}", file=sys.stderr)
                 return 1
             text = table(rows(before, after, t1 - t0), sort, args.rows)
             if interactive:
                 print("\x1b[H\x1b[2J", end="")
-                print(f"podnetmon top  {args.address}  sorted by {sort}  (s: sort, q: quit)")
+                print(f"podnetmon top  {daemon.url}  sorted by {sort}  (s: sort, q: quit)")
             print(text, flush=True)
             if args.once:
                 return 0

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import http.client
 import struct
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import BinaryIO
+
+from monitor import client
 
 EPB = 6  # pcapng Enhanced Packet Block
 
@@ -36,38 +35,24 @@ class BlockCounter:
             self._buf = self._buf[length:]
 
 
-def _token(args: argparse.Namespace) -> str:
-    if args.token_file:
-        with open(args.token_file, encoding="utf-8") as f:
-            return f.read().strip()
-    return os.environ.get("PODNETMON_TOKEN", "")
-
-
-def _open(args: argparse.Namespace, endpoint: str, query: dict[str, str]) -> object:
+def _open(args: argparse.Namespace, endpoint: str, query: dict[str, str]) -> http.client.HTTPResponse:
     if "/" not in args.target:
         raise SystemExit(f"podnetmon: {args.target!r}: expected NAMESPACE/POD")
     namespace, pod = args.target.split("/", 1)
-    url = (f"http://{args.address}/api/v1/namespaces/{urllib.parse.quote(namespace)}/pods/"
-           f"{urllib.parse.quote(pod)}/{endpoint}?" + urllib.parse.urlencode(
-               {k: v for k, v in query.items() if v}))
-    headers = {"Authorization": f"Bearer {token}"} if (token := _token(args)) else {}
+    path = (f"/api/v1/namespaces/{urllib.parse.quote(namespace)}/pods/"
+            f"{urllib.parse.quote(pod)}/{endpoint}?" + urllib.parse.urlencode(
+                {k: v for k, v in query.items() if v}))
     try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30)
-    except urllib.error.HTTPError as exc:
-        try:
-            reason = json.load(exc).get("error", "")
-        except ValueError:
-            reason = ""
-        raise SystemExit(f"podnetmon: {exc.code} {reason or exc.reason}") from None
-    except OSError as exc:
-        raise SystemExit(f"podnetmon: cannot reach the daemon at {args.address}: {exc}") from None
+        return client.from_args(args).open(path, timeout=30)
+    except client.ClientError as exc:
+        raise SystemExit(f"podnetmon {args.command}: {exc}") from None
 
 
 def main(args: argparse.Namespace) -> int:
     if args.command == "drops":
         resp = _open(args, "drops", {"duration": args.duration,
                                      "events": str(args.count or "")})
-        for line in resp:  # type: ignore[attr-defined]
+        for line in resp:
             sys.stdout.write(line.decode())
             sys.stdout.flush()
         return 0
@@ -80,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     total = parse_duration(args.duration)
     counter, started, last = BlockCounter(), time.monotonic(), 0.0
     try:
-        while chunk := resp.read1(65536):  # type: ignore[attr-defined]
+        while chunk := resp.read1(65536):
             out.write(chunk)
             out.flush()
             counter.feed(chunk)

@@ -1,16 +1,21 @@
 """`make demo`: lab pods with real traffic, the monitor, and Debian's Prometheus scraping it.
 
+The monitor serves TLS, as it should in a cluster: a throwaway CA (openssl, in
+the demo's temporary directory) signs its serving certificate, Prometheus
+scrapes it with that CA, and the commands printed verify it with --ca-file.
 Runs until Ctrl-C (or --duration seconds), then tears everything down: the
-traffic, the monitor, Prometheus and the lab. Run as root.
+traffic, the monitor, Prometheus, the lab and the certificates. Run as root.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -24,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from monitor import alerting
 from monitor.lab import Lab, LabPod
+from tests.pki import Pair, leaf, new_ca  # the tests' throwaway PKI: one way to make one
 
 RATE_QUERY = 'sum by (pod, direction) (rate(podnet_bytes_total{namespace="lab"}[15s])) * 8'
 
@@ -33,17 +39,36 @@ def _in_pod(pod: LabPod, *cmd: str) -> subprocess.Popen[bytes]:
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _wait_http(url: str, timeout: float) -> None:
+def _pki(d: Path, listen: str) -> tuple[Pair, Pair]:
+    """A CA and the monitor's serving certificate, valid for the address clients dial."""
+    d.mkdir(mode=0o700)
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    try:
+        dialled = f"IP:{ipaddress.ip_address(host)}"
+    except ValueError:
+        dialled = f"DNS:{host}"
+    ca = new_ca(d, "ca", "podnetmon-demo-ca")
+    sans = ",".join(dict.fromkeys(["IP:127.0.0.1", "DNS:localhost", dialled]))
+    return ca, leaf(d, ca, "monitor", "/CN=podnetmon-demo", usage="serverAuth", sans=sans)
+
+
+def _wait_http(url: str, timeout: float, context: ssl.SSLContext | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
+            with urllib.request.urlopen(url, timeout=1, context=context) as resp:
                 if resp.status == 200:
                     return
         except OSError:
             pass
         time.sleep(0.2)
     raise SystemExit(f"demo: {url} did not answer within {timeout:.0f} s")
+
+
+def _log_tail(path: Path, lines: int = 20) -> None:
+    """The end of a log to stderr: the demo's directory, logs and all, goes at teardown."""
+    text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+    print(f"demo: the last lines of {path.name}:", *text, sep="\n  ", file=sys.stderr)
 
 
 def _query(prom: str, expr: str) -> list[dict[str, object]]:
@@ -79,6 +104,8 @@ def main() -> int:
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         raise SystemExit("demo: prometheus is not installed (make setup installs it)")
+    if shutil.which("openssl") is None:
+        raise SystemExit("demo: openssl is not installed (make setup installs it)")
 
     stop = False
 
@@ -113,13 +140,20 @@ def main() -> int:
         token = work / "token"  # traces need a bearer token; this one lives as long as the demo
         token.write_text(os.urandom(16).hex())
         token.chmod(0o600)
+        ca, serving = _pki(work / "pki", args.listen)
+        url = f"https://{args.listen}"
         log = (work / "monitor.log").open("wb")
         monitor = subprocess.Popen(
             [sys.executable, "-m", "monitor", "run", "--inventory", str(lab.inventory),
              "--listen", args.listen, "--bpf-stats", "true", "--auth-token-file", str(token),
+             "--tls-cert-file", str(serving.cert), "--tls-key-file", str(serving.key),
              "--capture-dir", str(work / "captures")], cwd=ROOT, stdout=log, stderr=log)
-        _wait_http(f"http://{args.listen}/readyz", 60)
-        print(f"demo: podnetmon is up; its log: {work / 'monitor.log'}")
+        try:
+            _wait_http(f"{url}/readyz", 60, ssl.create_default_context(cafile=str(ca.cert)))
+        except SystemExit:
+            _log_tail(work / "monitor.log")
+            raise
+        print(f"demo: podnetmon is up, serving TLS (CA {ca.cert}); its log: {work / 'monitor.log'}")
 
         rules = work / "podnet-rules.yaml"  # the shipped rules, `for` shortened for a demo
         rules.write_text(alerting.prometheus_file(alerting.configured(["*.for=1m"])))
@@ -127,8 +161,9 @@ def main() -> int:
         config.write_text(
             "global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\n"
             f"rule_files: ['{rules}']\n"
-            "scrape_configs:\n  - job_name: podnetmon\n    static_configs:\n"
-            f"      - targets: ['{args.listen}']\n")
+            "scrape_configs:\n  - job_name: podnetmon\n    scheme: https\n"
+            f"    tls_config:\n      ca_file: '{ca.cert}'\n"
+            f"    static_configs:\n      - targets: ['{args.listen}']\n")
         prom_log = (work / "prometheus.log").open("wb")
         prom = subprocess.Popen(
             [prometheus, f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
@@ -137,22 +172,23 @@ def main() -> int:
 
         print(f"""
 demo: everything runs. Where to look:
-  metrics     curl -s http://{args.listen}/metrics | grep '^podnet_bytes_total'
-  pods        .venv/bin/podnetmon pods --address {args.listen}
+  metrics     curl -s --cacert {ca.cert} {url}/metrics | grep '^podnet_bytes_total'
+  pods        .venv/bin/podnetmon pods --address {url} --ca-file {ca.cert}
   Prometheus  http://{args.prometheus}/graph   (alerts: http://{args.prometheus}/alerts)
   PromQL      {RATE_QUERY}
   Grafana     import grafana/podnet-node.json, podnet-pod.json, podnet-monitor.json and pick
               http://{args.prometheus} as their Prometheus; no Grafana? watch it live:
-  top         .venv/bin/podnetmon top --address {args.listen}
-  trace       .venv/bin/podnetmon trace lab/{pinger.name} -d 5s -f icmp --address {args.listen} \\
-                --token-file {token} -w - | tshark -r -
+  top         .venv/bin/podnetmon top --address {url} --ca-file {ca.cert}
+  trace       .venv/bin/podnetmon trace lab/{pinger.name} -d 5s -f icmp --address {url} \\
+                --ca-file {ca.cert} --token-file {token} -w - | tshark -r -
 Ctrl-C tears everything down.
 """, flush=True)
         started = time.monotonic()
         next_print = started + 20
         while not stop and (not args.duration or time.monotonic() - started < args.duration):
             if monitor.poll() is not None:
-                print("demo: the monitor exited; see its log", file=sys.stderr)
+                print("demo: the monitor exited", file=sys.stderr)
+                _log_tail(work / "monitor.log")
                 return 1
             if time.monotonic() >= next_print:
                 print(f"demo: from Prometheus, {RATE_QUERY}", flush=True)

@@ -10,7 +10,7 @@ say() { printf 'setup: %s\n' "$*"; }
 # 1. Debian packages. bcc comes from Debian (python3-bpfcc): PyPI's "bcc" is another project.
 packages=(python3-bpfcc libbpfcc bpftool iproute2 iperf3 tcpdump tshark nftables prometheus
           iputils-ping netcat-openbsd util-linux python3-venv procps kmod
-          etcd-server etcd-client openssl
+          etcd-server etcd-client openssl curl
           containerd runc containernetworking-plugins umoci gcc libc6-dev
           buildah mmdebstrap)
 missing=()

@@ -31,6 +31,9 @@ from tests.cluster.controlplane import ControlPlane, free_port
 
 CONFIG_KEY = "prometheus.yaml.gz"
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# Where the StatefulSet mounts the Secret(s) prometheus-<name>-tls-assets-<n>: the CAs,
+# certificates and keys the monitors' tlsConfig names, which the configuration refers to
+CERTS_DIR = "/etc/prometheus/certs"
 
 
 class Operator:
@@ -84,6 +87,16 @@ class Operator:
                            f"(last: {text[:2000]!r}):\n{self.logs()}")
 
 
+def tls_assets(cp: ControlPlane, namespace: str, prometheus: str) -> dict[str, bytes]:
+    """The files the operator put in the Prometheus's tls-assets Secrets, by name."""
+    out = json.loads(cp.kubectl("get", "secrets", "-n", namespace, "-o", "json").stdout)
+    files = {}
+    for item in out["items"]:
+        if item["metadata"]["name"].startswith(f"prometheus-{prometheus}-tls-assets"):
+            files.update({k: base64.b64decode(v) for k, v in (item.get("data") or {}).items()})
+    return files
+
+
 # What the StatefulSet's prometheus-config-reloader sidecar sets and substitutes into the
 # configuration before Prometheus reads it: `$(NAME)` references to its environment.
 RELOADER_ENV = {"SHARD": "0", "POD_NAME": "prometheus-k8s-0"}
@@ -124,11 +137,18 @@ def prometheus_rbac(namespace: str) -> list[dict[str, Any]]:
 
 
 def run_prometheus(cp: ControlPlane, prometheus: Path, config: str, workdir: Path, token: str,
-                   ) -> tuple[subprocess.Popen[bytes], int]:
-    """Prometheus with `config` as is, its in-cluster discovery pointed at `cp`."""
+                   *, assets: dict[str, bytes] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """Prometheus with `config` as is, its in-cluster discovery pointed at `cp`; `assets`
+    (tls_assets()) are the files the configuration names under CERTS_DIR, kept in
+    `workdir` instead (the only change made to the configuration's paths)."""
     assert cp.pki is not None
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "prometheus.yml").write_text(as_reloader_writes_it(config))
+    certs = workdir / "certs"
+    certs.mkdir(mode=0o700, exist_ok=True)
+    for name, data in (assets or {}).items():
+        (certs / name).write_bytes(data)
+    config = as_reloader_writes_it(config).replace(CERTS_DIR + "/", f"{certs}/")
+    (workdir / "prometheus.yml").write_text(config)
     secrets = workdir / "serviceaccount"
     secrets.mkdir(exist_ok=True)
     (secrets / "token").write_text(token)

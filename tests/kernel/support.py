@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -70,9 +71,13 @@ class Daemon:
     """`podnetmon run` as a real subprocess, stopped with SIGTERM."""
 
     def __init__(self, *args: str, inventory: str | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, ca: Path | None = None,
+                 listen_host: str = "127.0.0.1") -> None:
+        """ca: the daemon serves TLS (args name its pair) and is verified against this CA."""
         self.port = free_port()
-        cmd = [sys.executable, "-m", "monitor", "run", "--listen", f"127.0.0.1:{self.port}",
+        self.scheme = "https" if ca else "http"
+        self.context = ssl.create_default_context(cafile=str(ca)) if ca else None
+        cmd = [sys.executable, "-m", "monitor", "run", "--listen", f"{listen_host}:{self.port}",
                "--log-format", "json", *args]
         if inventory:
             cmd += ["--inventory", inventory]
@@ -85,11 +90,13 @@ class Daemon:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
-    def get(self, path: str, timeout: float = 10) -> tuple[int, bytes]:
+    def get(self, path: str, timeout: float = 10,
+            headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.base + path, headers=dict(headers or {}))
         try:
-            with urllib.request.urlopen(self.base + path, timeout=timeout) as resp:
+            with urllib.request.urlopen(request, timeout=timeout, context=self.context) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
@@ -142,6 +149,23 @@ class Daemon:
                 self.proc.wait()
         self._log.close()
         return int(self.proc.returncode)
+
+
+def https_get(host: str, port: int, path: str, ca: Path, server_name: str, *,
+              timeout: float = 10) -> tuple[int, bytes]:
+    """GET over TLS from `host`, verifying the certificate names `server_name`: what
+    Prometheus does with tlsConfig.serverName (the node's IP dialled, the Service's name
+    checked)."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection((host, port), timeout=timeout) as raw, \
+            ctx.wrap_socket(raw, server_hostname=server_name) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n"
+                  .encode())
+        data = b""
+        while chunk := s.recv(1 << 16):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
 
 
 def pod_info(m: Metrics) -> dict[tuple[str, str], dict[str, str]]:

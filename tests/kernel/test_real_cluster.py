@@ -26,6 +26,7 @@ from tests.cluster import fixtures, operator
 from tests.cluster.controlplane import ISSUER, ROOT, ControlPlane
 from tests.kernel.support import Daemon, assert_pings_counted_exactly, in_pod, pod_info, wait_for
 from tests.kernel.test_alerts_e2e import query
+from tests.pki import leaf, new_ca
 
 NODE = "node-1"
 OPERATOR_DIR = ROOT / "deploy" / "prometheus-operator"
@@ -203,7 +204,17 @@ def test_operator_generated_config_keeps_the_pods_labels(
         cluster.kubectl("create", "namespace", "monitoring", check=False)
         cluster.apply(operator.prometheus_rbac("monitoring"))
         pods = lab.up(2)
-        daemon = Daemon(inventory=str(lab.inventory))
+        # the daemon serves TLS as the DaemonSet does, from the Secret the monitor names
+        ca = new_ca(tmp_path, "ca", "podnetmon-ca")
+        pair = leaf(tmp_path, ca, "tls", "/CN=podnetmon", usage="serverAuth",
+                    sans="DNS:podnetmon.podnetmon.svc,IP:127.0.0.1")
+        cluster.kubectl("create", "namespace", fixtures.DAEMON_NAMESPACE, check=False)
+        cluster.kubectl("create", "secret", "generic", "podnetmon-tls", "-n",
+                        fixtures.DAEMON_NAMESPACE, "--type", "kubernetes.io/tls",
+                        f"--from-file=tls.crt={pair.cert}", f"--from-file=tls.key={pair.key}",
+                        f"--from-file=ca.crt={ca.cert}")
+        daemon = Daemon("--tls-cert-file", str(pair.cert), "--tls-key-file", str(pair.key),
+                        inventory=str(lab.inventory), ca=ca.cert)
         daemons.append(daemon)
         _daemon_pod(cluster, daemon)
         cluster.kubectl("apply", "-f", str(OPERATOR_DIR / "podmonitor.yaml"))
@@ -211,10 +222,13 @@ def test_operator_generated_config_keeps_the_pods_labels(
         config = op.generated_config("monitoring", "k8s",
                                      must_contain="podMonitor/podnetmon/podnetmon/0")
         print("the operator's configuration:\n" + config)
+        assert "server_name: podnetmon.podnetmon.svc" in config
         token = cluster.create_token("monitoring", "prometheus",
                                      ISSUER)
         prom, port = operator.run_prometheus(cluster, bin_dir / "prometheus", config,
-                                             tmp_path / "prometheus", token)
+                                             tmp_path / "prometheus", token,
+                                             assets=operator.tls_assets(cluster, "monitoring",
+                                                                        "k8s"))
         address = f"127.0.0.1:{port}"
         in_pod(pods[0], "ping", "-c", "5", "-i", "0.05", "-q", pods[1].ip)
 
@@ -257,6 +271,8 @@ def test_operator_generated_config_keeps_the_pods_labels(
             prom.terminate()
             prom.wait(timeout=20)
         op.stop()
+        cluster.kubectl("delete", "secret", "podnetmon-tls", "-n", fixtures.DAEMON_NAMESPACE,
+                        check=False)
 
 
 def _get_with_token(daemon: Daemon, path: str, token: str) -> tuple[int, str]:

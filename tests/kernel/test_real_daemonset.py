@@ -11,6 +11,7 @@ kube-proxy). Its counts are checked against the veths of real pods beside it.
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,12 +28,15 @@ from tests.cluster.node import KubeletNode, remove_empty_dirs, started_node
 from tests.kernel.support import (
     Metrics,
     assert_pings_counted_exactly,
+    https_get,
     parse_metrics,
     pod_info,
     wait_for,
 )
+from tests.pki import leaf, new_ca
 
-METRICS = "http://127.0.0.1:9655/metrics"
+# Where Prometheus scrapes (the node's port 9655) and the name its tlsConfig verifies
+SERVER_NAME = "podnetmon.podnetmon.svc"
 # host paths the DaemonSet mounts with DirectoryOrCreate: the kubelet makes the missing
 # ones, the test removes what it made
 CREATED_BY_MOUNTS = ("/run/netns", "/run/containerd/io.containerd.runtime.v2.task/k8s.io",
@@ -78,12 +82,32 @@ def node(cluster: ControlPlane) -> Iterator[KubeletNode]:
             remove_empty_dirs(top)
 
 
+@pytest.fixture(scope="module")
+def tls_secret(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The podnetmon-tls Secret the DaemonSet serves from, made as the README says
+    (`kubectl create secret generic --type kubernetes.io/tls`); returns its CA."""
+    d = tmp_path_factory.mktemp("daemon-tls")
+    ca = new_ca(d, "ca", "podnetmon-ca")
+    pair = leaf(d, ca, "tls", "/CN=podnetmon", usage="serverAuth",
+                sans=f"DNS:{SERVER_NAME},IP:127.0.0.1")
+    cluster.kubectl("create", "namespace", fixtures.DAEMON_NAMESPACE, check=False)
+    cluster.kubectl("create", "secret", "generic", "podnetmon-tls", "-n",
+                    fixtures.DAEMON_NAMESPACE, "--type", "kubernetes.io/tls",
+                    f"--from-file=tls.crt={pair.cert}", f"--from-file=tls.key={pair.key}",
+                    f"--from-file=ca.crt={ca.cert}")
+    return ca.cert
+
+
 class DaemonSetPod:
-    """The DaemonSet's daemon, scraped where Prometheus would: the node's port 9655."""
+    """The DaemonSet's daemon, scraped as Prometheus would: the node's port 9655 over TLS,
+    verified against the Secret's CA under the Service's name."""
+
+    ca: Path
 
     def scrape(self) -> Metrics:
-        with urllib.request.urlopen(METRICS, timeout=10) as resp:
-            return Metrics(parse_metrics(resp.read().decode()))
+        status, body = https_get("127.0.0.1", 9655, "/metrics", self.ca, SERVER_NAME)
+        assert status == 200, body
+        return Metrics(parse_metrics(body.decode()))
 
 
 def _host_to_container_paths() -> list[str]:
@@ -113,7 +137,8 @@ def _ready(pod: dict[str, Any]) -> bool:
 
 
 def test_shipped_daemonset_runs_under_kubelet_and_counts_exactly(
-        cluster: ControlPlane, node: KubeletNode) -> None:
+        cluster: ControlPlane, node: KubeletNode, tls_secret: Path) -> None:
+    DaemonSetPod.ca = tls_secret
     web = node.run_pod("web-0", "default", labels={"app": "web"})
     cluster.kubectl("apply", "-k", str(ROOT / "deploy" / "base"))
     try:
@@ -145,3 +170,8 @@ def test_shipped_daemonset_runs_under_kubelet_and_counts_exactly(
     assert ("podnetmon", daemon_pod["metadata"]["name"]) not in info
 
     assert_pings_counted_exactly(DaemonSetPod(), web, db, 23)
+    # TLS only: the port speaks no cleartext, and a name the certificate lacks fails
+    with pytest.raises(OSError):
+        urllib.request.urlopen("http://127.0.0.1:9655/metrics", timeout=10)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        https_get("127.0.0.1", 9655, "/metrics", tls_secret, "podnetmon.example.com")

@@ -90,11 +90,22 @@ def test_values_change_what_they_say(helm: Path) -> None:
         "--set", "resourceQuota.enabled=false")}
     container = docs[("DaemonSet", "podnetmon")]["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "ghcr.io/podnetmon/podnetmon@sha256:" + "ab" * 32
-    assert container["args"] == ["run", "--listen", "0.0.0.0:9700", "--pod-labels", "app"]
+    assert container["args"] == ["run", "--listen", "0.0.0.0:9700", "--tls-cert-file",
+                                 "/etc/podnetmon/tls/tls.crt", "--tls-key-file",
+                                 "/etc/podnetmon/tls/tls.key", "--pod-labels", "app"]
     assert container["ports"][0]["containerPort"] == 9700
     assert docs[("PodMonitor", "podnetmon")]["spec"]["podMetricsEndpoints"][0][
         "honorLabels"] is True
     assert ("ResourceQuota", "podnetmon-critical-pods") not in docs
+    # TLS off: plain HTTP, the probes too, no Secret, and the monitors scrape http
+    plain = {_key(d): d for d in _render(helm, "--set", "tls.enabled=false",
+                                         "--set", "serviceMonitor.enabled=true")}
+    spec = plain[("DaemonSet", "podnetmon")]["spec"]["template"]["spec"]
+    assert spec["containers"][0]["args"] == ["run", "--listen", "0.0.0.0:9655"]
+    assert spec["containers"][0]["livenessProbe"]["httpGet"]["scheme"] == "HTTP"
+    assert "tls" not in {v["name"] for v in spec["volumes"]}
+    endpoint = plain[("ServiceMonitor", "podnetmon")]["spec"]["endpoints"][0]
+    assert "tlsConfig" not in endpoint and "scheme" not in endpoint
     both = _helm(helm, "template", "podnetmon", str(CHART), "--set", "podMonitor.enabled=true",
                  "--set", "serviceMonitor.enabled=true", check=False)
     assert both.returncode != 0 and "enable one of them" in both.stderr

@@ -175,7 +175,7 @@ def test_prometheus_operator_monitors_select_the_daemon() -> None:
     ports = {p["name"]: p["containerPort"] for p in container()["ports"]}
     service = only("Service")
     endpoint_keys = {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels",
-                     "relabelings", "metricRelabelings"}
+                     "relabelings", "metricRelabelings", "tlsConfig"}
     for kind, endpoints_key, target_labels, port_names in (
             ("PodMonitor", "podMetricsEndpoints", template_labels, set(ports)),
             ("ServiceMonitor", "endpoints", service["metadata"]["labels"],
@@ -191,8 +191,11 @@ def test_prometheus_operator_monitors_select_the_daemon() -> None:
         assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
         [endpoint] = spec[endpoints_key]
         assert set(endpoint) <= endpoint_keys, f"{kind}: unknown fields {set(endpoint) - endpoint_keys}"
+        # TLS, verified against the CA of the very Secret the daemons serve from
         assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "30s",
-                            "honorLabels": True}
+                            "honorLabels": True, "scheme": "https", "tlsConfig": {
+                                "ca": {"secret": {"name": tls_secret(), "key": "ca.crt"}},
+                                "serverName": f"podnetmon.{NAMESPACE}.svc"}}
         assert endpoint["port"] in port_names
     assert ports["metrics"] == PORT
     [service_port] = service["spec"]["ports"]
@@ -299,13 +302,31 @@ def test_daemonset_probes_hit_the_daemons_routes_on_its_port() -> None:
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120  # BPF compile at start
 
 
+def tls_secret() -> str:
+    """The Secret the DaemonSet serves TLS from."""
+    [volume] = [v for v in pod_spec()["volumes"] if v["name"] == "tls"]
+    return str(volume["secret"]["secretName"])
+
+
+def test_daemonset_serves_tls_from_its_secret() -> None:
+    c = container()
+    [mount] = [m for m in c["volumeMounts"] if m["name"] == "tls"]
+    assert mount["readOnly"] is True
+    args = c["args"]
+    for flag, key in (("--tls-cert-file", "tls.crt"), ("--tls-key-file", "tls.key")):
+        assert args[args.index(flag) + 1] == f"{mount['mountPath']}/{key}"  # the Secret's keys
+    assert tls_secret() == "podnetmon-tls"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["scheme"] == "HTTPS", probe
+
+
 def test_daemonset_runs_the_daemon_with_real_settings() -> None:
     c = container()
     assert c["image"] == IMAGE
     assert c["imagePullPolicy"] == "IfNotPresent"
     assert c["command"] == ["podnetmon"]
     assert c["args"][0] == "run"
-    assert c["args"][1:] == ["--listen", f"0.0.0.0:{PORT}"]
+    assert c["args"][1:3] == ["--listen", f"0.0.0.0:{PORT}"]
     flags = {settings.flag_name(n) for n in settings.names()}
     envs = {settings.env_name(n) for n in settings.names()} | {"NODE_NAME"}
     for arg in c["args"][1:]:
@@ -321,6 +342,7 @@ def test_daemonset_runs_the_daemon_with_real_settings() -> None:
     environ = {e["name"]: e.get("value", "node-a") for e in c["env"]}
     conf = settings.from_sources(flags_ns, environ=environ)
     assert (conf.listen_port, conf.node_name, conf.log_format) == (PORT, "node-a", "json")
+    assert conf.tls_cert_file and conf.tls_key_file
     assert getattr(conf, "metadata", "kubernetes") == "kubernetes"
 
 
