@@ -9,13 +9,11 @@ a second and a scrape still answers. The figures go to the test output (-s).
 from __future__ import annotations
 
 import os
-import resource
 import secrets
 import socket
 import ssl
 import statistics
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from monitor.lab import Lab
+from tests.abuse import FLOOD_PATH, Abuse
 from tests.fakeapi import FakeApiServer
 from tests.kernel.support import Daemon, assert_pings_counted_exactly, census, wait_for
 from tests.pki import Pair, leaf, new_ca
@@ -152,8 +151,6 @@ def scrape_seconds(daemon: Daemon, n: int) -> list[float]:
 
 def test_held_connections_and_a_bad_token_flood_starve_nothing(
         lab: Lab, daemons: list[Daemon], tmp_path: Path) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
     with FakeApiServer() as api:
         api.add_token(TOKEN, "alice")
         api.grant("alice")
@@ -162,37 +159,11 @@ def test_held_connections_and_a_bad_token_flood_starve_nothing(
                         api.write_kubeconfig(str(tmp_path / "kubeconfig")),
                         inventory=str(lab.inventory))
         daemons.append(daemon)
-        assert daemon.get("/api/v1/captures", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+        assert daemon.get(FLOOD_PATH, headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
         idle = scrape_seconds(daemon, 20)
         before = census(daemon.proc.pid)
         reviews_before = len(api.token_reviews())
-
-        held: list[socket.socket] = []
-        for _ in range(1000):
-            s = socket.create_connection(("127.0.0.1", daemon.port), timeout=5)
-            s.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the rest
-            held.append(s)
-        statuses: dict[int, int] = {}
-        stop = threading.Event()
-        flood_seconds = 6.0
-
-        def flood() -> None:
-            begin = time.monotonic()
-            n = 0
-            while time.monotonic() < begin + flood_seconds and not stop.is_set():
-                try:
-                    status, _ = http_status("127.0.0.1", daemon.port, "/api/v1/captures",
-                                            "garbage-" + secrets.token_hex(16))
-                except OSError:
-                    status = 0
-                statuses[status] = statuses.get(status, 0) + 1
-                n += 1
-                time.sleep(max(0.0, begin + n / 200 - time.monotonic()))  # 200 a second
-
-        flooder = threading.Thread(target=flood)
-        t_flood = time.monotonic()
-        flooder.start()
-        try:
+        with Abuse(daemon.port, held=1000, rate=200, seconds=6) as abuse:
             time.sleep(0.5)
             loaded = scrape_seconds(daemon, 20)
             started = time.monotonic()
@@ -200,28 +171,22 @@ def test_held_connections_and_a_bad_token_flood_starve_nothing(
             took = (time.monotonic() - started) + wait_for(
                 lambda: ("lab", new.name) in daemon.scrape().pods(), timeout=5, interval=0.01)
             during = census(daemon.proc.pid)
-            flooder.join()  # the whole flood, not just while the above took
-        finally:
-            stop.set()
-            flooder.join()
-            flood_took = time.monotonic() - t_flood
-            for s in held:
-                s.close()
+            abuse.join()  # the whole flood, not just while the above took
         reviews = len(api.token_reviews()) - reviews_before
         after = census(daemon.proc.pid)
-        sent = sum(statuses.values())
         print(f"\nidle scrape p50 {statistics.median(idle) * 1000:.1f} ms max "
               f"{max(idle) * 1000:.1f} ms; under attack p50 {statistics.median(loaded) * 1000:.1f}"
               f" ms max {max(loaded) * 1000:.1f} ms; new pod counted in {took:.3f} s; "
-              f"flood {sent} requests in {flood_took:.1f} s ({sent / flood_took:.0f}/s): "
-              f"{statuses}; TokenReviews sent {reviews}; threads {before.threads} -> "
-              f"{during.threads} -> {after.threads}; RSS {before.rss_kib} -> {during.rss_kib} "
-              f"-> {after.rss_kib} KiB; fds {before.fds} -> {during.fds} -> {after.fds}")
+              f"flood {abuse.sent} requests in {abuse.took:.1f} s "
+              f"({abuse.sent / abuse.took:.0f}/s): {dict(abuse.statuses)}; TokenReviews sent "
+              f"{reviews}; threads {before.threads} -> {during.threads} -> {after.threads}; "
+              f"RSS {before.rss_kib} -> {during.rss_kib} -> {after.rss_kib} KiB; "
+              f"fds {before.fds} -> {during.fds} -> {after.fds}")
         assert took <= 1.0, f"new pod counted after {took:.3f} s"
-        assert sent >= 150 * flood_seconds * 0.8  # the flood was one
-        assert set(statuses) <= {401, 429} and statuses.get(429, 0) > 0, statuses
+        assert abuse.sent >= 200 * 6 * 0.8  # the flood was one
+        assert set(abuse.statuses) <= {401, 429} and abuse.statuses[429] > 0, abuse.statuses
         # a burst of 10, then one a second: everything else was answered without the API
-        assert reviews <= 10 + flood_took + 2, reviews
+        assert reviews <= 10 + abuse.took + 2, reviews
         assert during.threads <= before.threads + 2  # no thread per connection
         assert during.fds <= before.fds + 512 + 16  # the connection cap holds
         assert during.rss_kib - before.rss_kib < 64 << 10

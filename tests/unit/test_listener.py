@@ -350,3 +350,34 @@ def no_leftover_threads() -> Iterator[None]:
     left = [t.name for t in threading.enumerate() if t.name.startswith("http")
             and t.name not in before and t.is_alive()]
     assert not left, left
+
+
+def test_auth_metrics_asks_the_api_for_the_non_resource_url(tmp_path: Path) -> None:
+    from kubernetes import config
+
+    from monitor.auth import KubernetesAuth
+    from tests.fakeapi import FakeApiServer
+
+    with FakeApiServer() as api:
+        api.add_token("prom-token", "system:serviceaccount:monitoring:prometheus")
+        api.add_token("other-token", "mallory")
+        api.grant_path("system:serviceaccount:monitoring:prometheus", "/metrics")
+        client = config.new_client_from_config(config_file=api.write_kubeconfig(
+            str(tmp_path / "kc")))
+        server, _ = serving(auth=KubernetesAuth(client), auth_metrics=True)
+        try:
+            def status(path: str, token: str = "") -> int:
+                auth = f"Authorization: Bearer {token}\r\n" if token else ""
+                out = raw_exchange(server.port, f"GET {path} HTTP/1.1\r\nHost: x\r\n{auth}"
+                                                "Connection: close\r\n\r\n".encode())
+                return int(out.split()[1])
+
+            assert status("/metrics", "prom-token") == 200
+            assert status("/metrics", "other-token") == 403
+            assert status("/metrics") == 401
+            assert status("/api/v1/pods", "prom-token") == 403  # granted /metrics only
+            assert status("/healthz") == 200  # probes never need a token
+        finally:
+            server.stop()
+        spec = api.access_reviews()[0]["spec"]
+        assert spec["nonResourceAttributes"] == {"path": "/metrics", "verb": "get"}
