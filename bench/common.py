@@ -7,6 +7,7 @@ import os
 import platform
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -124,8 +125,10 @@ class RunningDaemon:
 
 @contextmanager
 def running_daemon(inventory: Path, *args: str, log: Path = Path("/tmp/podnetmon-bench.log"),
-                   ready_timeout: float = 120) -> Iterator[RunningDaemon]:
-    """The real `podnetmon run` with its JSON log kept; yields once it is ready."""
+                   ready_timeout: float = 120, scheme: str = "http",
+                   context: ssl.SSLContext | None = None) -> Iterator[RunningDaemon]:
+    """The real `podnetmon run` with its JSON log kept; yields once it is ready
+    (scheme https: the daemon serves TLS per `args`, verified with `context`)."""
     port = _free_port()
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--inventory",
@@ -136,7 +139,8 @@ def running_daemon(inventory: Path, *args: str, log: Path = Path("/tmp/podnetmon
         deadline = time.monotonic() + ready_timeout
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+                with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/readyz", timeout=1,
+                                            context=context):
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:

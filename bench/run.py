@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["tc_cost.py", "throughput.py", "tracepoint_cost.py", "trace_cost.py", "scale.py"]
+BENCHES = ["tc_cost.py", "throughput.py", "tracepoint_cost.py", "trace_cost.py", "scale.py",
+           "node_api.py"]
 
 
 def main() -> int:

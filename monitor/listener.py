@@ -322,7 +322,9 @@ class FrontDoor:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._returned: queue.SimpleQueue[tuple[Conn, bool]] = queue.SimpleQueue()
-        self._conns: set[Conn] = set()
+        # Every connection, those waiting longest first: insertion order, and a connection
+        # back from a worker goes to the end (so eviction finds its victim at the front).
+        self._conns: dict[Conn, None] = {}
         self._stop = threading.Event()
         self._log = log.get("http")
         self.lanes = {
@@ -355,6 +357,7 @@ class FrontDoor:
         sel = self._selector
         sel.register(self.sock, selectors.EVENT_READ, "accept")
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        next_sweep = 0.0
         try:
             while not self._stop.is_set():
                 for key, _mask in sel.select(timeout=0.25):
@@ -364,7 +367,10 @@ class FrontDoor:
                         self._drain_wake()
                     else:
                         self._readable(key.data)
-                self._expire(time.monotonic())
+                now = time.monotonic()
+                if now >= next_sweep:  # deadlines are seconds: a sweep of every connection
+                    self._expire(now)  # four times a second, not at every event
+                    next_sweep = now + 0.25
         finally:
             for conn in list(self._conns):
                 self._close(conn)
@@ -393,6 +399,8 @@ class FrontDoor:
             if not keep:
                 self._close(conn)
                 continue
+            self._conns.pop(conn, None)
+            self._conns[conn] = None
             conn.sock.setblocking(False)
             now = time.monotonic()
             conn.waiting_since = now
@@ -429,15 +437,14 @@ class FrontDoor:
                 sock = self.tls.context().wrap_socket(sock, server_side=True,
                                                       do_handshake_on_connect=False)
             conn = Conn(sock, peer, tls, time.monotonic() + self.limits.header_timeout)
-            self._conns.add(conn)
+            self._conns[conn] = None
             self._selector.register(sock, selectors.EVENT_READ, conn)
 
     def _evict(self) -> bool:
         """Close the connection waiting longest with no request in progress."""
-        idle = [c for c in self._conns if not c.busy]
-        if not idle:
+        victim = next((c for c in self._conns if not c.busy), None)
+        if victim is None:
             return False
-        victim = min(idle, key=lambda c: c.waiting_since)
         self.stats["evicted"] += 1
         self._close(victim)
         return True
@@ -450,7 +457,7 @@ class FrontDoor:
                 self._selector.unregister(conn.sock)
             except (KeyError, ValueError):
                 pass
-        self._conns.discard(conn)
+        self._conns.pop(conn, None)
         if status and not conn.handshaking:
             _refuse(conn.sock, status, reason)
         conn.close()
@@ -505,7 +512,7 @@ class FrontDoor:
             lane.queue.put_nowait(conn)
         except queue.Full:
             self.stats["refused_busy"] += 1
-            self._conns.discard(conn)
+            self._conns.pop(conn, None)
             _refuse(conn.sock, 503, f"the {lane.name} workers are all busy: retry")
             conn.close()
 

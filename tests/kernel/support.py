@@ -72,7 +72,7 @@ class Daemon:
 
     def __init__(self, *args: str, inventory: str | None = None,
                  env: Mapping[str, str] | None = None, ca: Path | None = None,
-                 listen_host: str = "127.0.0.1") -> None:
+                 listen_host: str = "127.0.0.1", ready_timeout: float = 60) -> None:
         """ca: the daemon serves TLS (args name its pair) and is verified against this CA."""
         self.port = free_port()
         self.scheme = "https" if ca else "http"
@@ -86,7 +86,11 @@ class Daemon:
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
-        self.wait_ready()
+        try:
+            self.wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()  # a daemon that never got ready is not left running (nobody holds it)
+            raise
 
     @property
     def base(self) -> str:

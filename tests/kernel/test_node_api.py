@@ -102,6 +102,17 @@ def test_tls_is_verified_counts_stay_exact_and_a_rotation_needs_no_restart(
     assert any(e.get("event", "").startswith("TLS files changed") for e in daemon.log_events())
 
 
+def test_a_daemon_that_never_gets_ready_is_not_left_running(certs: Certs) -> None:
+    # verified against the wrong CA, it never answers /readyz to the test: the helper
+    # must stop it (it once stayed up, holding its port, after the test had failed)
+    with pytest.raises(AssertionError, match="not ready"):
+        Daemon("--tls-cert-file", str(certs.first.cert), "--tls-key-file",
+               str(certs.first.key), ca=certs.other_ca.cert, ready_timeout=8)
+    left = subprocess.run(["pgrep", "-f", f"tls-cert-file {certs.first.cert}"],
+                          capture_output=True, text=True, check=False).stdout
+    assert not left.strip(), left
+
+
 def default_route_address() -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:

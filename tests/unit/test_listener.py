@@ -261,7 +261,12 @@ def test_api_work_never_delays_a_scrape_and_a_full_queue_is_503() -> None:
     try:
         for t in busy:
             t.start()
-        time.sleep(0.3)  # the one api worker busy, its queue full
+        door = server.door
+        assert door is not None
+        lane = door.lanes["api"]
+        deadline = time.monotonic() + 5
+        while not (lane.busy == 1 and lane.queue.full()) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the one api worker is busy and its queue full
         refused = raw_exchange(server.port, b"GET /api/v1/slow HTTP/1.1\r\nHost: x\r\n\r\n")
         assert refused.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in refused
         t0 = time.monotonic()
