@@ -191,6 +191,11 @@ class Programs:
         self.adopted = bool(self.pin_dir is not None and self.pin_dir.is_dir()
                             and any(self.pin_dir.iterdir()))
         self.reset_from = [v for v in pin.versions() if v != self.layout] if pin else []
+        # What the last daemon left pinned, as found: a start-up that fails removes only
+        # what it pinned itself (abort()), never this.
+        self._found_pins = ({e.name for e in self.pin_dir.iterdir()}
+                            if self.pin_dir is not None and self.pin_dir.is_dir() else None)
+        self._committed = False  # set by the take-over in attach_tracepoints()
         if self.pin_dir is not None:
             self.pin_dir.mkdir(parents=True, exist_ok=True)
         source = compose_source(self.probes)
@@ -208,6 +213,7 @@ class Programs:
         try:
             self._loaded = loader.load(spec)
         except loader.LoadError as exc:
+            self._unpin_new()
             raise CompileError(str(exc), probe=",".join(p.name for p in self.probes)) from None
         self.compile_seconds = time.monotonic() - started
         self.bcc_version = self._loaded.bcc_version
@@ -219,6 +225,7 @@ class Programs:
             self.maps = KernelMaps(self._check_maps())
         except CompileError:
             self._loaded.close()
+            self._unpin_new()
             raise
         self._stats_fd = self._enable_stats() if bpf_stats else None
         self._log.info("bpf programs loaded", probes=[p.name for p in self.probes],
@@ -292,6 +299,9 @@ class Programs:
                     raise KernelError(f"cannot attach to tracepoint {tp}: {exc}",
                                       probe=probe.name) from None
                 self._tp_links.append((tp, link))
+        # The take-over: from this write on, the last daemon's tracepoint programs count
+        # nothing. Before it, a failed start-up changed nothing they use (abort()).
+        self._committed = True
         self.maps.put(GENERATION_MAP, struct.pack("=I", 0), struct.pack("=I", self.generation))
         if self._pins is None:
             return
@@ -326,6 +336,13 @@ class Programs:
         select.select(self._readers, [], [], timeout_ms / 1000)
         for reader in self._readers:
             reader.drain()
+
+    def close_perf(self) -> None:
+        """Close every perf buffer opened (their rings are unmapped and freed, their map
+        entries cleared); from the thread that polls them. open_perf() may follow."""
+        readers, self._readers = self._readers, []
+        for reader in readers:
+            reader.close()
 
     # -- statistics -------------------------------------------------------------------
 
@@ -368,6 +385,50 @@ class Programs:
             os.close(self._stats_fd)
             self._stats_fd = None
         self._loaded.close()
+
+
+    def abort(self) -> None:
+        """Release everything after a start-up that failed, leaving the kernel as this
+        daemon found it: the maps, tracepoint links and programs the last daemon left
+        (pinned, and counting with --leave-attached) stay exactly as they were; only what
+        this start-up made goes (its unpinned tracepoint links, maps it pinned new).
+        After the take-over in attach_tracepoints() there is nothing to go back to: then
+        ours stay, counting into the same maps, as with leave_attached."""
+        if self._committed:
+            self.close(leave_attached=True)
+            return
+        for reader in self._readers:
+            reader.close()
+        self._readers.clear()
+        for _tp, link in self._tp_links:
+            _detach_quietly(link, close=True)  # ours, not pinned: the old ones still count
+        self._tp_links.clear()
+        if self._stats_fd is not None:
+            os.close(self._stats_fd)
+            self._stats_fd = None
+        self._loaded.close()
+        self._unpin_new()
+
+    def _unpin_new(self) -> None:
+        """Unpin the maps this daemon pinned itself (none, where it adopted them all)."""
+        if self.pin_dir is None or self._pins is None:
+            return
+        found = self._found_pins or set()
+        for entry in list(self.pin_dir.iterdir()) if self.pin_dir.is_dir() else []:
+            if entry.name not in found:
+                entry.unlink(missing_ok=True)
+        if self._found_pins is None:
+            try:
+                self.pin_dir.rmdir()
+            except OSError:
+                pass
+            self._pins.remove_empty()
+
+
+def check_handle(tc_handle: int) -> int:
+    """The classic tc handle of `run --check`'s filters: beside the daemon's, never it, so
+    that a check never replaces (and then removes) the filters a daemon counts with."""
+    return tc_handle + 1 if tc_handle < 0xFFFFFFFF else tc_handle - 1
 
 
 def _open_pinned(path: Path) -> int | None:

@@ -7,13 +7,18 @@ hands each packet to the sessions of its slot, which apply the exact filter
 stored capture) writes pcapng from that queue, so a slow client never holds
 up the reader: a full queue loses packets, and says how many. Sessions end
 at their first limit (duration, packets, bytes), when their pod goes away,
-or when their consumer does.
+or when their consumer does. The moment a session ends, whatever ends it, its
+slots' switches are set again from the sessions still running (off, if none):
+a consumer that still writes out what was queued, or one stuck on a client
+that stopped reading, keeps no packets coming. The perf buffers are open only
+while a trace runs.
 
 Drop traces work alike on pnm_drop_trace / pnm_drop_events, as NDJSON.
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
 import ipaddress
 import itertools
@@ -43,6 +48,27 @@ QUEUE_BYTES = 32 << 20  # ... and in bytes: at 65,000-byte snaps, 10,000 would b
 # after filtering.
 FILTER_BYTES = 256
 DIRECTION = {0: "inbound", 1: "outbound"}  # PNM_DIR_INGRESS: the pod receives
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0), or nothing where the C library has none (musl).
+
+    The packets a session queues are bytes objects of up to 64 KB, allocated by
+    the perf reader thread from its own malloc arena; freed, glibc keeps them for
+    reuse (a 32 MB queue stayed in the daemon's RSS for good). malloc_trim hands
+    the free pages of every arena back to the kernel."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+
+    def give_back() -> None:
+        trim(0)
+    return give_back
+
+
+give_back_memory = _malloc_trim()
 
 
 class CaptureError(Exception):
@@ -84,6 +110,7 @@ class EventReader(Protocol):
     def open_perf(self, name: str, callback: Callable[[bytes], None],
                   lost: Callable[[int], None], pages: int) -> None: ...
     def poll_perf(self, timeout_ms: int) -> None: ...
+    def close_perf(self) -> None: ...
 
 
 class SlotWriter(Protocol):
@@ -125,11 +152,16 @@ class Session:
             self.queued_bytes -= size
     ended: str = ""  # why it ended, once it has
     done: threading.Event = field(default_factory=threading.Event)
+    # called once, when the session first ends: the manager switches its slots off there
+    on_end: Callable[[Session], None] | None = field(default=None, repr=False, compare=False)
 
     def end(self, why: str) -> None:
-        if not self.ended:
+        first = not self.ended
+        if first:
             self.ended = why
         self.done.set()
+        if first and self.on_end is not None:
+            self.on_end(self)
 
 
 def parse_duration(text: str) -> float:
@@ -155,7 +187,8 @@ class CaptureManager:
         self._events, self._maps, self.limits = events, maps, limits
         self._snapshot, self._node = snapshot, node
         self._drop_reason, self._symbol, self._on_lost = drop_reason, symbol, on_lost
-        self._lock = threading.Lock()
+        # re-entrant: a session ended while it is held switches its slots under it again
+        self._lock = threading.RLock()
         self._sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -182,7 +215,9 @@ class CaptureManager:
                 packet_filter = PacketFilter(req.filter, snaplen=req.snaplen)
             except FilterError as exc:
                 raise CaptureError(400, f"bad filter: {exc}") from None
-        with self._lock:
+        # the buffers are open before a switch goes on, and the reader cannot close them
+        # (no trace running) between the two: it decides that under _reader_lock too
+        with self._reader_lock, self._lock:
             running = [s for s in self._sessions.values() if not s.ended]
             if len(running) >= self.limits.per_node:
                 raise CaptureError(429, f"{len(running)} traces run on this node already "
@@ -191,29 +226,43 @@ class CaptureManager:
             if len(same_pod) >= self.limits.per_pod:
                 raise CaptureError(429, f"{len(same_pod)} traces of {namespace}/{name} run "
                                         f"already (at most {self.limits.per_pod})")
+            self._ensure_reader()
             now = time.monotonic()
             session = Session(id=next(self._ids), kind=kind, pod=pod, slots=slots,
                               interfaces=interfaces, request=req, started=now,
-                              deadline=now + req.duration, filter=packet_filter)
+                              deadline=now + req.duration, filter=packet_filter,
+                              on_end=self._switch_off)
             self._sessions[session.id] = session
             self._program(slots)
-        self._ensure_reader()
         self._log.info("trace started", id=session.id, kind=kind, namespace=namespace, pod=name,
                        duration=req.duration, filter=req.filter)
         return session
 
     def finish(self, session: Session, why: str) -> None:
         """End a session (idempotent) and switch its slots off if nothing else traces them."""
-        session.end(why)
         with self._lock:
-            if self._sessions.pop(session.id, None) is None:
+            known = self._sessions.pop(session.id, None) is not None
+            session.end(why)  # (its on_end finds it gone: the slots are programmed once)
+            if not known:
                 return
             self._program(session.slots)
+            idle = not self._sessions
         if session.filter is not None:
             session.filter.close()
+        _discard(session)
+        if idle:
+            give_back_memory()
         self._log.info("trace ended", id=session.id, kind=session.kind, reason=session.ended,
                        packets=session.packets, bytes=session.bytes,
                        lost=session.lost_kernel + session.lost_queue)
+
+    def _switch_off(self, session: Session) -> None:
+        """A session has just ended (its deadline, a limit, its pod or its client): its
+        slots' switches follow the sessions still running at once, not when its consumer
+        is done (that may be a write timeout away)."""
+        with self._lock:
+            if session.id in self._sessions:
+                self._program(session.slots)
 
     def active(self) -> list[Session]:
         with self._lock:
@@ -260,15 +309,14 @@ class CaptureManager:
     # -- the perf reader ------------------------------------------------------------
 
     def _ensure_reader(self) -> None:
-        with self._reader_lock:  # two first traces at once must open the buffers once
-            if self._thread is not None:
-                return
-            self._events.open_perf(trace_probe.EVENTS, self._on_packet, self._lost("capture"),
-                                   256)
-            self._events.open_perf(drops_probe.EVENTS, self._on_drop, self._lost("drop_events"),
-                                   64)
-            self._thread = threading.Thread(target=self._read, name="perf", daemon=True)
-            self._thread.start()
+        """Open the perf buffers and start their reader, unless they are (_reader_lock held:
+        two first traces at once must open the buffers once)."""
+        if self._thread is not None:
+            return
+        self._events.open_perf(trace_probe.EVENTS, self._on_packet, self._lost("capture"), 256)
+        self._events.open_perf(drops_probe.EVENTS, self._on_drop, self._lost("drop_events"), 64)
+        self._thread = threading.Thread(target=self._read, name="perf", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -279,6 +327,18 @@ class CaptureManager:
         while not self._stop.is_set():
             self._events.poll_perf(100)
             self._expire()
+            if self._close_when_idle():
+                return
+
+    def _close_when_idle(self) -> bool:
+        """No trace running: close the perf buffers (a page ring per CPU each, in the
+        kernel and mapped here) and let this thread end; the next trace opens them again."""
+        with self._reader_lock:
+            if self._stop.is_set() or self.active():
+                return False
+            self._events.close_perf()
+            self._thread = None
+            return True
 
     def _expire(self) -> None:
         index = self._snapshot()
@@ -338,6 +398,17 @@ class CaptureManager:
                 session.queue.put_nowait(record)
             except queue.Full:
                 session.lost_queue += 1
+
+
+def _discard(session: Session) -> None:
+    """Let go of what a finished session still has queued (its consumer is done)."""
+    while True:
+        try:
+            item = session.queue.get_nowait()
+        except queue.Empty:
+            return
+        if session.kind == "packets":
+            session.release(len(item[3]))
 
 
 def _apply_prefilter(cfg: trace_probe.TraceConfig, pre: Prefilter) -> None:
@@ -446,6 +517,8 @@ def write_pcapng(session: Session, out: BinaryIO | io.BufferedIOBase, node: str,
                                       f"the kernel's buffer, {session.lost_queue} waiting for "
                                       "the writer")
         out.flush()
+    except TimeoutError:  # the output bounds its writes (traceapi: the trace's deadline)
+        session.end("the client stopped reading")
     except (BrokenPipeError, ConnectionError):
         session.end("the client went away")
     except OSError as exc:  # a full disk under a stored capture, say: keep what was written

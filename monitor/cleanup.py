@@ -3,7 +3,8 @@
 For a node where the daemon is gone for good (the DaemonSet deleted while it
 left its programs attached for upgrades), or after a crash. It removes our
 classic tc filters (by priority, handle and name, on every interface of the
-host netns), our pinned tcx and tracepoint links (detached first, so they
+host netns; a killed `run --check`'s too, under its handle beside the
+daemon's), our pinned tcx and tracepoint links (detached first, so they
 stop at once) and our pinned maps; another agent's filters and pins are
 never touched. Run it only when no podnetmon daemon runs on the node: a
 running one would attach again on its next pass.
@@ -39,7 +40,9 @@ def cleanup(bpffs_root: str, tc_priority: int, tc_handle: int) -> list[str]:
     netlink = bpf.Netlink()
     try:
         for ifindex, name in bpf.all_links(netlink):
-            count = bpf.remove_our_filters(netlink, ifindex, tc_priority, tc_handle)
+            # the daemon's filters, and those of a `run --check` that was killed mid-way
+            count = sum(bpf.remove_our_filters(netlink, ifindex, tc_priority, handle)
+                        for handle in (tc_handle, bpf.check_handle(tc_handle)))
             if count:
                 removed.append(f"tc filters ({count}) on {name}")
     finally:

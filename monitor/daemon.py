@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
-from monitor import kernelinfo, log
+from monitor import instance, kernelinfo, log
 from monitor.alerts import AlertCaptures
 from monitor.auth import Authenticator, FailureLimiter, NoAuth, authenticator
 from monitor.bypass import BypassDetector
@@ -94,10 +94,31 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
     except (InventoryError, RegistryError, ConfigError) as exc:
         logger.error("bad configuration", error=str(exc))
         return EXIT_USAGE
-    # The port before the kernel: a second daemon (or a busy port) stops here, having
-    # touched nothing the running one uses. `run --check` serves nothing and binds nothing.
+    lock = instance.InstanceLock(instance.lock_names(settings.bpffs_root, settings.tc_priority,
+                                                     settings.tc_handle))
+    if check_only:
+        # `run --check` takes no lock and binds no port (a daemon may start during a
+        # check): it attaches under a tc handle of its own and pins nothing, so it never
+        # touches what a daemon, live or gone, left counting.
+        holder = lock.holder()
+        if holder is not None:
+            logger.info("a daemon runs on this node: the check leaves its programs, filters "
+                        "and pins alone", daemon=holder.pid, command=holder.command)
+        return _run_locked(settings, metadata, probes, authenticator, None, check_only=True)
+    # One daemon per node (monitor/instance.py), then the port, both before the kernel:
+    # a second daemon stops here, naming the one that runs, having touched nothing of it.
+    try:
+        lock.acquire()
+    except instance.Taken as exc:
+        logger.error("another podnetmon daemon runs on this node: this one stops before "
+                     "touching the kernel", daemon=exc.holder.pid, command=exc.holder.command,
+                     holds=exc.holder.what)
+        return EXIT_FAILED
+    except OSError as exc:  # not a holder: a socket this process cannot make
+        logger.error("cannot take the node's instance lock", error=str(exc))
+        return EXIT_FAILED
     server = None
-    if not check_only:
+    try:
         _raise_fd_limit()
         try:
             server = Server(settings.listen_host, settings.listen_port, tls=tls,
@@ -105,15 +126,15 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
         except OSError as exc:
             logger.error("cannot listen", address=settings.listen, error=exc.strerror)
             return EXIT_FAILED
-    try:
-        return _run(settings, metadata, probes, authenticator, server, check_only=check_only)
+        return _run_locked(settings, metadata, probes, authenticator, server, check_only=False)
     finally:
         if server is not None:
             server.close()
+        lock.release()
 
 
-def _run(settings: Settings, metadata: MetadataSource, probes: Sequence[Probe],
-         authenticator: Authenticator, server: Server | None, *, check_only: bool) -> int:
+def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[Probe],
+                authenticator: Authenticator, server: Server | None, *, check_only: bool) -> int:
     logger = log.get("daemon")
 
     from monitor import bpf  # the kernel adapter: after the configuration is known to be good
@@ -136,11 +157,13 @@ def _run(settings: Settings, metadata: MetadataSource, probes: Sequence[Probe],
     netlink = bpf.Netlink()
     try:
         attacher = bpf.Attacher(programs, netlink, mode=settings.attach_mode,
-                                tc_priority=settings.tc_priority, tc_handle=settings.tc_handle,
+                                tc_priority=settings.tc_priority,
+                                tc_handle=(bpf.check_handle(settings.tc_handle) if check_only
+                                           else settings.tc_handle),
                                 pin=pin)
     except bpf.KernelError as exc:
         logger.error("cannot attach", error=str(exc))
-        programs.close()
+        programs.abort()  # what the last daemon left stays as it was
         return EXIT_FAILED
     state = MonitorState()
     state.maps_state = ("unpinned" if pin is None else "adopted" if programs.adopted else
@@ -178,12 +201,13 @@ def _run(settings: Settings, metadata: MetadataSource, probes: Sequence[Probe],
         forget=forget, node=settings.node_name, max_pods=settings.max_pods,
         runtime_uids=runtime.uids, after_first_pass=None if check_only else after_first_pass)
     if check_only:
-        return _check_once(reconciler, state, netlink, programs)
+        return _check_once(reconciler, state, netlink, programs,
+                           handle=bpf.check_handle(settings.tc_handle))
     try:
         programs.attach_tracepoints()
     except bpf.KernelError as exc:
         logger.error("cannot attach the tracepoint programs", error=str(exc))
-        programs.close()
+        programs.abort()  # what the last daemon left stays as it was
         return EXIT_FAILED
 
     bypass = (BypassDetector(maps, lambda: state.snapshot.index, netlink.link_stats)
@@ -401,15 +425,18 @@ def probe_states(wanted: Sequence[Probe], notes: Mapping[str, str]) -> dict[str,
 
 
 def _check_once(reconciler: Reconciler, state: MonitorState, netlink: object,
-                programs: object) -> int:
-    """Load, attach to every pod found, report, detach: `podnetmon run --check`."""
+                programs: object, *, handle: int) -> int:
+    """Load, attach to every pod found, report, detach: `podnetmon run --check`. Its
+    maps are its own (unpinned), its classic filters carry `handle` (not the daemon's),
+    its tcx links are its own: a daemon beside it, or one's programs left attached,
+    keep counting every packet, and nothing of theirs is replaced or removed."""
     logger = log.get("daemon")
     try:
         reconciler.reconcile()
         pods = state.snapshot.pods
         failed = [p for p in pods for i in p.interfaces if i.last_error]
         logger.info("check done", pods=len(pods), attached=state.attached_pods(),
-                    failed=len(failed))
+                    failed=len(failed), tc_handle=f"{handle:#x}")
     finally:
         reconciler.detach_all()
         netlink.close()  # type: ignore[attr-defined]

@@ -39,6 +39,9 @@ _ESCAPINGS = (ALLOW_UTF8, UNDERSCORES, DOTS, VALUES)
 CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 CONTENT_TYPE_TEXT_1 = "text/plain; version=1.0.0; charset=utf-8"
 CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+# The OpenMetrics versions answered as asked for, the ones prometheus_client writes. Any
+# other version= is never echoed into Content-Type (see negotiate).
+OPENMETRICS_VERSIONS = ("1.0.0", "2.0.0")
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
@@ -263,18 +266,25 @@ def _at_least_1(version: str) -> bool:
 
 def negotiate(accept: str) -> Format:
     """The format for an Accept header, chosen as prometheus_client's choose_encoder does:
-    the first OpenMetrics entry of version >= 1.0.0 (or none given), else the first
+    the first OpenMetrics entry of a version it writes (or none given), else the first
     text/plain entry of version >= 1.0.0, else the text format 0.0.4. Prometheus asks
     for OpenMetrics first. (The OpenMetrics version only matters to native histograms,
-    which podnetmon has none of: the body is 1.0.0's whatever the version.)"""
+    which podnetmon has none of: the body is 1.0.0's whatever the version.)
+
+    Unlike choose_encoder, nothing the client wrote reaches Content-Type unchecked: that
+    echoes any version that compares >= (1, 0, 0), such as `1.5.<script>` or one with
+    an obs-folded CRLF in it, into the response's headers. Here the version must be one
+    of OPENMETRICS_VERSIONS (surrounding spaces aside) and the escaping one of the four
+    schemes; an OpenMetrics entry with any other version is passed over, as
+    choose_encoder passes over 0.0.1."""
     for accepted in (accept or "").split(","):
         tokens = accepted.split(";")
         mime = tokens[0].strip()
         if mime == "application/openmetrics-text":
-            version, escaping = _param(tokens, "version"), _escaping(tokens)
+            version, escaping = _param(tokens, "version").strip(), _escaping(tokens)
             if not version:
                 return OPENMETRICS
-            if _at_least_1(version):
+            if version in OPENMETRICS_VERSIONS:
                 return Format(True, escaping, f"application/openmetrics-text; version={version}; "
                                               f"charset=utf-8; escaping={escaping}")
         elif mime == "text/plain":

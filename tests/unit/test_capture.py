@@ -94,6 +94,7 @@ class FakeEvents:
         self.callbacks: dict[str, Callable[[bytes], None]] = {}
         self.lost: dict[str, Callable[[int], None]] = {}
         self.gate = threading.Event()  # set at teardown: the reader thread then sees stop
+        self.closed = 0  # close_perf() calls
 
     def open_perf(self, name: str, callback: Callable[[bytes], None],
                   lost: Callable[[int], None], pages: int) -> None:
@@ -103,6 +104,10 @@ class FakeEvents:
 
     def poll_perf(self, timeout_ms: int) -> None:
         self.gate.wait()
+        time.sleep(0.001)  # a gate left open: the reader loops, but not flat out
+
+    def close_perf(self) -> None:
+        self.closed += 1
 
     def packet(self, raw: bytes) -> None:
         self.callbacks[trace_probe.EVENTS](raw)
@@ -380,6 +385,76 @@ def test_finish_is_idempotent_and_keeps_the_first_reason(rig: Rig) -> None:
     assert session.done.is_set()
     assert len(rig.maps.writes()) == writes  # the second finish programs nothing
     assert rig.manager.active() == []
+
+
+def test_a_session_that_ends_switches_its_slots_off_before_it_is_finished(rig: Rig) -> None:
+    """Its consumer may be stuck on a client that reads nothing: the kernel does not wait."""
+    due = rig.start("db", duration=30.0)
+    due.deadline = time.monotonic() - 0.001
+    rig.manager._expire()
+    assert due.ended == "duration reached" and due.done.is_set()
+    assert rig.cfg(4).on == 0
+    assert due.id in rig.manager._sessions  # not finished: that is its consumer's to do
+    writes = len(rig.maps.writes())
+    rig.manager.finish(due, "the client went away")
+    assert len(rig.maps.writes()) == writes + 2  # programmed once more, both maps, no more
+
+
+@pytest.mark.parametrize("how", ["deadline", "limit", "pod"])
+def test_an_ended_session_leaves_the_switch_to_the_others_of_its_pod(rig: Rig, how: str) -> None:
+    def end(session: Session) -> None:
+        if how == "deadline":
+            session.deadline = time.monotonic() - 0.001
+            rig.manager._expire()
+            assert session.ended == "duration reached"
+        else:  # as write_pcapng ends it, or the pod's removal
+            session.end("packet limit reached" if how == "limit" else "the pod went away")
+
+    packets, other = rig.start("db", snaplen=2000), rig.start("db", snaplen=400, filter="udp")
+    end(packets)
+    cfg = rig.cfg(4)  # the one left: its snaplen, its prefilter
+    assert (cfg.on, cfg.snaplen, cfg.protocol) == (1, 400, 17)
+    end(other)
+    packets, drops = rig.start("db"), rig.start("db", kind="drops")
+    end(packets)
+    assert (rig.cfg(4).on, rig.drop_switch(4)) == (0, 1)
+    end(drops)
+    assert (rig.cfg(4).on, rig.drop_switch(4)) == (0, 0)
+
+
+def test_finish_lets_go_of_what_is_still_queued(rig: Rig) -> None:
+    session = rig.start("db")
+    for _ in range(3):
+        rig.events.packet(packet_event(udp(size=500), 4))
+    assert session.queued_bytes == 1500
+    rig.manager.finish(session, "the client stopped reading")
+    assert session.queue.qsize() == 0 and session.queued_bytes == 0
+
+
+def test_the_perf_buffers_close_with_the_last_trace_and_open_for_the_next(rig: Rig) -> None:
+    first = rig.start("web")
+    second = rig.start("db", kind="drops")
+    rig.events.gate.set()  # the reader runs: it must keep the buffers while a trace does
+    time.sleep(0.05)
+    assert rig.events.closed == 0
+    rig.manager.finish(first, "done")
+    time.sleep(0.05)
+    assert rig.events.closed == 0
+    rig.manager.finish(second, "done")
+    deadline = time.monotonic() + 5
+    while rig.manager._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rig.manager._thread is None and rig.events.closed == 1
+    rig.start("db")
+    assert len(rig.events.opened) == 4 and rig.manager._thread is not None
+
+
+def test_a_client_that_stops_reading_ends_the_session_with_that_reason(rig: Rig) -> None:
+    session = rig.start("db")
+    rig.events.packet(packet_event(udp(), 4))
+    write_pcapng(session, Failing(TimeoutError("timed out"), 1), NODE)  # type: ignore[arg-type]
+    assert session.ended == "the client stopped reading"
+    assert rig.cfg(4).on == 0  # off at once, before anyone finishes it
 
 
 def test_the_perf_buffers_are_opened_once(rig: Rig) -> None:

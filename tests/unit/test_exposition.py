@@ -21,8 +21,11 @@ from prometheus_client.utils import floatToGoString
 from monitor.collector import PodCollector
 from monitor.exposition import (
     ALLOW_UTF8,
+    CONTENT_TYPE_TEXT,
+    CONTENT_TYPE_TEXT_1,
     DOTS,
     OPENMETRICS,
+    OPENMETRICS_VERSIONS,
     TEXT,
     UNDERSCORES,
     VALUES,
@@ -214,8 +217,9 @@ ACCEPTS = [
     "application/openmetrics-text;escaping=allow-utf-8", "text/plain;version=1.0.0",
     "text/plain;version=1.0.0;escaping=underscores", "text/plain;escaping=dots",
     "text/plain;version=0.0.4,application/openmetrics-text;version=1.0.0",
-    " application/openmetrics-text ; version=1.0.0", "application/openmetrics-text;version= 1.0.0",
+    " application/openmetrics-text ; version=1.0.0",
     "application/openmetrics-text;version=1.0.0 ;escaping=dots ",
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8\r\n X-Injected: yes",
 ]
 
 
@@ -275,6 +279,59 @@ def test_negotiation_is_choose_encoders(accept: str, pod_families: Callable[[], 
     fmt = negotiate(accept)
     assert fmt.content_type == content_type
     assert render(pod_families(), fmt) == encoder(registry_of(pod_families))
+
+
+OM_1 = "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping="
+
+
+# What choose_encoder echoes into Content-Type as the client wrote it, whatever it is, as
+# long as it compares >= (1, 0, 0); only the versions it writes are answered here, and the
+# rest of the header decides (an OpenMetrics entry of another version is passed over).
+@pytest.mark.parametrize(("accept", "content_type"), [
+    ("application/openmetrics-text;version=1.0.0.\r\n X-Injected: yes", CONTENT_TYPE_TEXT),
+    ("application/openmetrics-text;version=1.5.<script>alert(1)</script>", CONTENT_TYPE_TEXT),
+    ("application/openmetrics-text;version=2.evil;escaping=dots", CONTENT_TYPE_TEXT),
+    ("application/openmetrics-text;version=9", CONTENT_TYPE_TEXT),
+    ("application/openmetrics-text;version=1.1.0", CONTENT_TYPE_TEXT),
+    ("application/openmetrics-text;version=1.0.0.0", CONTENT_TYPE_TEXT),
+    ("application/openmetrics-text;version=1.0.0\rX-Injected: yes", CONTENT_TYPE_TEXT),
+    ('application/openmetrics-text;version="1.0.0"', CONTENT_TYPE_TEXT),
+    ("application/openmetrics-text;version=1.5.x,text/plain;version=1.0.0;escaping=values",
+     CONTENT_TYPE_TEXT_1 + "; escaping=values"),
+    ("application/openmetrics-text;version=7.0.0,application/openmetrics-text;version=1.0.0",
+     OM_1 + "underscores"),
+    ("application/openmetrics-text;version= 1.0.0", OM_1 + "underscores"),  # as 1.0.0, spaces aside
+    ("application/openmetrics-text;version=1.0.0;escaping=dots\r\n X-Injected: yes",
+     OM_1 + "underscores"),
+])
+def test_only_known_versions_and_escapings_reach_the_content_type(
+        accept: str, content_type: str, pod_families: Callable[[], list[Family]]) -> None:
+    fmt = negotiate(accept)
+    assert fmt.content_type == content_type
+    assert "\r" not in fmt.content_type and "\n" not in fmt.content_type
+    # the body is what prometheus_client writes for the format answered
+    _encoder, theirs = choose_encoder(content_type.replace("; charset=utf-8", ""))
+    assert theirs == content_type
+    assert render(pod_families(), fmt) == _encoder(registry_of(pod_families))
+
+
+def test_every_content_type_is_a_known_one() -> None:
+    """Whatever the Accept header, Content-Type is one of a short list: nothing of the
+    client's reaches it but a choice among known values."""
+    known = {CONTENT_TYPE_TEXT, OPENMETRICS.content_type} | {
+        f"application/openmetrics-text; version={v}; charset=utf-8; escaping={e}"
+        for v in OPENMETRICS_VERSIONS for e in ("allow-utf-8", "underscores", "dots", "values")} | {
+        f"{CONTENT_TYPE_TEXT_1}; escaping={e}" for e in ("allow-utf-8", "underscores", "dots", "values")}
+    rnd = random.Random(12)
+    pieces = ["application/openmetrics-text", "text/plain", "*/*", "version=1.0.0", "version=2.0.0",
+              "version=0.0.4", "version=1.", "version=1.0.0.\r\n X: y", "escaping=dots",
+              "escaping=allow-utf-8", "escaping=\r\nX: y", "q=0.5", "version= 2.0.0 ", " ", "=",
+              "version=1.0.0;version=3", "charset=utf-8", "version=10.0.0"]
+    for _ in range(3000):
+        entries = [";".join(rnd.choice(pieces) for _ in range(rnd.randrange(1, 4)))
+                   for _ in range(rnd.randrange(1, 4))]
+        accept = ",".join(entries)
+        assert negotiate(accept).content_type in known, accept
 
 
 @pytest.mark.parametrize("accept", ["application/openmetrics-text;version=1.0.x",

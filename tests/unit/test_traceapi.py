@@ -14,6 +14,7 @@ import io
 import json
 import re
 import socket
+import struct
 import sys
 import threading
 import time
@@ -30,6 +31,7 @@ from scapy.layers.l2 import Ether
 from scapy.utils import PcapNgReader
 
 from monitor import log as monitor_log
+from monitor import traceapi
 from monitor.alerts import AlertCaptures
 from monitor.auth import CHALLENGE, FailureLimiter, TokenFileAuth
 from monitor.capture import CaptureError, Limits, Session, TraceRequest
@@ -38,7 +40,7 @@ from monitor.identity import HostVeth, PodMeta, PodNetwork, identify
 from monitor.server import DRAIN_MAX, MAX_BODY, Api, Server
 from monitor.state import MonitorState
 from monitor.store import CaptureStore
-from monitor.traceapi import TraceApi
+from monitor.traceapi import DeadlineWriter, TraceApi
 from monitor.tracecli import BlockCounter
 
 NODE = "node-1"
@@ -61,6 +63,7 @@ class FakeCaptures:
     started: list[tuple[str, str, TraceRequest, str]] = field(default_factory=list)
     finished: list[tuple[int, str]] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)  # what a drop trace yields
+    flood: int = 0  # > 0: a packet trace of that many 60 KB frames, running to its deadline
 
     def start(self, namespace: str, name: str, request: TraceRequest, kind: str = "packets") -> Session:
         self.started.append((namespace, name, request, kind))
@@ -68,8 +71,12 @@ class FakeCaptures:
             raise self.error
         req = TraceRequest(request.duration or 10.0, request.packets or 100,
                            request.bytes or 1_000_000, request.snaplen or 1500, request.filter)
+        if self.flood and kind == "packets":
+            return self._flood(req.duration)
+        now = time.monotonic()
         session = Session(id=len(self.started), kind=kind, pod=WEB, slots=frozenset({3}),
-                          interfaces=((7, "veth7", 3),), request=req, started=0.0, deadline=0.0)
+                          interfaces=((7, "veth7", 3),), request=req, started=now,
+                          deadline=now + req.duration)
         if kind == "packets":
             for i, frame in enumerate(FRAMES):
                 session.queue.put((1_700_000_000_000_000_000 + i, 3, "outbound", frame, len(frame)))
@@ -77,6 +84,19 @@ class FakeCaptures:
             for record in self.records:
                 session.queue.put(record)
         session.end("duration reached")
+        return session
+
+    def _flood(self, duration: float) -> Session:
+        """A running trace with more queued than any socket buffers, at no limit soon."""
+        now = time.monotonic()
+        req = TraceRequest(duration, 10**6, 10**9, 65000)
+        session = Session(id=len(self.started), kind="packets", pod=WEB, slots=frozenset({3}),
+                          interfaces=((7, "veth7", 3),), request=req, started=now,
+                          deadline=now + duration)
+        frame = FRAMES[0] + b"f" * 60000
+        for i in range(self.flood):
+            session.queue.put((1_700_000_000_000_000_000 + i, 3, "outbound", frame, len(frame)))
+        threading.Timer(duration, session.end, ("duration reached",)).start()  # the reader's _expire
         return session
 
     def finish(self, session: Session, why: str) -> None:
@@ -127,6 +147,7 @@ def live(served: Served, tmp_path: Path) -> Served:
     served.captures.finished.clear()
     served.captures.records.clear()
     served.captures.error = None
+    served.captures.flood = 0
     store = CaptureStore(str(tmp_path / "captures"), max_files=10, max_bytes=1 << 20)
     served.traces.store = store
     served.traces.alerts = AlertCaptures(served.captures, store, NODE)  # type: ignore[arg-type]
@@ -470,6 +491,110 @@ def test_head_is_refused_where_a_get_starts_a_trace_or_streams(live: Served, pat
     assert b"Allow: GET" in head.split(b"\r\n")
     assert body == b""  # no file after the headers
     assert live.captures.started == []  # and no trace started by a HEAD
+
+
+# -- a client that reads nothing ----------------------------------------------------------------
+
+@dataclass
+class Stalled:
+    """The two ends of a connection whose reader reads nothing, as a handler holds its end."""
+
+    connection: socket.socket
+    peer: socket.socket
+
+    @property
+    def wfile(self) -> Any:
+        return self.connection.makefile("wb", buffering=0)
+
+
+@pytest.fixture
+def stalled() -> Iterator[Stalled]:
+    ours, theirs = socket.socketpair()
+    for sock, opt in ((ours, socket.SO_SNDBUF), (theirs, socket.SO_RCVBUF)):
+        sock.setsockopt(socket.SOL_SOCKET, opt, 4096)
+    try:
+        yield Stalled(ours, theirs)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_write_to_a_stalled_client_ends_at_the_deadline_plus_the_grace(
+        stalled: Stalled, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(traceapi, "WRITE_GRACE", 0.2)
+    out = DeadlineWriter(stalled, deadline=time.monotonic() + 0.3)  # type: ignore[arg-type]
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        for _ in range(1000):
+            out.write(b"x" * 50_000)
+    took = time.monotonic() - started
+    assert 0.45 < took < 1.0, took
+    assert out.timed_out
+    with pytest.raises(TimeoutError):  # past the deadline and its grace: not one more write
+        out.write(b"x")
+    out.close()
+    # closing the connection now resets it: the unsent bytes are dropped, not kept
+    assert struct.unpack("ii", stalled.connection.getsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, 8)) == (1, 0)
+    assert stalled.connection.gettimeout() is None  # given back as it was
+
+
+def test_without_a_deadline_each_write_is_bounded_by_the_sockets_timeout(stalled: Stalled) -> None:
+    stalled.connection.settimeout(0.3)  # the listener's write timeout
+    out = DeadlineWriter(stalled)  # type: ignore[arg-type]
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        for _ in range(1000):
+            out.write(b"x" * 50_000)
+    assert time.monotonic() - started < 1.5  # what was sent, and one write that never was
+    out.close()
+    assert stalled.connection.gettimeout() == 0.3
+
+
+def test_a_client_that_keeps_reading_gets_everything_and_no_reset(stalled: Stalled) -> None:
+    got = bytearray()
+
+    def read() -> None:
+        while chunk := stalled.peer.recv(65536):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    out = DeadlineWriter(stalled, deadline=time.monotonic() + 5)  # type: ignore[arg-type]
+    for _ in range(100):
+        out.write(b"y" * 50_000)
+    out.flush()
+    out.close()
+    stalled.connection.shutdown(socket.SHUT_WR)
+    reader.join(timeout=10)
+    assert len(got) == 5_000_000 and not out.timed_out
+    assert struct.unpack("ii", stalled.connection.getsockopt(
+        socket.SOL_SOCKET, socket.SO_LINGER, 8)) == (0, 0)
+
+
+def test_a_capture_client_that_reads_nothing_is_let_go_at_the_deadline(
+        live: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(traceapi, "WRITE_GRACE", 0.3)
+    live.captures.flood = 400  # 24 MB queued: more than any socket buffers
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    try:
+        client.connect(("127.0.0.1", live.port))
+        client.sendall(f"GET {CAPTURE}?duration=0.5s HTTP/1.1\r\nHost: x\r\n"
+                       f"{auth_header()}\r\n".encode())
+        started = time.monotonic()
+        while not live.captures.finished and time.monotonic() - started < 10:
+            time.sleep(0.02)
+        took = time.monotonic() - started
+        assert live.captures.finished == [(1, "duration reached")], live.captures.finished
+        assert 0.7 < took < 2.0, took  # the deadline and the grace, not the 30 s write timeout
+        client.settimeout(5)
+        with pytest.raises(ConnectionResetError):  # reset: the daemon dropped the rest
+            while client.recv(1 << 20):
+                pass
+    finally:
+        client.close()
+    assert call(live.port, "GET", "/healthz").status == 200
 
 
 # -- the log ------------------------------------------------------------------------------------
