@@ -163,7 +163,6 @@ class Conn:
         self.handshaking = tls
         self.busy = False  # a worker has it
         self.deadline = deadline
-        self.waiting_since = time.monotonic()
         self.certificate: Certificate | None = None
 
     @property
@@ -403,7 +402,6 @@ class FrontDoor:
             self._conns[conn] = None
             conn.sock.setblocking(False)
             now = time.monotonic()
-            conn.waiting_since = now
             conn.deadline = now + (self.limits.header_timeout if conn.buf else
                                    self.limits.idle_timeout)
             self._selector.register(conn.sock, selectors.EVENT_READ, conn)

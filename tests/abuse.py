@@ -23,16 +23,16 @@ def raise_fd_limit(wanted: int = 8192) -> None:
 
 
 def request_status(address: str, port: int, path: str, token: str = "", *,
-                   context: ssl.SSLContext | None = None, server_name: str = "") -> int:
-    """One request on a fresh connection; the answer's status."""
+                   context: ssl.SSLContext | None = None, server_name: str = "") -> tuple[int, str]:
+    """One request on a fresh connection: the answer's status and body."""
     headers = f"Authorization: Bearer {token}\r\n" if token else ""
     with socket.create_connection((address, port), timeout=10) as raw:
         s = context.wrap_socket(raw, server_hostname=server_name or address) if context else raw
         with s:
             s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n"
                       .encode())
-            head = s.makefile("rb").readline()
-    return int(head.split()[1])
+            answer = s.makefile("rb").read().decode()
+    return int(answer.split()[1]), answer.partition("\r\n\r\n")[2]
 
 
 class Abuse:
@@ -64,9 +64,9 @@ class Abuse:
         n = 0
         while time.monotonic() < self._begin + self.seconds and not self._stop.is_set():
             try:
-                status = request_status("127.0.0.1", self.port, FLOOD_PATH,
-                                        "garbage-" + secrets.token_hex(16),
-                                        context=self.context, server_name="127.0.0.1")
+                status, _ = request_status("127.0.0.1", self.port, FLOOD_PATH,
+                                           "garbage-" + secrets.token_hex(16),
+                                           context=self.context, server_name="127.0.0.1")
             except OSError:
                 status = 0
             self.statuses[status] += 1

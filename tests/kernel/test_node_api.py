@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from monitor.lab import Lab
-from tests.abuse import FLOOD_PATH, Abuse
+from tests.abuse import FLOOD_PATH, Abuse, request_status
 from tests.fakeapi import FakeApiServer
 from tests.kernel.support import Daemon, assert_pings_counted_exactly, census, wait_for
 from tests.pki import Pair, leaf, new_ca
@@ -122,15 +122,6 @@ def default_route_address() -> str:
         return str(s.getsockname()[0])
 
 
-def http_status(address: str, port: int, path: str, token: str = "") -> tuple[int, str]:
-    headers = f"Authorization: Bearer {token}\r\n" if token else ""
-    with socket.create_connection((address, port), timeout=10) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n"
-                  .encode())
-        answer = s.makefile("rb").read().decode()
-    return int(answer.split()[1]), answer.partition("\r\n\r\n")[2]
-
-
 @pytest.mark.parametrize("allow", [False, True], ids=["refused", "allow-insecure-auth"])
 def test_a_token_over_plain_http_from_another_address_is_refused(
         daemons: list[Daemon], tmp_path: Path, allow: bool) -> None:
@@ -140,14 +131,14 @@ def test_a_token_over_plain_http_from_another_address_is_refused(
     daemon = Daemon("--auth", "token", "--auth-token-file", str(token),
                     *(["--allow-insecure-auth", "true"] if allow else []), listen_host="0.0.0.0")
     daemons.append(daemon)
-    status, body = http_status(address, daemon.port, "/api/v1/captures", TOKEN)
+    status, body = request_status(address, daemon.port, "/api/v1/captures", TOKEN)
     if allow:
         assert status == 200, body
     else:
         assert status == 403 and "plain HTTP" in body, body
-    assert http_status(address, daemon.port, "/api/v1/captures")[0] == 401  # nothing leaked
-    assert http_status("127.0.0.1", daemon.port, "/api/v1/captures", TOKEN)[0] == 200
-    assert http_status(address, daemon.port, "/metrics")[0] == 200
+    assert request_status(address, daemon.port, "/api/v1/captures")[0] == 401  # nothing leaked
+    assert request_status("127.0.0.1", daemon.port, "/api/v1/captures", TOKEN)[0] == 200
+    assert request_status(address, daemon.port, "/metrics")[0] == 200
 
 
 def scrape_seconds(daemon: Daemon, n: int) -> list[float]:
