@@ -258,15 +258,22 @@ def test_api_work_never_delays_a_scrape_and_a_full_queue_is_503() -> None:
     busy = [threading.Thread(target=raw_exchange, args=(server.port,
             b"GET /api/v1/slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
             for _ in range(1 + FAST.queued)]
-    try:
-        for t in busy:
-            t.start()
-        door = server.door
-        assert door is not None
-        lane = door.lanes["api"]
+    door = server.door
+    assert door is not None
+    lane = door.lanes["api"]
+
+    def until(condition: Any) -> None:
         deadline = time.monotonic() + 5
-        while not (lane.busy == 1 and lane.queue.full()) and time.monotonic() < deadline:
-            time.sleep(0.01)  # until the one api worker is busy and its queue full
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert condition(), (lane.busy, lane.queue.qsize())
+
+    try:
+        busy[0].start()
+        until(lambda: lane.busy == 1)  # the one api worker taken first: else the queue
+        for t in busy[1:]:             # would fill before it and refuse one of these
+            t.start()
+        until(lane.queue.full)
         refused = raw_exchange(server.port, b"GET /api/v1/slow HTTP/1.1\r\nHost: x\r\n\r\n")
         assert refused.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in refused
         t0 = time.monotonic()
