@@ -75,7 +75,13 @@ def _parser() -> argparse.ArgumentParser:
                            "PrometheusRule for the Prometheus Operator.")
     rules.add_argument("--format", default="prometheus", choices=("prometheus", "operator"))
     rules.add_argument("--set", action="append", default=[], metavar="ALERT.FIELD=VALUE",
-                       help="e.g. PodNetDropsHigh.threshold=5, '*.for=2m' (repeatable)")
+                       help="FIELD: threshold, for, severity, capture, capture_filter, "
+                            "min_rate, summary, description, enabled or label.KEY; e.g. "
+                            "PodNetDropsHigh.threshold=5, '*.for=2m', "
+                            "'PodNetDNS*.label.team=dns' (repeatable, in order)")
+    rules.add_argument("--runbook-url", default="", metavar="URL",
+                       help="where you host docs/runbook.md: each alert links to its section "
+                            "(URL#anchor, or {anchor} in the URL replaced); none by default")
     rules.add_argument("--job", default="podnetmon", help="the scrape job of the daemons")
 
     dashboards = sub.add_parser("dashboards", help="write the Grafana dashboards (JSON)")
@@ -132,11 +138,12 @@ def _rules(args: argparse.Namespace) -> int:
 
     try:
         alerts = alerting.configured(args.set)
+        runbook_url = alerting.check_runbook_url(args.runbook_url)
     except alerting.RuleError as exc:
         print(f"podnetmon rules: {exc}", file=sys.stderr)
         return EXIT_USAGE
     render = alerting.operator_resource if args.format == "operator" else alerting.prometheus_file
-    print(render(alerts, args.job), end="")
+    print(render(alerts, args.job, runbook_url), end="")
     return 0
 
 

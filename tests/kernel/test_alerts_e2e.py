@@ -146,6 +146,20 @@ def test_faults_fire_their_alerts_and_every_panel_has_data(
                     if not query(prom, substitute(expr, ".*")):
                         empty.append((dashboard.uid, title))
             assert not empty, empty
+            # the recording rules evaluate, and the lab's one workload (StatefulSet lab) has
+            # a rate of every family (their sums are promtool's test: tests/promtool)
+            with urllib.request.urlopen(f"http://{prom}/api/v1/rules", timeout=10) as resp:
+                groups = json.load(resp)["data"]["groups"]
+            unhealthy = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"]
+                         if r["health"] != "ok"]
+            assert not unhealthy, unhealthy
+            missing = [f"{level}:{r.metric}:rate5m" for r in alerting.RECORDINGS
+                       for level in ("namespace_workload", "namespace")
+                       if not query(prom, f'{level}:{r.metric}:rate5m{{namespace="lab"}}')]
+            assert not missing, missing
+            drops = query(prom, 'namespace_workload:podnet_drops:rate5m{reason="NETFILTER_DROP"}')
+            assert [(r["metric"]["workload_kind"], r["metric"]["workload"])  # type: ignore[index]
+                    for r in drops] == [("StatefulSet", "lab")], drops
             # and with one pod chosen, its panels are that pod's
             rows = query(prom, substitute(
                 'sum by (pod, reason) (rate(podnet_drops_total{namespace=~"$namespace", '

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,7 +35,7 @@ def test_committed_dashboards_are_what_the_source_renders() -> None:
 def test_promtool_checks_and_tests_the_rules() -> None:
     check = subprocess.run([PROMTOOL, "check", "rules", "prometheus/podnet-rules.yaml"], cwd=ROOT,
                            capture_output=True, text=True, check=False)
-    assert check.returncode == 0 and "SUCCESS: 12 rules found" in check.stdout, check.stdout
+    assert check.returncode == 0 and "SUCCESS: 34 rules found" in check.stdout, check.stdout
     tested = subprocess.run([PROMTOOL, "test", "rules", "podnet-rules.test.yaml"],
                             cwd=ROOT / "tests" / "promtool", capture_output=True, text=True,
                             check=False)
@@ -62,12 +63,90 @@ def test_overrides_set_thresholds_and_for() -> None:
     assert monitor_down["expr"] == 'up{job="kube-system/podnetmon"} == 0'
 
 
+def test_every_field_of_an_alert_can_be_set() -> None:
+    alerts = {a.name: a for a in alerting.configured([
+        "PodNetDropsHigh.severity=page", "PodNetDropsHigh.capture=2m",
+        "PodNetDropsHigh.capture_filter=udp", "PodNetDropsHigh.summary={{ $labels.pod }} drops",
+        "PodNetDropsHigh.description=Look at the firewall.", "PodNetDNS*.label.team=dns",
+        "PodNetTCPRetransmitRatioHigh.min_rate=100", "PodNetTCPHandshakeSlow.capture=none",
+        "PodNetDNSNXDomainRatioHigh.enabled=false", "PodNetMonitor*.label.team=platform"])}
+    drops = alerting.rule(alerts["PodNetDropsHigh"], "podnetmon")
+    assert drops["labels"] == {"severity": "page", "podnet_capture": "2m"}
+    assert drops["annotations"] == {"summary": "{{ $labels.pod }} drops",
+                                    "description": "Look at the firewall.",
+                                    "podnet_capture_filter": "udp"}
+    assert "> 100.0" in alerting.rule(alerts["PodNetTCPRetransmitRatioHigh"], "j")["expr"]
+    assert "podnet_capture" not in alerting.rule(alerts["PodNetTCPHandshakeSlow"], "j")["labels"]
+    assert "PodNetDNSNXDomainRatioHigh" not in alerts  # off: left out of the file
+    assert alerting.rule(alerts["PodNetDNSTimeouts"], "j")["labels"]["team"] == "dns"
+    assert alerting.rule(alerts["PodNetMonitorDown"], "j")["labels"] == {
+        "severity": "critical", "team": "platform"}
+    assert len(alerts) == len(alerting.ALERTS) - 1
+
+
+def test_runbook_links_only_where_the_user_hosts_the_runbook() -> None:
+    # no URL given: no link (the project hosts no runbook page of its own to point at)
+    default = yaml.safe_load(alerting.prometheus_file(alerting.ALERTS))
+    assert not [r for g in default["groups"] for r in g["rules"]
+                if "runbook_url" in r.get("annotations", {})]
+    drops = next(a for a in alerting.ALERTS if a.name == "PodNetDropsHigh")
+    base = "https://wiki.example.com/podnetmon/runbook.html"
+    assert alerting.rule(drops, "j", base)["annotations"]["runbook_url"] == \
+        base + "#podnetdropshigh"
+    assert alerting.rule(drops, "j", base + "#old")["annotations"]["runbook_url"] == \
+        base + "#podnetdropshigh"
+    assert alerting.rule(drops, "j", "https://w.example/{anchor}/")["annotations"][
+        "runbook_url"] == "https://w.example/podnetdropshigh/"
+    for bad in ("wiki/runbook", "ftp://x/runbook", "https://a b"):
+        with pytest.raises(alerting.RuleError):
+            alerting.check_runbook_url(bad)
+
+
+def test_rules_command_takes_a_runbook_url_and_refuses_bad_input(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from monitor import cli
+
+    assert cli.main(["rules", "--runbook-url", "https://wiki.example.com/rb",
+                     "--set", "PodNetDropsHigh.enabled=false", "--format", "operator"]) == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    alerts = [r for g in doc["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert "PodNetDropsHigh" not in {r["alert"] for r in alerts}
+    assert {r["annotations"]["runbook_url"] for r in alerts} == {
+        f"https://wiki.example.com/rb#{r['alert'].lower()}" for r in alerts}
+    assert cli.main(["rules", "--runbook-url", "runbook.md"]) == 2
+    assert "--runbook-url" in capsys.readouterr().err
+    assert cli.main(["rules", "--set", "PodNetDropsHigh.label.severity=x"]) == 2
+    assert "reserved" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad", ["PodNetDropsHigh=3", "Nope.threshold=1", "PodNetDropsHigh.color=red",
                                  "PodNetDropsHigh.threshold=lots", "PodNetDropsHigh.for=5 minutes",
-                                 "PodNetDropsHigh.for="])
+                                 "PodNetDropsHigh.for=", "PodNetDropsHigh.threshold=nan",
+                                 "PodNetDropsHigh.capture=soon", "PodNetDropsHigh.severity=very bad",
+                                 "PodNetDropsHigh.summary=", "PodNetDropsHigh.summary={{ $value",
+                                 "PodNetDropsHigh.enabled=maybe", "PodNetDropsHigh.label.1x=y",
+                                 "PodNetDropsHigh.label.pod=y"])
 def test_bad_overrides_are_refused(bad: str) -> None:
     with pytest.raises(alerting.RuleError):
         alerting.configured([bad])
+
+
+def test_recording_rules_keep_every_label_the_dashboards_and_alerts_group_by() -> None:
+    doc = yaml.safe_load(alerting.prometheus_file(alerting.ALERTS))
+    [aggregates] = [g for g in doc["groups"] if g["name"] == "podnet-aggregates"]
+    records = {r["record"]: r["expr"] for r in aggregates["rules"]}
+    for recording in alerting.RECORDINGS:
+        workload = records[f"namespace_workload:{recording.metric}:rate5m"]
+        assert workload.startswith(f"sum by ({alerting.WORKLOAD}")
+        assert 'namespace!~"_node|_overflow"' in workload  # pods only
+        namespace = records[f"namespace:{recording.metric}:rate5m"]
+        assert f"namespace_workload:{recording.metric}:rate5m" in namespace
+    # every counter family the pod dashboard shows has a workload rate
+    shown = {m.removesuffix("_total") for p in dashboards.POD.panels for expr, _ in p.exprs
+             for m in re.findall(r"podnet_[a-z_]+", expr)}
+    recorded = {r.metric for r in alerting.RECORDINGS}
+    assert shown - recorded == {"podnet_tcp_flags"}, \
+        shown - recorded
 
 
 def test_dashboards_use_the_datasource_variable_only() -> None:
@@ -164,7 +243,7 @@ def test_quantile_matches_prometheus_interpolation() -> None:
 
 def test_rule_file_groups_split_pods_from_the_monitor() -> None:
     doc = yaml.safe_load(alerting.prometheus_file(alerting.ALERTS))
-    groups = {g["name"]: [r["alert"] for r in g["rules"]] for g in doc["groups"]}
+    groups = {g["name"]: [r.get("alert") for r in g["rules"]] for g in doc["groups"]}
     assert groups["podnet-monitor"] == ["PodNetMonitorDown", "PodNetMonitorAttachFailing",
                                         "PodNetMonitorBypassed", "PodNetMonitorLostEvents"]
     assert len(groups["podnet-pods"]) == 8
