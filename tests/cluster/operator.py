@@ -34,6 +34,9 @@ SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 # Where the StatefulSet mounts the Secret(s) prometheus-<name>-tls-assets-<n>: the CAs,
 # certificates and keys the monitors' tlsConfig names, which the configuration refers to
 CERTS_DIR = "/etc/prometheus/certs"
+# Where it mounts the ConfigMaps prometheus-<name>-rulefiles-<n>: the PrometheusRules it
+# selected, one file each
+RULES_DIR = "/etc/prometheus/rules"
 
 
 class Operator:
@@ -97,6 +100,21 @@ def tls_assets(cp: ControlPlane, namespace: str, prometheus: str) -> dict[str, b
     return files
 
 
+def rule_files(cp: ControlPlane, namespace: str, prometheus: str, *, must_contain: str,
+               timeout: float = 60) -> dict[str, dict[str, str]]:
+    """The rule files the operator made of the PrometheusRules it selected, by ConfigMap."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = json.loads(cp.kubectl("get", "configmaps", "-n", namespace, "-o", "json").stdout)
+        maps = {item["metadata"]["name"]: dict(item.get("data") or {}) for item in out["items"]
+                if item["metadata"]["name"].startswith(f"prometheus-{prometheus}-rulefiles")}
+        if any(must_contain in text for files in maps.values() for text in files.values()):
+            return maps
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no rule file with {must_contain!r} in {timeout:.0f} s: {maps}")
+        time.sleep(0.5)
+
+
 # What the StatefulSet's prometheus-config-reloader sidecar sets and substitutes into the
 # configuration before Prometheus reads it: `$(NAME)` references to its environment.
 RELOADER_ENV = {"SHARD": "0", "POD_NAME": "prometheus-k8s-0"}
@@ -114,6 +132,7 @@ def prometheus_resource(name: str, namespace: str, version: str = "v2.55.1") -> 
             "spec": {"version": version, "replicas": 1, "serviceAccountName": "prometheus",
                      "podMonitorSelector": {}, "podMonitorNamespaceSelector": {},
                      "serviceMonitorSelector": {}, "serviceMonitorNamespaceSelector": {},
+                     "ruleSelector": {}, "ruleNamespaceSelector": {},
                      "scrapeInterval": "1s", "evaluationInterval": "1s"}}
 
 
@@ -137,10 +156,14 @@ def prometheus_rbac(namespace: str) -> list[dict[str, Any]]:
 
 
 def run_prometheus(cp: ControlPlane, prometheus: Path, config: str, workdir: Path, token: str,
-                   *, assets: dict[str, bytes] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+                   *, assets: dict[str, bytes] | None = None,
+                   rules: dict[str, dict[str, str]] | None = None,
+                   paths: dict[str, Path] | None = None) -> tuple[subprocess.Popen[bytes], int]:
     """Prometheus with `config` as is, its in-cluster discovery pointed at `cp`; `assets`
-    (tls_assets()) are the files the configuration names under CERTS_DIR, kept in
-    `workdir` instead (the only change made to the configuration's paths)."""
+    (tls_assets()) are the files the configuration names under CERTS_DIR and `rules`
+    (rule_files()) those under RULES_DIR, kept in `workdir` instead; `paths` maps other
+    files the configuration names to where they are here. Those are the only changes made
+    to the configuration."""
     assert cp.pki is not None
     workdir.mkdir(parents=True, exist_ok=True)
     certs = workdir / "certs"
@@ -148,6 +171,14 @@ def run_prometheus(cp: ControlPlane, prometheus: Path, config: str, workdir: Pat
     for name, data in (assets or {}).items():
         (certs / name).write_bytes(data)
     config = as_reloader_writes_it(config).replace(CERTS_DIR + "/", f"{certs}/")
+    rules_dir = workdir / "rules"
+    for configmap, files in (rules or {}).items():
+        (rules_dir / configmap).mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (rules_dir / configmap / name).write_text(text)
+    config = config.replace(RULES_DIR + "/", f"{rules_dir}/")
+    for named, here in (paths or {}).items():
+        config = config.replace(named, str(here))
     (workdir / "prometheus.yml").write_text(config)
     secrets = workdir / "serviceaccount"
     secrets.mkdir(exist_ok=True)

@@ -15,17 +15,20 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from monitor import alerting, dashboards
 from monitor.lab import Lab
 from tests.cluster import fixtures, operator
 from tests.cluster.controlplane import ISSUER, ROOT, ControlPlane
-from tests.kernel.support import Daemon, assert_pings_counted_exactly, in_pod, pod_info, wait_for
-from tests.kernel.test_alerts_e2e import query
+from tests.kernel import traffic
+from tests.kernel.support import Daemon, assert_pings_counted_exactly, pod_info, wait_for
+from tests.kernel.test_alerts_e2e import query, substitute
 from tests.pki import leaf, new_ca
 
 NODE = "node-1"
@@ -177,7 +180,7 @@ def test_names_from_the_real_api_through_expiry_and_outage(
                for e in cluster.audit_events(fixtures.DAEMON_USER, mark)), "unscoped request"
 
 
-def _daemon_pod(cluster: ControlPlane, daemon: Daemon) -> dict[str, Any]:
+def _daemon_pod(cluster: ControlPlane, daemon: Daemon, ip: str) -> dict[str, Any]:
     """The daemon's pod as the DaemonSet's template makes it, its IP the daemon's listener."""
     ds = yaml.safe_load((ROOT / "deploy" / "base" / "daemonset.yaml").read_text())
     template = ds["spec"]["template"]
@@ -190,20 +193,53 @@ def _daemon_pod(cluster: ControlPlane, daemon: Daemon) -> dict[str, Any]:
                     "containers": [{"name": container["name"], "image": container["image"],
                                     "ports": ports}]}}
     cluster.apply(pod)
-    fixtures.set_running(cluster, "podnetmon-q7x9k", fixtures.DAEMON_NAMESPACE, "127.0.0.1")
+    fixtures.set_running(cluster, "podnetmon-q7x9k", fixtures.DAEMON_NAMESPACE, ip)
     return pod
 
 
-def test_operator_generated_config_keeps_the_pods_labels(
-        cluster: ControlPlane, lab: Lab, daemons: list[Daemon], tmp_path: Path) -> None:
+def _node_ip() -> str:
+    """This machine's own address: the daemon pod's IP (an Endpoints address, as the
+    ServiceMonitor's discovery reads it, may not be a loopback one)."""
+    out = subprocess.run(["ip", "-4", "-o", "route", "get", "192.0.2.200"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    return out[out.index("src") + 1]
+
+
+def _relaxed_alerts() -> Iterator[tuple[str, str]]:
+    """Each alert's expression with its thresholds so low that it holds wherever its series
+    have data: what "every alert expression returns data" asks of a Prometheus."""
+    for alert in alerting.ALERTS:
+        threshold = 1.0 if "== {threshold" in alert.expr else -1.0  # up == 1: the daemon is up
+        yield alert.name, alerting.rule(replace(alert, threshold=threshold, min_rate=-1.0),
+                                        "podnetmon")["expr"]
+
+
+MONITORS = {
+    # how each shipped way of scraping becomes a Prometheus configuration
+    "podmonitor": (OPERATOR_DIR / "podmonitor.yaml", "podMonitor/podnetmon/podnetmon/0"),
+    "servicemonitor": (OPERATOR_DIR / "servicemonitor" / "servicemonitor.yaml",
+                       "serviceMonitor/podnetmon/podnetmon/0"),
+    "plain": (ROOT / "prometheus" / "scrape-config.yaml", ""),
+}
+
+
+@pytest.mark.parametrize("monitor", sorted(MONITORS))
+def test_each_shipped_scrape_config_keeps_the_pods_labels(
+        monitor: str, cluster: ControlPlane, lab: Lab, daemons: list[Daemon],
+        tmp_path: Path) -> None:
+    """The real operator's configuration from each shipped monitor (and the plain example
+    as is): per-pod series keep the lab pods' names, every dashboard query and every alert
+    expression returns data, and the shipped PrometheusRule's recording rules evaluate."""
     bin_dir = fixtures.built_binaries()
-    op = operator.Operator(cluster, bin_dir)
+    monitor_file, job_key = MONITORS[monitor]
+    op = operator.Operator(cluster, bin_dir) if job_key else None
     prom = None
+    ip = _node_ip()
     try:
         fixtures.add_node(cluster, NODE)
         cluster.kubectl("create", "namespace", "monitoring", check=False)
         cluster.apply(operator.prometheus_rbac("monitoring"))
-        pods = lab.up(2)
+        client, server = lab.up(2)
         # the daemon serves TLS as the DaemonSet does, from the Secret the monitor names
         ca = new_ca(tmp_path, "ca", "podnetmon-ca")
         pair = leaf(tmp_path, ca, "tls", "/CN=podnetmon", usage="serverAuth",
@@ -214,65 +250,93 @@ def test_operator_generated_config_keeps_the_pods_labels(
                         f"--from-file=tls.crt={pair.cert}", f"--from-file=tls.key={pair.key}",
                         f"--from-file=ca.crt={ca.cert}")
         daemon = Daemon("--tls-cert-file", str(pair.cert), "--tls-key-file", str(pair.key),
-                        inventory=str(lab.inventory), ca=ca.cert)
+                        "--bpf-stats", "true", inventory=str(lab.inventory), ca=ca.cert,
+                        listen_host="0.0.0.0")
         daemons.append(daemon)
-        _daemon_pod(cluster, daemon)
-        cluster.kubectl("apply", "-f", str(OPERATOR_DIR / "podmonitor.yaml"))
-        cluster.apply(operator.prometheus_resource("k8s", "monitoring"))
-        config = op.generated_config("monitoring", "k8s",
-                                     must_contain="podMonitor/podnetmon/podnetmon/0")
-        print("the operator's configuration:\n" + config)
-        assert "server_name: podnetmon.podnetmon.svc" in config
-        token = cluster.create_token("monitoring", "prometheus",
-                                     ISSUER)
-        prom, port = operator.run_prometheus(cluster, bin_dir / "prometheus", config,
-                                             tmp_path / "prometheus", token,
-                                             assets=operator.tls_assets(cluster, "monitoring",
-                                                                        "k8s"))
+        _daemon_pod(cluster, daemon, ip)
+        cluster.apply(yaml.safe_load((ROOT / "deploy" / "base" / "service.yaml").read_text()))
+        token = cluster.create_token("monitoring", "prometheus", ISSUER)
+        if op is not None:
+            cluster.kubectl("apply", "-f", str(monitor_file))
+            cluster.kubectl("apply", "-f", str(OPERATOR_DIR / "prometheusrule.yaml"))
+            cluster.apply(operator.prometheus_resource("k8s", "monitoring"))
+            config = op.generated_config("monitoring", "k8s", must_contain=job_key)
+            assert "server_name: podnetmon.podnetmon.svc" in config
+            rules = operator.rule_files(cluster, "monitoring", "k8s",
+                                        must_contain="namespace_workload:podnet_bytes:rate5m")
+            prom, port = operator.run_prometheus(
+                cluster, bin_dir / "prometheus", config, tmp_path / "prometheus", token,
+                assets=operator.tls_assets(cluster, "monitoring", "k8s"), rules=rules)
+        else:
+            # the plain example as a user merges it, with the shipped rule file and a
+            # faster interval than a production one
+            config = ("global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+                      f"rule_files: [{ROOT / 'prometheus' / 'podnet-rules.yaml'}]\n"
+                      + monitor_file.read_text())
+            prom, port = operator.run_prometheus(
+                cluster, bin_dir / "prometheus", config, tmp_path / "prometheus", token,
+                paths={"/etc/prometheus/podnetmon/ca.crt": ca.cert})
+        print(f"the {monitor} configuration:\n" + config)
         address = f"127.0.0.1:{port}"
-        in_pod(pods[0], "ping", "-c", "5", "-i", "0.05", "-q", pods[1].ip)
+        log = tmp_path / "prometheus" / "prometheus.log"
 
-        def targets() -> str:
-            try:
-                with urllib.request.urlopen(f"http://{address}/api/v1/targets", timeout=5) as r:
-                    return str(r.read()[:3000])
-            except OSError as exc:
-                return str(exc)
-
-        def scraped() -> bool:
-            try:
-                return bool(query(address, 'up{job="podnetmon"} == 1'))
-            except OSError:
-                return False
-        try:
-            wait_for(scraped, timeout=60, interval=0.5)
-        except AssertionError:
-            raise AssertionError(f"the daemon was never scraped: {targets()}\n"
-                                 + (tmp_path / "prometheus" / "prometheus.log").read_text()) from None
-
-        def series() -> list[dict[str, Any]]:
+        def results(expr: str) -> list[dict[str, Any]]:
             if prom is not None and prom.poll() is not None:
-                raise AssertionError((tmp_path / "prometheus" / "prometheus.log").read_text())
+                raise AssertionError(log.read_text())
             try:
-                return query(address, 'podnet_packets_total{direction="egress",protocol="icmp"}')
+                return query(address, expr)  # type: ignore[return-value]
             except OSError:
                 return []
-        wait_for(series, timeout=60, interval=0.5)
-        got = {(s["metric"].get("namespace"), s["metric"].get("pod"), s["metric"].get("job"))
-               for s in series()}
-        assert ("lab", pods[0].name, "podnetmon") in got, got
-        assert not any("exported_pod" in s["metric"] for s in series())
-        # the daemon's own series carry the daemon pod's names, one instance per daemon
-        own = query(address, "podnet_monitor_attached_pods")
-        assert [(s["metric"].get("namespace"), s["metric"].get("pod")) for s in own] == [
-            ("podnetmon", "podnetmon-q7x9k")], own
+
+        with traffic.every_kind(client, server):
+            try:
+                wait_for(lambda: results('up{job="podnetmon"} == 1'), timeout=60, interval=0.5)
+            except AssertionError:
+                raise AssertionError("the daemon was never scraped:\n" + log.read_text()) from None
+            # per-pod series name the lab pods, never the daemon pod
+            wait_for(lambda: results('podnet_packets_total{protocol="icmp"}'), timeout=30,
+                     interval=0.5)
+            series = results("podnet_packets_total")
+            got = {(s["metric"].get("namespace"), s["metric"].get("pod"), s["metric"].get("job"))
+                   for s in series}
+            assert {("lab", client.name, "podnetmon"), ("lab", server.name, "podnetmon")} <= got
+            assert not [s for s in series if "exported_pod" in s["metric"]
+                        or s["metric"].get("pod") == "podnetmon-q7x9k"], series
+            # the daemon's own series carry the daemon pod's names and its instance
+            own = results("podnet_monitor_attached_pods")
+            assert [(s["metric"].get("namespace"), s["metric"].get("pod")) for s in own] == [
+                ("podnetmon", "podnetmon-q7x9k")], own
+            assert own[0]["metric"]["instance"] == f"{ip}:{daemon.port}", own
+            # every dashboard panel, every alert expression, every recording rule has data
+            wanted = [(f"{d.uid}: {title}", substitute(expr, ".*"))
+                      for d in dashboards.DASHBOARDS for title, expr in dashboards.expressions(d)]
+            wanted += [(f"alert {name}", expr) for name, expr in _relaxed_alerts()]
+            wanted += [(f"record {level}:{r.metric}",
+                        f'{level}:{r.metric}:rate5m{{namespace="lab"}}')
+                       for r in alerting.RECORDINGS for level in ("namespace_workload", "namespace")]
+            empty: list[str] = []
+
+            def all_have_data() -> bool:
+                empty[:] = [name for name, expr in wanted if not results(expr)]
+                return not empty
+            try:
+                wait_for(all_have_data, timeout=60, interval=1)
+            except AssertionError:
+                raise AssertionError(f"no data for {empty}") from None
     finally:
         if prom is not None:
             prom.terminate()
             prom.wait(timeout=20)
-        op.stop()
-        cluster.kubectl("delete", "secret", "podnetmon-tls", "-n", fixtures.DAEMON_NAMESPACE,
-                        check=False)
+        if op is not None:
+            op.stop()
+        for kind, name in (("secret", "podnetmon-tls"), ("service", "podnetmon"),
+                           ("pod", "podnetmon-q7x9k")):
+            cluster.kubectl("delete", kind, name, "-n", fixtures.DAEMON_NAMESPACE,
+                            "--grace-period=0", "--force", check=False)
+        for kind in ("podmonitor", "servicemonitor", "prometheusrule"):
+            cluster.kubectl("delete", kind, "podnetmon", "-n", fixtures.DAEMON_NAMESPACE,
+                            check=False)
+        cluster.kubectl("delete", "prometheus", "k8s", "-n", "monitoring", check=False)
 
 
 def _get_with_token(daemon: Daemon, path: str, token: str) -> tuple[int, str]:
