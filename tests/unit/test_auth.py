@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -714,12 +713,7 @@ def rendered() -> Iterator[io.StringIO]:
     """Everything logged, rendered as the daemon renders it (JSON lines), and stdlib logging."""
     saved = structlog.get_config()
     out = io.StringIO()
-    real_stderr = sys.stderr
-    sys.stderr = out  # log.configure() binds its output to sys.stderr as it is then
-    try:
-        monitor_log.configure("debug", "json")
-    finally:
-        sys.stderr = real_stderr
+    monitor_log.configure("debug", "json", stream=out)
     yield out
     structlog.configure(**saved)
 

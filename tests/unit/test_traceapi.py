@@ -15,7 +15,6 @@ import json
 import re
 import socket
 import struct
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -117,12 +116,7 @@ class Served:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     saved = structlog.get_config()
     logs = io.StringIO()
-    real_stderr = sys.stderr
-    sys.stderr = logs  # log.configure() binds its output to sys.stderr as it is then
-    try:
-        monitor_log.configure("debug", "json")
-    finally:
-        sys.stderr = real_stderr
+    monitor_log.configure("debug", "json", stream=logs)
     token_file = tmp_path_factory.mktemp("auth") / "token"
     token_file.write_text(TOKEN + "\n")
     captures = FakeCaptures()
