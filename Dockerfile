@@ -25,6 +25,7 @@ RUN apt-get update \
         libbpfcc=0.26.0+ds-1 \
         iproute2=6.1.0-3 \
         python3-venv=3.11.2-1+b1 \
+        libpcap0.8=1.10.3-1 \
     && rm -rf /var/lib/apt/lists/*
 
 # A venv of podnetmon's own, which sees Debian's bcc and nothing else of the system's
@@ -51,10 +52,12 @@ COPY bpf/ bpf/
 
 # The wheel holds the monitor package only, and monitor/bpf.py finds the C programs in
 # bpf/ beside the package (Path(__file__).parent.parent / "bpf"): they are copied there.
-# The compose_source call fails the build if the daemon cannot find every probe's C source.
+# The compose_source call fails the build if the daemon cannot find every probe's C source,
+# the PacketFilter one if trace filters cannot be compiled (libpcap).
 RUN pip install --no-cache-dir --disable-pip-version-check . \
     && podnetmon --version \
     && python -c 'from monitor import bpf, probes; bpf.compose_source(probes.select(()))' \
+    && python -c 'from monitor.pcapfilter import PacketFilter; PacketFilter("icmp", snaplen=96)' \
     && rm -rf /src
 
 WORKDIR /
@@ -64,7 +67,7 @@ WORKDIR /
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# No USER: the daemon runs as root (uid 0) with every capability dropped but the six the
+# No USER: the daemon runs as root (uid 0) with every capability dropped but the five the
 # DaemonSet adds back; see deploy/base/daemonset.yaml for why each is needed.
 ENTRYPOINT ["podnetmon"]
 CMD ["run"]

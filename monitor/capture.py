@@ -19,6 +19,7 @@ Drop traces work alike on pnm_drop_trace / pnm_drop_events, as NDJSON.
 from __future__ import annotations
 
 import ctypes
+import errno
 import io
 import ipaddress
 import itertools
@@ -40,6 +41,10 @@ from monitor.probes import drops as drops_probe
 from monitor.probes import trace as trace_probe
 from monitor.probes.base import u32_key
 
+# Pages of each CPU's packet ring (drop events get a quarter): 1 MiB holds ~700 full-size
+# frames between two reads. Halved while the kernel refuses to map it (_open_rings).
+RING_PAGES = 256
+RING_PAGES_MIN = 8
 QUEUE_PACKETS = 10_000  # per session, between the perf reader and the writer
 QUEUE_BYTES = 32 << 20  # ... and in bytes: at 65,000-byte snaps, 10,000 would be 650 MB
 # The kernel copies at least this much of each packet whatever the snap length, so
@@ -192,6 +197,7 @@ class CaptureManager:
         self._sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
+        self.ring_pages = 0  # of the rings open now, or last (each CPU's packet ring)
         self._reader_lock = threading.Lock()
         self._stop = threading.Event()
         self._log = log.get("capture")
@@ -313,8 +319,7 @@ class CaptureManager:
         two first traces at once must open the buffers once)."""
         if self._thread is not None:
             return
-        self._events.open_perf(trace_probe.EVENTS, self._on_packet, self._lost("capture"), 256)
-        self._events.open_perf(drops_probe.EVENTS, self._on_drop, self._lost("drop_events"), 64)
+        self._open_rings()
         self._thread = threading.Thread(target=self._read, name="perf", daemon=True)
         self._thread.start()
 
@@ -329,6 +334,37 @@ class CaptureManager:
             self._expire()
             if self._close_when_idle():
                 return
+
+    def _open_rings(self) -> None:
+        """Open the packet and drop-event rings, as large as the kernel lets us map.
+
+        Without CAP_IPC_LOCK (the DaemonSet does not grant it) a perf ring's pages are
+        charged to the user's perf_event_mlock_kb allowance and then to RLIMIT_MEMLOCK,
+        and a container's limit can be small: a ring that the kernel refuses (EPERM) is
+        halved until it maps, down to RING_PAGES_MIN. A smaller ring holds fewer packets
+        before it overruns, and overruns are counted as lost, never hidden.
+        """
+        pages = RING_PAGES
+        while True:
+            try:
+                self._events.open_perf(trace_probe.EVENTS, self._on_packet,
+                                       self._lost("capture"), pages)
+                self._events.open_perf(drops_probe.EVENTS, self._on_drop,
+                                       self._lost("drop_events"), max(1, pages // 4))
+            except OSError as exc:
+                self._events.close_perf()
+                if exc.errno == errno.EPERM and pages > RING_PAGES_MIN:
+                    pages //= 2
+                    continue
+                self._log.error("perf buffers refused", error=str(exc), pages=pages)
+                raise CaptureError(503, f"the kernel refused the trace buffers ({exc}): "
+                                        "grant the daemon CAP_IPC_LOCK or raise its "
+                                        "RLIMIT_MEMLOCK") from None
+            if pages < RING_PAGES:
+                self._log.warning("perf buffers smaller than wanted", pages=pages,
+                                  wanted=RING_PAGES, why="the memlock limit")
+            self.ring_pages = pages
+            return
 
     def _close_when_idle(self) -> bool:
         """No trace running: close the perf buffers (a page ring per CPU each, in the

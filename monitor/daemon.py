@@ -120,6 +120,7 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
     server = None
     try:
         _raise_fd_limit()
+        _raise_memlock_limit()
         try:
             server = Server(settings.listen_host, settings.listen_port, tls=tls,
                             limits=_limits(settings))
@@ -376,6 +377,21 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         except (OSError, ValueError) as exc:
             log.get("daemon").warning("could not raise the open-file limit", soft=soft,
+                                      error=str(exc))
+
+
+def _raise_memlock_limit() -> None:
+    """Trace buffers (perf rings) are charged to RLIMIT_MEMLOCK past the kernel's small
+    per-user allowance unless the daemon holds CAP_IPC_LOCK, which the DaemonSet does not
+    grant: the soft limit goes up to the hard one (no capability needed for that)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.get("daemon").warning("could not raise the memlock limit", soft=soft,
                                       error=str(exc))
 
 

@@ -175,7 +175,12 @@ class Handler(BaseHTTPRequestHandler):
     def __init__(self, conn: Conn, api: Api, limits: Limits) -> None:
         self.conn, self.api, self._limits = conn, api, limits
         self._body_read = False
+        self.responded = False  # a status line went out: an error can no longer be answered
         super().__init__(conn.sock, conn.peer, None)  # type: ignore[arg-type]
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.responded = True
+        super().send_response(code, message)
 
     def setup(self) -> None:
         self.connection = self.request
@@ -224,6 +229,12 @@ class Handler(BaseHTTPRequestHandler):
                 self.reply_json(exc.status, {"error": exc.reason})
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client left; nothing to answer
+            except Exception:  # noqa: BLE001 - a handler's failure is answered and logged, never silent
+                log.get("http").exception("request failed", method=self.command,
+                                          path=path[:200])
+                if not self.responded:
+                    self.reply_json(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                    {"error": "internal error: the daemon's log has the details"})
             return
         if methods_here:
             allowed = sorted(set(methods_here))

@@ -72,12 +72,14 @@ class Daemon:
 
     def __init__(self, *args: str, inventory: str | None = None,
                  env: Mapping[str, str] | None = None, ca: Path | None = None,
-                 listen_host: str = "127.0.0.1", ready_timeout: float = 60) -> None:
-        """ca: the daemon serves TLS (args name its pair) and is verified against this CA."""
+                 listen_host: str = "127.0.0.1", ready_timeout: float = 60,
+                 wrapper: Sequence[str] = ()) -> None:
+        """ca: the daemon serves TLS (args name its pair) and is verified against this CA.
+        wrapper: a command the daemon runs under (setpriv, prlimit)."""
         self.port = free_port()
         self.scheme = "https" if ca else "http"
         self.context = ssl.create_default_context(cafile=str(ca)) if ca else None
-        cmd = [sys.executable, "-m", "monitor", "run", "--listen", f"{listen_host}:{self.port}",
+        cmd = [*wrapper, sys.executable, "-m", "monitor", "run", "--listen", f"{listen_host}:{self.port}",
                "--log-format", "json", *args]
         if inventory:
             cmd += ["--inventory", inventory]
@@ -156,15 +158,16 @@ class Daemon:
 
 
 def https_get(host: str, port: int, path: str, ca: Path, server_name: str, *,
-              timeout: float = 10) -> tuple[int, bytes]:
+              timeout: float = 10, token: str | None = None) -> tuple[int, bytes]:
     """GET over TLS from `host`, verifying the certificate names `server_name`: what
     Prometheus does with tlsConfig.serverName (the node's IP dialled, the Service's name
-    checked)."""
+    checked). `token`: sent as a bearer token."""
     ctx = ssl.create_default_context(cafile=str(ca))
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
     with socket.create_connection((host, port), timeout=timeout) as raw, \
             ctx.wrap_socket(raw, server_hostname=server_name) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n"
-                  .encode())
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\n{auth}"
+                  "Connection: close\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(1 << 16):
             data += chunk

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import json
 import ssl
+import subprocess
+import tempfile
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +27,14 @@ import yaml
 from monitor import cleanup
 from monitor.settings import Settings
 from tests.cluster import fixtures
-from tests.cluster.controlplane import ROOT, ControlPlane
-from tests.cluster.node import KubeletNode, remove_empty_dirs, started_node
+from tests.cluster.controlplane import ISSUER, ROOT, ControlPlane
+from tests.cluster.node import KubeletNode, RealPod, remove_empty_dirs, started_node
 from tests.kernel.support import (
     Metrics,
     assert_pings_counted_exactly,
     https_get,
+    in_pod,
+    our_programs,
     parse_metrics,
     pod_info,
     wait_for,
@@ -175,3 +181,103 @@ def test_shipped_daemonset_runs_under_kubelet_and_counts_exactly(
         urllib.request.urlopen("http://127.0.0.1:9655/metrics", timeout=10)
     with pytest.raises(ssl.SSLCertVerificationError):
         https_get("127.0.0.1", 9655, "/metrics", tls_secret, "podnetmon.example.com")
+
+    try:
+        _trace_with_a_token(cluster, web, db, tls_secret)
+    except (AssertionError, KeyError) as exc:
+        raise AssertionError(f"{exc!r}\nthe daemon's log:\n{_container_log(node, daemon_pod)}"
+                             ) from exc
+    _stopped_pod_leaves_only_what_it_documents(cluster, node, daemon_pod, [web, db])
+
+
+# The README's RBAC for a person who may trace a namespace's pods (a Role, there)
+ONCALL_RBAC = [
+    {"apiVersion": "v1", "kind": "ServiceAccount",
+     "metadata": {"name": "oncall", "namespace": "default"}},
+    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+     "metadata": {"name": "podnetmon-tracer", "namespace": "default"},
+     "rules": [{"apiGroups": [""], "resources": ["pods/capture", "pods/drops"],
+                "verbs": ["get"]}]},
+    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+     "metadata": {"name": "oncall-traces", "namespace": "default"},
+     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                 "name": "podnetmon-tracer"},
+     "subjects": [{"kind": "ServiceAccount", "name": "oncall", "namespace": "default"}]}]
+
+
+def _trace_with_a_token(cluster: ControlPlane, web: RealPod, db: RealPod, ca: Path) -> None:
+    """A pcapng trace of a kubelet pod, from the DaemonSet's daemon over TLS, for a token
+    meant for podnetmon (the real TokenReview and SubjectAccessReview decide), holding
+    exactly the pings sent meanwhile; refused without a token and for another audience."""
+    cluster.apply(ONCALL_RBAC)
+    path = "/api/v1/namespaces/default/pods/web-0/capture?duration=4s&filter=icmp"
+    status, body = https_get("127.0.0.1", 9655, path, ca, SERVER_NAME)
+    assert status == 401, body
+    status, body = https_get("127.0.0.1", 9655, path, ca, SERVER_NAME,
+                             token=cluster.create_token("default", "oncall", ISSUER))
+    assert status == 401, body  # a token for the API server is not one for podnetmon
+    token = cluster.create_token("default", "oncall", "podnetmon")
+    result: dict[str, tuple[int, bytes]] = {}
+    reader = threading.Thread(target=lambda: result.update(trace=https_get(
+        "127.0.0.1", 9655, path, ca, SERVER_NAME, timeout=30, token=token)))
+    reader.start()
+    time.sleep(1.0)  # the trace is on once the request is in; the pings come well after
+    ping = in_pod(db, "ping", "-c", "10", "-i", "0.1", "-q", web.ip)
+    assert " 10 received" in ping.stdout, ping.stdout
+    reader.join(timeout=40)
+    status, pcap = result["trace"]
+    assert status == 200, pcap[-500:]
+    with tempfile.NamedTemporaryFile(suffix=".pcapng") as f:
+        f.write(pcap)
+        f.flush()
+        icmp = subprocess.run(["tshark", "-r", f.name, "-T", "fields", "-e", "icmp.type",
+                               "-e", "ip.src", "-e", "ip.dst", "-Y", "icmp"],
+                              capture_output=True, text=True, check=True).stdout.split("\n")
+    seen = sorted(line for line in icmp if line)
+    assert seen == sorted([f"8\t{db.ip}\t{web.ip}"] * 10 + [f"0\t{web.ip}\t{db.ip}"] * 10), seen
+
+
+def _container_log(node: KubeletNode, pod: dict[str, Any]) -> str:
+    """The daemon's own log, read where the kubelet writes it (`kubectl logs` would need
+    the API server to reach the kubelet's port, which this node does not serve)."""
+    meta = pod["metadata"]
+    d = node.dir / "pod-logs" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
+    return "".join(p.read_text(errors="replace") for p in sorted(d.rglob("*.log")))[-6000:]
+
+
+def _podnetmon_processes() -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        # the image's entry point: its venv's python running /opt/podnetmon/bin/podnetmon
+        if proc.name.isdigit() and "/opt/podnetmon/bin/podnetmon run" in cmdline:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def _stopped_pod_leaves_only_what_it_documents(cluster: ControlPlane, node: KubeletNode,
+                                               daemon_pod: dict[str, Any],
+                                               pods: list[RealPod]) -> None:
+    """The DaemonSet deleted: its process and mounts go; what it leaves is what
+    PODNETMON_LEAVE_ATTACHED documents (its programs on the pods' veths, counting into
+    pinned maps, for the next daemon), and `podnetmon cleanup` removes all of that."""
+    assert _podnetmon_processes(), "the daemon's process is not where the test looks"
+    uid = daemon_pod["metadata"]["uid"]
+    cluster.kubectl("delete", "daemonset", "podnetmon", "-n", fixtures.DAEMON_NAMESPACE,
+                    "--wait=true", "--timeout=90s")
+    wait_for(lambda: not _daemon_pod(cluster), timeout=90, interval=0.5)
+    wait_for(lambda: not _podnetmon_processes(), timeout=30, interval=0.2)
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert uid not in mounts, [m for m in mounts.splitlines() if uid in m]
+    for pod in pods:  # left attached on purpose (the next daemon adopts them) ...
+        assert set(our_programs(pod.host_veth)) == {"tc ingress", "tc egress"}, pod.name
+    assert any(Path("/sys/fs/bpf/podnetmon").rglob("*"))
+    removed = cleanup.cleanup("/sys/fs/bpf", Settings.tc_priority, Settings.tc_handle)
+    assert removed
+    for pod in pods:  # ... and gone with `podnetmon cleanup`
+        assert our_programs(pod.host_veth) == {}, pod.name
+    assert not Path("/sys/fs/bpf/podnetmon").exists() or \
+        not any(Path("/sys/fs/bpf/podnetmon").rglob("*"))

@@ -91,6 +91,7 @@ class FakeEvents:
 
     def __init__(self) -> None:
         self.opened: list[tuple[str, int]] = []
+        self.max_pages = 1 << 30  # a ring larger than this is refused with EPERM (memlock)
         self.callbacks: dict[str, Callable[[bytes], None]] = {}
         self.lost: dict[str, Callable[[int], None]] = {}
         self.gate = threading.Event()  # set at teardown: the reader thread then sees stop
@@ -98,6 +99,8 @@ class FakeEvents:
 
     def open_perf(self, name: str, callback: Callable[[bytes], None],
                   lost: Callable[[int], None], pages: int) -> None:
+        if pages > self.max_pages:
+            raise OSError(errno.EPERM, f"mmap of the cpu 0 perf ring: {pages} pages refused")
         self.opened.append((name, pages))
         self.callbacks[name] = callback
         self.lost[name] = lost
@@ -461,6 +464,26 @@ def test_the_perf_buffers_are_opened_once(rig: Rig) -> None:
     rig.start("web")
     rig.start("db", kind="drops")
     assert rig.events.opened == [(trace_probe.EVENTS, 256), (drops_probe.EVENTS, 64)]
+
+
+def test_rings_the_memlock_limit_refuses_are_halved_until_they_map(rig: Rig) -> None:
+    # A container without CAP_IPC_LOCK and with a small RLIMIT_MEMLOCK: the full rings
+    # are refused (found under the DaemonSet's own security context: the trace request
+    # got no answer at all)
+    rig.events.max_pages = 40
+    rig.start("web")
+    assert rig.events.opened[-2:] == [(trace_probe.EVENTS, 32), (drops_probe.EVENTS, 8)]
+    assert rig.manager.ring_pages == 32
+    assert rig.events.closed == 3  # each refused attempt released what it had opened
+
+
+def test_rings_refused_at_any_size_answer_503_with_the_remedy(rig: Rig) -> None:
+    rig.events.max_pages = 4
+    with pytest.raises(CaptureError) as info:
+        rig.start("web")
+    assert info.value.status == 503
+    assert "CAP_IPC_LOCK" in info.value.reason and "RLIMIT_MEMLOCK" in info.value.reason
+    assert not rig.written_slots() and not rig.manager.active()  # nothing switched on
 
 
 # -- _on_packet -----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import urllib.error
 import urllib.request
@@ -10,8 +11,10 @@ from dataclasses import dataclass, field
 from email.message import Message
 
 import pytest
+import structlog
 from prometheus_client.exposition import choose_encoder
 
+from monitor import log as monitor_log
 from monitor.exposition import Family, GaugeFamily, Registry
 from monitor.server import Api, Server
 from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
@@ -220,3 +223,42 @@ def test_stop_closes_the_port() -> None:
     server.stop()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+class Failing:
+    """An extension whose handlers fail as a kernel refusal or a bug would: a handler that
+    raised anything but the request errors used to end the connection with no answer."""
+
+    def register(self, api: Api) -> None:
+        api.route("GET", r"/api/v1/fails", self.fails)
+        api.route("GET", r"/api/v1/fails-late", self.fails_late)
+
+    def fails(self, h: object, _params: object, _query: object) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    def fails_late(self, h: object, _params: object, _query: object) -> None:
+        h.start_stream("application/octet-stream")  # type: ignore[attr-defined]
+        h.wfile.write(b"partial")  # type: ignore[attr-defined]
+        raise OSError(1, "Operation not permitted")
+
+
+def test_a_failing_handler_is_answered_500_and_logged() -> None:
+    saved, logs = structlog.get_config(), io.StringIO()
+    monitor_log.configure("info", "json", stream=logs)
+    api = Api(Registry(), MonitorState(), "node-1", alive=lambda: True, extensions=Failing())
+    server = Server("127.0.0.1", 0, api)
+    server.start()
+    try:
+        live = Live(MonitorState(), server.port)
+        reply = live.request("/api/v1/fails")
+        assert reply.status == 500
+        assert "internal error" in str(reply.json()["error"])
+        # once the status line is out, the stream just ends: nothing is written twice
+        late = live.request("/api/v1/fails-late")
+        assert (late.status, late.body) == (200, b"partial")
+        assert live.request("/healthz").status == 200  # and the listener serves on
+    finally:
+        server.stop()
+        structlog.configure(**saved)
+    logged = logs.getvalue()
+    assert logged.count("request failed") == 2 and "Operation not permitted" in logged
