@@ -200,7 +200,8 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
         discovery=Discovery(settings.proc_root, settings.pause_comm, settings.netns_dirs),
         links=netlink, attacher=attacher, slots=slots, metadata=metadata, state=state,
         forget=forget, node=settings.node_name, max_pods=settings.max_pods,
-        runtime_uids=runtime.uids, after_first_pass=None if check_only else after_first_pass)
+        runtime_uids=runtime.uids, runtime_names=runtime.podman_containers,
+        after_first_pass=None if check_only else after_first_pass)
     if check_only:
         return _check_once(reconciler, state, netlink, programs,
                            handle=bpf.check_handle(settings.tc_handle))

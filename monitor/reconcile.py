@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from monitor import discovery, log
-from monitor.identity import HostVeth, IdentityIndex, Pod, PodNetwork, fold, identify
+from monitor.identity import HostVeth, IdentityIndex, Pod, PodMeta, PodNetwork, fold, identify
 from monitor.kerneltypes import Attachment, VethLink
 from monitor.metadata import MetadataSource
 from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
@@ -91,12 +91,15 @@ class Reconciler:
                  slots: Slots, metadata: MetadataSource, state: MonitorState,
                  forget: Sequence[Forget] = (), node: str = "", max_pods: int = 1000,
                  runtime_uids: Callable[[], dict[str, str]] | None = None,
+                 runtime_names: Callable[[], dict[str, PodMeta]] | None = None,
                  after_first_pass: Callable[[set[int], set[int]], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._discovery, self._links, self._attacher = discovery, links, attacher
         self._slots, self._forget, self._node = slots, list(forget), node
         self._detached: list[Attachment] = []  # in this pass, for the probes to forget
         self._max_pods, self._runtime_uids = max_pods, runtime_uids
+        # names of containers no pod owns (podman's): for a pinned netns no source names
+        self._runtime_names = runtime_names
         self._own_series: set[int] = set()  # netns inodes of pods with series of their own
         self._folded: set[int] = set()  # netns inodes of pods counted under _overflow
         self._cap_logged = False
@@ -148,6 +151,7 @@ class Reconciler:
                 HostVeth(link.ifindex, link.name, link.peer_ifindex))
         pods = []
         runtime_uids: dict[str, str] | None = None
+        runtime_names: dict[str, PodMeta] | None = None
         denied: list[int] = []
         networks = self._discovery.scan(denied)
         if bool(denied) != self._denied_logged:  # log the change, not every pass
@@ -176,6 +180,10 @@ class Reconciler:
                     known = dataclasses.replace(network, uid=uid)
             paths = [p for p in (known.pinned_path,) if p]
             meta = self._metadata.lookup(known.uid, paths)
+            if meta is None and known.uid is None and known.pinned_path and self._runtime_names:
+                if runtime_names is None:
+                    runtime_names = self._runtime_names()
+                meta = runtime_names.get(os.path.realpath(known.pinned_path))
             pods.append(identify(known, sorted(interfaces, key=lambda v: v.ifindex), meta))
         self._nsids = nsids  # only the namespaces still here
         seen = {p.netns_inode for p in pods}

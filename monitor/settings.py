@@ -86,7 +86,8 @@ class Settings:
     runtime_dirs: tuple[str, ...] = _doc(
         "Where container runtimes keep OCI bundles (config.json with the pod UID and the "
         "netns path): the UID of a pod with no pause process (CRI-O without an infra "
-        "container) is read there.",
+        "container) is read there, and podman's containers are named from them (the last "
+        "is podman's default storage too).",
         default=("/run/containerd/io.containerd.runtime.v2.task/k8s.io",
                  "/run/containers/storage/overlay-containers",
                  "/var/lib/containers/storage/overlay-containers"))

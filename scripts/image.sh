@@ -48,9 +48,16 @@ fi
 # The host's CA bundle is mounted for pip (PyPI may be behind a TLS proxy here); it is a
 # build-time mount, not a layer.
 ca=/etc/ssl/certs/ca-certificates.crt
+previous=$(buildah images --noheading -q "$image" 2>/dev/null | head -1 || true)
 buildah bud --quiet --isolation chroot --network host --layers --force-rm \
   -v "$ca:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt \
   --build-arg "BASE=$base" -t "$image" . >/dev/null
+# The image this build replaced (the tag moved on) would stay as an untagged 800 MB image
+# at every rebuild: it goes, and nothing else does.
+current=$(buildah images --noheading -q "$image" | head -1)
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+  buildah rmi "$previous" >/dev/null 2>&1 || true
+fi
 out=$cache/podnetmon-image-$version.tar
 rm -f "$out.tmp"
 buildah push --quiet "$image" "docker-archive:$out.tmp:$image" >/dev/null

@@ -12,7 +12,7 @@ packages=(python3-bpfcc libbpfcc bpftool iproute2 iperf3 tcpdump tshark nftables
           iputils-ping netcat-openbsd util-linux python3-venv procps kmod
           etcd-server etcd-client openssl curl
           containerd runc containernetworking-plugins umoci gcc libc6-dev
-          buildah mmdebstrap)
+          buildah mmdebstrap podman netavark busybox-static)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -137,6 +137,7 @@ class World:
 
     def __init__(self, metadata: object = None, forget_errors: dict[int, Exception] | None = None,
                  max_pods: int = 1000, runtime_uids: Callable[[], dict[str, str]] | None = None,
+                 runtime_names: Callable[[], dict[str, PodMeta]] | None = None,
                  after_first_pass: Callable[[set[int], set[int]], None] | None = None,
                  ) -> None:
         self.events: list[Event] = []
@@ -153,7 +154,8 @@ class World:
             discovery=self.discovery, links=self.links, attacher=self.attacher,  # type: ignore[arg-type]
             slots=self.slots, metadata=self.metadata, state=self.state,  # type: ignore[arg-type]
             forget=[self.forget_first, self.forget_second], node="node-1", clock=self.clock,
-            max_pods=max_pods, runtime_uids=runtime_uids, after_first_pass=after_first_pass)
+            max_pods=max_pods, runtime_uids=runtime_uids, runtime_names=runtime_names,
+            after_first_pass=after_first_pass)
 
     def forget_first(self, netns: int, ifindexes: Sequence[int]) -> None:
         # what pnm_netns and the slots hold at the moment keys are forgotten
@@ -861,6 +863,27 @@ def test_runtime_uids_not_read_when_every_netns_has_a_uid() -> None:
     world.run()
     assert runtime.calls == 0
     assert [p.uid for p in world.state.snapshot.pods] == [UID_WEB, UID_DB, ""]
+
+
+def test_a_podman_container_names_a_pinned_netns_no_source_names() -> None:
+    podman = PodMeta("_podman", "web", uid="9dfe1d358170", workload="web",
+                     workload_kind="Container")
+    calls: list[int] = []
+
+    def names() -> dict[str, PodMeta]:
+        calls.append(1)
+        return {os.path.realpath("/run/netns/netns-1"): podman,
+                os.path.realpath("/run/netns/netns-2"): podman}
+
+    metadata = FakeMetadata({UID_WEB: WEB}, by_path={"/run/netns/netns-2": DB})
+    world = World(metadata, runtime_names=names)
+    world.pod(4026532001, 3, [(7, "veth7")], pinned="/run/netns/netns-1")
+    world.pod(4026532002, 4, [(8, "veth8")], pinned="/run/netns/netns-2")  # the inventory's
+    world.pod(4026532003, 5, [(9, "veth9")], uid=UID_WEB, pause_pid=300)
+    world.run()
+    assert len(calls) == 1  # once a pass, for every pinned netns the sources do not name
+    assert sorted((p.namespace, p.pod, p.uid) for p in world.state.snapshot.pods) == [
+        ("_podman", "web", "9dfe1d358170"), ("shop", "db-0", UID_DB), ("shop", "web-1", UID_WEB)]
 
 
 def test_runtime_uids_read_once_a_pass() -> None:

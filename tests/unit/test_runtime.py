@@ -71,13 +71,13 @@ class Reads:
 
     def __init__(self, index: RuntimeIndex, monkeypatch: pytest.MonkeyPatch) -> None:
         self.paths: list[str] = []
-        original = index._read
+        original = index._load
 
-        def read(path: str) -> tuple[str, str] | None:
+        def load(path: str) -> object:
             self.paths.append(path)
             return original(path)
 
-        monkeypatch.setattr(index, "_read", read)
+        monkeypatch.setattr(index, "_load", load)
 
     def take(self) -> list[str]:
         paths, self.paths = sorted(self.paths), []
@@ -266,3 +266,57 @@ def test_containerd_layout_wins_when_a_bundle_has_both(tree: Tree) -> None:
 
 def test_uid_annotations_named_as_documented() -> None:
     assert set(runtime.UID_ANNOTATIONS) == {"io.kubernetes.pod.uid", "io.kubernetes.cri.sandbox-uid"}
+
+
+# -- podman's containers (no Kubernetes) -----------------------------------------------------------
+
+PODMAN = {"io.container.manager": "libpod", "io.podman.annotations.autoremove": "FALSE"}
+ID_WEB = "9dfe1d358170556ef338823f33bdc76a3e11e53b7ef1a1c0e48daa48e99b182c"
+ID_SIDE = "7c0b3a1e2f4d5c6b7a8f9e0d1c2b3a4f5e6d7c8b9a0f1e2d3c4b5a6f7e8d9c0b"
+
+
+def storage_index(tree: Tree, names: dict[str, list[str]]) -> None:
+    """containers/storage's containers.json, as podman 4 writes it beside the bundles."""
+    (tree.crio / "containers.json").write_text(json.dumps(
+        [{"id": cid, "names": n, "image": "0933c08ac49b", "layer": "a93e86a4e749",
+          "metadata": json.dumps({"name": n[0] if n else ""})} for cid, n in names.items()]))
+
+
+def test_a_podman_container_is_named_from_containers_json(tree: Tree) -> None:
+    pin = tree.pin("netns-29cb62c5-93be-5fd6-4053-56c9f4552633")
+    tree.crio_bundle(ID_WEB, oci(pin, PODMAN))
+    # a second container joining the first's netns (--network container:web)
+    tree.crio_bundle(ID_SIDE, oci("/proc/24700/ns/net", PODMAN))
+    storage_index(tree, {ID_WEB: ["web"], ID_SIDE: ["sidecar"]})
+    index = tree.index()
+    assert index.podman_containers() == {pin: runtime.PodMeta(
+        namespace="_podman", name="web", uid=ID_WEB, workload="web", workload_kind="Container")}
+    assert index.uids() == {}  # no pod UID: not a Kubernetes pod
+
+
+def test_a_podman_container_without_a_name_is_shown_as_podman_ps_does(tree: Tree) -> None:
+    pin = tree.pin("netns-1")
+    tree.crio_bundle(ID_WEB, oci(pin, PODMAN))
+    assert tree.index().podman_containers()[pin].name == ID_WEB[:12]  # no containers.json
+    storage_index(tree, {ID_WEB: []})
+    assert tree.index().podman_containers()[pin].name == ID_WEB[:12]
+
+
+def test_containers_json_is_read_again_when_it_changes(tree: Tree) -> None:
+    pin = tree.pin("netns-1")
+    tree.crio_bundle(ID_WEB, oci(pin, PODMAN))
+    storage_index(tree, {ID_WEB: ["web"]})
+    index = tree.index()
+    assert index.podman_containers()[pin].name == "web"
+    storage_index(tree, {ID_WEB: ["web-renamed"]})  # podman rename
+    assert index.podman_containers()[pin].name == "web-renamed"
+    (tree.crio / "containers.json").write_text("[{")  # half-written: no name, no failure
+    assert index.podman_containers()[pin].name == ID_WEB[:12]
+
+
+def test_a_pod_of_kubernetes_is_never_a_podman_container(tree: Tree) -> None:
+    pin = tree.pin("netns-2")
+    tree.crio_bundle(ID_WEB, oci(pin, {**PODMAN, "io.kubernetes.pod.uid": UID_A}))
+    index = tree.index()
+    assert index.podman_containers() == {}
+    assert index.uids() == {pin: UID_A}
