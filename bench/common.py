@@ -86,6 +86,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def proc_status(pid: int, key: str) -> int:
+    """A /proc/<pid>/status figure in kB (VmRSS, VmHWM) or a count (Threads)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds a process has used (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class RunningDaemon:
     address: str
@@ -94,14 +108,10 @@ class RunningDaemon:
 
     def status(self, key: str) -> int:
         """A /proc/<pid>/status figure in kB (VmRSS, VmHWM) or a count (Threads)."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-        raise KeyError(key)
+        return proc_status(self.proc.pid, key)
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return proc_cpu_seconds(self.proc.pid)
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))

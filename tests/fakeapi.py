@@ -1,11 +1,14 @@
-"""A local fake of the Kubernetes API server's pod list and watch, for the real client.
+"""A local fake of the Kubernetes API server's pod and service lists and watches, for the real client.
 
-Only what a node-scoped pod watcher and an authenticating proxy use is here, each piece
-as the API server does it:
+Only what a node-scoped pod watcher, a cluster-wide pod and service watcher and an
+authenticating proxy use is here, each piece as the API server does it:
 
-    GET /api/v1/pods[?fieldSelector=spec.nodeName=N]               -> a PodList
+    GET /api/v1/pods[?fieldSelector=spec.nodeName=N][&limit=L[&continue=C]]
+                                                                   -> a PodList
     GET /api/v1/pods?watch=true[&resourceVersion=R][&allowWatchBookmarks=true]
                     [&timeoutSeconds=T][&fieldSelector=...]        -> a chunked event stream
+    GET /api/v1/services[?limit=L[&continue=C]]                    -> a ServiceList
+    GET /api/v1/services?watch=true[&...as for pods, no fieldSelector] -> a chunked event stream
     POST /apis/authentication.k8s.io/v1/tokenreviews               -> the TokenReview, with status
     POST /apis/authorization.k8s.io/v1/subjectaccessreviews        -> the SubjectAccessReview, with status
 
@@ -13,9 +16,20 @@ Every change bumps one global resourceVersion (as etcd's revision does for every
 object kind) and goes to an event log; `compact()` forgets the log as etcd
 compaction does, after which a watch from an older version gets 410 Expired.
 
+Lists are in key order (namespace/name), as etcd keeps them. With `limit` a list is
+paginated: each page but the last carries `metadata.continue` (and, without a
+selector, `remainingItemCount`), and every page is served from the snapshot at the
+first page's resourceVersion, which every page reports, whatever changed since (the
+fake rebuilds that snapshot from its event log). A continue token whose snapshot was
+compacted away gets 410 Expired, as the API server answers, with a token that would
+continue inconsistently in its metadata.
+
 A watch filtered on spec.nodeName gets ADDED when a pod starts matching (bound to the
 node) and DELETED when it stops, as the API server's watch filter does. A watch that
 starts from a version gets the logged changes after it at once, then live changes.
+
+Services: add_service(), update_service(), delete_service(), made by make_service();
+their changes share the one resourceVersion and log with the pods.
 
 Test controls beyond the API: bookmark(), compact(), drop_streams(), event_delay (each
 live event waits that long before it is written; what a watch starts with does not, so
@@ -39,6 +53,8 @@ POST body is kept in `bodies`; token_reviews() and access_reviews() list them.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
 import copy
 import json
@@ -53,6 +69,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 PODS_PATH = "/api/v1/pods"
+SERVICES_PATH = "/api/v1/services"
+RESOURCES = {PODS_PATH: "pods", SERVICES_PATH: "services"}  # path -> the store's resource
+KINDS = {"pods": "Pod", "services": "Service"}
+CREATED = "2024-05-01T10:00:00Z"  # creationTimestamp of objects made without one
 AUTHN_REVIEWS_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 API_AUDIENCE = "https://kubernetes.default.svc"  # what a TokenReview naming none asks for
 AUTHZ_REVIEWS_PATH = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
@@ -71,6 +91,7 @@ OWNER_API_VERSIONS = {"ReplicaSet": "apps/v1", "StatefulSet": "apps/v1", "Daemon
                       "Node": "v1", "ReplicationController": "v1"}
 
 Pod = dict[str, Any]
+Obj = dict[str, Any]  # a pod or a service
 Grant = tuple[str, str, str, str, str, str]  # (user or group, verb, namespace, resource, subresource, name)
 
 
@@ -83,14 +104,18 @@ def status(code: int, message: str) -> dict[str, Any]:
 def make_pod(name: str, namespace: str, uid: str, node: str,  # noqa: PLR0917 - the signature tests use
              labels: Mapping[str, str] | None = None,
              owner: tuple[str, str] | Sequence[Mapping[str, Any]] | None = None,
-             annotations: Mapping[str, str] | None = None) -> Pod:
+             annotations: Mapping[str, str] | None = None, *,
+             pod_ips: Sequence[str] = (), host_ips: Sequence[str] = (), host_network: bool = False,
+             phase: str = "Running", created: str = CREATED) -> Pod:
     """A pod object as the API serves it (the fields the client's model requires included).
 
     `owner` is (kind, name) for one controller reference, or a list of raw
-    ownerReferences (which may be malformed on purpose).
+    ownerReferences (which may be malformed on purpose). `pod_ips` and `host_ips`
+    become status.podIP(s) and status.hostIP(s) as the kubelet writes them (the
+    first is the singular field), only when given.
     """
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "uid": uid,
-                            "creationTimestamp": "2024-05-01T10:00:00Z"}
+                            "creationTimestamp": created}
     if labels:
         meta["labels"] = dict(labels)
     if annotations:
@@ -103,14 +128,80 @@ def make_pod(name: str, namespace: str, uid: str, node: str,  # noqa: PLR0917 - 
             "controller": True, "blockOwnerDeletion": True}]
     elif owner is not None:
         meta["ownerReferences"] = [dict(r) for r in owner]
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
-            "spec": {"nodeName": node, "containers": [{"name": "app", "image": "registry.k8s.io/pause:3.9"}]},
-            "status": {"phase": "Running"}}
+    spec: dict[str, Any] = {"nodeName": node,
+                            "containers": [{"name": "app", "image": "registry.k8s.io/pause:3.9"}]}
+    if host_network:
+        spec["hostNetwork"] = True
+    pod_status: dict[str, Any] = {"phase": phase}
+    if host_ips:
+        pod_status["hostIP"] = host_ips[0]
+        pod_status["hostIPs"] = [{"ip": ip} for ip in host_ips]
+    if pod_ips:
+        pod_status["podIP"] = pod_ips[0]
+        pod_status["podIPs"] = [{"ip": ip} for ip in pod_ips]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec, "status": pod_status}
+
+
+def make_service(name: str, namespace: str, cluster_ip: str | None, *,
+                 uid: str | None = None, cluster_ips: Sequence[str] | None = None,
+                 external_ips: Sequence[str] = (), lb_ips: Sequence[str] = (),
+                 service_type: str | None = None, created: str = CREATED) -> Obj:
+    """A service object as the API serves it.
+
+    `cluster_ip` "None" makes a headless service, None one without a cluster IP (an
+    ExternalName service); `cluster_ips` (dual-stack) defaults to [cluster_ip].
+    `lb_ips` become status.loadBalancer.ingress[].ip (and the type LoadBalancer).
+    """
+    spec: dict[str, Any] = {"ports": [{"name": "http", "port": 80, "protocol": "TCP",
+                                       "targetPort": 8080}],
+                            "selector": {"app": name}}
+    if cluster_ip is None:
+        spec.update({"type": "ExternalName", "externalName": f"{name}.example.com"})
+        del spec["selector"]
+    else:
+        spec["clusterIP"] = cluster_ip
+        spec["clusterIPs"] = list(cluster_ips if cluster_ips is not None else [cluster_ip])
+        spec["type"] = "LoadBalancer" if lb_ips else "ClusterIP"
+    if service_type:
+        spec["type"] = service_type
+    if external_ips:
+        spec["externalIPs"] = list(external_ips)
+    meta = {"name": name, "namespace": namespace,
+            "uid": uid or str(uuid.uuid5(uuid.NAMESPACE_DNS, f"service/{namespace}/{name}")),
+            "creationTimestamp": created}
+    svc_status: dict[str, Any] = {"loadBalancer": {}}
+    if lb_ips:
+        svc_status["loadBalancer"]["ingress"] = [{"ip": ip} for ip in lb_ips]
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec,
+            "status": svc_status}
 
 
 def _key(pod: Mapping[str, Any]) -> tuple[str, str]:
     meta = pod.get("metadata") or {}
     return (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+
+
+def _etcd_key(key: tuple[str, str]) -> str:
+    """The order etcd keeps objects in (/registry/<resource>/<namespace>/<name>)."""
+    return f"{key[0]}/{key[1]}"
+
+
+def _token(rv: int, start: str) -> str:
+    """A continue token as the API server makes one: base64 of the snapshot's version and
+    the key to go on from."""
+    doc = {"v": "meta.k8s.io/v1", "rv": rv, "start": start}
+    return base64.urlsafe_b64encode(json.dumps(doc).encode()).decode()
+
+
+def _untoken(token: str) -> tuple[int, str] | None:
+    try:
+        doc = json.loads(base64.urlsafe_b64decode(token.encode()))
+        rv, start = doc["rv"], doc["start"]
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        return None
+    if not isinstance(rv, int) or not isinstance(start, str) or rv <= 0:
+        return None
+    return rv, start
 
 
 def _node_of(pod: Mapping[str, Any] | None) -> str | None:
@@ -143,15 +234,15 @@ def _seen_as(kind: str, obj: Pod, prev: Pod | None, node: str | None) -> str | N
 class _Watch:
     """One open watch: the events queued for it since it started, and its controls."""
 
-    def __init__(self, node: str | None, bookmarks: bool) -> None:
-        self.node, self.bookmarks = node, bookmarks
+    def __init__(self, node: str | None, bookmarks: bool, resource: str = "pods") -> None:
+        self.node, self.bookmarks, self.resource = node, bookmarks, resource
         self.queue: collections.deque[dict[str, Any]] = collections.deque()
         self.cut = threading.Event()  # drop_streams(): close abruptly
         self.last_write = time.monotonic()
 
 
 class FakeApiServer:
-    """A threaded HTTP/1.1 server on 127.0.0.1 (a port the OS picks) serving pods."""
+    """A threaded HTTP/1.1 server on 127.0.0.1 (a port the OS picks) serving pods and services."""
 
     def __init__(self, node: str = "node-a", *, bookmark_interval: float | None = None) -> None:
         self.node = node  # the node the client under test runs on (for pod() and tests)
@@ -161,8 +252,10 @@ class FakeApiServer:
         self._cond = threading.Condition()
         self._rv = FIRST_RESOURCE_VERSION
         self._compacted = 0  # the log holds every change with a resourceVersion above this
-        self._pods: dict[tuple[str, str], Pod] = {}
-        self._log: list[tuple[int, str, Pod, Pod | None]] = []  # (rv, type, object, previous)
+        self._store: dict[str, dict[tuple[str, str], Obj]] = {"pods": {}, "services": {}}
+        self._pods = self._store["pods"]
+        # (rv, resource, type, object, previous)
+        self._log: list[tuple[int, str, str, Obj, Obj | None]] = []
         self._watches: set[_Watch] = set()
         self._failures: collections.deque[int] = collections.deque()
         self._sockets: set[socket.socket] = set()
@@ -274,16 +367,47 @@ class FakeApiServer:
                 raise KeyError(f"no pod {(namespace, name)}")
             return self._change("DELETED", prev, prev)
 
-    def _change(self, kind: str, pod: Mapping[str, Any], prev: Pod | None) -> Pod:
+    def services(self) -> list[Obj]:
+        with self._cond:
+            return [copy.deepcopy(s) for s in self._store["services"].values()]
+
+    def add_service(self, service: Mapping[str, Any]) -> Obj:
+        """Create a service (ADDED); returns it as stored, with its resourceVersion."""
+        with self._cond:
+            if _key(service) in self._store["services"]:
+                raise ValueError(f"service {_key(service)} exists already")
+            return self._change("ADDED", service, None, "services")
+
+    def update_service(self, service: Mapping[str, Any]) -> Obj:
+        """Replace a service (MODIFIED), found by namespace and name."""
+        with self._cond:
+            prev = self._store["services"].get(_key(service))
+            if prev is None:
+                raise KeyError(f"no service {_key(service)}")
+            return self._change("MODIFIED", service, prev, "services")
+
+    def delete_service(self, namespace: str, name: str) -> Obj:
+        """Delete a service (DELETED, carrying its last state with a new resourceVersion)."""
+        with self._cond:
+            prev = self._store["services"].get((namespace, name))
+            if prev is None:
+                raise KeyError(f"no service {(namespace, name)}")
+            return self._change("DELETED", prev, prev, "services")
+
+    def _change(self, kind: str, pod: Mapping[str, Any], prev: Obj | None,
+                resource: str = "pods") -> Obj:
         self._rv += 1
         obj = copy.deepcopy(dict(pod))
         obj.setdefault("metadata", {})["resourceVersion"] = str(self._rv)
+        store = self._store[resource]
         if kind == "DELETED":
-            del self._pods[_key(obj)]
+            del store[_key(obj)]
         else:
-            self._pods[_key(obj)] = obj
-        self._log.append((self._rv, kind, obj, prev))
+            store[_key(obj)] = obj
+        self._log.append((self._rv, resource, kind, obj, prev))
         for w in self._watches:  # the API server fans each change out to every open watch
+            if w.resource != resource:
+                continue
             seen = _seen_as(kind, obj, prev, w.node)
             if seen:
                 w.queue.append({"type": seen, "object": obj})
@@ -297,12 +421,12 @@ class FakeApiServer:
         with self._cond:
             for w in self._watches:
                 if w.bookmarks:
-                    w.queue.append(self._bookmark())
+                    w.queue.append(self._bookmark(w.resource))
             self._cond.notify_all()
 
-    def _bookmark(self) -> dict[str, Any]:
+    def _bookmark(self, resource: str = "pods") -> dict[str, Any]:
         # An object of the watched kind with only metadata.resourceVersion set.
-        return {"type": "BOOKMARK", "object": {"kind": "Pod", "apiVersion": "v1",
+        return {"type": "BOOKMARK", "object": {"kind": KINDS[resource], "apiVersion": "v1",
                                                "metadata": {"resourceVersion": str(self._rv)}}}
 
     def compact(self) -> None:
@@ -354,13 +478,15 @@ class FakeApiServer:
         with self._cond:
             return len(self._watches)
 
-    def watch_requests(self) -> list[dict[str, str]]:
-        """The query of every watch request so far."""
-        return [q for _m, _p, q in list(self.requests) if q.get("watch") in ("true", "1")]
-
-    def list_requests(self) -> list[dict[str, str]]:
+    def watch_requests(self, path: str | None = None) -> list[dict[str, str]]:
+        """The query of every watch request so far (of `path` only, if given)."""
         return [q for _m, p, q in list(self.requests)
-                if p == PODS_PATH and q.get("watch") not in ("true", "1")]
+                if q.get("watch") in ("true", "1") and (path is None or p == path)]
+
+    def list_requests(self, path: str = PODS_PATH) -> list[dict[str, str]]:
+        """The query of every list request (every page) of `path` so far."""
+        return [q for _m, p, q in list(self.requests)
+                if p == path and q.get("watch") not in ("true", "1")]
 
     # -- serving (called by the handler) ---------------------------------------------------
 
@@ -421,14 +547,61 @@ class FakeApiServer:
             answer["status"] = {"allowed": False, **({"reason": reason} if reason else {})}
         return answer
 
-    def _list(self, node: str | None) -> dict[str, Any]:
+    def _state_at(self, resource: str, rv: int) -> dict[tuple[str, str], Obj] | None:
+        """The objects of `resource` as they were at version rv, undoing the logged
+        changes after it (etcd reads a past revision); None if compacted away."""
+        if rv < self._compacted or rv > self._rv:
+            return None
+        state = dict(self._store[resource])
+        for erv, res, kind, obj, prev in reversed(self._log):
+            if erv <= rv:
+                break
+            if res != resource:
+                continue
+            if kind == "ADDED":
+                state.pop(_key(obj), None)
+            elif prev is not None:  # MODIFIED, DELETED: what it was before
+                state[_key(obj)] = prev
+        return state
+
+    def _list(self, node: str | None, resource: str = "pods", limit: int = 0,
+              token: str | None = None) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, body) of a list: whole, or the page `limit` and `token` ask for."""
         with self._cond:
-            items = [copy.deepcopy(p) for p in self._pods.values() if node is None or _node_of(p) == node]
-            return {"kind": "PodList", "apiVersion": "v1",
-                    "metadata": {"resourceVersion": str(self._rv)}, "items": items}
+            if token is None:
+                rv, start, state = self._rv, "", self._store[resource]
+            else:
+                parsed = _untoken(token)
+                if parsed is None:
+                    return 400, status(400, f"continue key is not valid: {token!r}")
+                rv, start = parsed
+                past = self._state_at(resource, rv)
+                if past is None:
+                    gone = status(410, "The provided continue parameter is too old to display a "
+                                       "consistent list result. You can start a new list without "
+                                       "the continue parameter, or use the continue token in this "
+                                       "response to retrieve the remainder of the results. "
+                                       "Continuing with the provided token results in an "
+                                       "inconsistent list - objects that were created, modified, "
+                                       "or deleted between the time the first chunk was returned "
+                                       "and now may show up in the list.")
+                    gone["metadata"] = {"continue": _token(self._rv, start)}
+                    return 410, gone
+                state = past
+            keys = sorted((k for k, o in state.items() if node is None or _node_of(o) == node),
+                          key=_etcd_key)
+            keys = [k for k in keys if _etcd_key(k) >= start]
+            page = keys[:limit] if limit > 0 else keys
+            meta: dict[str, Any] = {"resourceVersion": str(rv)}
+            if len(page) < len(keys):
+                meta["continue"] = _token(rv, _etcd_key(page[-1]) + "\x00")
+                if node is None:  # the API server counts what is left only without a selector
+                    meta["remainingItemCount"] = len(keys) - len(page)
+            return 200, {"kind": KINDS[resource] + "List", "apiVersion": "v1", "metadata": meta,
+                         "items": [copy.deepcopy(state[k]) for k in page]}
 
     def _open_watch(self, node: str | None, since: int | None, bookmarks: bool,
-                    ) -> tuple[list[dict[str, Any]], _Watch | None]:
+                    resource: str = "pods") -> tuple[list[dict[str, Any]], _Watch | None]:
         """What a new watch starts with, and the watch, registered for what follows.
 
         Without a resourceVersion (or "0"): ADDED for every current pod, then changes.
@@ -437,18 +610,19 @@ class FakeApiServer:
         """
         with self._cond:
             if since is None:
-                start = [{"type": "ADDED", "object": copy.deepcopy(p)} for p in self._pods.values()
+                start = [{"type": "ADDED", "object": copy.deepcopy(p)}
+                         for p in self._store[resource].values()
                          if node is None or _node_of(p) == node]
             elif since < self._compacted:
                 gone = status(410, f"too old resource version: {since} ({self._compacted})")
                 return [{"type": "ERROR", "object": gone}], None
             else:
                 start = []
-                for rv, kind, obj, prev in self._log:
-                    seen = _seen_as(kind, obj, prev, node) if rv > since else None
+                for rv, res, kind, obj, prev in self._log:
+                    seen = _seen_as(kind, obj, prev, node) if rv > since and res == resource else None
                     if seen:
                         start.append({"type": seen, "object": copy.deepcopy(obj)})
-            w = _Watch(node, bookmarks)
+            w = _Watch(node, bookmarks, resource)
             self._watches.add(w)
             return start, w
 
@@ -471,7 +645,7 @@ class FakeApiServer:
                     return "end"  # timeoutSeconds: the server ends the watch cleanly
                 if (w.bookmarks and self.bookmark_interval is not None
                         and now - w.last_write >= self.bookmark_interval):
-                    return self._bookmark()  # nothing queued: every change so far was sent
+                    return self._bookmark(w.resource)  # nothing queued: every change so far was sent
                 if _peer_gone(peer):
                     return "end"
                 self._cond.wait(min(POLL, deadline - now))
@@ -513,6 +687,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (ConnectionResetError, BrokenPipeError):
+            self.close_connection = True  # the client went away between requests: nothing to say
+
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
@@ -521,12 +701,16 @@ class _Handler(BaseHTTPRequestHandler):
         if failure is not None:
             self._send_json(failure, status(failure, f"injected failure {failure}"))
             return
-        if url.path != PODS_PATH:
+        resource = RESOURCES.get(url.path)
+        if resource is None:
             self._send_json(404, status(404, f"the server could not find the requested resource "
                                              f"({url.path})"))
             return
         node: str | None = None
         selector = query.get("fieldSelector")
+        if selector and resource != "pods":
+            self._send_json(400, status(400, f"unsupported fieldSelector {selector!r} on {resource}"))
+            return
         if selector:  # only the one form a node-scoped watcher uses
             field, sep, value = selector.partition("=")
             if field != "spec.nodeName" or not sep or "," in value or value.startswith("="):
@@ -535,9 +719,14 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             node = value
         if query.get("watch", "").lower() in ("true", "1"):
-            self._watch(query, node)
-        else:
-            self._send_json(200, self.api._list(node))
+            self._watch(query, node, resource)
+            return
+        raw_limit = query.get("limit", "")
+        if raw_limit and not raw_limit.lstrip("-").isdigit():
+            self._send_json(400, status(400, f"invalid limit {raw_limit!r}"))
+            return
+        self._send_json(*self.api._list(node, resource, int(raw_limit or 0),
+                                        query.get("continue") or None))
 
     def _not_served(self) -> None:
         self.api.requests.append((self.command, urlsplit(self.path).path, {}))
@@ -584,7 +773,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _watch(self, query: dict[str, str], node: str | None) -> None:
+    def _watch(self, query: dict[str, str], node: str | None, resource: str = "pods") -> None:
         raw_rv = query.get("resourceVersion", "")
         if raw_rv not in ("", "0") and not raw_rv.isdigit():
             self._send_json(400, status(400, f"invalid resourceVersion {raw_rv!r}"))
@@ -593,7 +782,7 @@ class _Handler(BaseHTTPRequestHandler):
         timeout = float(query["timeoutSeconds"]) if query.get("timeoutSeconds") else 3600.0
         deadline = time.monotonic() + timeout
         bookmarks = query.get("allowWatchBookmarks", "").lower() in ("true", "1")
-        start, w = self.api._open_watch(node, since, bookmarks)
+        start, w = self.api._open_watch(node, since, bookmarks, resource)
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")

@@ -1,14 +1,10 @@
 """Pod metadata from the Kubernetes API: one node-scoped list+watch, nothing else.
 
-The protocol, as the API server means it to be used (kopf's watching.py and
-the client's watch_recovery example are the models): list the pods of this
-node (fieldSelector spec.nodeName), remember the list's resourceVersion,
-watch from it with bookmarks (which move the resourceVersion on without any
-change), and keep the resourceVersion of every event. A watch ends for many
-ordinary reasons (the server's timeout, a dropped connection, a read timeout
-on a quiet or slow stream): watch again from the last resourceVersion. A 410
-Gone means that version was compacted away: list again. Failures back off
-with jitter. No other call is ever made, and none per pod.
+The pods of this node (fieldSelector spec.nodeName), listed and watched as
+monitor/metadata/reflector.py does for any resource: list, watch from the
+list's resourceVersion with bookmarks, list again on 410, back off on failure.
+No other call is ever made, and none per pod. The list is not paginated: a
+node holds at most a few hundred pods.
 
 Pods are found by UID, and static pods also by their mirror pod's
 `kubernetes.io/config.mirror` annotation: the kubelet's own UID for a static
@@ -17,35 +13,18 @@ pod (the one in its cgroup path) is that hash, not the mirror pod's UID.
 
 from __future__ import annotations
 
-import json
-import random
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from monitor import log
 from monitor.identity import PodMeta
+from monitor.metadata.reflector import READ_TIMEOUT, WATCH_SECONDS, Backoff, Reflector
+
+__all__ = ["MIRROR_ANNOTATION", "READ_TIMEOUT", "WATCH_SECONDS", "Backoff", "KubernetesSource",
+           "PodCache", "api_client", "pod_meta", "workload"]
 
 MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
-WATCH_SECONDS = 300  # the server ends each watch after this; we then watch again
-READ_TIMEOUT = 90.0  # no byte for this long (bookmarks come every minute): reconnect
-
-
-class Backoff:
-    """Exponential backoff with full jitter: 0.5 s doubling to 30 s."""
-
-    def __init__(self, first: float = 0.5, cap: float = 30.0,
-                 rand: Callable[[], float] = random.random) -> None:
-        self._first, self._cap, self._rand, self._n = first, cap, rand, 0
-
-    def next(self) -> float:
-        delay = min(self._cap, self._first * float(2 ** self._n))
-        if delay < self._cap:
-            self._n += 1  # no further once capped: 2 ** n would overflow a float in time
-        return delay / 2 + self._rand() * delay / 2
-
-    def reset(self) -> None:
-        self._n = 0
 
 
 def workload(pod: Mapping[str, Any]) -> tuple[str, str]:
@@ -147,7 +126,7 @@ class PodCache:
             return set(self._by_uid)
 
 
-class KubernetesSource:
+class KubernetesSource(Reflector):
     """A MetadataSource fed by a node-scoped list+watch in a thread of its own."""
 
     def __init__(self, api: Any, node: str, *, label_allow: Sequence[str] = (),
@@ -155,18 +134,17 @@ class KubernetesSource:
                  backoff: Backoff | None = None, watch_seconds: int = WATCH_SECONDS,
                  read_timeout: float = READ_TIMEOUT) -> None:
         self._api, self._node = api, node
-        self.on_change = on_change  # set by the daemon to wake its reconciler
+        self.api = api  # the CoreV1Api: the peer index (monitor/peers/cluster.py) shares it
         self.cache = PodCache(label_allow)
-        self._backoff = backoff or Backoff()
-        self._watch_seconds, self._read_timeout = watch_seconds, read_timeout
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._log = log.get("kubernetes").bind(node=node)
-        self.resource_version: str | None = None
-        self.synced = threading.Event()  # the first list is in
-        self.lists = 0
-        self.watches = 0
-        self.errors = 0
+        super().__init__(api.list_pod_for_all_namespaces, resource="pods",
+                         replace=self._replace_pods, apply=self.cache.apply, on_change=on_change,
+                         field_selector=f"spec.nodeName={node}", backoff=backoff,
+                         watch_seconds=watch_seconds, read_timeout=read_timeout,
+                         logger=log.get("kubernetes").bind(node=node), thread_name="kubernetes")
+
+    def _replace_pods(self, pods: Iterable[Mapping[str, Any]]) -> int:
+        self.cache.replace(pods)
+        return len(self.cache.uids())
 
     # -- MetadataSource --------------------------------------------------------
 
@@ -179,91 +157,6 @@ class KubernetesSource:
     def stats(self) -> dict[str, float]:
         return {"synced": 1.0 if self.synced.is_set() else 0.0, "list": self.lists,
                 "watch": self.watches, "error": self.errors}
-
-    # -- the loop --------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="kubernetes", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def run(self) -> None:
-        selector = f"spec.nodeName={self._node}"
-        relisted = False  # the last list came from a 410: a second 410 at once backs off
-        while not self._stop.is_set():
-            try:
-                if self.resource_version is None:
-                    self._list(selector)
-                self._watch(selector)
-                self._backoff.reset()
-                relisted = False
-            except Exception as exc:  # noqa: BLE001 - every failure means: wait, then go on
-                status = getattr(exc, "status", None)
-                if status == 410:  # our resourceVersion was compacted away: list again
-                    self._log.info("watch expired, listing again",
-                                   resource_version=self.resource_version)
-                    self.resource_version = None
-                    if relisted:
-                        self._stop.wait(self._backoff.next())
-                    relisted = True
-                    continue
-                if _is_read_timeout(exc):  # a quiet stream: an ordinary end of a watch
-                    continue
-                self.errors += 1
-                delay = self._backoff.next()
-                self._log.warning("kubernetes api call failed",
-                                  error=f"{type(exc).__name__}: {exc}", status=status,
-                                  retry_in=round(delay, 2))
-                self._stop.wait(delay)
-
-    def _list(self, selector: str) -> None:
-        resp = self._api.list_pod_for_all_namespaces(
-            field_selector=selector, _preload_content=False,
-            _request_timeout=(10, self._read_timeout))
-        doc = json.loads(resp.data)
-        items = doc.get("items") or []
-        self.cache.replace(i for i in items if isinstance(i, dict))
-        self.resource_version = str((doc.get("metadata") or {}).get("resourceVersion") or "") or None
-        self.lists += 1
-        if not self.synced.is_set():
-            self._log.info("pods listed", pods=len(self.cache.uids()))
-        self.synced.set()
-        self.on_change()
-
-    def _watch(self, selector: str) -> None:
-        from kubernetes import watch  # type: ignore[import-untyped]
-
-        # Plain dicts, not the client's V1Pod models: the model refuses objects that do
-        # not fit its schema exactly, which would stop the watch at that event for good.
-        w = watch.Watch(return_type="object")
-        self.watches += 1
-        for event in w.stream(self._api.list_pod_for_all_namespaces, field_selector=selector,
-                              resource_version=self.resource_version,
-                              allow_watch_bookmarks=True, timeout_seconds=self._watch_seconds,
-                              _request_timeout=(10, self._read_timeout)):
-            if self._stop.is_set():
-                w.stop()
-                return
-            kind, raw = event.get("type"), event.get("raw_object")
-            if not isinstance(raw, dict):
-                continue
-            version = (raw.get("metadata") or {}).get("resourceVersion")
-            if kind in ("ADDED", "MODIFIED", "DELETED") and self.cache.apply(kind, raw):
-                self.on_change()
-            if isinstance(version, str) and version:
-                self.resource_version = version  # bookmarks too: they move it on
-
-
-def _is_read_timeout(exc: BaseException) -> bool:
-    """A read timeout on the watch (urllib3 raises it, sometimes wrapped)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if type(seen).__name__ in ("ReadTimeoutError", "TimeoutError", "socket.timeout"):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def api_client(kubeconfig: str) -> Any:

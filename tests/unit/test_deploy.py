@@ -424,6 +424,7 @@ def test_cluster_role_grants_exactly_what_the_daemon_uses() -> None:
         granted |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"]
                     for v in rule["verbs"]}
     assert granted == {("", "pods", "list"), ("", "pods", "watch"),
+                       ("", "services", "list"), ("", "services", "watch"),
                        ("authentication.k8s.io", "tokenreviews", "create"),
                        ("authorization.k8s.io", "subjectaccessreviews", "create")}
     binding = only("ClusterRoleBinding")

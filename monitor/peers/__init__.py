@@ -1,0 +1,1 @@
+"""Who a pod talks to: peer addresses and the identities they resolve to."""
