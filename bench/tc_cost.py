@@ -22,8 +22,11 @@ from pyroute2 import IPRoute  # type: ignore[import-untyped]
 from bench.common import UDP_SENDER, lab_pods, machine, median, run_in, spawn_in
 from monitor import bpf, bpfsys, kernelinfo
 from monitor.bpf import TC_PARENT_INGRESS, Programs
+from monitor.identity import IdentityIndex
+from monitor.peers.identity import PeerResolver
 from monitor.probes import select
-from monitor.slots import SlotTable
+from monitor.probes.peers import PeerAccounts, PeerOptions
+from monitor.slots import SlotTable, per_slot_maps
 
 
 def _ns_per_run(fd: int, before: bpfsys.ProgInfo) -> tuple[float, int]:
@@ -32,7 +35,8 @@ def _ns_per_run(fd: int, before: bpfsys.ProgInfo) -> tuple[float, int]:
     return (now.run_time_ns - before.run_time_ns) / max(runs, 1), runs
 
 
-VARIANTS = {"packets": ["packets"], "all": []}  # name -> probes ([] = every probe)
+# name -> probes ([] = every probe); "peers" is the packets probe plus the peer aggregation
+VARIANTS = {"packets": ["packets"], "peers": ["packets", "peers"], "all": []}
 
 
 def _slots_for(programs: Programs, ifindex: int, kernel_netns: int) -> None:
@@ -40,11 +44,15 @@ def _slots_for(programs: Programs, ifindex: int, kernel_netns: int) -> None:
                       spill=programs.maps.handle(bpf.IFSLOT_SPILL_MAP),
                       netns=programs.maps.handle(bpf.NETNS_MAP),
                       owners=programs.maps.handle(bpf.SLOT_OWNER_MAP),
-                      per_slot=[programs.maps.handle(n) for p in programs.probes
-                                for n, layout in p.maps.items() if layout.per_slot],
+                      per_slot=per_slot_maps(programs.probes, programs.maps.handle, 64),
                       capacity=64, buckets=bpf.IFSLOT_BUCKETS)
     slots.assign(ifindex, kernel_netns)  # as the daemon does before it attaches
     slots.sync_netns({kernel_netns: ifindex})
+    if any(p.name == "peers" for p in programs.probes):
+        # the epoch maps into the outer map, as the daemon's start does: else every
+        # packet would take the cheaper path of a packet with no map to count in
+        PeerAccounts(programs.maps, PeerResolver(), PeerOptions(), slots=slots.assigned,
+                     snapshot=IdentityIndex).start(adopted=False)
 
 
 def measure(rounds: int, datagrams: int) -> dict[str, dict[str, list[float]]]:

@@ -19,8 +19,6 @@
 #ifndef PNM_DNS_QUERIES
 #define PNM_DNS_QUERIES 16384
 #endif
-#define PNM_DNS_PORT 53
-#define PNM_DNS_HLEN 12
 
 struct pnm_dns_key {
     __u32 slot;
@@ -47,20 +45,12 @@ PNM_MAP("array", __u32, __u64, pnm_dns_timeouts, PNM_SLOTS); /* written by the d
 
 static __always_inline void dns_tc(struct __sk_buff *skb, const struct pnm_pkt *pkt)
 {
-    if (pkt->l4proto != IPPROTO_UDP || !pkt->has_ports)
-        return;
-    int sent = pkt->dir == PNM_DIR_EGRESS;
-    if (sent ? pkt->dport != bpf_htons(PNM_DNS_PORT) : pkt->sport != bpf_htons(PNM_DNS_PORT))
-        return;
-    __u32 payload = (__u32)pkt->l4_off + 8;
-    if (skb->len < payload + PNM_DNS_HLEN)
-        return; /* too short to be DNS */
     __u8 hdr[4]; /* id, flags */
-    if (bpf_skb_load_bytes(skb, payload, hdr, sizeof(hdr)) < 0)
+    __u32 payload;
+    int kind = pnm_dns_message(skb, pkt, hdr, &payload);
+    if (!kind)
         return;
-    int is_answer = (hdr[2] & 0x80) != 0; /* the QR bit */
-    if (is_answer == sent)
-        return; /* a query coming in or an answer going out: the pod is a server here */
+    int sent = kind == PNM_DNS_QUERY;
     struct pnm_dns_key key = {};
     key.slot = pkt->slot;
     key.family = pkt->family;

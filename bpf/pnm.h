@@ -171,6 +171,11 @@ struct pnm_pkt {
     __u8 has_ports;   /* 1: sport/dport (and tcp_flags for TCP) were read */
     __u8 tcp_flags;
     __u8 _pad[3];
+#ifdef PNM_WANT_PEER
+    /* The far side's address (IPv4 in the first four bytes), copied while the IP
+     * header is at hand, for the probes that count by peer (peers.c). */
+    __u8 peer[16];
+#endif
 };
 
 static __always_inline __u8 pnm_classify(__u8 l4proto)
@@ -199,6 +204,12 @@ static __always_inline void pnm_parse_ipv4(struct __sk_buff *skb, struct pnm_pkt
         return; /* truncated: counted as other */
     pkt->family = 4;
     pkt->l4proto = ip.protocol;
+#ifdef PNM_WANT_PEER
+    if (pkt->dir == PNM_DIR_EGRESS)
+        __builtin_memcpy(pkt->peer, &ip.daddr, 4);
+    else
+        __builtin_memcpy(pkt->peer, &ip.saddr, 4);
+#endif
     /* Fragment offset != 0: the L4 header is in the first fragment only. The
      * fragment still carries the protocol's bytes, so it is classified by it. */
     if (ip.frag_off & bpf_htons(0x1fff)) {
@@ -219,6 +230,12 @@ static __always_inline void pnm_parse_ipv6(struct __sk_buff *skb, struct pnm_pkt
     else if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
         return;
     pkt->family = 6;
+#ifdef PNM_WANT_PEER
+    if (pkt->dir == PNM_DIR_EGRESS)
+        __builtin_memcpy(pkt->peer, &ip6.daddr, 16);
+    else
+        __builtin_memcpy(pkt->peer, &ip6.saddr, 16);
+#endif
     __u8 next = ip6.nexthdr;
     __u32 off = ETH_HLEN + sizeof(ip6);
 #pragma unroll
@@ -342,4 +359,29 @@ static __always_inline int pnm_addrs(struct __sk_buff *skb, const struct pnm_pkt
         __builtin_memcpy(remote, a, 16);
     }
     return 0;
+}
+
+/* DNS over UDP port 53 as the pod's resolver sees it (dns.c, dnsnames.c): a query the
+ * pod sends (PNM_DNS_QUERY) or an answer it receives (PNM_DNS_ANSWER), with the first
+ * four bytes of its header (id, flags) and where the DNS message starts; 0 for anything
+ * else, a pod serving DNS included. */
+#define PNM_DNS_QUERY 1
+#define PNM_DNS_ANSWER 2
+static __always_inline int pnm_dns_message(struct __sk_buff *skb, const struct pnm_pkt *pkt,
+                                           __u8 hdr[4], __u32 *payload)
+{
+    if (pkt->l4proto != IPPROTO_UDP || !pkt->has_ports)
+        return 0;
+    int sent = pkt->dir == PNM_DIR_EGRESS;
+    if (sent ? pkt->dport != bpf_htons(53) : pkt->sport != bpf_htons(53))
+        return 0;
+    *payload = (__u32)pkt->l4_off + 8;
+    if (skb->len < *payload + 12)
+        return 0; /* too short for a DNS header */
+    if (bpf_skb_load_bytes(skb, *payload, hdr, 4) < 0)
+        return 0;
+    int is_answer = (hdr[2] & 0x80) != 0; /* the QR bit */
+    if (is_answer == sent)
+        return 0; /* a query coming in or an answer going out: the pod is a server here */
+    return sent ? PNM_DNS_QUERY : PNM_DNS_ANSWER;
 }

@@ -85,6 +85,15 @@ ALERTS: tuple[Alert, ...] = (
           "answers",
           "The resolver it asks cannot answer (its upstream is down or misconfigured).",
           capture="30s"),
+    Alert("PodNetDNSNameFailing",
+          f"sum by ({BY_POD}, qname, rcode) (rate(podnet_dns_name_failures_total"
+          f"{{{{{POD},qname!=\"_other\",rcode!=\"NXDOMAIN\"}}}}[5m])) > {{threshold}}",
+          0.05, "10m", "warning",
+          "{{ $labels.namespace }}/{{ $labels.pod }} fails to resolve {{ $labels.qname }} "
+          "({{ $labels.rcode }}, {{ $value | humanize }}/s)",
+          "One name keeps failing with SERVFAIL, REFUSED or no answer at all: the zone or the "
+          "resolver that serves it is broken (NXDOMAIN is left to PodNetDNSNXDomainRatioHigh: "
+          "the search path makes it ordinary).", capture="30s"),
     Alert("PodNetDNSNXDomainRatioHigh",
           f"(sum by ({BY_POD}) (rate(podnet_dns_responses_total{{{{{POD},rcode=\"NXDOMAIN\"}}}}[5m]))"
           f" / sum by ({BY_POD}) (rate(podnet_dns_responses_total{{{{{POD}}}}}[5m]))) > {{threshold}}"
@@ -305,6 +314,8 @@ class Recording:
 RECORDINGS: tuple[Recording, ...] = (
     Recording("podnet_bytes", "direction"),
     Recording("podnet_packets", "direction"),
+    # workload to workload: the service map of a whole cluster from one series per pair
+    Recording("podnet_peer_bytes", "direction, peer_kind, peer_namespace, peer_workload"),
     Recording("podnet_drops", "reason"),
     Recording("podnet_tcp_retransmits"),
     Recording("podnet_tcp_segments", "direction"),

@@ -262,9 +262,11 @@ class Programs:
                 if handle.percpu and not only_u64(layout.value):
                     raise CompileError(f"map {name}: per-CPU values must be u64 counters only, "
                                        "to be summed over CPUs", probe=probe.name)
-                if layout.per_slot and handle.max_entries != self.max_interfaces + 1:
-                    raise CompileError(f"map {name}: a per-slot map needs PNM_SLOTS entries, "
-                                       f"it has {handle.max_entries}", probe=probe.name)
+                wanted = (self.max_interfaces + 1) * layout.copies
+                if layout.per_slot and handle.max_entries != wanted:
+                    raise CompileError(f"map {name}: a per-slot map needs {wanted} entries "
+                                       f"({layout.copies} x PNM_SLOTS), it has "
+                                       f"{handle.max_entries}", probe=probe.name)
                 handles.append(handle)
         for name in self._loaded.maps:
             if not any(h.name == name for h in handles):  # perf buffers: no layout to check

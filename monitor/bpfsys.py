@@ -293,3 +293,69 @@ def map_lookup_batch(map_fd: int, key_size: int, value_size: int, count: int,
     del key_buf, value_buf  # a bytearray with a live export cannot be resized
     del keys[done * key_size:], values[done * value_size:]
     return keys, values
+
+
+BPF_MAP_DELETE_BATCH = 27  # enum bpf_cmd; kernel >= 5.6
+
+
+def hash_batch_items(map_fd: int, key_size: int, value_size: int,
+                     count: int = 4096) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash map by BPF_MAP_LOOKUP_BATCH, a syscall per `count`.
+
+    For a map no program writes meanwhile (an epoch's map after the flip, see
+    bpf/peers.c) this is the whole map exactly; the walk by GET_NEXT_KEY is not
+    even that, as a key deleted under it restarts it. A hash map's batches go bucket
+    by bucket and the kernel refuses (ENOSPC) a batch smaller than a bucket, so
+    `count` is doubled then. `value_size` is the whole value (all CPUs for per-CPU
+    maps).
+    """
+    out: list[tuple[bytes, bytes]] = []
+    token = ctypes.create_string_buffer(4)  # a hash map's batch position: a bucket index
+    nxt = ctypes.create_string_buffer(4)
+    first = True
+    while True:
+        keys, values = bytearray(key_size * count), bytearray(value_size * count)
+        key_buf = (ctypes.c_char * len(keys)).from_buffer(keys)
+        value_buf = (ctypes.c_char * len(values)).from_buffer(values)
+        buf = _attr((0, "Q", 0 if first else ctypes.addressof(token)),
+                    (8, "Q", ctypes.addressof(nxt)), (16, "Q", ctypes.addressof(key_buf)),
+                    (24, "Q", ctypes.addressof(value_buf)), (32, "I", count), (36, "I", map_fd))
+        ended = False
+        try:
+            _bpf(BPF_MAP_LOOKUP_BATCH, buf)
+        except BpfError as exc:
+            if exc.errno == errno.ENOSPC:
+                del key_buf, value_buf
+                count *= 2
+                continue
+            if exc.errno != errno.ENOENT:
+                raise
+            ended = True
+        done = struct.unpack_from("I", buf, 32)[0]
+        out += [(bytes(keys[i * key_size:(i + 1) * key_size]),
+                 bytes(values[i * value_size:(i + 1) * value_size])) for i in range(done)]
+        del key_buf, value_buf
+        if ended:
+            return out
+        ctypes.memmove(token, nxt, 4)
+        first = False
+
+
+def map_delete_batch(map_fd: int, keys: list[bytes]) -> int:
+    """Delete these keys in one syscall (per 4,096); returns how many were deleted.
+    A key that is not there ends its batch with ENOENT: the rest go one by one."""
+    deleted = 0
+    for start in range(0, len(keys), 4096):
+        chunk = keys[start:start + 4096]
+        packed = ctypes.create_string_buffer(b"".join(chunk), len(b"".join(chunk)) or 1)
+        buf = _attr((16, "Q", ctypes.addressof(packed)), (32, "I", len(chunk)), (36, "I", map_fd))
+        try:
+            _bpf(BPF_MAP_DELETE_BATCH, buf)
+            deleted += len(chunk)
+        except BpfError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            done = struct.unpack_from("I", buf, 32)[0]
+            deleted += done
+            deleted += sum(map_delete(map_fd, k) for k in chunk[done:])
+    return deleted

@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                                                          "handshake", "dns"))
     top.add_argument("--rows", type=int, default=40)
     top.add_argument("--once", action="store_true", help="print one table and exit")
+    top.add_argument("--peers", metavar="NAMESPACE/POD",
+                     help="one pod's peers (who it talks to, by workload, service, node or "
+                          "external) instead of the node's pods")
     for p in (pods, trace, drops, top):  # the daemon's clients: --address, TLS, token
         client.add_arguments(p)
 

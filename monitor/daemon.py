@@ -31,12 +31,12 @@ from monitor.listener import TlsError, TlsFiles
 from monitor.metadata import MetadataSource
 from monitor.metadata.static import InventoryError, NoMetadata, StaticInventory
 from monitor.probes import RegistryError, select
-from monitor.probes.base import Probe, Sweep
+from monitor.probes.base import Probe, Start, Sweep
 from monitor.reconcile import Discovery, Loop, Reconciler
 from monitor.runtime import RuntimeIndex
 from monitor.server import Api, Server
 from monitor.settings import Settings
-from monitor.slots import SlotTable
+from monitor.slots import SlotTable, per_slot_maps
 from monitor.state import MonitorState
 from monitor.store import CaptureStore
 from monitor.traceapi import TraceApi
@@ -89,6 +89,7 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
     try:
         metadata = _metadata(settings)
         probes = select(settings.probes)
+        cluster = _cluster_index(settings, metadata, probes)
         authenticator = _authenticator(settings)
         tls = _tls(settings)
     except (InventoryError, RegistryError, ConfigError) as exc:
@@ -104,7 +105,8 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
         if holder is not None:
             logger.info("a daemon runs on this node: the check leaves its programs, filters "
                         "and pins alone", daemon=holder.pid, command=holder.command)
-        return _run_locked(settings, metadata, probes, authenticator, None, check_only=True)
+        return _run_locked(settings, metadata, probes, authenticator, None, None,
+                           check_only=True)
     # One daemon per node (monitor/instance.py), then the port, both before the kernel:
     # a second daemon stops here, naming the one that runs, having touched nothing of it.
     try:
@@ -127,15 +129,17 @@ def run(settings: Settings, *, check_only: bool = False) -> int:
         except OSError as exc:
             logger.error("cannot listen", address=settings.listen, error=exc.strerror)
             return EXIT_FAILED
-        return _run_locked(settings, metadata, probes, authenticator, server, check_only=False)
+        return _run_locked(settings, metadata, probes, authenticator, server, cluster,
+                           check_only=False)
     finally:
         if server is not None:
             server.close()
         lock.release()
 
 
-def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[Probe],
-                authenticator: Authenticator, server: Server | None, *, check_only: bool) -> int:
+def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[Probe],  # noqa: PLR0917
+                authenticator: Authenticator, server: Server | None, cluster: Any, *,
+                check_only: bool) -> int:
     logger = log.get("daemon")
 
     from monitor import bpf  # the kernel adapter: after the configuration is known to be good
@@ -172,12 +176,15 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
     maps = programs.maps
     slots = SlotTable(ifslots=maps.handle(bpf.IFSLOTS_MAP), spill=maps.handle(bpf.IFSLOT_SPILL_MAP),
                       netns=maps.handle(bpf.NETNS_MAP), owners=maps.handle(bpf.SLOT_OWNER_MAP),
-                      per_slot=[maps.handle(name) for p in programs.probes
-                                for name, layout in p.maps.items() if layout.per_slot],
+                      per_slot=per_slot_maps(programs.probes, maps.handle,
+                                             settings.max_interfaces),
                       capacity=settings.max_interfaces, buckets=bpf.IFSLOT_BUCKETS)
     if programs.adopted:
         logger.info("adopted the pinned maps of the last daemon: counters continue",
                     slots=slots.adopt(), maps=str(programs.pin_dir))
+    programs.probes[:] = _start_probes(programs.probes, settings, maps,
+                                       adopted=programs.adopted, slots=slots.assigned,
+                                       snapshot=lambda: state.snapshot.index, cluster=cluster)
     forget = [functools.partial(p.forget, maps) for p in programs.probes if p.forget]
     runtime = RuntimeIndex(settings.runtime_dirs)
 
@@ -267,6 +274,8 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
         metadata.on_change = loop.wake  # a pod's object arrived or changed: label it now
         metadata.start()
         _await_first_list(metadata)
+    if cluster is not None:
+        cluster.start()  # peers' names: until its first lists, other pods' are `unknown`
     worker.start()
     frozen = False
     while worker.is_alive():
@@ -278,6 +287,8 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
     server.stop()  # run() closes it again, which is harmless
     if isinstance(metadata, KubernetesLike):
         metadata.stop()
+    if cluster is not None:
+        cluster.stop()
     programs.close(leave_attached=settings.leave_attached)
     logger.info("stopped", left_attached=settings.leave_attached)
     return EXIT_OK
@@ -363,6 +374,47 @@ def _traces(settings: Settings, programs: Any, maps: Any, state: MonitorState,
                          max_bytes=settings.capture_max_bytes)
     return TraceApi(captures, store, AlertCaptures(captures, store, settings.node_name),
                     settings.node_name)
+
+
+def _cluster_index(settings: Settings, metadata: MetadataSource, probes: Sequence[Probe]) -> Any:
+    """The cluster-wide peer index (not started), or None: see --peer-index."""
+    mode = settings.peer_index
+    if mode == "auto":
+        mode = "cluster" if isinstance(metadata, KubernetesLike) else "none"
+    if mode == "none" or not any(p.name == "peers" for p in probes):
+        return None
+    from monitor.metadata import kubernetes
+    from monitor.peers.cluster import ClusterIndex
+
+    api = getattr(metadata, "api", None)
+    if api is None:
+        try:
+            api = kubernetes.api_client(settings.kubeconfig)
+        except Exception as exc:  # noqa: BLE001 - the client's config errors have no common base
+            raise ConfigError(f"--peer-index cluster: cannot configure the Kubernetes client: "
+                              f"{exc}") from None
+    return ClusterIndex(api)
+
+
+def _start_probes(probes: Sequence[Probe], settings: Settings, maps: Any, *, adopted: bool,
+                  slots: Any, snapshot: Any, cluster: Any = None) -> list[Probe]:
+    """Probes with state of their own (peers) are bound to it here, before any attach."""
+    if not any(p.start for p in probes):
+        return list(probes)
+    from monitor.peers.identity import PeerResolver
+    from monitor.probes.dnsnames import NameOptions
+    from monitor.probes.peers import PeerOptions
+
+    resolver = PeerResolver(cluster_cidrs=settings.cluster_cidrs,
+                            service_cidrs=settings.service_cidrs, index=cluster)
+    ctx = Start(maps=maps, adopted=adopted, slots=slots,
+                options={"peers": PeerOptions(settings.peer_top, settings.peer_ttl,
+                                              settings.peer_interval),
+                         "dnsnames": NameOptions(settings.dns_top, settings.peer_ttl,
+                                                 settings.dns_timeout)},
+                services={"peer_resolver": resolver, "snapshot": snapshot,
+                          "node": settings.node_name})
+    return [p.start(p, ctx) if p.start else p for p in probes]
 
 
 def _raise_fd_limit() -> None:

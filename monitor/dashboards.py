@@ -25,10 +25,12 @@ class Panel:
     title: str
     exprs: list[tuple[str, str]]  # (expression, legend)
     unit: str = "short"
-    kind: str = "timeseries"  # or "heatmap", "stat"
+    kind: str = "timeseries"  # or "heatmap", "stat", "nodeGraph"
     width: int = 12
     height: int = 8
     description: str = ""
+    table: bool = False  # instant queries as tables (a node graph's nodes and edges)
+    transformations: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -69,6 +71,8 @@ def _panel(panel: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
                                   "legendFormat": legend}
         if panel.kind == "heatmap":
             target["format"] = "heatmap"
+        if panel.table:
+            target.update(format="table", instant=True, range=False)
         targets.append(target)
     out: dict[str, Any] = {
         "id": pid, "type": panel.kind, "title": panel.title, "description": panel.description,
@@ -81,6 +85,11 @@ def _panel(panel: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
     if panel.kind == "heatmap":
         out["options"] = {"calculate": False, "yAxis": {"unit": panel.unit},
                           "cellGap": 1, "color": {"scheme": "Spectral", "mode": "scheme"}}
+    if panel.kind == "nodeGraph":
+        out["options"] = {"nodes": {"mainStatUnit": panel.unit},
+                          "edges": {"mainStatUnit": panel.unit}}
+    if panel.transformations:
+        out["transformations"] = panel.transformations
     return out
 
 
@@ -107,6 +116,37 @@ def _q(quantile: float, metric: str, by: str, selector: str) -> str:
             f"(rate({metric}_bucket{{{selector}}}[{RATE}])))")
 
 
+# Who talks to whom, for the service map: each pod's workload (from podnet_pod_info) as
+# "pod/<namespace>/<workload>", each peer as "<kind>/<namespace>/<workload>" (a pod peer
+# gets the same id as its workload's node), the edge's id "source->target".
+_BY_WORKLOAD = ("* on (instance, namespace, pod) group_left (workload) "
+                "max by (instance, namespace, pod, workload) (podnet_pod_info)")
+_SOURCE = ('label_join(label_replace({expr}, "source_kind", "pod", "", ""), "source", "/", '
+           '"source_kind", "namespace", "workload")')
+_TARGET = 'label_join({expr}, "target", "/", "peer_kind", "peer_namespace", "peer_workload")'
+SERVICE_MAP_EDGES = (
+    'label_join(' + _TARGET.format(expr=_SOURCE.format(expr=(
+        "sum by (namespace, workload, peer_kind, peer_namespace, peer_workload) ("
+        f'rate(podnet_peer_bytes_total{{{NS_SEL}, direction="egress", peer_kind!="_other"}}'
+        f"[{RATE}]) {_BY_WORKLOAD}) * 8"))) + ', "id", "->", "source", "target")')
+SERVICE_MAP_NODES = (
+    'label_join(label_replace(sum by (namespace, workload) ('
+    f'rate(podnet_bytes_total{{{NS_SEL}, direction="egress"}}[{RATE}]) {_BY_WORKLOAD}) * 8, '
+    '"kind", "pod", "", ""), "id", "/", "kind", "namespace", "workload") '
+    'or label_join(sum by (peer_kind, peer_namespace, peer_workload) ('
+    f'rate(podnet_peer_bytes_total{{{NS_SEL}, direction="ingress", peer_kind!="_other"}}'
+    f'[{RATE}])) * 8, "id", "/", "peer_kind", "peer_namespace", "peer_workload")')
+SERVICE_MAP = Panel(
+    "Service map: who sends to whom (bytes/s)",
+    [(SERVICE_MAP_NODES, "nodes"), (SERVICE_MAP_EDGES, "edges")], "bps", kind="nodeGraph",
+    width=24, height=12, table=True,
+    description="Workloads of this node's pods and the peers they send to (other workloads, "
+                "services, nodes, external); edges are bytes/s from podnet_peer_bytes_total. "
+                "A node's main figure is what it sends (pods) or receives (peers).",
+    transformations=[{"id": "organize", "options": {
+        "excludeByName": {"Time": True},
+        "renameByName": {"Value #A": "mainstat", "Value #B": "mainstat"}}}])
+
 NODE = Dashboard("podnet-node", "podnetmon / node overview",
                  "Which pods of the node move the most, drop, retransmit, wait or fail.", [
     Panel("Top pods by traffic", [(
@@ -131,6 +171,7 @@ NODE = Dashboard("podnet-node", "podnetmon / node overview",
     Panel("DNS answers by RCODE", [(
         f"sum by (rcode) (rate(podnet_dns_responses_total{{{NS_SEL}}}[{RATE}]))", "{{rcode}}")],
           "short"),
+    SERVICE_MAP,
 ])
 
 POD = Dashboard("podnet-pod", "podnetmon / pod",
@@ -169,6 +210,16 @@ POD = Dashboard("podnet-pod", "podnetmon / pod",
     Panel("TCP flags", [(
         f"sum by (direction, flag) (rate(podnet_tcp_flags_total{{{POD_SEL}}}[{RATE}]))",
         "{{direction}} {{flag}}")], "short"),
+    Panel("Peers: sent to", [(
+        f"sum by (peer_kind, peer_namespace, peer_workload) (rate(podnet_peer_bytes_total"
+        f'{{{POD_SEL}, direction="egress"}}[{RATE}])) * 8',
+        "{{peer_kind}} {{peer_namespace}}/{{peer_workload}}")], "bps",
+          description="The pod's top peers by what it sends them (--peer-top), the rest as "
+                      "_other; they add up to the pod's egress throughput."),
+    Panel("Peers: received from", [(
+        f"sum by (peer_kind, peer_namespace, peer_workload) (rate(podnet_peer_bytes_total"
+        f'{{{POD_SEL}, direction="ingress"}}[{RATE}])) * 8',
+        "{{peer_kind}} {{peer_namespace}}/{{peer_workload}}")], "bps"),
 ])
 
 MONITOR = Dashboard("podnet-monitor", "podnetmon / monitor health",

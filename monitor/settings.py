@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
 import socket
@@ -22,6 +23,7 @@ METADATA_SOURCES = ("auto", "kubernetes", "inventory", "none")
 AUTH_MODES = ("auto", "token", "kubernetes", "none")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+PEER_INDEXES = ("auto", "cluster", "none")
 
 
 class SettingsError(ValueError):
@@ -217,6 +219,36 @@ class Settings:
                                   "holds at most 64 KiB).", default=65000)
     traces_per_node: int = _doc("Traces running at once on the node, at most.", default=4)
     traces_per_pod: int = _doc("Traces of one pod running at once, at most.", default=2)
+    peer_top: int = _doc(
+        "Peers (workloads, services, nodes) per pod and direction with series of their own "
+        "in podnet_peer_*; the rest are summed under peer_kind=_other. Ten answers 'towards "
+        "whom?' for almost every pod and keeps the series bounded; 0 puts every peer in "
+        "_other.", default=10)
+    peer_ttl: float = _doc(
+        "Seconds a peer (or a failing DNS name) with a series of its own may be silent before "
+        "its series goes (its count joins _other): long enough to outlast a scrape interval "
+        "and a retry backoff, short enough that a pod's old peers do not hold its places.",
+        default=300.0)
+    dns_top: int = _doc(
+        "Failing DNS names per pod with series of their own in podnet_dns_name_failures; "
+        "the rest are summed under qname=_other. A pod that fails on more than ten names "
+        "at once has one problem the first ten show.", default=10)
+    peer_interval: float = _doc(
+        "Seconds between drains of the kernel's peer maps besides the scrapes (so they do not "
+        "fill between scrapes); also the window peers are ranked over.", default=10.0)
+    cluster_cidrs: tuple[str, ...] = _doc(
+        "The cluster's pod CIDRs (comma-separated, IPv4 and IPv6): a peer address inside "
+        "them that no pod holds is `unknown` (a pod just gone) rather than `external`.",
+        default=())
+    service_cidrs: tuple[str, ...] = _doc(
+        "The cluster's service CIDRs: a peer address inside them that no Service holds is "
+        "`unknown` rather than `external`.", default=())
+    peer_index: str = _doc(
+        "Where peer identities come from beyond this node's own pods and addresses: "
+        "cluster (a cluster-wide list+watch of pods and services: every node then pays "
+        "the whole cluster's pod churn, see the README), none (this node only, the rest "
+        "by CIDR), or auto: cluster when pod names come from the Kubernetes API.",
+        default="auto")
     log_level: str = _doc("debug, info, warning or error.", default="info")
     log_format: str = _doc("auto (JSON unless stderr is a terminal), json or console.",
                            default="auto")
@@ -314,6 +346,22 @@ def _validate(s: Settings) -> None:
     if not s.auth_audiences:
         raise SettingsError("auth_audiences: name at least one audience (a token meant for "
                             "any audience would be one meant for the API server)")
+    for name in ("peer_top", "dns_top"):
+        if not 0 <= getattr(s, name) <= 1000:
+            raise SettingsError(f"{name}: {getattr(s, name)} is outside 0..1000")
+    if not 1 <= s.peer_ttl <= 86400:
+        raise SettingsError(f"peer_ttl: {s.peer_ttl} s is outside 1..86400")
+    if not 1 <= s.peer_interval <= 600:
+        raise SettingsError(f"peer_interval: {s.peer_interval} s is outside 1..600")
+    if s.peer_index not in PEER_INDEXES:
+        raise SettingsError(f"peer_index: {s.peer_index!r} is not one of {', '.join(PEER_INDEXES)}")
+    for name in ("cluster_cidrs", "service_cidrs"):
+        for cidr in getattr(s, name):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise SettingsError(f"{name}: {cidr!r} is not a CIDR (10.244.0.0/16, "
+                                    "fd00::/108)") from None
     for name in ("netns_dirs", "runtime_dirs"):
         for d in getattr(s, name):
             if not os.path.isabs(d):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 
@@ -185,3 +185,38 @@ class SlotTable:
             # Even if the kernel write failed: the entry names an ifindex that is gone,
             # and a slot kept out of the free list would be lost for good.
             self._free.append(slot)
+
+
+class SlotCopies:
+    """A per-slot map holding `copies` arrays back to back (MapLayout.copies): zeroing a
+    slot zeroes it in each."""
+
+    def __init__(self, handle: SlotMap, copies: int, slots: int) -> None:
+        self._handle, self._copies, self._slots = handle, copies, slots
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._handle.put(key, value)
+
+    def put_zero(self, key: bytes) -> None:
+        slot = struct.unpack("=I", key)[0]
+        for k in range(self._copies):
+            self._handle.put_zero(u32(slot + k * self._slots))
+
+    def delete(self, key: bytes) -> bool:
+        return self._handle.delete(key)
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        return self._handle.items()
+
+
+def per_slot_maps(probes: Iterable[object], handle: Callable[[str], SlotMap],
+                  max_interfaces: int) -> list[SlotMap]:
+    """The maps SlotTable zeroes for a new slot: every probe's per-slot map, each copy."""
+    out: list[SlotMap] = []
+    for probe in probes:
+        for name, layout in getattr(probe, "maps", {}).items():
+            if layout.per_slot:
+                h = handle(name)
+                out.append(h if layout.copies == 1
+                           else SlotCopies(h, layout.copies, max_interfaces + 1))
+    return out

@@ -146,22 +146,108 @@ def table(all_rows: list[Row], sort: str, limit: int) -> str:
                      for line in lines)
 
 
-def fetch(daemon: client.Daemon) -> Snapshot:
+PeerKey = tuple[str, str, str, str]  # direction, peer_kind, peer_namespace, peer_workload
+PeerSnapshot = dict[PeerKey, list[float]]  # [packets, bytes]
+
+
+def parse_peers(text: str, namespace: str, pod: str) -> PeerSnapshot:
+    """One pod's podnet_peer_* series."""
+    out: PeerSnapshot = defaultdict(lambda: [0.0, 0.0])
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            i = {"podnet_peer_packets_total": 0, "podnet_peer_bytes_total": 1}.get(s.name)
+            labels = s.labels
+            if i is None or (labels.get("namespace"), labels.get("pod")) != (namespace, pod):
+                continue
+            out[(labels["direction"], labels["peer_kind"], labels["peer_namespace"],
+                 labels["peer_workload"])][i] += s.value
+    return dict(out)
+
+
+def peer_table(before: PeerSnapshot, after: PeerSnapshot, seconds: float, limit: int) -> str:
+    """The pod's peers by bytes per second, both directions, as `podnetmon top --peers`."""
+    found = []
+    for key, (packets, nbytes) in after.items():
+        then = before.get(key, [0.0, 0.0])
+        found.append((max(0.0, (nbytes - then[1]) / seconds) * 8,
+                      max(0.0, (packets - then[0]) / seconds), key))
+    header = ("DIRECTION", "PEER KIND", "PEER NAMESPACE", "PEER WORKLOAD", "RATE", "PKT/S")
+    lines = [header]
+    for bps, pps, (direction, kind, namespace, workload) in sorted(
+            found, key=lambda f: (-f[0], f[2]))[:limit]:
+        lines.append((direction, kind, namespace or "-", workload or "-", _si(bps, "b/s"),
+                      f"{pps:.1f}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)
+
+
+def fetch_text(daemon: client.Daemon) -> str:
     try:
         with daemon.open("/metrics", timeout=10) as resp:
-            return parse(resp.read().decode())
+            return str(resp.read().decode())
     except OSError as exc:  # the answer broke off after it began
         raise client.ClientError(f"{daemon.url}/metrics: {exc}") from None
 
 
+def fetch(daemon: client.Daemon) -> Snapshot:
+    return parse(fetch_text(daemon))
+
+
+class _Pods:
+    """The node's pods, one row each (the default view)."""
+
+    def __init__(self, sort: str, limit: int) -> None:
+        self.sort, self.limit = sort, limit
+
+    def parse(self, text: str) -> object:
+        return parse(text)
+
+    def table(self, before: object, after: object, seconds: float) -> str:
+        return table(rows(before, after, seconds), self.sort, self.limit)  # type: ignore[arg-type]
+
+    def title(self) -> str:
+        return f"sorted by {self.sort}  (s: sort, q: quit)"
+
+    def key(self, key: str) -> None:
+        if key == "s":
+            self.sort = SORTS[(SORTS.index(self.sort) + 1) % len(SORTS)]
+
+
+class _Peers:
+    """One pod's peers, one row each (--peers NAMESPACE/POD)."""
+
+    def __init__(self, target: str, limit: int) -> None:
+        namespace, sep, pod = target.partition("/")
+        if not sep or not namespace or not pod:
+            raise client.ClientError(f"--peers {target!r}: give NAMESPACE/POD")
+        self.namespace, self.pod, self.limit = namespace, pod, limit
+
+    def parse(self, text: str) -> object:
+        return parse_peers(text, self.namespace, self.pod)
+
+    def table(self, before: object, after: object, seconds: float) -> str:
+        if not after:
+            return (f"no peer series for {self.namespace}/{self.pod} (not on this node, or "
+                    "the peers probe is off)")
+        return peer_table(before, after, seconds, self.limit)  # type: ignore[arg-type]
+
+    def title(self) -> str:
+        return f"peers of {self.namespace}/{self.pod}  (q: quit)"
+
+    def key(self, key: str) -> None:
+        return None
+
+
 def main(args: argparse.Namespace) -> int:
     try:
+        view: _Pods | _Peers = (_Peers(args.peers, args.rows) if getattr(args, "peers", None)
+                                else _Pods(args.sort, args.rows))
         daemon = client.from_args(args)
-        before, t0 = fetch(daemon), time.monotonic()
+        before, t0 = view.parse(fetch_text(daemon)), time.monotonic()
     except client.ClientError as exc:
         print(f"podnetmon top: {exc}", file=sys.stderr)
         return 1
-    sort = args.sort
     interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.once
     saved = termios.tcgetattr(sys.stdin) if interactive else None
     try:
@@ -174,20 +260,20 @@ def main(args: argparse.Namespace) -> int:
                     key = sys.stdin.read(1)
                     if key == "q":
                         return 0
+                    view.key(key)
                     if key == "s":
-                        sort = SORTS[(SORTS.index(sort) + 1) % len(SORTS)]
                         break
             if not interactive:
                 time.sleep(max(0.0, deadline - time.monotonic()))
             try:
-                after, t1 = fetch(daemon), time.monotonic()
+                after, t1 = view.parse(fetch_text(daemon)), time.monotonic()
             except client.ClientError as exc:
                 print(f"podnetmon top: {exc}", file=sys.stderr)
                 return 1
-            text = table(rows(before, after, t1 - t0), sort, args.rows)
+            text = view.table(before, after, t1 - t0)
             if interactive:
                 print("\x1b[H\x1b[2J", end="")
-                print(f"podnetmon top  {daemon.url}  sorted by {sort}  (s: sort, q: quit)")
+                print(f"podnetmon top  {daemon.url}  {view.title()}")
             print(text, flush=True)
             if args.once:
                 return 0

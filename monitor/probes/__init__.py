@@ -7,7 +7,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from monitor.probes import dns, drops, handshake, packets, retransmits, rtt, tcpflags, trace
+from monitor.probes import (
+    dns,
+    dnsnames,
+    drops,
+    handshake,
+    packets,
+    peers,
+    retransmits,
+    rtt,
+    tcpflags,
+    trace,
+)
 from monitor.probes.base import Probe
 
 
@@ -31,9 +42,11 @@ def _registry(probes: Iterable[Probe]) -> Mapping[str, Probe]:
 
 REGISTRY: Mapping[str, Probe] = _registry([
     packets.PROBE,
+    peers.PROBE,
     tcpflags.PROBE,
     handshake.PROBE,
     dns.PROBE,
+    dnsnames.PROBE,
     drops.PROBE,
     retransmits.PROBE,
     rtt.PROBE,

@@ -13,7 +13,7 @@ import ctypes
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from monitor.exposition import Family, HistogramFamily
 from monitor.identity import IdentityIndex
@@ -36,6 +36,9 @@ class MapLayout:
     value: type[ctypes.Structure] | type[ctypes._SimpleCData[int]]
     per_slot: bool = False  # an array indexed by slot (monitor/slots.py), max_interfaces + 1
     #                         entries (the last is the node's), zeroed before a slot is reused
+    copies: int = 1  # per_slot: that many such arrays back to back in one map (slot s at
+    #                  s + k * (max_interfaces + 1)): one map the programs index by epoch
+    #                  is one map pointer, which the verifier can inline (two cannot be)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,18 @@ class Sweep:
 
 
 @dataclass(frozen=True)
+class Start:
+    """What a probe with state of its own (Probe.start) gets when the daemon starts it,
+    after the programs are loaded and the slot table adopted, before anything attaches."""
+
+    maps: Any  # monitor.maps.KernelMaps: handles with fds, for batch and map-in-map work
+    adopted: bool  # the last daemon's pinned maps are in use: take over what it left
+    slots: Callable[[], Mapping[int, int]]  # ifindex -> slot, the slot table's own view
+    options: Mapping[str, Any]  # settings, by probe name
+    services: Mapping[str, Any]  # what the daemon shares: "peer_resolver", ...
+
+
+@dataclass(frozen=True)
 class Probe:
     """One probe's contract with the kernel adapter and the collector."""
 
@@ -106,6 +121,9 @@ class Probe:
     prune: Callable[[MapWriter, set[int], set[int]], None] | None = None
     # events the probe could not count, by source (podnet_monitor_lost_events_total)
     lost: Callable[[Scrape], Mapping[str, int]] | None = None
+    # a probe with state of its own: returns the probe with its callables bound to it
+    start: Callable[[Probe, Start], Probe] | None = None
+    state: Any = None  # what start() made (for tests and the daemon's shutdown)
 
 
 TIMED_OUT = 1 << 63  # bpf/pnm.h PNM_TIMED_OUT

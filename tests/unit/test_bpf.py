@@ -116,7 +116,8 @@ def test_without_offsets() -> None:
     problem = "/sys/kernel/btf/vmlinux: No such file or directory"
     keep, notes = bpf.loadable(select([]), no_offsets_kernel(tracepoints=ALL_TRACEPOINTS))
     # trace needs no offsets (it copies from the TC programs), so it loads too
-    assert [p.name for p in keep] == ["packets", "tcpflags", "handshake", "dns", "drops", "trace"]
+    assert [p.name for p in keep] == ["packets", "peers", "tcpflags", "handshake", "dns",
+                                      "dnsnames", "drops", "trace"]
     assert notes == {
         "drops": "degraded: without kernel struct offsets every drop counts under the node "
                  f"({problem})",
@@ -208,7 +209,8 @@ def test_compose_source_of_the_real_probes() -> None:
 
 def test_compose_source_calls_every_tc_hook_of_the_registry() -> None:
     source = bpf.compose_source(select([]))
-    assert dispatcher_calls(source) == ["packets_tc", "tcpflags_tc", "handshake_tc", "dns_tc",
-                                        "trace_tc"]
-    for hook in ("packets_tc", "tcpflags_tc", "handshake_tc", "dns_tc", "trace_tc"):
+    hooks = ["packets_tc", "peers_tc", "tcpflags_tc", "handshake_tc", "dns_tc", "dnsnames_tc",
+             "trace_tc"]
+    assert dispatcher_calls(source) == hooks
+    for hook in hooks:
         assert f"static __always_inline void {hook}(struct __sk_buff *skb" in source

@@ -31,7 +31,8 @@ def test_probe_states_from_loadable() -> None:
     wanted = select([])
     _, notes = bpf.loadable(wanted, no_offsets_kernel(tracepoints=ALL_TRACEPOINTS))
     assert daemon.probe_states(wanted, notes) == {
-        "packets": "loaded", "tcpflags": "loaded", "handshake": "loaded", "dns": "loaded",
+        "packets": "loaded", "peers": "loaded", "tcpflags": "loaded", "handshake": "loaded",
+        "dns": "loaded", "dnsnames": "loaded",
         "drops": "degraded", "retransmits": "off", "rtt": "off", "trace": "loaded"}
 
 

@@ -35,7 +35,7 @@ def test_committed_dashboards_are_what_the_source_renders() -> None:
 def test_promtool_checks_and_tests_the_rules() -> None:
     check = subprocess.run([PROMTOOL, "check", "rules", "prometheus/podnet-rules.yaml"], cwd=ROOT,
                            capture_output=True, text=True, check=False)
-    assert check.returncode == 0 and "SUCCESS: 34 rules found" in check.stdout, check.stdout
+    assert check.returncode == 0 and "SUCCESS: 37 rules found" in check.stdout, check.stdout
     tested = subprocess.run([PROMTOOL, "test", "rules", "podnet-rules.test.yaml"],
                             cwd=ROOT / "tests" / "promtool", capture_output=True, text=True,
                             check=False)
@@ -246,4 +246,39 @@ def test_rule_file_groups_split_pods_from_the_monitor() -> None:
     groups = {g["name"]: [r.get("alert") for r in g["rules"]] for g in doc["groups"]}
     assert groups["podnet-monitor"] == ["PodNetMonitorDown", "PodNetMonitorAttachFailing",
                                         "PodNetMonitorBypassed", "PodNetMonitorLostEvents"]
-    assert len(groups["podnet-pods"]) == 8
+    assert len(groups["podnet-pods"]) == 9
+
+
+def _peer(metric: str, pod: str, direction: str, peer: tuple[str, str, str], value: int) -> str:
+    kind, namespace, workload = peer
+    return (f'podnet_peer_{metric}_total{{namespace="shop",pod="{pod}",direction="{direction}",'
+            f'peer_kind="{kind}",peer_namespace="{namespace}",peer_workload="{workload}"}} '
+            f"{value}\n")
+
+
+def _peers_scrape(db_bytes: int, db_packets: int, ingress: bool) -> str:
+    return ("# TYPE podnet_peer_bytes counter\n"
+            + _peer("bytes", "web", "egress", ("service", "shop", "db"), db_bytes)
+            + _peer("bytes", "web", "egress", ("_other", "", ""), 10 if not ingress else 30)
+            + _peer("bytes", "other", "egress", ("external", "", ""), 5)
+            + (_peer("bytes", "web", "ingress", ("pod", "shop", "db"), 500) if ingress else "")
+            + "# TYPE podnet_peer_packets counter\n"
+            + _peer("packets", "web", "egress", ("service", "shop", "db"), db_packets))
+
+
+PEERS_1 = _peers_scrape(1000, 10, ingress=False)
+PEERS_2 = _peers_scrape(3000, 30, ingress=True)
+
+
+def test_top_peers_shows_one_pods_peers_by_rate() -> None:
+    before = top.parse_peers(PEERS_1, "shop", "web")
+    after = top.parse_peers(PEERS_2, "shop", "web")
+    assert set(after) == {("egress", "service", "shop", "db"), ("egress", "_other", "", ""),
+                          ("ingress", "pod", "shop", "db")}  # another pod's are not shown
+    lines = top.peer_table(before, after, 2.0, 10).splitlines()
+    assert lines[0].split() == ["DIRECTION", "PEER", "KIND", "PEER", "NAMESPACE", "PEER",
+                                "WORKLOAD", "RATE", "PKT/S"]
+    # (3000 - 1000) bytes in 2 s = 8 kb/s; 20 packets in 2 s; a series new since: from 0
+    assert lines[1].split() == ["egress", "service", "shop", "db", "8.0kb/s", "10.0"]
+    assert lines[2].split() == ["ingress", "pod", "shop", "db", "2.0kb/s", "0.0"]
+    assert lines[3].split() == ["egress", "_other", "-", "-", "80b/s", "0.0"]

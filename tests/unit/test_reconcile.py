@@ -136,7 +136,7 @@ class World:
     """The fakes, wired into one Reconciler; events in order, across attacher and slots."""
 
     def __init__(self, metadata: object = None, forget_errors: dict[int, Exception] | None = None,
-                 max_pods: int = 1000, runtime_uids: Callable[[], dict[str, str]] | None = None,
+                 *, max_pods: int = 1000, runtime_uids: Callable[[], dict[str, str]] | None = None,
                  runtime_names: Callable[[], dict[str, PodMeta]] | None = None,
                  after_first_pass: Callable[[set[int], set[int]], None] | None = None,
                  ) -> None:

@@ -13,9 +13,11 @@ from monitor.probes import (
     RegistryError,
     _registry,
     dns,
+    dnsnames,
     drops,
     handshake,
     packets,
+    peers,
     retransmits,
     rtt,
     select,
@@ -24,7 +26,8 @@ from monitor.probes import (
 )
 from monitor.probes.base import MapLayout, Probe, Scrape, u32_key, u32_of
 
-ALL = ["packets", "tcpflags", "handshake", "dns", "drops", "retransmits", "rtt", "trace"]
+ALL = ["packets", "peers", "tcpflags", "handshake", "dns", "dnsnames", "drops", "retransmits",
+       "rtt", "trace"]
 
 
 def nothing(_scrape: Scrape) -> Iterator[Family]:
@@ -43,24 +46,26 @@ def probe(name: str, *maps: str) -> Probe:
 
 def test_registry_holds_every_probe_in_order() -> None:
     assert list(REGISTRY) == ALL
-    assert [REGISTRY[n] for n in ALL] == [packets.PROBE, tcpflags.PROBE, handshake.PROBE,
-                                          dns.PROBE, drops.PROBE, retransmits.PROBE, rtt.PROBE,
-                                          trace.PROBE]
+    assert [REGISTRY[n] for n in ALL] == [packets.PROBE, peers.PROBE, tcpflags.PROBE,
+                                          handshake.PROBE, dns.PROBE, dnsnames.PROBE,
+                                          drops.PROBE, retransmits.PROBE, rtt.PROBE, trace.PROBE]
     assert packets.PROBE.maps["pnm_packets"].per_slot is True
 
 
 def test_what_each_probe_declares() -> None:
     hooks = {p.name: p.tc_hook for p in REGISTRY.values()}
-    assert hooks == {"packets": "packets_tc", "tcpflags": "tcpflags_tc",
-                     "handshake": "handshake_tc", "dns": "dns_tc", "drops": "", "retransmits": "",
-                     "rtt": "", "trace": "trace_tc"}
+    assert hooks == {"packets": "packets_tc", "peers": "peers_tc", "tcpflags": "tcpflags_tc",
+                     "handshake": "handshake_tc", "dns": "dns_tc", "dnsnames": "dnsnames_tc",
+                     "drops": "", "retransmits": "", "rtt": "", "trace": "trace_tc"}
     # trace's kernel prefilter compares ports, so it needs them parsed
     assert {p.name for p in REGISTRY.values() if p.needs_ports} == {"tcpflags", "handshake", "dns",
-                                                                    "trace"}
+                                                                    "dnsnames", "trace"}
     assert {p.name for p in REGISTRY.values() if p.needs_offsets} == {"drops", "retransmits", "rtt"}
     assert {p.name for p in REGISTRY.values() if p.degraded} == {"drops"}
     assert {p.name for p in REGISTRY.values() if p.sweep} == {"handshake", "dns"}
     assert {p.name for p in REGISTRY.values() if p.forget} == {"drops"}
+    # probes with state of their own: their sweep and forget come with it (Probe.start)
+    assert {p.name for p in REGISTRY.values() if p.start} == {"peers", "dnsnames"}
     assert {p.name for p in REGISTRY.values() if p.lost} == {"drops"}
     assert {p.name for p in REGISTRY.values() if p.tracepoints} == {"drops", "retransmits", "rtt"}
     assert drops.PROBE.tracepoints == ("skb:kfree_skb",)

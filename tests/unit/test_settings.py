@@ -258,7 +258,9 @@ def test_add_arguments_one_flag_per_field() -> None:
             "--tls-key-file", "--tls-client-ca-file", "--allow-insecure-auth", "--auth-metrics",
             "--http-max-connections", "--http-workers", "--http-header-timeout",
             "--http-idle-timeout", "--http-body-timeout", "--http-write-timeout",
-            "--auth-failures-per-minute", "--auth-max-reviews"}
+            "--auth-failures-per-minute", "--auth-max-reviews", "--peer-top", "--peer-ttl",
+            "--peer-interval", "--cluster-cidrs", "--service-cidrs", "--peer-index",
+            "--dns-top"}
     assert len(flags) == len(settings.names())
 
 
