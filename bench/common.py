@@ -25,12 +25,12 @@ from monitor.lab import Lab, LabPod
 
 UDP_SENDER = """
 import socket, sys
-dst, port, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+dsts, port, count, size = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 payload = b'x' * size
-for _ in range(count):
+for i in range(count):
     try:
-        s.sendto(payload, (dst, port))
+        s.sendto(payload, (dsts[i % len(dsts)], port))
     except OSError:
         pass
 """

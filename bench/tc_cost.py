@@ -11,6 +11,7 @@ packet into the cache.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -63,11 +64,20 @@ def measure(rounds: int, datagrams: int) -> dict[str, dict[str, list[float]]]:
                 for name, probes in VARIANTS.items()}
     empty_fd = bpfsys.load_unspec_program()  # "return TC_ACT_UNSPEC", two instructions
     results: dict[str, dict[str, list[float]]] = {
-        name: {"udp64": [], "tcp": []} for name in programs}
+        name: {"udp64": [], "udp64x16": [], "tcp": []} for name in programs}
     with lab_pods(2) as (_lab, (a, b)):
         ifindex = int(Path(f"/sys/class/net/{a.host_veth}/ifindex").read_text())
         for prog in programs.values():
             _slots_for(prog, ifindex, a.netns)
+        # sixteen peers, all b: addresses of its own, each with a's neighbour entry for it,
+        # so that a's datagrams to them take turns (the peers probe's worst case)
+        mac = json.loads(run_in(b, "ip", "-j", "link", "show", "eth0"))[0]["address"]
+        many = [f"10.213.200.{i}" for i in range(1, 17)]
+        for ip in many:
+            run_in(b, "ip", "addr", "add", f"{ip}/32", "dev", "eth0")
+            run_in(a, "ip", "neigh", "replace", ip, "lladdr", mac, "dev", "eth0", "nud",
+                   "permanent")
+            run_in(a, "ip", "route", "add", f"{ip}/32", "dev", "eth0")
         ipr = IPRoute()
         ipr.tc("add", "clsact", ifindex)  # a fresh lab veth has none; lab down removes it
         sink = spawn_in(b, "iperf3", "-s")
@@ -81,10 +91,11 @@ def measure(rounds: int, datagrams: int) -> dict[str, dict[str, list[float]]]:
                     ipr.tc("add-filter", "bpf", ifindex, 1, fd=fds[name], name=f"bench-{name}",
                            parent=TC_PARENT_INGRESS, classid=1, direct_action=True, prio=prio)
                 try:
-                    for kind in ("udp64", "tcp"):
+                    for kind in ("udp64", "udp64x16", "tcp"):
                         start = {n: bpfsys.prog_info(fd) for n, fd in fds.items()}
-                        if kind == "udp64":
-                            run_in(a, sys.executable, "-c", UDP_SENDER, b.ip, "9", str(datagrams),
+                        if kind.startswith("udp64"):
+                            to = ",".join(many) if kind == "udp64x16" else b.ip
+                            run_in(a, sys.executable, "-c", UDP_SENDER, to, "9", str(datagrams),
                                    "22")  # 22 + 8 + 20 + 14 = 64 bytes on the wire
                         else:
                             run_in(a, "iperf3", "-c", b.ip, "-t", "2")

@@ -45,7 +45,9 @@ class LocalAddresses:
     def __init__(self, node: str, kernel: Addresses | None = None, *,
                  refresh_every: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._node, self._kernel = node, kernel
+        # the socket is opened now, at start-up, not at the first drain: the daemon's
+        # descriptors are what they are from the start (the churn test counts them)
+        self._node, self._kernel = node, kernel if kernel is not None else rtnl.Rtnl()
         self._refresh_every, self._clock = refresh_every, clock
         self._by_netns: dict[int, tuple[float, list[Key]]] = {}
         self._host: tuple[float, list[Key]] | None = None
@@ -54,8 +56,6 @@ class LocalAddresses:
         self._log = log.get("peers")
 
     def _rtnl(self) -> Addresses:
-        if self._kernel is None:
-            self._kernel = rtnl.Rtnl()
         return self._kernel
 
     def refresh(self, index: IdentityIndex) -> Mapping[Key, Peer] | None:

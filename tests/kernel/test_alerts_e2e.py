@@ -121,6 +121,7 @@ def test_faults_fire_their_alerts_and_every_panel_has_data(
                 ("PodNetTCPConnectFailures", client.name),   # client, reset
                 ("PodNetTCPConnectFailures", refuser.name),  # server, reset
                 ("PodNetDNSServfail", client.name),
+                ("PodNetDNSNameFailing", client.name),  # the name the SERVFAILs are for
                 ("PodNetTCPHandshakeSlow", slowclient.name),  # client
                 ("PodNetTCPHandshakeSlow", router.name),      # server: its SYN-ACK leaves late
             }

@@ -30,8 +30,9 @@ def test_no_btf_degrades_as_stated(lab: Lab, daemons: list[Daemon]) -> None:
     assert m.sum("podnet_monitor_kernel_offsets", source="none") == 1
     states = {dict(ls)["probe"]: dict(ls)["state"] for (n, ls) in m.samples
               if n == "podnet_monitor_probe_state"}
-    assert states == {"packets": "loaded", "tcpflags": "loaded", "handshake": "loaded",
-                      "dns": "loaded", "drops": "degraded", "retransmits": "off", "rtt": "off",
+    assert states == {"packets": "loaded", "peers": "loaded", "tcpflags": "loaded",
+                      "handshake": "loaded", "dns": "loaded", "dnsnames": "loaded",
+                      "drops": "degraded", "retransmits": "off", "rtt": "off",
                       "trace": "loaded"}
     assert not m.has("podnet_tcp_retransmits_total")
     warnings = [e for e in daemon.log_events() if e.get("event") == "probe limited on this kernel"]

@@ -118,9 +118,15 @@ def test_names_workloads_and_lifecycle_from_the_api(
     took = wait_for(lambda: not daemon.scrape().has("podnet_packets_total", pod="db-0"), timeout=60)
     assert ("shop", "db-0") not in pod_info(daemon.scrape())
     assert took < 5
-    # only list and watch requests, all for this node: no per-pod call
-    assert api.requests and all(path == "/api/v1/pods" and q.get("fieldSelector") ==
-                                f"spec.nodeName={NODE}" for _m, path, q in api.requests)
+    # only lists and watches: of this node's pods (names), and of every pod and Service
+    # (peers' names; pods in pages of 500); no per-pod call
+    assert api.requests and all(path in ("/api/v1/pods", "/api/v1/services") and m == "GET"
+                                for m, path, _q in api.requests)
+    names = [q for _m, path, q in api.requests if q.get("fieldSelector")]
+    assert names and all(q["fieldSelector"] == f"spec.nodeName={NODE}" for q in names)
+    assert all(q.get("limit") == "500" or q.get("watch") == "true"
+               for _m, path, q in api.requests if path == "/api/v1/pods"
+               and not q.get("fieldSelector"))
 
 
 def test_series_cap_folds_extra_pods_into_overflow(lab: Lab, daemons: list[Daemon]) -> None:

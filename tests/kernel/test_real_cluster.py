@@ -77,7 +77,7 @@ def _can_i(cp: ControlPlane, kubeconfig: Path, verb: str, resource: str,
 def test_shipped_rbac_grants_exactly_what_the_daemon_uses(
         cluster: ControlPlane, tmp_path: Path) -> None:
     kubeconfig = fixtures.daemon_kubeconfig(cluster, tmp_path / "daemon.kubeconfig")
-    granted = {("list", "pods"), ("watch", "pods"),
+    granted = {("list", "pods"), ("watch", "pods"), ("list", "services"), ("watch", "services"),
                ("create", "tokenreviews.authentication.k8s.io"),
                ("create", "subjectaccessreviews.authorization.k8s.io")}
     asked = {(verb, res) for verb in ("get", "list", "watch", "create", "update", "patch",
@@ -171,13 +171,18 @@ def test_names_from_the_real_api_through_expiry_and_outage(
     assert "watch expired, listing again" in events, events[-30:]
     assert late_pod.uid == late["metadata"]["uid"]
 
-    # what the daemon asked of the API, as the API server audited it: one list+watch of
-    # this node's pods, nothing else; the shipped ClusterRole grants no more than that
-    used = {(e["verb"], (e.get("objectRef") or {}).get("resource", ""))
-            for e in cluster.audit_events(fixtures.DAEMON_USER, mark)}
-    assert used == {("list", "pods"), ("watch", "pods")}, used
-    assert all("fieldSelector=spec.nodeName%3D" + NODE in e["requestURI"]
-               for e in cluster.audit_events(fixtures.DAEMON_USER, mark)), "unscoped request"
+    # what the daemon asked of the API, as the API server audited it: a list+watch of this
+    # node's pods (names), and of every pod and Service (peers' names, in pages); nothing
+    # else, and nothing per pod. The shipped ClusterRole grants no more than that.
+    events = cluster.audit_events(fixtures.DAEMON_USER, mark)
+    used = {(e["verb"], (e.get("objectRef") or {}).get("resource", "")) for e in events}
+    assert used == {("list", "pods"), ("watch", "pods"), ("list", "services"),
+                    ("watch", "services")}, used
+    scoped = "fieldSelector=spec.nodeName%3D" + NODE
+    pods = [e["requestURI"] for e in events if e["objectRef"]["resource"] == "pods"]
+    assert any(scoped in uri for uri in pods), pods  # this node's, for names
+    assert all(scoped in uri or "limit=500" in uri or "watch=true" in uri for uri in pods), pods
+    assert not any((e.get("objectRef") or {}).get("name") for e in events), "a per-object call"
 
 
 def _daemon_pod(cluster: ControlPlane, daemon: Daemon, ip: str) -> dict[str, Any]:
