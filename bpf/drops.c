@@ -35,9 +35,12 @@ enum skb_drop_reason { PNM_DROP_REASON_PLACEHOLDER = 0 };
 
 struct pnm_drop_key {
     __u32 id;     /* netns inode, host ifindex, or 0 for the node */
-    __u16 reason; /* enum skb_drop_reason, as this kernel numbers it */
+    /* enum skb_drop_reason, as this kernel numbers it, all 32 bits: since 6.8 a
+     * subsystem's reasons are (subsystem << 16) | n (OpenvSwitch's, on OVN-Kubernetes
+     * and Antrea nodes), which 16 bits would name as core reasons */
+    __u32 reason;
     __u8 kind;    /* PNM_DROP_* */
-    __u8 _pad;
+    __u8 _pad[3];
 };
 
 PNM_MAP("percpu_hash", struct pnm_drop_key, __u64, pnm_drops, PNM_DROP_KEYS);
@@ -49,10 +52,9 @@ struct pnm_drop_event {
     __u64 location; /* the address that dropped it (kfree_skb's caller) */
     __u32 slot;
     __u32 ifindex;  /* the skb's device, 0 if none */
-    __u16 reason;
+    __u32 reason;
     __u16 protocol; /* the ethertype, as the tracepoint gives it */
     __u16 hdr_len;  /* bytes of hdr that are the packet's, from its network header */
-    __u16 _pad;
     __u8 hdr[PNM_DROP_HDR];
 };
 

@@ -298,16 +298,19 @@ def map_lookup_batch(map_fd: int, key_size: int, value_size: int, count: int,
 BPF_MAP_DELETE_BATCH = 27  # enum bpf_cmd; kernel >= 5.6
 
 
-def hash_batch_items(map_fd: int, key_size: int, value_size: int,
+def batch_items(map_fd: int, key_size: int, value_size: int,
                      count: int = 4096) -> list[tuple[bytes, bytes]]:
-    """Every (key, value) of a hash map by BPF_MAP_LOOKUP_BATCH, a syscall per `count`.
+    """Every (key, value) of a map by BPF_MAP_LOOKUP_BATCH (kernel 5.6), a syscall per
+    `count` elements.
 
-    For a map no program writes meanwhile (an epoch's map after the flip, see
-    bpf/peers.c) this is the whole map exactly; the walk by GET_NEXT_KEY is not
-    even that, as a key deleted under it restarts it. A hash map's batches go bucket
-    by bucket and the kernel refuses (ENOSPC) a batch smaller than a bucket, so
-    `count` is doubled then. `value_size` is the whole value (all CPUs for per-CPU
-    maps).
+    A hash map's batches go bucket by bucket, so a key deleted meanwhile costs nothing
+    but itself and no key comes twice; the walk by GET_NEXT_KEY restarts from the first
+    bucket when its current key is deleted, and returns keys again (issue 14,
+    tests/kernel/test_map_walks.py). For a map no program writes meanwhile (an epoch's map
+    after the flip, see bpf/peers.c) it is the whole map exactly. The kernel refuses
+    (ENOSPC) a batch smaller than a bucket: `count` is doubled then. `value_size` is the
+    whole value (all CPUs for per-CPU maps). Raises BpfError (EINVAL, ENOTSUPP) for a
+    map type without batch operations.
     """
     out: list[tuple[bytes, bytes]] = []
     token = ctypes.create_string_buffer(4)  # a hash map's batch position: a bucket index

@@ -14,7 +14,7 @@ anonymous structs and unions are searched recursively, their offsets added.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
@@ -45,7 +45,10 @@ class Member:
 class Btf:
     """A parsed BTF blob: find structs by name and members by dotted path."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, base: Btf | None = None) -> None:
+        """`base`: the vmlinux BTF a module's split BTF builds on (its strings continue
+        the base's, its type ids the base's)."""
+        self._base_strings = base._strings if base is not None else b""
         try:
             self._parse(data)
         except (struct.error, ValueError, IndexError, UnicodeDecodeError) as exc:
@@ -87,9 +90,15 @@ class Btf:
             raise BtfError(f"{path}: {exc.strerror}") from None
 
     def _string(self, off: int) -> str:
+        strings = self._strings
+        if self._base_strings:  # split BTF: offsets past the base's strings are our own
+            if off < len(self._base_strings):
+                strings = self._base_strings
+            else:
+                off -= len(self._base_strings)
         try:
-            end = self._strings.index(b"\0", off)
-            return self._strings[off:end].decode()
+            end = strings.index(b"\0", off)
+            return strings[off:end].decode()
         except (ValueError, UnicodeDecodeError):
             raise BtfError(f"BTF string at {off} is cut or not text") from None
 
@@ -158,6 +167,26 @@ class Btf:
     def sizeof(self, struct_name: str) -> int:
         return int(self._header(self.struct_id(struct_name))[3])
 
+    def enums(self) -> Iterator[tuple[str, list[tuple[str, int]]]]:
+        """(name, [(enumerator, value)]) of every named enum (ENUM and ENUM64)."""
+        for type_id in range(1, len(self._records)):
+            kind, vlen, signed, _size, pos = self._header(type_id)
+            if kind not in (ENUM, ENUM64):
+                continue
+            name_off = struct.unpack_from("<I", self._data, pos)[0]
+            if not name_off:
+                continue
+            values = []
+            for i in range(vlen):
+                if kind == ENUM:
+                    off, value = struct.unpack_from("<Ii" if signed else "<II", self._data,
+                                                    pos + 12 + 8 * i)
+                else:
+                    off, lo, hi = struct.unpack_from("<3I", self._data, pos + 12 + 12 * i)
+                    value = (hi << 32) | lo
+                values.append((self._string(off), value))
+            yield self._string(name_off), values
+
 
 # The offsets the tracepoint probes read, as -D names for the C code.
 OFFSETS: dict[str, tuple[str, str]] = {
@@ -183,3 +212,36 @@ def kernel_offsets(btf: Btf) -> dict[str, int]:
 
 def cflags(offsets: dict[str, int]) -> list[str]:
     return [f"-D{name}={value}" for name, value in sorted(offsets.items())]
+
+
+# include/net/dropreason.h: SKB_DROP_REASON_SUBSYS_SHIFT; reasons of a subsystem other
+# than the core (0) are (subsystem << 16) | n, named by the subsystem's own enum
+SUBSYS_SHIFT = 16
+SUBSYS_ENUM = "skb_drop_reason_subsys"
+SUBSYS_PREFIX = "SKB_DROP_REASON_SUBSYS_"
+
+
+def subsystem_drop_reasons(btfs: Iterable[Btf]) -> dict[int, str]:
+    """Names of the drop reasons of subsystems other than the core (OpenvSwitch's, for
+    OVN-Kubernetes and Antrea nodes; mac80211's), from the kernel's own enums: an enum
+    named *_drop_reason holding an enumerator (subsystem << 16) of a subsystem that
+    skb_drop_reason_subsys lists is that subsystem's reasons (enum ovs_drop_reason:
+    OVS_DROP_LAST_ACTION is SKB_DROP_REASON_SUBSYS_OPENVSWITCH << 16). Both tests are
+    needed: flag enums hold 1 << 16 too (I_DONTCACHE). A subsystem built as a module
+    has its enums in the module's BTF (/sys/kernel/btf/<module>), while it is loaded."""
+    all_enums = [e for b in btfs for e in b.enums()]
+    subsystems = {value for name, values in all_enums if name == SUBSYS_ENUM
+                  for entry, value in values if entry.startswith(SUBSYS_PREFIX) and value > 0
+                  and not entry.endswith("_NUM")}
+    out: dict[int, str] = {}
+    for name, values in all_enums:
+        if not name.endswith("_drop_reason"):
+            continue
+        mine = {value >> SUBSYS_SHIFT for _e, value in values} & subsystems
+        owner = next((s for s in mine if any(v == s << SUBSYS_SHIFT for _e, v in values)), None)
+        if owner is None:
+            continue
+        for entry, value in values:
+            if value >> SUBSYS_SHIFT == owner:
+                out.setdefault(value, entry)
+    return out

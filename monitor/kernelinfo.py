@@ -41,7 +41,14 @@ class KernelInfo:
         return fmt is not None and name in fmt.fields
 
     def drop_reason(self, value: int) -> str:
-        return self.drop_reasons.get(value, f"REASON_{value}")
+        """The kernel's name of a drop reason: the core's from tracefs, another
+        subsystem's ((subsystem << 16) | n) from BTF, else a name that says what it is."""
+        name = self.drop_reasons.get(value)
+        if name is not None:
+            return name
+        if value >> btf.SUBSYS_SHIFT:
+            return f"SUBSYS_{value >> btf.SUBSYS_SHIFT}_{value & 0xFFFF}"
+        return f"REASON_{value}"
 
 
 def read_format(tracefs_root: str, tracepoint: str) -> TracepointFormat | None:
@@ -80,9 +87,13 @@ TRACEPOINTS = ("skb:kfree_skb", "tcp:tcp_retransmit_skb", "tcp:tcp_retransmit_sy
 def probe(*, proc_root: str, tracefs_root: str, btf_path: str) -> KernelInfo:
     logger = log.get("kernel")
     host_netns = os.stat(os.path.join(proc_root, "self", "ns", "net")).st_ino
+    subsystem_reasons: dict[int, str] = {}
     try:
-        offsets: dict[str, int] | None = btf.kernel_offsets(btf.Btf.load(btf_path))
+        vmlinux = btf.Btf.load(btf_path)
+        offsets: dict[str, int] | None = btf.kernel_offsets(vmlinux)
         source, problem = "btf", ""
+        subsystem_reasons = btf.subsystem_drop_reasons([vmlinux, *_module_btfs(btf_path,
+                                                                              vmlinux)])
     except btf.BtfError as exc:
         offsets, source, problem = None, "none", str(exc)
         logger.warning("no kernel struct offsets: drops count under the node only, and "
@@ -90,5 +101,25 @@ def probe(*, proc_root: str, tracefs_root: str, btf_path: str) -> KernelInfo:
     formats = {tp: fmt for tp in TRACEPOINTS
                if (fmt := read_format(tracefs_root, tp)) is not None}
     kfree = formats.get("skb:kfree_skb")
-    reasons = symbols(kfree.print_fmt, "reason") if kfree else {}
+    reasons = {**subsystem_reasons, **(symbols(kfree.print_fmt, "reason") if kfree else {})}
     return KernelInfo(host_netns, offsets, source, problem, formats, reasons)
+
+
+def _module_btfs(vmlinux_path: str, base: btf.Btf) -> list[btf.Btf]:
+    """The BTF of every loaded module (beside vmlinux in /sys/kernel/btf); unreadable or
+    malformed ones are skipped (their reasons then get SUBSYS_<n>_<m> names)."""
+    out: list[btf.Btf] = []
+    directory = os.path.dirname(vmlinux_path)
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return out
+    for name in names:
+        if name == os.path.basename(vmlinux_path):
+            continue
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                out.append(btf.Btf(f.read(), base=base))
+        except (OSError, btf.BtfError):
+            continue
+    return out

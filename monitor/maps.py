@@ -109,7 +109,15 @@ class MapHandle:
         return ((self.value_size + 7) & ~7) * self.ncpus if self.percpu else self.value_size
 
     def items(self) -> list[tuple[bytes, bytes]]:
-        pairs = bpfsys.map_items(self.fd, self.key_size, self.raw_value_size)
+        """Every element, each key once even while others delete (bpfsys.batch_items)."""
+        try:
+            pairs = bpfsys.batch_items(self.fd, self.key_size, self.raw_value_size)
+        except bpfsys.BpfError as exc:
+            if exc.errno not in (errno.EINVAL, bpfsys.ENOTSUPP, errno.EOPNOTSUPP):
+                raise
+            # no batch operations for this map type: the walk, its repeats dropped
+            pairs = list(dict(bpfsys.map_items(self.fd, self.key_size,
+                                               self.raw_value_size)).items())
         if not self.percpu:
             return pairs
         return [(k, sum_u64_slots(v, self.value_size, self.ncpus)) for k, v in pairs]

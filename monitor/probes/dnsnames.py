@@ -156,7 +156,7 @@ class NameAccounts:
     def _read(self, *, baseline: bool = False) -> None:
         """The kernel's counts since the last read, into the series (lock held)."""
         failures = self._maps.handle(FAILURES)
-        items = bpfsys.hash_batch_items(failures.fd, failures.key_size, failures.raw_value_size)
+        items = bpfsys.batch_items(failures.fd, failures.key_size, failures.raw_value_size)
         attached = self._slots()
         deltas: dict[int, dict[str, list[int]]] = {}
         seen = {}
@@ -196,7 +196,7 @@ class NameAccounts:
         pending = self._maps.handle(PENDING)
         timeout, now = self._options.timeout, ctx.now_ns
         expired: dict[int, dict[str, list[int]]] = {}
-        items = bpfsys.hash_batch_items(pending.fd, pending.key_size, pending.raw_value_size)
+        items = bpfsys.batch_items(pending.fd, pending.key_size, pending.raw_value_size)
         for raw_key, raw_value in items:
             ts, name = _PENDING.unpack(raw_value)
             age = (now - (ts & ~TIMED_OUT)) / 1e9
@@ -219,7 +219,7 @@ class NameAccounts:
         gone = set(ifindexes)
         with self._lock:
             failures = self._maps.handle(FAILURES)
-            keys = [k for k, _v in bpfsys.hash_batch_items(failures.fd, failures.key_size,
+            keys = [k for k, _v in bpfsys.batch_items(failures.fd, failures.key_size,
                                                             failures.raw_value_size)
                     if struct.unpack_from("=I", k)[0] in gone]
             if keys:

@@ -21,16 +21,15 @@ class DropEvent(ctypes.Structure):
 
     _fields_ = [("ts", ctypes.c_uint64), ("location", ctypes.c_uint64),
                 ("slot", ctypes.c_uint32), ("ifindex", ctypes.c_uint32),
-                ("reason", ctypes.c_uint16), ("protocol", ctypes.c_uint16),
-                ("hdr_len", ctypes.c_uint16), ("_pad", ctypes.c_uint16),
-                ("hdr", ctypes.c_uint8 * 64)]
+                ("reason", ctypes.c_uint32), ("protocol", ctypes.c_uint16),
+                ("hdr_len", ctypes.c_uint16), ("hdr", ctypes.c_uint8 * 64)]
 
 
 class DropKey(ctypes.Structure):
     """struct pnm_drop_key."""
 
-    _fields_ = [("id", ctypes.c_uint32), ("reason", ctypes.c_uint16), ("kind", ctypes.c_uint8),
-                ("_pad", ctypes.c_uint8)]
+    _fields_ = [("id", ctypes.c_uint32), ("reason", ctypes.c_uint32), ("kind", ctypes.c_uint8),
+                ("_pad", ctypes.c_uint8 * 3)]
 
 
 def _family() -> CounterFamily:

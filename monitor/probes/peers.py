@@ -218,7 +218,7 @@ class PeerAccounts:
         by_slot = self._slots()
         slot_if = {slot: ifindex for ifindex, slot in by_slot.items()}
         out: dict[int, tuple[dict[tuple[int, int, bytes], list[int]], list[int]]] = {}
-        items = bpfsys.hash_batch_items(peers.fd, peers.key_size, peers.raw_value_size)
+        items = bpfsys.batch_items(peers.fd, peers.key_size, peers.raw_value_size)
         for raw_key, raw_value in items:
             ifindex, d, family, addr = _KEY.unpack(raw_key)
             packets, nbytes = _COUNT.unpack(sum_u64_slots(raw_value, peers.value_size,

@@ -429,8 +429,9 @@ def drop_keys() -> list[tuple[int, int, int, int]]:
             key = bytes(int(b, 16) for b in e["key"])
             count = sum(int.from_bytes(bytes(int(b, 16) for b in v["value"]), "little")
                         for v in e["values"])
-            out.append((key[6], int.from_bytes(key[:4], "little"),
-                        int.from_bytes(key[4:6], "little"), count))
+            # struct pnm_drop_key: u32 id, u32 reason, u8 kind, 3 bytes of padding
+            out.append((key[8], int.from_bytes(key[:4], "little"),
+                        int.from_bytes(key[4:8], "little"), count))
     return out
 
 

@@ -517,3 +517,52 @@ def test_the_encoder_writes_what_bpftool_reads(tmp_path: Path, layout: dict[str,
     assert sk_buff.size == 112
     assert [m[0] for m in sk_buff.members] == ["(anon)", "(anon)", "cb", "len", "cloned", "nohdr",
                                                "users", "(anon)", "head", "data"]
+
+
+# -- drop reasons of subsystems other than the core (issue 14) ----------------------------
+
+SUBSYS = {"SKB_DROP_REASON_SUBSYS_CORE": 0, "SKB_DROP_REASON_SUBSYS_MAC80211_UNUSABLE": 1,
+          "SKB_DROP_REASON_SUBSYS_OPENVSWITCH": 2, "SKB_DROP_REASON_SUBSYS_NUM": 3}
+OVS = {"OVS_DROP_LAST_ACTION": 2 << 16, "OVS_DROP_ACTION_ERROR": (2 << 16) + 1,
+       "OVS_DROP_EXPLICIT": (2 << 16) + 2}
+
+
+def test_enums_read_back_with_their_values() -> None:
+    enc = Encoder()
+    enc.enum("skb_drop_reason_subsys", SUBSYS)
+    enc.enum64("big", {"HIGH": 1 << 40, "LOW": 3})
+    enc.enum("", {"ANON": 1})  # anonymous enums are skipped
+    assert list(Btf(enc.blob()).enums()) == [("skb_drop_reason_subsys", list(SUBSYS.items())),
+                                             ("big", [("HIGH", 1 << 40), ("LOW", 3)])]
+
+
+def test_subsystem_reasons_named_from_the_subsystems_own_enum() -> None:
+    enc = Encoder()
+    enc.enum("skb_drop_reason_subsys", SUBSYS)
+    enc.enum("ovs_drop_reason", OVS)
+    enc.enum("inode_state_bits", {"I_NEW": 1, "I_DONTCACHE": 1 << 16})  # a flag, not a reason
+    assert btf.subsystem_drop_reasons([Btf(enc.blob())]) == {v: k for k, v in OVS.items()}
+
+
+def test_subsystem_reasons_from_a_modules_split_btf() -> None:
+    """openvswitch built as a module: its enum is in /sys/kernel/btf/openvswitch, whose
+    string offsets continue the base's (split BTF)."""
+    base = Encoder()
+    base.enum("skb_drop_reason_subsys", SUBSYS)
+    vmlinux = Btf(base.blob())
+    module = Encoder(strings=bytearray(b"\0"))
+    shift = len(base.strings)
+    module.name = lambda text: (0 if not text else  # type: ignore[method-assign]
+                                shift + Encoder.name(module, text))
+    module.enum("ovs_drop_reason", OVS)
+    assert btf.subsystem_drop_reasons([vmlinux, Btf(module.blob(), base=vmlinux)]) == {
+        v: k for k, v in OVS.items()}
+
+
+def test_without_the_subsystems_enum_reasons_get_numbered_names() -> None:
+    from monitor.kernelinfo import KernelInfo
+
+    kernel = KernelInfo(1, None, "none", drop_reasons={2: "NOT_SPECIFIED", 3: "NO_SOCKET"})
+    assert kernel.drop_reason(3) == "NO_SOCKET"
+    assert kernel.drop_reason((2 << 16) | 5) == "SUBSYS_2_5"  # was cut to 5: REASON_5
+    assert kernel.drop_reason(999) == "REASON_999"

@@ -206,10 +206,11 @@ def test_layouts_match_the_c_structs() -> None:
     # struct pnm_trace_cfg: u32 on, u32 snaplen, u8 protocol, u8 family, be16 port, u8 addr[16]
     assert ctypes.sizeof(TraceConfig) == 28
     assert (TraceConfig.port.offset, TraceConfig.addr.offset) == (10, 12)
-    # struct pnm_drop_event: u64 ts, location; u32 slot, ifindex; u16 reason, protocol,
-    # hdr_len, _pad; u8 hdr[64]
+    # struct pnm_drop_event: u64 ts, location; u32 slot, ifindex, reason (all 32 bits: a
+    # subsystem's reasons are (subsystem << 16) | n); u16 protocol, hdr_len; u8 hdr[64]
     assert ctypes.sizeof(DropEvent) == 96
-    assert (DropEvent.reason.offset, DropEvent.hdr_len.offset, DropEvent.hdr.offset) == (24, 28, 32)
+    assert (DropEvent.reason.offset, DropEvent.hdr_len.offset, DropEvent.hdr.offset) == (24, 30, 32)
+    assert DropEvent.reason.size == 4
 
 
 # -- start(): what is refused ---------------------------------------------------------------------

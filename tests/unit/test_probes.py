@@ -511,8 +511,8 @@ def test_sweep_keys_are_the_c_layouts() -> None:
     assert Flow.laddr.offset == 12
     assert Query.id.offset == 6
     assert Query.laddr.offset == 12
-    assert ctypes.sizeof(DropKey) == 8
-    assert DropKey.kind.offset == 6
+    assert ctypes.sizeof(DropKey) == 12 and DropKey.reason.size == 4  # not cut to 16 bits
+    assert DropKey.kind.offset == 8
     assert ctypes.sizeof(Handshake) == (2 * 28 + 2 + 2 + 2) * 8
     assert ctypes.sizeof(Dns) == (28 + 3 + 16) * 8
     assert ctypes.sizeof(Hist) == 30 * 8
