@@ -315,6 +315,39 @@ class Programs:
                 _detach_quietly(old, close=True)
             tracepoints.pin(link, str(path))
 
+    def remove_unloaded(self) -> list[str]:
+        """Pins of probes this daemon did not load: their maps (a probe switched on again
+        later must not hand new pods the counts of slots its maps kept from pods long
+        gone: no per-slot zeroing reached them meanwhile) and their tracepoint links (the
+        last daemon's, attached and counting nothing since the take-over). Called once
+        this daemon holds everything it needs."""
+        from monitor.probes import REGISTRY
+
+        if self._pins is None or self.pin_dir is None:
+            return []
+        loaded = {p.name for p in self.probes}
+        mine = {m for p in self.probes for m in p.maps}
+        removed = []
+        for probe in REGISTRY.values():
+            if probe.name in loaded:
+                continue
+            for name in probe.maps:
+                path = self.pin_dir / name
+                if name not in mine and path.exists():
+                    path.unlink(missing_ok=True)
+                    removed.append(f"pinned map {path}")
+        wanted = {f"tp-{tp.replace(':', '-')}" for p in self.probes for tp in p.tracepoints}
+        links = self._pins.links
+        for entry in sorted(links.glob("tp-*")) if links.is_dir() else []:
+            if entry.name in wanted:
+                continue
+            old = _open_pinned(entry)
+            entry.unlink(missing_ok=True)
+            if old is not None:
+                _detach_quietly(old, close=True)
+            removed.append(f"tracepoint link {entry}")
+        return removed
+
     # -- perf buffers -----------------------------------------------------------------
 
     def open_perf(self, name: str, callback: Callable[[bytes], None],

@@ -36,7 +36,7 @@ from monitor.reconcile import Discovery, Loop, Reconciler
 from monitor.runtime import RuntimeIndex
 from monitor.server import Api, Server
 from monitor.settings import Settings
-from monitor.slots import SlotTable, per_slot_maps
+from monitor.slots import SlotTable, per_slot_maps, slot_keyed_maps
 from monitor.state import MonitorState
 from monitor.store import CaptureStore
 from monitor.traceapi import TraceApi
@@ -178,6 +178,7 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
                       netns=maps.handle(bpf.NETNS_MAP), owners=maps.handle(bpf.SLOT_OWNER_MAP),
                       per_slot=per_slot_maps(programs.probes, maps.handle,
                                              settings.max_interfaces),
+                      slot_keyed=slot_keyed_maps(programs.probes, maps.handle),
                       capacity=settings.max_interfaces, buckets=bpf.IFSLOT_BUCKETS)
     if programs.adopted:
         logger.info("adopted the pinned maps of the last daemon: counters continue",
@@ -199,6 +200,7 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
         if pin is not None:
             for version in programs.reset_from:
                 removed += [f"pinned map {path}" for path in pin.remove_version(version)]
+            removed += programs.remove_unloaded()
         if removed:
             logger.info("removed what an earlier daemon left", count=len(removed),
                         items=removed[:20])

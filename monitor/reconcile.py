@@ -115,6 +115,7 @@ class Reconciler:
         # pin with a random name) with the same inode again is the same netns. Asking the
         # kernel for 500 of them each pass was a third of an idle pass's cost.
         self._nsids: dict[tuple[int, str], int] = {}
+        self._netns_owners: dict[int, tuple[str, int | None, str | None]] = {}  # see reconcile
         self._log = log.get("reconcile")
 
     # -- one pass -------------------------------------------------------------
@@ -138,7 +139,14 @@ class Reconciler:
         live = {pod.netns_inode: attached[0] for pod in pods
                 if (attached := [v.ifindex for v in pod.interfaces if v.ifindex in self._attached])}
         self._slots.sync_netns(live)  # first: a gone netns stops counting before it is forgotten
-        self._forget_detached(set(live))
+        # A netns inode freed by a gone pod is the next netns's at once (the kernel hands
+        # out the lowest free one): a new pod in the same pass must not keep the old one's
+        # keys (its drops by netns), so an inode whose pod changed counts as gone.
+        owners = {pod.netns_inode: _netns_owner(pod) for pod in pods}
+        reused = {inode for inode, who in owners.items()
+                  if self._netns_owners.get(inode, who) != who}
+        self._netns_owners = owners
+        self._forget_detached(set(live) - reused)
         if self._after_first_pass is not None:
             self._first_pass_done(set(live))
         self._publish(pods)
@@ -299,6 +307,11 @@ class Reconciler:
         self._slots.sync_netns({})
         self._forget_detached(set())
         self._state.publish(Snapshot())
+
+
+def _netns_owner(pod: Pod) -> tuple[str, int | None, str | None]:
+    """Who holds a netns: what tells two pods apart when one's inode is the other's."""
+    return (pod.uid, pod.network.pause_pid, pod.network.pinned_path)
 
 
 def _link_exists(name: str) -> bool:

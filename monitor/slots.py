@@ -45,10 +45,14 @@ class SlotTable:
     """Assigns and releases slots; mirrors the kernel's table in Python."""
 
     def __init__(self, *, ifslots: SlotMap, spill: SlotMap, netns: SlotMap, owners: SlotMap,
-                 per_slot: Iterable[SlotMap], capacity: int, buckets: int) -> None:
+                 per_slot: Iterable[SlotMap], capacity: int, buckets: int,
+                 slot_keyed: Iterable[SlotMap] = ()) -> None:
+        """slot_keyed: hash maps whose keys begin with a u32 slot (pending handshakes and
+        DNS queries): a slot's entries in them go before the slot is handed out again."""
         if buckets & (buckets - 1):
             raise ValueError("buckets must be a power of two")
         self._ifslots, self._spill, self._per_slot = ifslots, spill, list(per_slot)
+        self._slot_keyed = list(slot_keyed)
         self._netns, self._owners, self._capacity = netns, owners, capacity
         self._owner_netns: dict[int, int] = {}  # ifindex -> the netns it was assigned for
         self._unclaimed: set[int] = set()  # adopted ifindexes not assigned again yet
@@ -133,6 +137,12 @@ class SlotTable:
         try:
             for m in self._per_slot:  # zero first: the programs must never see old counts
                 m.put_zero(u32(slot))
+            # ... nor an old owner's pending state: a query of a pod gone since would
+            # time out into the new owner's counts
+            for m in self._slot_keyed:
+                for key, _value in m.items():
+                    if key[:4] == u32(slot):
+                        m.delete(key)
             bucket = ifindex & (self._buckets - 1)
             if bucket not in self._bucket_owner:
                 self._ifslots.put(u32(bucket), struct.pack("=II", ifindex, slot))
@@ -207,6 +217,12 @@ class SlotCopies:
 
     def items(self) -> list[tuple[bytes, bytes]]:
         return self._handle.items()
+
+
+def slot_keyed_maps(probes: Iterable[object], handle: Callable[[str], SlotMap]) -> list[SlotMap]:
+    """The hash maps whose keys begin with a slot (MapLayout.slot_keyed)."""
+    return [handle(name) for probe in probes
+            for name, layout in getattr(probe, "maps", {}).items() if layout.slot_keyed]
 
 
 def per_slot_maps(probes: Iterable[object], handle: Callable[[str], SlotMap],

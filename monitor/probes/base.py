@@ -36,6 +36,8 @@ class MapLayout:
     value: type[ctypes.Structure] | type[ctypes._SimpleCData[int]]
     per_slot: bool = False  # an array indexed by slot (monitor/slots.py), max_interfaces + 1
     #                         entries (the last is the node's), zeroed before a slot is reused
+    slot_keyed: bool = False  # a hash whose keys begin with a u32 slot: its entries of a
+    #                           slot are deleted before the slot is handed out again
     copies: int = 1  # per_slot: that many such arrays back to back in one map (slot s at
     #                  s + k * (max_interfaces + 1)): one map the programs index by epoch
     #                  is one map pointer, which the verifier can inline (two cannot be)

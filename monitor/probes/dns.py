@@ -115,7 +115,7 @@ PROBE = Probe(
     needs_ports=True,
     maps={MAP: MapLayout(ctypes.c_uint32, Dns, per_slot=True),
           TIMEOUTS: MapLayout(ctypes.c_uint32, ctypes.c_uint64, per_slot=True),
-          PENDING: MapLayout(Query, ctypes.c_uint64)},
+          PENDING: MapLayout(Query, ctypes.c_uint64, slot_keyed=True)},
     collect=collect,
     describe=describe,
     sweep=sweep,

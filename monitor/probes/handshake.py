@@ -118,7 +118,7 @@ PROBE = Probe(
     needs_ports=True,
     maps={MAP: MapLayout(ctypes.c_uint32, Handshake, per_slot=True),
           TIMEOUTS: MapLayout(ctypes.c_uint32, Timeouts, per_slot=True),
-          PENDING: MapLayout(Flow, ctypes.c_uint64)},
+          PENDING: MapLayout(Flow, ctypes.c_uint64, slot_keyed=True)},
     collect=collect,
     describe=describe,
     sweep=sweep,

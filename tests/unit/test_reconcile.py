@@ -624,6 +624,19 @@ def test_reused_ifindex_forgets_the_old_netns(world: World) -> None:
     assert world.last_sync() == {NS_DB: 7}
 
 
+def test_a_netns_inode_taken_by_another_pod_in_the_same_pass_is_forgotten(world: World) -> None:
+    # The kernel hands a freed netns inode to the next netns at once: a pod replacing
+    # another within one pass, under the same inode, used to keep the old pod's keys
+    # (its drops by netns) because the inode was still live (issue 14)
+    world.pod(NS_WEB, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
+    world.run()
+    world.remove(NS_WEB)
+    world.pod(NS_WEB, 4, [(8, "veth8")], uid=UID_DB, pause_pid=200)  # the same inode
+    world.run()
+    assert world.forgets() == [(NS_WEB, [7])]
+    assert world.last_sync() == {NS_WEB: 8}
+
+
 def test_a_living_pod_keeps_its_netns_keys_when_one_interface_goes(world: World) -> None:
     world.pod(NS_WEB, 3, [(7, "veth7"), (9, "veth9")], uid=UID_WEB, pause_pid=100)
     world.run()

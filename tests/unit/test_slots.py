@@ -337,3 +337,40 @@ def test_adopt_drops_entries_the_owner_table_does_not_vouch_for() -> None:
     assert maps.ifslots.data[3] == bytes(8)
     assert maps.table.slot_of(3) is None
     assert maps.table.assign(3, NS_A) == 3  # the only free slot
+
+
+class PendingMap:
+    """A hash whose keys begin with the slot (struct pnm_flow, pnm_dns_key), by raw key."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.data[key] = value
+
+    def put_zero(self, key: bytes) -> None:
+        raise AssertionError("a pending map is no per-slot array")
+
+    def delete(self, key: bytes) -> bool:
+        return self.data.pop(key, None) is not None
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        return list(self.data.items())
+
+
+def test_a_reused_slot_starts_without_the_old_owners_pending_entries() -> None:
+    # A query of a pod gone since, still pending when its slot went to another pod, used to
+    # time out into the new pod's counts (issue 14)
+    pending = PendingMap()
+    log: list[Op] = []
+    table = SlotTable(ifslots=FakeMap("ifslots", log), spill=FakeMap("spill", log),
+                      netns=FakeMap("netns", log), owners=FakeMap("owners", log),
+                      per_slot=[], capacity=1, buckets=BUCKETS, slot_keyed=[pending])
+    slot = table.assign(7)
+    mine = struct.pack("=I", slot) + b"query-of-pod-7"
+    pending.put(mine, b"t0")
+    pending.put(struct.pack("=I", slot + 1) + b"another-slot", b"t1")
+    table.release(7)
+    assert mine in pending.data  # still there while the slot is free: nobody can inherit it
+    assert table.assign(8) == slot
+    assert set(pending.data) == {struct.pack("=I", slot + 1) + b"another-slot"}
