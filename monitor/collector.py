@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from monitor import __version__, log
 from monitor.exposition import CounterFamily, Family, GaugeFamily
-from monitor.identity import OVERFLOW
+from monitor.identity import OVERFLOW, IdentityIndex
 from monitor.kernelinfo import KernelInfo
 from monitor.kerneltypes import ProgramStats
 from monitor.maps import MapReader
@@ -60,7 +60,11 @@ class PodCollector:
         yield self._lost_family({}, describe=True)
 
     def collect(self) -> Iterator[Family]:
-        scrape = Scrape(self._maps, self._state.snapshot.index, self._kernel, self._node,
+        # One identity snapshot for the whole scrape: the reconciler swaps in a new one at
+        # any moment, and a pod's counters read under one and its pod_info under the next
+        # showed a name's new pod with its gone namesake's counts (issue 14).
+        index = self._state.snapshot.index
+        scrape = Scrape(self._maps, index, self._kernel, self._node,
                         self._node_slot)
         lost: dict[str, float] = dict(self._state.lost_events())
         for probe in self._probes:
@@ -73,7 +77,7 @@ class PodCollector:
                 self._log.error("probe maps unreadable", probe=probe.name, error=str(exc))
                 continue
             yield from families
-        yield from self._pod_info()
+        yield from self._pod_info(index=index)
         yield from self._monitor()
         yield self._lost_family(lost)
 
@@ -90,13 +94,14 @@ class PodCollector:
                 family.add((source,), lost.get(source, 0))
         return family
 
-    def _pod_info(self, describe: bool = False) -> Iterator[Family]:
+    def _pod_info(self, describe: bool = False, index: IdentityIndex | None = None
+                  ) -> Iterator[Family]:
         info = GaugeFamily("podnet_pod_info", "A monitored pod: always 1; its labels "
                            "join pod names to netns, interface and workload.",
                            POD_INFO_LABELS + self._label_names)
         if not describe:
             overflow = False
-            for pod in self._state.snapshot.index.pods():
+            for pod in (index or self._state.snapshot.index).pods():
                 if pod.namespace == OVERFLOW:
                     overflow = True  # one info series for all of them, not one each
                     continue

@@ -671,3 +671,23 @@ def test_maps_state_says_where_counters_started(make_pod: PodFactory) -> None:
         state.maps_state = where
         family = next(f for f in collector.collect() if f.name == "podnet_monitor_maps")
         assert [labels for labels, _ in family.series] == [(where,)]
+
+
+def test_one_scrape_reads_one_identity_snapshot(make_pod: PodFactory) -> None:
+    # The reconciler publishes a new snapshot at any moment; a scrape that read a pod's
+    # counters under one and its pod_info under the next paired a name's new pod (pod_info)
+    # with its gone namesake's counts, which then went "down" at the next scrape (issue 14)
+    old = make_pod(4026532001, [(7, "veth7")], namespace="lab", name="pod-4", uid="old")
+    new = make_pod(4026532001, [(8, "veth8")], namespace="lab", name="pod-4", uid="new")
+    state = MonitorState()
+    state.publish(Snapshot(IdentityIndex([old], {7: 0})))
+
+    class Swapping(FakeMaps):
+        def lookup_slots(self, name: str, slots: Sequence[int]) -> list[bytes | None]:
+            state.publish(Snapshot(IdentityIndex([new], {8: 1})))  # mid-scrape
+            return super().lookup_slots(name, slots)
+
+    maps = Swapping({0: counts({(EGRESS, TCP): 5}, {}), 1: counts({}, {})})
+    text = render(PodCollector(probes=[packets.PROBE], maps=maps, state=state, node="n",
+                               kernel=kernel(), node_slot=1024))
+    assert 'uid="old"' in text and 'uid="new"' not in text  # pod_info of the counted pod
