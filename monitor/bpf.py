@@ -31,7 +31,7 @@ from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-unty
 
 from monitor import bpfsys, loader, log, perfring, pins, rtnl, tracepoints
 from monitor.kernelinfo import KernelInfo
-from monitor.kerneltypes import Attachment, ProgramStats, VethLink
+from monitor.kerneltypes import Attachment, HostSide, ProgramStats, VethLink
 from monitor.maps import KernelMaps, MapHandle, only_u64
 from monitor.probes.base import Probe
 
@@ -526,10 +526,20 @@ class Netlink:
         return [VethLink(link.ifindex, link.name, link.link_netnsid, link.link)
                 for link in self._rtnl().links("veth") if link.link_netnsid is not None]
 
-    def link_stats(self) -> dict[int, tuple[int, int]]:
-        """(rx_packets, tx_packets) of every veth by ifindex, from one link dump."""
-        return {link.ifindex: (link.rx_packets, link.tx_packets)
+    def link_stats(self) -> dict[int, HostSide]:
+        """Statistics of every veth by ifindex, and where its peer is, from one link dump."""
+        return {link.ifindex: HostSide(link.rx_packets, link.tx_packets, link.tx_bytes,
+                                       link.link_netnsid, link.link)
                 for link in self._rtnl().links("veth")}
+
+    def peer_stats(self, nsid: int, ifindex: int) -> tuple[int, int] | None:
+        """(rx_packets, rx_bytes) of a device in another netns (a veth's pod side), read
+        without entering it; None if it is gone."""
+        try:
+            link = self._rtnl().link(ifindex, nsid)
+        except rtnl.RtnlError:
+            return None
+        return (link.rx_packets, link.rx_bytes) if link is not None else None
 
     def netnsid(self, netns_path: str) -> int | None:
         """The host's id for a netns (None if it has none: no veth peer lives there)."""
@@ -605,7 +615,72 @@ class Attacher:
                     return "tcx"
             except OSError:
                 pass
+        # A classic filter that runs before ours (Cilium's legacy tc programs, Calico's
+        # eBPF dataplane) may end TC processing (TC_ACT_OK, a redirect): ours would never
+        # run. tcx runs before every classic filter, and ours passes on (TCX_NEXT).
+        if self.filters_before_ours(ifindex):
+            return "tcx"
         return "tc"
+
+    def filters_before_ours(self, ifindex: int) -> list[str]:
+        """Other agents' classic filters that run before ours on a device, described
+        ("ingress prio 1 cil_from_container"); an unreadable device has none."""
+        found = []
+        for parent, hook in ((TC_PARENT_INGRESS, "ingress"), (TC_PARENT_EGRESS, "egress")):
+            try:
+                msgs = self._nl.ipr().get_filters(index=ifindex, parent=parent)
+            except NetlinkError:
+                continue
+            for msg in msgs:
+                prio = msg["info"] >> 16
+                options = _attr(msg, "TCA_OPTIONS")
+                name = options.get_attr("TCA_BPF_NAME") if options is not None else None
+                if msg["handle"] and (prio < self._prio or (prio == self._prio and
+                                                            name != FILTER_NAME)):
+                    found.append(f"{hook} prio {prio} {name or _attr(msg, 'TCA_KIND')}")
+        return sorted(set(found))
+
+    def explain(self, ifindex: int) -> str:
+        """Why our programs may miss a device's packets, as a podnet_monitor_bypassed reason:
+        another agent's classic filter runs first (tc_filter_first), or a tcx program sits
+        ahead of ours (tcx_program_first); "" if neither is to be seen."""
+        if self.filters_before_ours(ifindex):
+            return "tc_filter_first"
+        mine = {bpfsys.prog_info(self._programs.ingress_fd).prog_id,
+                bpfsys.prog_info(self._programs.egress_fd).prog_id}
+        for hook in (bpfsys.BPF_TCX_INGRESS, bpfsys.BPF_TCX_EGRESS):
+            try:
+                ids = bpfsys.tcx_query(ifindex, hook)
+            except OSError:
+                continue
+            ahead = ids[:next((i for i, p in enumerate(ids) if p in mine), len(ids))]
+            if ahead and (set(ids) & mine or self.choose_mode(ifindex) == "tc"):
+                return "tcx_program_first"
+        return ""
+
+    def verify(self, att: Attachment) -> str:
+        """Why an attachment is not what it should be, or "" if it is: our filter or
+        link gone (someone removed it: an admin, a CNI recreating its qdisc, a killed
+        `run --check`), or, on tc, another agent's filter now running before ours."""
+        if att.mode == "tcx":
+            mine = {bpfsys.prog_info(self._programs.ingress_fd).prog_id: bpfsys.BPF_TCX_INGRESS,
+                    bpfsys.prog_info(self._programs.egress_fd).prog_id: bpfsys.BPF_TCX_EGRESS}
+            for prog_id, hook in mine.items():
+                try:
+                    if prog_id not in bpfsys.tcx_query(att.ifindex, hook):
+                        return "link gone"
+                except OSError:
+                    return ""  # the device is gone: the next pass detaches it
+            return ""
+        for parent in (TC_PARENT_INGRESS, TC_PARENT_EGRESS):
+            try:
+                if self._our_filter(att.ifindex, parent) != FILTER_NAME:
+                    return "filter gone"
+            except NetlinkError:
+                return ""
+        if self._mode == "auto" and self.tcx_available and self.filters_before_ours(att.ifindex):
+            return "a filter runs before ours"
+        return ""
 
     def attach(self, ifindex: int, ifname: str, netns: int) -> Attachment:
         mode = self.choose_mode(ifindex)

@@ -37,7 +37,8 @@ class PodCollector:
                  program_stats: Callable[[], Sequence[ProgramStats]] | None = None,
                  bcc_version: str = "", pod_labels: Sequence[str] = (),
                  api_stats: Callable[[], Mapping[str, float]] | None = None,
-                 bypassed: Callable[[], Mapping[tuple[str, str], bool]] | None = None,
+                 bypassed: Callable[[], Mapping[tuple[str, str], str]] | None = None,
+                 redirected: Callable[[], Mapping[tuple[str, str], Sequence[int]]] | None = None,
                  scrape_stats: Callable[[], tuple[int, float]] | None = None) -> None:
         self._probes, self._maps, self._state, self._node = list(probes), maps, state, node
         self._kernel, self._node_slot = kernel, node_slot
@@ -46,7 +47,8 @@ class PodCollector:
         self._pod_labels = list(pod_labels)
         self._label_names = [prometheus_label(k) for k in self._pod_labels]
         self._api_stats = api_stats
-        self._bypassed = bypassed
+        self._bypassed = bypassed  # pod -> why its traffic bypasses ours, "" if it does not
+        self._redirected = redirected  # pod -> [packets, bytes] delivered past its host veth
         self._scrape_stats = scrape_stats  # the registry's: scrapes done, seconds spent
         self._log = log.get("collector")
         self._probe_errors = 0
@@ -160,6 +162,10 @@ class PodCollector:
         overflows = CounterFamily(
             "podnet_monitor_netlink_overflows", "Times the kernel dropped link events for the "
             "monitor (its netlink socket overflowed); each is answered by a full rescan.")
+        reattaches = CounterFamily(
+            "podnet_monitor_reattaches", "Interfaces attached again because ours was not what "
+            "it should be: filter gone, link gone (someone removed it), or a filter runs "
+            "before ours (moved to tcx).", ["reason"])
         scrapes = CounterFamily("podnet_monitor_scrapes", "Scrapes of /metrics answered.")
         scrape_seconds = CounterFamily(
             "podnet_monitor_scrape_seconds", "Time spent producing /metrics: reading the "
@@ -175,6 +181,8 @@ class PodCollector:
             dropped.add((), state.series_dropped)
             maps.add((state.maps_state,), 1)
             overflows.add((), state.netlink_overflows)
+            for reason, n in sorted(state.reattaches().items()):
+                reattaches.add((reason,), n)
             if self._api_stats is not None:
                 stats = self._api_stats()
                 api.add((), stats.get("synced", 0))
@@ -190,19 +198,37 @@ class PodCollector:
                 scrapes.add((), done)
                 scrape_seconds.add((), seconds)
         yield from (attached, errors, reconciles, reconcile_seconds, probe_errors, build, offsets,
-                    probe_states, dropped, maps, overflows)
+                    probe_states, dropped, maps, overflows, reattaches)
         if describe or self._api_stats is not None:
             yield api
             yield api_calls
         if describe or self._bypassed is not None:
             bypassed = GaugeFamily(
-                "podnet_monitor_bypassed", "1 while a pod's veth counts packets our programs "
-                "do not see (another program ends their TC processing first).",
-                ["namespace", "pod"])
-            for (namespace, pod), value in sorted((self._bypassed() if self._bypassed and
-                                                   not describe else {}).items()):
-                bypassed.add((namespace, pod), 1 if value else 0)
+                "podnet_monitor_bypassed", "1 while a pod's traffic bypasses our programs, "
+                "with why: tc_filter_first, tcx_program_first (another program ends their "
+                "TC processing before ours), redirect_peer (delivered into the pod past its "
+                "host veth), unknown; reason=\"\" and 0 while it does not.",
+                ["namespace", "pod", "reason"])
+            for (namespace, pod), reason in sorted((self._bypassed() if self._bypassed and
+                                                    not describe else {}).items()):
+                bypassed.add((namespace, pod, reason), 1 if reason else 0)
             yield bypassed
+        if describe or self._redirected is not None:
+            red_packets = CounterFamily(
+                "podnet_redirected_packets", "Packets delivered into the pod past its host veth "
+                "(bpf_redirect_peer: Cilium's host routing, netkit), which no program of ours "
+                "sees: from the pod-side device's statistics, since the daemon started; not "
+                "in podnet_packets_total.", ["namespace", "pod"])
+            red_bytes = CounterFamily(
+                "podnet_redirected_bytes", "Bytes of those packets, as the pod-side device "
+                "counts them (the frame, Ethernet header included, as podnet_bytes_total).",
+                ["namespace", "pod"])
+            for (namespace, pod), (n, b) in sorted((self._redirected() if self._redirected and
+                                                    not describe else {}).items()):
+                red_packets.add((namespace, pod), n)
+                red_bytes.add((namespace, pod), b)
+            yield red_packets
+            yield red_bytes
         if describe or self._program_stats:
             yield run_seconds
             yield runs

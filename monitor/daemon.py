@@ -221,7 +221,8 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
         programs.abort()  # what the last daemon left stays as it was
         return EXIT_FAILED
 
-    bypass = (BypassDetector(maps, lambda: state.snapshot.index, netlink.link_stats)
+    bypass = (BypassDetector(maps, lambda: state.snapshot.index, netlink.link_stats,
+                             netlink.peer_stats, attacher.explain)
               if any(p.name == "packets" for p in programs.probes) else None)
     registry = Registry()
     registry.register(PodCollector(
@@ -232,6 +233,7 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
         bcc_version=programs.bcc_version, pod_labels=settings.pod_labels,
         api_stats=getattr(metadata, "stats", None),
         bypassed=(lambda: bypass.bypassed) if bypass is not None else None,
+        redirected=(lambda: bypass.redirected) if bypass is not None else None,
         scrape_stats=registry.scrape_stats))
     stop = threading.Event()
     sweeps = [p.sweep for p in programs.probes if p.sweep]
@@ -249,12 +251,16 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
         if bypass is not None and time.monotonic() >= next_bypass_check[0]:
             next_bypass_check[0] = time.monotonic() + settings.bypass_check_interval
             bypass.check()
+            state.bypassed = dict(bypass.bypassed)
+        elif bypass is not None:
+            bypass.observe_new()
 
     loop = Loop(reconciler, resync_interval=settings.resync_interval,
                 debounce=settings.event_debounce, events_factory=bpf.link_events, state=state,
                 on_exit=netlink.close, sweep=sweep,
                 sweep_interval=settings.sweep_interval,
-                detach_on_exit=not settings.leave_attached)
+                detach_on_exit=not settings.leave_attached,
+                after_pass=bypass.observe_new if bypass is not None else None)
     worker = threading.Thread(target=loop.run, args=(stop,), name="reconcile")
     traces = _traces(settings, programs, maps, state, kernel)
     if server is None:  # only `run --check` has none, and it returned above

@@ -36,3 +36,14 @@ class ProgramStats:
     prog_id: int
     run_time_ns: int
     run_cnt: int
+
+
+@dataclass(frozen=True)
+class HostSide:
+    """A host veth's statistics, and where its peer is (from one link dump)."""
+
+    rx_packets: int
+    tx_packets: int
+    tx_bytes: int
+    nsid: int | None
+    peer_ifindex: int

@@ -16,7 +16,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,6 +38,9 @@ class Links(Protocol):
 class AttachPort(Protocol):
     def attach(self, ifindex: int, ifname: str, netns: int) -> Attachment: ...
     def detach(self, att: Attachment) -> None: ...
+
+    def verify(self, att: Attachment) -> str:
+        """Why the attachment is not what it should be; "" when it is."""
 
 
 # A probe deleting its keys for a gone pod's netns (None: the pod lives on) and for
@@ -240,6 +243,41 @@ class Reconciler:
         self._attached[veth.ifindex] = att
         bound.info("attached", mode=att.mode)
 
+    def verify(self, ifindexes: Iterable[int] | None = None, *, mode: str = "") -> int:
+        """Re-attach wherever ours is not what we believe (our filter or link removed by
+        someone else, or a classic filter now running before ours where tcx can go
+        first); `mode`: only attachments of that mode. Returns how many were re-attached.
+        The slot stays: the counts carry on, and what passed meanwhile is the gap."""
+        done = 0
+        wanted = list(self._attached) if ifindexes is None else ifindexes
+        for ifindex in sorted(set(wanted)):
+            att = self._attached.get(ifindex)
+            if att is None or (mode and att.mode != mode):
+                continue
+            try:
+                reason = self._attacher.verify(att)
+            except OSError as exc:
+                self._log.debug("attachment not verified", ifindex=ifindex, error=str(exc))
+                continue
+            if not reason:
+                continue
+            bound = self._log.bind(interface=att.ifname, ifindex=ifindex, netns=att.netns)
+            try:
+                self._attacher.detach(att)  # whatever is left of ours
+                new = self._attacher.attach(att.ifindex, att.ifname, att.netns)
+            except Exception as exc:  # noqa: BLE001 - contained per interface by design
+                del self._attached[ifindex]  # the next pass attaches it again, with backoff
+                self._failures[ifindex] = _Failure(str(exc), 1, self._clock() + RETRY_FIRST,
+                                                   att.netns)
+                self._state.count_attach_error()
+                bound.error("re-attach failed", reason=reason, error=str(exc))
+                continue
+            self._attached[ifindex] = new
+            self._state.count_reattach(reason)
+            bound.warning("re-attached", reason=reason, mode=new.mode, was=att.mode)
+            done += 1
+        return done
+
     def _detach(self, att: Attachment, *, reason: str) -> None:
         self._attacher.detach(att)
         self._release(att.ifindex)
@@ -325,17 +363,21 @@ class Loop:
                  events_factory: Callable[[], EventSource], state: MonitorState,
                  on_exit: Callable[[], None] = lambda: None,
                  sweep: Callable[[], None] | None = None, sweep_interval: float = 1.0,
-                 detach_on_exit: bool = True) -> None:
+                 detach_on_exit: bool = True,
+                 after_pass: Callable[[], None] | None = None) -> None:
+        """after_pass: run after every pass, in this thread (new interfaces' first look)."""
         self._reconciler, self._resync, self._debounce = reconciler, resync_interval, debounce
         self._detach_on_exit = detach_on_exit  # False: leave everything for the next daemon
         self._events_factory, self._state, self._on_exit = events_factory, state, on_exit
         self._sweep, self._sweep_interval = sweep, sweep_interval
+        self._after_pass = after_pass
         self._log = log.get("reconcile")
         # wake(): another thread (the API watch) asks for a pass, through a self-pipe
         # that select() watches beside the netlink socket.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_lock = threading.Lock()
         self._wake_open = True  # the fds must not be written once closed (fd numbers get reused)
+        self._wanted = False  # set by _drain: a link event or a wake-up asks for a pass
 
     def wake(self) -> None:
         with self._wake_lock:
@@ -358,10 +400,15 @@ class Loop:
                 now = time.monotonic()
                 if self._sweep is not None and now >= next_sweep:
                     self._run_sweep()
+                    # a tcx link taken away makes no netlink event: checked each sweep (two
+                    # BPF_PROG_QUERY a tcx interface)
+                    self._verify(mode="tcx")
                     next_sweep = now + self._sweep_interval
                 retry = self._reconciler.next_retry()
                 if now >= next_resync or (retry is not None and now >= retry):
                     self._pass()
+                    if now >= next_resync:
+                        self._verify()  # every attachment, once a resync
                     next_resync = time.monotonic() + self._resync
                     continue
                 wake = min(w for w in (next_resync, retry,
@@ -370,10 +417,17 @@ class Loop:
                 watched: list[Any] = [events, self._wake_r]
                 readable, _, _ = select.select(watched, [], [], timeout)
                 if readable:
+                    self._wanted = False
                     self._drain(readable, events)
                     self._settle(events)
-                    self._pass()
-                    next_resync = time.monotonic() + self._resync
+                    if self._wanted:  # a link event or a wake-up: rescan
+                        self._pass()
+                        next_resync = time.monotonic() + self._resync
+                    changed = getattr(events, "tc_changed", None)
+                    if changed:  # qdiscs or filters changed on these devices: ours still there?
+                        devices = set(changed)
+                        changed.clear()
+                        self._verify(devices)
         finally:
             try:
                 if self._detach_on_exit:
@@ -388,7 +442,8 @@ class Loop:
 
     def _drain(self, readable: list[Any], events: EventSource) -> None:
         if events in readable:
-            events.drain()
+            if events.drain():
+                self._wanted = True
             overflows = getattr(events, "overflows", 0)
             if overflows > self._state.netlink_overflows:
                 # the kernel dropped link events for us: the pass that follows rescans
@@ -397,6 +452,7 @@ class Loop:
                 self._log.warning("link events were lost (the netlink socket overflowed): "
                                   "rescanning everything", overflows=overflows)
         if self._wake_r in readable:
+            self._wanted = True
             try:
                 os.read(self._wake_r, 4096)
             except BlockingIOError:
@@ -422,6 +478,14 @@ class Loop:
         except Exception as exc:  # noqa: BLE001 - the next sweep retries
             self._log.error("sweep failed", error=str(exc))
 
+    def _verify(self, devices: set[int] | None = None, mode: str = "") -> None:
+        """Re-attach where ours went missing; a pass then publishes the new state."""
+        try:
+            if self._reconciler.verify(devices, mode=mode):
+                self._pass()
+        except Exception as exc:  # noqa: BLE001 - the next check retries; the thread lives on
+            self._log.error("verifying the attachments failed", error=str(exc))
+
     def _pass(self) -> None:
         try:
             self._reconciler.reconcile()
@@ -429,3 +493,8 @@ class Loop:
         except Exception as exc:  # noqa: BLE001 - the next pass retries; the thread lives on
             self._state.last_reconcile_error = str(exc)
             self._log.error("reconcile failed", error=str(exc))
+        if self._after_pass is not None:
+            try:
+                self._after_pass()
+            except Exception as exc:  # noqa: BLE001 - it runs again after the next pass
+                self._log.error("after a pass", error=str(exc))

@@ -75,6 +75,9 @@ RTM_GETADDR = 22
 RTM_NEWNSID = 88
 RTM_GETNSID = 90
 RTMGRP_LINK = 1
+RTMGRP_TC = 8  # 1 << (RTNLGRP_TC - 1): qdiscs and filters added and removed
+RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER, RTM_DELTFILTER = 36, 37, 44, 45
+_TC_TYPES = frozenset((RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER, RTM_DELTFILTER))
 
 # <linux/if_link.h>
 IFLA_IFNAME = 3
@@ -82,6 +85,7 @@ IFLA_LINK = 5
 IFLA_MASTER = 10
 IFLA_LINKINFO = 18
 IFLA_STATS64 = 23
+IFLA_TARGET_NETNSID = 46
 IFLA_LINK_NETNSID = 37
 IFLA_INFO_KIND = 1
 
@@ -373,12 +377,16 @@ class Rtnl:
         return self._call(what, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, body,
                           reply_type=RTM_NEWLINK, parse=parse)
 
-    def link(self, ifindex: int) -> Link | None:
-        """One link by ifindex; None if there is none (ENODEV)."""
+    def link(self, ifindex: int, nsid: int | None = None) -> Link | None:
+        """One link by ifindex; None if there is none (ENODEV). With `nsid`, the link of
+        that index in the netns the host numbers so (a veth's peer in its pod: its
+        statistics, read without entering the pod's netns; IFLA_TARGET_NETNSID, 4.20)."""
         if not 0 < ifindex <= _S32_MAX:
             return None  # no link has it; and the kernel would read 0 as "look up by name"
-        what = f"RTM_GETLINK ifindex {ifindex}"
+        what = f"RTM_GETLINK ifindex {ifindex}" + (f" nsid {nsid}" if nsid is not None else "")
         body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, ifindex, 0, 0)
+        if nsid is not None:
+            body += _attr(IFLA_TARGET_NETNSID, _S32.pack(nsid))
 
         def parse(off: int, end: int) -> Link | None:
             return _parse_link(self._buf, self._w, off, end, want_kind=None, what=what)
@@ -569,23 +577,33 @@ class Rtnl:
         raise RtnlError(errno.EBUSY, f"{what}: the socket would not drain")
 
 
-def _count_messages(buf: bytearray, n: int) -> int:
-    """How many netlink messages a datagram holds (at least 1: it woke us up)."""
-    count, off = 0, 0
+def _count_messages(buf: bytearray, n: int, tc: set[int] | None = None) -> int:
+    """How many netlink messages a datagram holds (at least 1: it woke us up) that are
+    not tc messages; the ifindex of each tc message (struct tcmsg: family, 3 bytes of
+    padding, then the ifindex) goes into `tc`."""
+    count, off, others = 0, 0, 0
     while n - off >= _HDRLEN:
-        mlen = _U32.unpack_from(buf, off)[0]
+        mlen, mtype = struct.unpack_from("=IH", buf, off)
         if mlen < _HDRLEN:
             break  # garbage: the datagram still counts as one event
         count += 1
+        if mtype in _TC_TYPES and tc is not None and mlen >= _HDRLEN + 8:
+            tc.add(_S32.unpack_from(buf, off + _HDRLEN + 4)[0])
+        else:
+            others += 1
         off += _align(mlen)
-    return max(count, 1)
+    return max(others, 1) if count == 0 or others else 0
 
 
 class LinkEvents:
-    """A socket subscribed to RTMGRP_LINK: readable when links are added, changed or removed.
+    """A socket subscribed to RTMGRP_LINK and RTMGRP_TC: readable when links are added,
+    changed or removed, or a device's qdiscs and filters.
 
-    It reads no content: every event means "rescan". An overflow (ENOBUFS: the
-    kernel dropped events for us) counts as an event too, and in `overflows`.
+    A link event means "rescan": drain() counts them and reads no more. A tc event
+    names its device: drain() adds it to `tc_changed`, for the reconciler to check
+    that what it attached there is still there (someone may have removed our filter,
+    or put theirs before ours). An overflow (ENOBUFS: the kernel dropped events for
+    us) counts as a link event, and in `overflows`.
     """
 
     _EVENT_RCVBUF = 1 << 20   # asked for; the kernel caps it at net.core.rmem_max
@@ -593,7 +611,7 @@ class LinkEvents:
     def __init__(self, *, sock: _Socket | None = None) -> None:
         """Opens, binds and subscribes the socket; `sock` is for tests only."""
         if sock is None:
-            real = _open(RTMGRP_LINK)
+            real = _open(RTMGRP_LINK | RTMGRP_TC)
             real.setblocking(False)
             try:
                 # Room for a burst (a node starting 100 pods), so overflows stay rare.
@@ -607,6 +625,7 @@ class LinkEvents:
         self._sock: _Socket | None = sock
         self._buf = bytearray(_BUFSIZE)
         self.overflows = 0
+        self.tc_changed: set[int] = set()  # ifindexes with tc events since the caller cleared it
 
     def fileno(self) -> int:
         return self._fd
@@ -629,7 +648,7 @@ class LinkEvents:
                 self.overflows += 1
                 count += 1
                 continue
-            count += _count_messages(self._buf, min(n, len(self._buf)))
+            count += _count_messages(self._buf, min(n, len(self._buf)), self.tc_changed)
         return count
 
     def close(self) -> None:

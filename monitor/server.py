@@ -131,9 +131,10 @@ class Api:
     def pods(self, h: Handler, _p: Params, _q: Mapping[str, str]) -> None:
         if self.auth_metrics:
             self.authorize(h, Access("get", path="/api/v1/pods"))
-        snapshot = self.state.snapshot
-        h.reply_json(HTTPStatus.OK, {"node": self.node, "time": time.time(),
-                                     "pods": [p.as_json() for p in snapshot.pods]})
+        snapshot, bypassed = self.state.snapshot, self.state.bypassed
+        h.reply_json(HTTPStatus.OK, {"node": self.node, "time": time.time(), "pods": [
+            {**p.as_json(), "bypassed": bypassed.get((p.namespace, p.pod), "")}
+            for p in snapshot.pods]})
 
 
 def is_loopback(address: str) -> bool:

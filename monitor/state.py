@@ -70,6 +70,8 @@ class MonitorState:
         # adopted, fresh, reset or unpinned: see podnet_monitor_maps
         self.maps_state = "unpinned"
         self._lost: dict[str, int] = {}
+        self._reattaches: dict[str, int] = {}  # by reason: see Reconciler.verify
+        self.bypassed: dict[tuple[str, str], str] = {}  # pod -> why (monitor/bypass.py)
 
     def publish(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
@@ -86,6 +88,14 @@ class MonitorState:
         with self._lock:
             return dict(self._lost)
 
+    def count_reattach(self, reason: str) -> None:
+        with self._lock:
+            self._reattaches[reason] = self._reattaches.get(reason, 0) + 1
+
+    def reattaches(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._reattaches)
+
     def count_series_dropped(self) -> None:
         with self._lock:
             self.series_dropped += 1
@@ -97,3 +107,4 @@ class MonitorState:
 
     def attached_pods(self) -> int:
         return sum(1 for p in self.snapshot.pods if any(i.attach_mode for i in p.interfaces))
+

@@ -14,13 +14,24 @@ BPF_F_BEFORE = 1 << 3
 
 _SOURCE = r"""
 #include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
 BPF_ARRAY(seen, u64, 2);
 static __always_inline int count(int slot) {
     u64 *v = seen.lookup(&slot);
     if (v) __sync_fetch_and_add(v, 1);
     return VERDICT;
 }
-int foreign_in(struct __sk_buff *skb) { return count(0); }
+int foreign_in(struct __sk_buff *skb) {
+#ifdef REDIRECT_PEER
+    /* what Cilium's host routing does for traffic to a local pod: straight into the
+     * pod's netns, past its host veth */
+    if (skb->protocol == bpf_htons(ETH_P_IP)) {
+        count(0);
+        return bpf_redirect_peer(REDIRECT_PEER, 0);
+    }
+#endif
+    return count(0);
+}
 int foreign_out(struct __sk_buff *skb) { return count(1); }
 """
 
@@ -28,8 +39,13 @@ int foreign_out(struct __sk_buff *skb) { return count(1); }
 class ForeignPrograms:
     """Two counting programs (one per hook) returning a fixed verdict."""
 
-    def __init__(self, verdict: str = "TC_ACT_UNSPEC") -> None:
-        self.bpf = BPF(text=_SOURCE.encode(), cflags=[f"-DVERDICT={verdict}"])
+    def __init__(self, verdict: str = "TC_ACT_UNSPEC", redirect_peer: int = 0) -> None:
+        """redirect_peer: the ifindex of a host veth whose pod gets every IPv4 packet the
+        ingress program sees, by bpf_redirect_peer()."""
+        cflags = [f"-DVERDICT={verdict}"]
+        if redirect_peer:
+            cflags.append(f"-DREDIRECT_PEER={redirect_peer}")
+        self.bpf = BPF(text=_SOURCE.encode(), cflags=cflags)
         self.ingress = self.bpf.load_func(b"foreign_in", BPF.SCHED_CLS)
         self.egress = self.bpf.load_func(b"foreign_out", BPF.SCHED_CLS)
         self._pins: list[Path] = []

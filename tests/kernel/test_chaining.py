@@ -128,17 +128,23 @@ def test_forced_mode_counts_exactly_and_leaves_nothing(
     assert _our_programs_loaded() == []
 
 
+@pytest.mark.parametrize("mode", ["tc", "auto"])
 def test_someone_elses_filter_at_our_priority_and_handle_is_left_alone(
-        lab: Lab, foreign: ForeignPrograms, daemons: list[Daemon]) -> None:
+        lab: Lab, foreign: ForeignPrograms, daemons: list[Daemon], mode: str) -> None:
     a, b = lab.up(2)
     # another agent happens to use our priority and handle (4096, 0x504e)
     pin_prio = 4096
     foreign.attach_tc(a.host_veth, prio=pin_prio)
     listing = tc_filters(a.host_veth, "ingress")
     assert "handle 0x1" in listing
-    daemon = Daemon("--tc-handle", "1", inventory=str(lab.inventory))
+    daemon = Daemon("--tc-handle", "1", "--attach-mode", mode, inventory=str(lab.inventory))
     daemons.append(daemon)
     by_pod = {p["pod"]: p for p in daemon.pods_api()}
+    if mode == "auto":  # with tcx at hand, ours goes first by tcx, theirs stays as it is
+        assert by_pod[a.name]["attach_mode"] == "tcx"
+        assert daemon.stop() == 0
+        assert "pnmtest-" in tc_filters(a.host_veth, "ingress")
+        return
     assert by_pod[a.name]["attach_mode"] == ""  # refused, not overwritten
     assert "another agent" in str(by_pod[a.name]["last_error"])
     assert by_pod[b.name]["attach_mode"] == "tc"
@@ -151,9 +157,10 @@ def test_someone_elses_filter_at_our_priority_and_handle_is_left_alone(
 
 
 def test_a_filter_ending_tc_processing_before_ours_is_noticed(lab: Lab, daemons: list[Daemon]) -> None:
+    """With classic tc forced (what a kernel without tcx has): reported, with its reason."""
     a, b = lab.up(2)
-    daemon = Daemon("--bypass-check-interval", "1", "--sweep-interval", "0.2",
-                    inventory=str(lab.inventory))
+    daemon = Daemon("--attach-mode", "tc", "--bypass-check-interval", "1", "--sweep-interval",
+                    "0.2", inventory=str(lab.inventory))
     daemons.append(daemon)
     in_pod(a, "ping", "-c", "1", "-W", "1", b.ip)
     passer = ForeignPrograms(verdict="TC_ACT_OK")  # ends TC processing: ours never runs
@@ -165,6 +172,9 @@ def test_a_filter_ending_tc_processing_before_ours_is_noticed(lab: Lab, daemons:
             return daemon.scrape().sum("podnet_monitor_bypassed", pod=pod)
 
         wait_for(lambda: bypassed(a.name) == 1, timeout=10)
+        assert daemon.scrape().has("podnet_monitor_bypassed", pod=a.name,
+                                   reason="tc_filter_first")
+        assert {p["pod"]: p["bypassed"] for p in daemon.pods_api()}[a.name] == "tc_filter_first"
         assert bypassed(b.name) == 0  # b's traffic still reaches our programs
         pinger.wait(timeout=10)
     finally:
@@ -172,7 +182,8 @@ def test_a_filter_ending_tc_processing_before_ours_is_noticed(lab: Lab, daemons:
     pinger = spawn_in_pod(a, "ping", "-i", "0.02", "-c", "150", b.ip)
     wait_for(lambda: daemon.scrape().sum("podnet_monitor_bypassed", pod=a.name) == 0, timeout=10)
     pinger.wait(timeout=10)
-    events = [e["event"] for e in daemon.log_events() if e.get("component") == "bypass"]
+    events = [e["event"] for e in daemon.log_events() if e.get("component") == "bypass"
+              and e["event"] != "bypass reason changed"]  # (once the filter went: unknown)
     assert events == ["traffic bypasses our programs", "traffic reaches our programs again"]
 
 

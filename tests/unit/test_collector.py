@@ -328,7 +328,7 @@ def test_describe_names_every_family_without_samples(make_pod: PodFactory) -> No
     state.publish(Snapshot(IdentityIndex([make_pod(4026532001, [(7, "veth7")])])))
     collector = PodCollector(probes=[packets.PROBE], maps=FakeMaps(), state=state,
                              node="node-1", kernel=kernel(), node_slot=1024, program_stats=list)
-    assert [f.series for f in collector.describe()] == [[]] * 23
+    assert [f.series for f in collector.describe()] == [[]] * 26
     assert [m.name for m in collector.describe()] == [
         "podnet_packets", "podnet_bytes", "podnet_tcp_segments", "podnet_pod_info",
         "podnet_monitor_attached_pods",
@@ -336,8 +336,9 @@ def test_describe_names_every_family_without_samples(make_pod: PodFactory) -> No
         "podnet_monitor_reconcile_seconds", "podnet_monitor_collect_errors",
         "podnet_monitor_build_info", "podnet_monitor_kernel_offsets",
         "podnet_monitor_probe_state", "podnet_monitor_series_dropped", "podnet_monitor_maps",
-        "podnet_monitor_netlink_overflows",
+        "podnet_monitor_netlink_overflows", "podnet_monitor_reattaches",
         "podnet_monitor_api_synced", "podnet_monitor_api_requests", "podnet_monitor_bypassed",
+        "podnet_redirected_packets", "podnet_redirected_bytes",
         "podnet_monitor_bpf_run_seconds", "podnet_monitor_bpf_runs",
         "podnet_monitor_scrapes", "podnet_monitor_scrape_seconds",
         "podnet_monitor_lost_events"]

@@ -413,7 +413,8 @@ def collector_over(npods: int, seed: int, **kwargs: object) -> PodCollector:
         program_stats=lambda: [ProgramStats("pnm_tc_ingress", 1, 1_234_567_891, 42)],
         bcc_version="0.26.0", pod_labels=["app"],
         api_stats=lambda: {"synced": 1.0, "list": 1, "watch": 3},
-        bypassed=lambda: {("ns-0", "pod-0"): True}, **kwargs)  # type: ignore[arg-type]
+        bypassed=lambda: {("ns-0", "pod-0"): "tc_filter_first"},
+        redirected=lambda: {("ns-0", "pod-0"): [3, 252]}, **kwargs)
 
 
 @pytest.mark.parametrize("seed", [1, 2])

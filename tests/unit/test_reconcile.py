@@ -61,6 +61,7 @@ class FakeAttacher:
     def __init__(self, events: list[Event], clock: Clock) -> None:
         self.events, self.clock = events, clock
         self.failing: set[int] = set()
+        self.broken: dict[int, str] = {}  # ifindex -> why ours is not what it should be there
 
     def attach(self, ifindex: int, ifname: str, netns: int) -> Attachment:
         self.events.append(("attach", ifindex, ifname, netns))
@@ -70,6 +71,9 @@ class FakeAttacher:
 
     def detach(self, att: Attachment) -> None:
         self.events.append(("detach", att.ifindex, att.ifname, att.netns))
+
+    def verify(self, att: Attachment) -> str:
+        return self.broken.get(att.ifindex, "")
 
 
 class FakeSlots:
@@ -1006,3 +1010,19 @@ def test_cap_reached_logged_once() -> None:
             world.run()
     said = [e for e in logs if e["event"].startswith("pod series cap reached")]
     assert [(e["max_pods"], e["pod"], e["log_level"]) for e in said] == [(1, "pod-1", "warning")]
+
+
+def test_verify_reattaches_where_ours_went_missing_and_keeps_the_slot(world: World) -> None:
+    # Our filter removed under a running daemon (a CNI recreating its qdisc, an admin, a
+    # killed `run --check`) used never to come back: attached_pods still said 4 (issue 21)
+    world.pod(NS_WEB, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
+    world.pod(NS_DB, 4, [(8, "veth8")], uid=UID_DB, pause_pid=200)
+    world.run()
+    world.events.clear()
+    world.attacher.broken = {7: "filter gone"}
+    assert world.reconciler.verify() == 1
+    assert world.events == [("detach", 7, "veth7", NS_WEB), ("attach", 7, "veth7", NS_WEB)]
+    assert world.state.reattaches() == {"filter gone": 1}
+    world.attacher.broken = {}
+    assert world.reconciler.verify([7, 8, 99]) == 0  # fine now; 99 is nobody's
+    assert world.slots.slots == {7: 0, 8: 1}  # the slot stayed: the counts carry on

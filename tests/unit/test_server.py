@@ -154,6 +154,7 @@ def test_pods(live: Live) -> None:
                   (InterfaceStatus("veth8", 8, "", None, "attach by tcx failed: busy"),)),
         PodStatus("shop", "db-0", "uid-db", 4026532003, True, 300, None, ()),
     )))
+    live.state.bypassed = {("shop", "db-0"): "redirect_peer", ("shop", "web-1"): ""}
     reply = live.request("/api/v1/pods")
     assert (reply.status, reply.content_type) == (200, "application/json")
     doc = reply.json()
@@ -167,17 +168,17 @@ def test_pods(live: Live) -> None:
              {"name": "veth7", "ifindex": 7, "attach_mode": "tc", "attached_since": 1700000000.5,
               "last_error": ""},
              {"name": "veth9", "ifindex": 9, "attach_mode": "", "attached_since": None,
-              "last_error": "attach by tc failed: boom"}]},
+              "last_error": "attach by tc failed: boom"}], "bypassed": ""},
         {"namespace": "_unknown", "pod": "netns-4026532002", "uid": "", "netns": 4026532002,
          "has_metadata": False, "pause_pid": None, "pinned_netns": "/run/netns/cni-b",
          "interface": "veth8", "ifindex": 8, "attach_mode": "", "attached_since": None,
          "last_error": "attach by tcx failed: busy", "interfaces": [
              {"name": "veth8", "ifindex": 8, "attach_mode": "", "attached_since": None,
-              "last_error": "attach by tcx failed: busy"}]},
+              "last_error": "attach by tcx failed: busy"}], "bypassed": ""},
         {"namespace": "shop", "pod": "db-0", "uid": "uid-db", "netns": 4026532003,
          "has_metadata": True, "pause_pid": 300, "pinned_netns": None, "interface": "",
          "ifindex": 0, "attach_mode": "", "attached_since": None, "last_error": "",
-         "interfaces": []},
+         "interfaces": [], "bypassed": "redirect_peer"},
     ]
 
 
