@@ -40,6 +40,7 @@ from monitor.pcapng import PcapngWriter
 from monitor.probes import drops as drops_probe
 from monitor.probes import trace as trace_probe
 from monitor.probes.base import u32_key
+from monitor.reorder import MAX_HOLD_NS, SLACK_NS, Released, ReorderWindow
 
 # Pages of each CPU's packet ring (drop events get a quarter): 1 MiB holds ~700 full-size
 # frames between two reads. Halved while the kernel refuses to map it (_open_rings).
@@ -47,6 +48,9 @@ RING_PAGES = 256
 RING_PAGES_MIN = 8
 QUEUE_PACKETS = 10_000  # per session, between the perf reader and the writer
 QUEUE_BYTES = 32 << 20  # ... and in bytes: at 65,000-byte snaps, 10,000 would be 650 MB
+# Frames waiting in a trace's reorder window (monitor/reorder.py), at most: a poll's worth
+# at any rate a trace keeps up with; their bytes count in QUEUE_BYTES until written.
+REORDER_FRAMES = 10_000
 # The kernel copies at least this much of each packet whatever the snap length, so
 # that the exact filter sees the headers it tests (a filter run on a copy cut
 # short would reject packets tcpdump keeps); the copy is cut to the snap length
@@ -142,6 +146,11 @@ class Session:
     lost_queue: int = 0  # dropped because the consumer was too slow
     queued_bytes: int = 0  # changed by the reader and the writer: under _bytes_lock
     packets_by_slot: dict[int, int] = field(default_factory=dict)
+    # Frames stamped up to this (wall-clock ns) have all been queued: set by the perf
+    # reader after each poll, read by the writer to put frames in order (monitor/reorder.py)
+    watermark: int = 0
+    wall_offset: int = 0  # the frames' clock: CLOCK_MONOTONIC + this is wall-clock ns
+    late: int = 0  # frames written out of order: they came after the reorder window
     _bytes_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reserve(self, size: int) -> bool:
@@ -237,7 +246,7 @@ class CaptureManager:
             session = Session(id=next(self._ids), kind=kind, pod=pod, slots=slots,
                               interfaces=interfaces, request=req, started=now,
                               deadline=now + req.duration, filter=packet_filter,
-                              on_end=self._switch_off)
+                              on_end=self._switch_off, wall_offset=self._wall_offset)
             self._sessions[session.id] = session
             self._program(slots)
         self._log.info("trace started", id=session.id, kind=kind, namespace=namespace, pod=name,
@@ -260,7 +269,7 @@ class CaptureManager:
             give_back_memory()
         self._log.info("trace ended", id=session.id, kind=session.kind, reason=session.ended,
                        packets=session.packets, bytes=session.bytes,
-                       lost=session.lost_kernel + session.lost_queue)
+                       lost=session.lost_kernel + session.lost_queue, out_of_order=session.late)
 
     def _switch_off(self, session: Session) -> None:
         """A session has just ended (its deadline, a limit, its pod or its client): its
@@ -330,7 +339,13 @@ class CaptureManager:
 
     def _read(self) -> None:
         while not self._stop.is_set():
+            # Every frame stamped before now is in its CPU's ring by the time this poll
+            # drains the rings (monitor/reorder.py): after it, none stamped before this
+            # mark (less the slack) is still to come, and writers may put theirs in order.
+            mark = time.monotonic_ns() - SLACK_NS + self._wall_offset
             self._events.poll_perf(100)
+            for session in self.active():
+                session.watermark = mark
             self._expire()
             if self._close_when_idle():
                 return
@@ -466,11 +481,37 @@ def drop_record(ev: drops_probe.DropEvent, wall_offset: int, *, reason: Callable
                 + f".{ts % 1_000_000_000:09d}Z",
         "node": node, "namespace": pod.namespace, "pod": pod.name,
         "reason": reason(ev.reason), "function": symbol(ev.location),
-        "interface": next((v.name for v in pod.interfaces if v.ifindex == ev.ifindex), ""),
-        "ifindex": ev.ifindex,
+        "interface": "", "ifindex": ev.ifindex,
     }
+    interface, side = drop_interface(pod, ev.ifindex)
+    if interface:
+        record.update(interface=interface, side=side)
     record.update(parse_headers(ev.protocol, bytes(ev.hdr)[: ev.hdr_len]))
     return record
+
+
+LOOPBACK_IFINDEX = 1  # every netns registers lo first (include/net/flow.h LOOPBACK_IFINDEX)
+
+
+def drop_interface(pod: Pod, ifindex: int) -> tuple[str, str]:
+    """(interface, side) of the device a pod's packet was dropped on, ("", "") if unknown.
+
+    The kernel reports the skb's device, from whichever netns it is in: a drop in the
+    host's path (a TC program, the bridge) names the host veth; one in the pod's own
+    stack (a firewall rule, no socket) names the pod's end of the pair, an ifindex of
+    the pod's netns that the identity index knows as the veth's peer. Either way the
+    interface is named as everywhere else (`pods`, the trace's interfaces): by its host
+    veth, and `side` says which end. The host veth is tried first: pod ifindexes are
+    small numbers of another namespace, which a host ifindex may equal."""
+    for veth in pod.interfaces:
+        if veth.ifindex == ifindex:
+            return veth.name, "host"
+    for veth in pod.interfaces:
+        if veth.peer_ifindex and veth.peer_ifindex == ifindex:
+            return veth.name, "pod"
+    if ifindex == LOOPBACK_IFINDEX:  # the pod's loopback: a drop of its traffic to itself
+        return "lo", "pod"
+    return "", ""
 
 
 def parse_headers(ethertype: int, data: bytes) -> dict[str, Any]:
@@ -520,30 +561,33 @@ def write_pcapng(session: Session, out: BinaryIO | io.BufferedIOBase, node: str,
                 name, f"node={node} netns={pod.netns_inode} host_veth={veth}",
                 snaplen=req.snaplen)
         out.flush()
-        while True:
-            try:
-                ts, slot, direction, data, length = session.queue.get(timeout=0.1)
-            except queue.Empty:
-                if session.done.is_set():
+        # Frames wait here until none stamped earlier can still come (monitor/reorder.py);
+        # their bytes stay counted in the session's budget until they are written.
+        window: ReorderWindow[Frame] = ReorderWindow(max_frames=REORDER_FRAMES)
+        full = False
+        while not full:
+            # the watermark first, then the queue: every frame stamped up to it was
+            # queued before the reader set it, so it is in the window below
+            mark = max(session.watermark,
+                       time.monotonic_ns() + session.wall_offset - MAX_HOLD_NS)
+            over = _take(session, window)
+            frames = window.flush() if over else window.release(mark)
+            for frame in frames:
+                session.release(len(frame.item[3]))
+                if not _write_frame(session, writer, interface_of, frame,
+                                    out if flush_each else None):
+                    full = True  # the byte limit: never more than asked for
                     break
-                continue
-            session.release(len(data))
-            data = data[: req.snaplen]
-            if session.bytes + len(data) > req.bytes:
-                session.end("byte limit reached")  # never more than asked for
+                if progress is not None:
+                    progress(session)
+                if session.packets >= req.packets:
+                    session.end("packet limit reached")
+                    full = True
+                    break  # not one more, even if more are waiting
+            if over:
                 break
-            if slot in interface_of:
-                writer.packet(interface_of[slot], ts, data, length, direction=direction)
-                session.packets += 1
-                session.bytes += len(data)
-                session.packets_by_slot[slot] = session.packets_by_slot.get(slot, 0) + 1
-                if flush_each:
-                    out.flush()
-            if progress is not None:
-                progress(session)
-            if session.packets >= req.packets:
-                session.end("packet limit reached")
-                break  # not one more, even if more are queued
+        for frame in window.flush():  # a limit ended it: these are not written
+            session.release(len(frame.item[3]))
         lost = session.lost_kernel + session.lost_queue
         for slot, iface in interface_of.items():
             # lost packets cannot be told apart by interface: each block carries them all
@@ -551,7 +595,8 @@ def write_pcapng(session: Session, out: BinaryIO | io.BufferedIOBase, node: str,
                               timestamp_ns=time.time_ns(),
                               comment=f"ended: {session.ended}; lost {session.lost_kernel} in "
                                       f"the kernel's buffer, {session.lost_queue} waiting for "
-                                      "the writer")
+                                      f"the writer; {session.late} written out of time order "
+                                      "(they came after the reorder window)")
         out.flush()
     except TimeoutError:  # the output bounds its writes (traceapi: the trace's deadline)
         session.end("the client stopped reading")
@@ -559,6 +604,53 @@ def write_pcapng(session: Session, out: BinaryIO | io.BufferedIOBase, node: str,
         session.end("the client went away")
     except OSError as exc:  # a full disk under a stored capture, say: keep what was written
         session.end(f"write failed: {exc.strerror or exc}")
+
+
+Frame = tuple[int, int, str, bytes, int]  # ts (wall ns), slot, direction, data, length
+
+
+def _take(session: Session, window: ReorderWindow[Frame]) -> bool:
+    """Move what the reader queued into the window (waiting a little for the first), one
+    past its bound at most, so that its oldest leaves early rather than the window grow
+    (the queue behind it is bounded too); True once the session is over and nothing more
+    will come."""
+    try:
+        item = session.queue.get(timeout=0.1)
+    except queue.Empty:
+        return session.done.is_set()
+    window.push(item[0], item)
+    while len(window) <= window.max_frames:
+        try:
+            item = session.queue.get_nowait()
+        except queue.Empty:
+            break
+        window.push(item[0], item)
+    return False
+
+
+def _write_frame(session: Session, writer: PcapngWriter, interface_of: dict[int, int],
+                 frame: Released[Frame], out: BinaryIO | io.BufferedIOBase | None) -> bool:
+    """Write one frame; False, the frame not written, when it would pass the byte limit
+    (which ends the session)."""
+    ts, slot, direction, data, length = frame.item
+    req = session.request
+    data = data[: req.snaplen]
+    if session.bytes + len(data) > req.bytes:
+        session.end("byte limit reached")
+        return False
+    if slot in interface_of:
+        comment = None
+        if frame.late_ns:
+            session.late += 1
+            comment = (f"out of time order: stamped {frame.late_ns / 1000:.0f} us before the "
+                       "frame written before it, it came after the reorder window")
+        writer.packet(interface_of[slot], ts, data, length, direction=direction, comment=comment)
+        session.packets += 1
+        session.bytes += len(data)
+        session.packets_by_slot[slot] = session.packets_by_slot.get(slot, 0) + 1
+        if out is not None:
+            out.flush()
+    return True
 
 
 def ndjson_drops(session: Session) -> Iterator[bytes]:

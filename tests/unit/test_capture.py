@@ -572,7 +572,7 @@ def test_drops_go_to_drop_traces_of_their_slot_as_records(rig: Rig) -> None:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall // 10**9))
         + f".{wall % 10**9:09d}Z",
         "node": NODE, "namespace": "shop", "pod": "db", "reason": "NO_SOCKET",
-        "function": "kfree_skb_reason+0x4c", "interface": "veth8", "ifindex": 8,
+        "function": "kfree_skb_reason+0x4c", "interface": "veth8", "ifindex": 8, "side": "host",
         "family": "ipv4", "src": "10.0.0.1", "dst": "10.0.0.2", "protocol": "udp",
         "sport": 40000, "dport": 53}
 
@@ -676,7 +676,8 @@ def block_options(path: Path) -> tuple[list[str], ...]:
     return tuple(v.split("\x1f") if v else [] for v in row)
 
 
-ENDED = "ended: duration reached; lost 7 in the kernel's buffer, 2 waiting for the writer"
+ENDED = ("ended: duration reached; lost 7 in the kernel's buffer, 2 waiting for the writer; "
+         "0 written out of time order (they came after the reorder window)")
 
 
 @needs_tshark
@@ -750,7 +751,7 @@ def test_write_pcapng_stops_at_exactly_the_packet_limit(rig: Rig) -> None:
     assert epbs(data) == 3
     assert (session.packets, session.ended) == (3, "packet limit reached")
     assert progress == [1, 2, 3]
-    assert session.queue.qsize() == 2  # not one more, even if more were queued
+    assert session.queued_bytes == 0  # the two more that came are let go, not written
 
 
 def test_write_pcapng_stops_at_the_byte_limit(rig: Rig) -> None:
@@ -846,6 +847,76 @@ def test_the_queue_is_bounded_in_bytes(rig: Rig, monkeypatch: pytest.MonkeyPatch
     session.queued_bytes -= len(frame)
     rig.events.packet(packet_event(frame, 4))  # ... and there is room again
     assert (session.queue.qsize(), session.queued_bytes, session.lost_queue) == (3, 900, 2)
+
+
+CAPINFOS = shutil.which("capinfos")
+
+
+def strict_time_order(path: Path) -> bool:
+    """What capinfos, Wireshark's own tool, says of the file."""
+    assert CAPINFOS is not None
+    proc = subprocess.run([CAPINFOS, "-o", "-M", str(path)], capture_output=True, text=True,
+                          check=True)
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("Strict time order:")]
+    return line.split(":", 1)[1].strip() == "True"
+
+
+@pytest.mark.skipif(CAPINFOS is None or TSHARK is None, reason="capinfos and tshark not installed")
+def test_frames_of_several_cpus_are_written_in_time_order(rig: Rig, tmp_path: Path) -> None:
+    # the reader drains one CPU's ring, then the other's: each in order, the two
+    # interleaved in time, and a trace of both of the pod's interfaces
+    session = rig.start("web")  # slots 3 and 5
+    base = time.monotonic_ns()
+    arrival = [(0, 3), (20, 3), (40, 5), (10, 5), (30, 3), (50, 5), (45, 3)]
+    for us, slot in arrival:
+        rig.events.packet(packet_event(udp(dport=1000 + us), slot, ts=base + us * 1000))
+    session.end("duration reached")
+    path = tmp_path / "cpus.pcapng"
+    path.write_bytes(pcapng_of(session))
+    assert strict_time_order(path)
+    ports = [int(p) for (p,) in fields(path, "udp.dstport")]
+    assert ports == [1000 + us for us in sorted(us for us, _slot in arrival)]
+    assert session.late == 0
+
+
+@pytest.mark.skipif(CAPINFOS is None, reason="capinfos not installed")
+def test_a_frame_that_comes_after_the_window_is_written_marked_and_counted(
+        rig: Rig, tmp_path: Path) -> None:
+    session = rig.start("db")
+    base = time.monotonic_ns()
+    out = io.BytesIO()
+    writer = threading.Thread(target=write_pcapng, args=(session, out, NODE))
+    writer.start()
+    rig.events.packet(packet_event(udp(dport=2), 4, ts=base + 2_000_000))
+    session.watermark = base + 2_000_000 + rig.manager._wall_offset  # the reader's, after a poll
+    deadline = time.monotonic() + 5
+    while session.packets < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert session.packets == 1  # out once the watermark passed it, before the trace ends
+    rig.events.packet(packet_event(udp(dport=1), 4, ts=base + 1_000_000))  # 1 ms before it
+    session.end("duration reached")
+    writer.join(timeout=5)
+    path = tmp_path / "late.pcapng"
+    path.write_bytes(out.getvalue())
+    assert (session.packets, session.late) == (2, 1)  # written all the same, and counted
+    assert b"out of time order: stamped 1000 us before the frame written before it" in path.read_bytes()
+    assert b"; 1 written out of time order" in path.read_bytes()  # the statistics block
+    assert not strict_time_order(path)  # the file says what it is
+
+
+def test_frames_wait_no_longer_than_the_window_bounds_when_no_watermark_comes(rig: Rig) -> None:
+    session = rig.start("db")
+    out = io.BytesIO()
+    writer = threading.Thread(target=write_pcapng, args=(session, out, NODE))
+    writer.start()
+    # stamped 1.5 s ago and the reader never set a watermark (stalled): out after MAX_HOLD
+    rig.events.packet(packet_event(udp(), 4, ts=time.monotonic_ns() - 1_500_000_000))
+    deadline = time.monotonic() + 5
+    while session.packets < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert session.packets == 1 and not session.ended
+    session.end("duration reached")
+    writer.join(timeout=5)
 
 
 def test_the_writer_gives_the_queued_bytes_back(rig: Rig) -> None:
@@ -1014,6 +1085,27 @@ def test_drop_record_time_is_rfc3339_utc_with_nanoseconds() -> None:
     assert symbols == [0xFFFFFFFF81A0B2CC]
 
 
+@pytest.mark.parametrize(("ifindex", "interface", "side"), [
+    pytest.param(57, "pnml1-h", "host", id="the-host-veth"),
+    # a drop in the pod's own stack: the skb's device is the pod's end of the veth pair,
+    # an ifindex of the pod's netns, which the identity index knows as the veth's peer
+    pytest.param(2, "pnml1-h", "pod", id="the-pods-end-of-the-veth"),
+    pytest.param(3, "pnml1-x", "pod", id="the-pods-second-interface"),
+    pytest.param(1, "lo", "pod", id="loopback-is-ifindex-1-in-every-netns"),
+    pytest.param(0, "", "", id="no-device"),
+    pytest.param(99, "", "", id="not-the-pods"),
+])
+def test_drop_record_names_the_interface_from_either_end(ifindex: int, interface: str,
+                                                         side: str) -> None:
+    two = identify(PodNetwork(NS_WEB, "/proc/1/ns/net"),
+                   [HostVeth(57, "pnml1-h", peer_ifindex=2), HostVeth(60, "pnml1-x", peer_ifindex=3)],
+                   PodMeta("shop", "web"))
+    ev = DropEvent.from_buffer_copy(drop_event(ifindex=ifindex))
+    record = drop_record(ev, 0, reason=str, symbol=hex, pod=two, node=NODE)
+    assert (record["interface"], record["ifindex"], record.get("side", "")) == (
+        interface, ifindex, side)
+
+
 def test_drop_record_reads_only_hdr_len_bytes() -> None:
     header = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=1, dport=2))
     ev = DropEvent.from_buffer_copy(drop_event(header=header))
@@ -1023,3 +1115,24 @@ def test_drop_record_reads_only_hdr_len_bytes() -> None:
         "1970-01-01T00:00:05.000000000Z", "tcp", False)
     assert record["function"] == "0xffffffff81a0b2cc"
     assert record["interface"] == "veth8"
+
+
+def test_the_window_never_holds_more_than_its_bound(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    # no watermark comes (a stalled reader): frames leave early, oldest first, and in order
+    monkeypatch.setattr(capture, "REORDER_FRAMES", 4)
+    session = rig.start("db")
+    base = time.monotonic_ns()
+    for us in (5, 1, 4, 2, 3, 9, 7, 8, 6):
+        rig.events.packet(packet_event(udp(dport=us), 4, ts=base + us * 1000))
+    seen: list[int] = []
+    out = io.BytesIO()
+    writer = threading.Thread(target=write_pcapng, args=(session, out, NODE),
+                              kwargs={"progress": lambda s: seen.append(s.packets)})
+    writer.start()
+    deadline = time.monotonic() + 5
+    while len(seen) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(seen) == 5 and not session.ended  # 9 came, 4 may wait: 5 left early
+    session.end("duration reached")
+    writer.join(timeout=5)
+    assert (session.packets, session.late, session.queued_bytes) == (9, 0, 0)
