@@ -11,17 +11,21 @@ import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from monitor.lab import Lab, LabPod
+
+T = TypeVar("T")
 
 UDP_SENDER = """
 import socket, sys
@@ -50,6 +54,24 @@ def machine() -> str:
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def stable(read: Callable[[], T], attempts: int = 200) -> T:
+    """`read()` again until two reads in a row agree, and that value.
+
+    Stray packets (ARP, IPv6 neighbour discovery, the last segments of a finished iperf3)
+    cross a veth at any moment, also while several counters are read one after the
+    other: one read is then part before and part after a packet. Two equal reads in a
+    row saw no packet in between, so the second is one consistent moment. Raises
+    RuntimeError if the counters never stand still (traffic that did not stop)."""
+    last = read()
+    for _ in range(attempts):
+        time.sleep(0.005)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    raise RuntimeError(f"counters never stood still over {attempts} reads")
 
 
 def run_in(pod: LabPod, *cmd: str, timeout: float = 300, check: bool = True,
@@ -134,17 +156,26 @@ class RunningDaemon:
 
 
 @contextmanager
-def running_daemon(inventory: Path, *args: str, log: Path = Path("/tmp/podnetmon-bench.log"),
+def running_daemon(inventory: Path, *args: str, log: Path | None = None,
                    ready_timeout: float = 120, scheme: str = "http",
                    context: ssl.SSLContext | None = None) -> Iterator[RunningDaemon]:
     """The real `podnetmon run` with its JSON log kept; yields once it is ready
-    (scheme https: the daemon serves TLS per `args`, verified with `context`)."""
+    (scheme https: the daemon serves TLS per `args`, verified with `context`).
+
+    The log (a file of its own unless `log` names one) is what explains a bench that
+    failed, and only that: it is deleted when the bench ends well, and kept, its path
+    printed, when the daemon or the bench failed."""
+    if log is None:
+        fd, name = tempfile.mkstemp(prefix="podnetmon-bench-", suffix=".log")
+        os.close(fd)
+        log = Path(name)
     port = _free_port()
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--inventory",
                                  str(inventory), "--listen", f"127.0.0.1:{port}",
                                  "--log-format", "json", *args], cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT)
+    failed = True
     try:
         deadline = time.monotonic() + ready_timeout
         while True:
@@ -157,9 +188,14 @@ def running_daemon(inventory: Path, *args: str, log: Path = Path("/tmp/podnetmon
                     raise RuntimeError(f"the daemon did not become ready; see {log}") from None
                 time.sleep(0.05)
         yield RunningDaemon(f"127.0.0.1:{port}", proc, log)
+        failed = False
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        code = proc.wait(timeout=60)
+        if failed or code != 0:
+            print(f"the daemon's log is kept in {log} (exit {code})", file=sys.stderr, flush=True)
+        else:
+            log.unlink(missing_ok=True)
 
 
 @contextmanager

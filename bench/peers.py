@@ -81,9 +81,10 @@ def main() -> int:
     parser.add_argument("--scrapes", type=int, default=15)
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    with lab_pods(args.pods) as (lab, pods), FakeApiServer(node=NODE) as api:
+    with lab_pods(args.pods) as (lab, pods), FakeApiServer(node=NODE) as api, \
+            tempfile.TemporaryDirectory(prefix="podnetmon-bench-peers-") as tmp:  # goes with it
         fill_api(api, pods, args.far, args.services)
-        kubeconfig = api.write_kubeconfig(str(Path(tempfile.mkdtemp()) / "kubeconfig"))
+        kubeconfig = api.write_kubeconfig(str(Path(tmp) / "kubeconfig"))
         subprocess.run(["ip", "addr", "add", f"{HOST}/16", "dev", "pnmlab0"], check=True)
         try:
             bridge_mac = Path("/sys/class/net/pnmlab0/address").read_text().strip()

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
-from bench.common import UDP_SENDER, lab_pods, machine, median, run_in, spawn_in
+from bench.common import UDP_SENDER, lab_pods, machine, median, run_in, spawn_in, stable
 from monitor import bpf, bpfsys, kernelinfo
 from monitor.bpf import TC_PARENT_INGRESS, Programs
 from monitor.identity import IdentityIndex
@@ -30,8 +30,13 @@ from monitor.probes.peers import PeerAccounts, PeerOptions
 from monitor.slots import SlotTable, per_slot_maps
 
 
-def _ns_per_run(fd: int, before: bpfsys.ProgInfo) -> tuple[float, int]:
-    now = bpfsys.prog_info(fd)
+def _infos(fds: dict[str, int]) -> dict[str, bpfsys.ProgInfo]:
+    """Every program's statistics at one moment: no packet ran between the first read
+    and the last (bench.common.stable), so each saw the same packets up to it."""
+    return stable(lambda: {n: bpfsys.prog_info(fd) for n, fd in fds.items()})
+
+
+def _ns_per_run(now: bpfsys.ProgInfo, before: bpfsys.ProgInfo) -> tuple[float, int]:
     runs = now.run_cnt - before.run_cnt
     return (now.run_time_ns - before.run_time_ns) / max(runs, 1), runs
 
@@ -92,16 +97,19 @@ def measure(rounds: int, datagrams: int) -> dict[str, dict[str, list[float]]]:
                            parent=TC_PARENT_INGRESS, classid=1, direct_action=True, prio=prio)
                 try:
                     for kind in ("udp64", "udp64x16", "tcp"):
-                        start = {n: bpfsys.prog_info(fd) for n, fd in fds.items()}
+                        start = _infos(fds)
                         if kind.startswith("udp64"):
                             to = ",".join(many) if kind == "udp64x16" else b.ip
                             run_in(a, sys.executable, "-c", UDP_SENDER, to, "9", str(datagrams),
                                    "22")  # 22 + 8 + 20 + 14 = 64 bytes on the wire
                         else:
                             run_in(a, "iperf3", "-c", b.ip, "-t", "2")
-                        cost = {n: _ns_per_run(fd, start[n]) for n, fd in fds.items()}
+                        end = _infos(fds)
+                        cost = {n: _ns_per_run(end[n], start[n]) for n in fds}
                         runs = {c[1] for c in cost.values()}
-                        assert len(runs) == 1, cost  # every program saw every packet
+                        # every program saw every packet: read at two quiet moments, the
+                        # run counts are equal, or a program skipped packets (a bug)
+                        assert len(runs) == 1, cost
                         line = ", ".join(f"{n} {c[0]:6.1f}" for n, c in cost.items())
                         print(f"round {r} {kind:5} ns/run over {runs.pop()} runs: {line}",
                               flush=True)

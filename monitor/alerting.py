@@ -102,7 +102,7 @@ ALERTS: tuple[Alert, ...] = (
           "{{ $labels.namespace }}/{{ $labels.pod }}: {{ $value | humanizePercentage }} of its "
           "DNS answers are NXDOMAIN",
           "Often the search-path expansion of short names (ndots): harmless but slow; or a "
-          "misspelt service name.", min_rate=0.1),
+          "misspelt service name.", capture="30s", min_rate=0.1),
     Alert("PodNetDNSTimeouts",
           f"sum by ({BY_POD}) (rate(podnet_dns_timeouts_total{{{{{POD}}}}}[5m])) > {{threshold}}",
           0.05, "5m", "warning",

@@ -126,6 +126,9 @@ def check_tracepoints(settings: Settings) -> Finding:
 
 
 def check_bpffs(settings: Settings) -> Finding:
+    if not settings.bpffs_root:  # asked for: nothing is missing
+        return Finding("bpffs", True, False, "pinning is off (bpffs root empty): counters "
+                       "restart with the daemon")
     try:
         with open("/proc/self/mounts", encoding="utf-8") as f:
             mounted = any(line.split()[1] == settings.bpffs_root and line.split()[2] == "bpf"

@@ -87,8 +87,12 @@ def _parser() -> argparse.ArgumentParser:
                             "(URL#anchor, or {anchor} in the URL replaced); none by default")
     rules.add_argument("--job", default="podnetmon", help="the scrape job of the daemons")
 
-    dashboards = sub.add_parser("dashboards", help="write the Grafana dashboards (JSON)")
-    dashboards.add_argument("--out", default="grafana", help="directory to write them to")
+    dashboards = sub.add_parser("dashboards", help="write the Grafana dashboards (JSON)",
+                                description="Write the Grafana dashboards as JSON files, one "
+                                "per dashboard, and print their paths.")
+    dashboards.add_argument("--out", default="grafana",
+                            help="directory to write them to, made if missing (default: "
+                                 "./%(default)s, under the current directory)")
 
     lab = sub.add_parser("lab", help="simulated pods on this machine")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
@@ -167,7 +171,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         conf = settings.from_sources(args)
     except settings.SettingsError as exc:
-        print(f"podnetmon: bad setting: {exc}", file=sys.stderr)
+        for problem in exc.problems:  # every one, so that one edit fixes them all
+            print(f"podnetmon: bad setting: {problem}", file=sys.stderr)
         return EXIT_USAGE
     log.configure(conf.log_level, conf.log_format)
     from monitor import daemon

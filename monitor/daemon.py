@@ -12,6 +12,7 @@ import functools
 import gc
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +38,7 @@ from monitor.runtime import RuntimeIndex
 from monitor.server import Api, Server
 from monitor.settings import Settings
 from monitor.slots import SlotTable, per_slot_maps, slot_keyed_maps
-from monitor.state import MonitorState
+from monitor.state import MonitorState, check_report
 from monitor.store import CaptureStore
 from monitor.traceapi import TraceApi
 
@@ -514,6 +515,8 @@ def _check_once(reconciler: Reconciler, state: MonitorState, netlink: object,
         failed = [p for p in pods for i in p.interfaces if i.last_error]
         logger.info("check done", pods=len(pods), attached=state.attached_pods(),
                     failed=len(failed), tc_handle=f"{handle:#x}")
+        if not sys.stderr.isatty():  # the log is JSON lines then: this is for a person
+            print(check_report(pods, state.attach_errors, handle), flush=True)
     finally:
         reconciler.detach_all()
         netlink.close()  # type: ignore[attr-defined]

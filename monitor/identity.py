@@ -8,8 +8,20 @@ the old picture or the new one, never a mix.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+# The names Kubernetes gives (k8s.io/apimachinery validation): a namespace is a DNS-1123
+# label, a pod name a DNS-1123 subdomain (checked loosely: dots anywhere inside).
+NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+POD_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+# A pod UID as the kubelet writes it into cgroup paths (monitor/discovery.py finds it
+# there): an RFC 4122 UUID from the API server, or, for a static pod whose manifest
+# names none, the kubelet's config hash (pkg/kubelet/config/common.go: the hex of an
+# MD5, 32 characters). Lower case, as both are written.
+POD_UID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}")
+
 
 # A pod network with no metadata still gets series: under this namespace (a name
 # Kubernetes cannot give a namespace, so it never collides with a real one) and a

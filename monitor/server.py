@@ -27,13 +27,12 @@ from urllib.parse import parse_qs, urlsplit
 from monitor import __version__, log
 from monitor.auth import Access, Authenticator, AuthError, FailureLimiter, NoAuth, Request
 from monitor.exposition import Registry, negotiate
+from monitor.identity import NAMESPACE_RE, POD_NAME_RE
 from monitor.listener import Conn, ConnReader, ConnWriter, FrontDoor, Limits, TlsFiles
 from monitor.state import MonitorState
 
 MAX_BODY = 1 << 20  # an Alertmanager notification is a few KB; refuse what is not
 DRAIN_MAX = 8 << 20  # an oversized body up to this is read and dropped, so the client gets our 413
-_NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a DNS-1123 label
-_POD_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a DNS-1123 subdomain
 
 
 class RequestError(Exception):
@@ -149,9 +148,9 @@ def is_loopback(address: str) -> bool:
 
 def pod_params(params: Params) -> tuple[str, str]:
     namespace, pod = params.get("namespace", ""), params.get("pod", "")
-    if not _NAMESPACE_RE.fullmatch(namespace):
+    if not NAMESPACE_RE.fullmatch(namespace):
         raise RequestError(400, f"{namespace[:70]!r} is not a namespace name")
-    if not _POD_RE.fullmatch(pod):
+    if not POD_NAME_RE.fullmatch(pod):
         raise RequestError(400, f"{pod[:70]!r} is not a pod name")
     return namespace, pod
 

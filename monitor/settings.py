@@ -27,7 +27,20 @@ PEER_INDEXES = ("auto", "cluster", "none")
 
 
 class SettingsError(ValueError):
-    """A setting has a value the daemon cannot run with."""
+    """Settings the daemon cannot run with; `problems` lists every one, each naming its
+    setting first, so that `run` can report them all at once rather than one per try."""
+
+    def __init__(self, problems: str | Sequence[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+# Settings whose empty environment variable is a value, not "unset": for every other
+# setting an empty PODNETMON_X means the default (a manifest's `value: ""`, or a template
+# that rendered nothing, should not switch a setting off by accident). bpffs_root is the
+# exception because empty is its documented "pin nothing", and an environment variable is
+# the only way a DaemonSet can say it (its args are fixed by the image's entrypoint).
+EMPTY_ENV_IS_A_VALUE = frozenset({"bpffs_root"})
 
 
 def _doc(text: str, **kwargs: Any) -> Any:
@@ -141,8 +154,10 @@ class Settings:
     bpf_stats: bool = _doc(
         "Ask the kernel to time every BPF program run (podnet_monitor_bpf_run_seconds_total). "
         "Off by default: the timing itself costs ~20-30 ns per packet.", default=False)
-    probes: tuple[str, ...] = _doc("The probes to load; see `podnetmon run --help`. Empty "
-                                   "means every probe.", default=())
+    probes: tuple[str, ...] = _doc(
+        "The probes to load, comma-separated; empty means every probe. Without `trace` the "
+        "trace endpoints (capture, drops, alertmanager, captures) answer 404 'no such "
+        "endpoint': they would have no kernel side to switch on.", default=())
     auth: str = _doc(
         "Who may read packets and drop details: token (a bearer token from --auth-token-file), "
         "kubernetes (TokenReview + SubjectAccessReview against the API), none (nobody), or "
@@ -268,104 +283,124 @@ class Settings:
 
 
 def _validate(s: Settings) -> None:
+    found = problems(s)
+    if found:
+        raise SettingsError(found)
+
+
+def problems(s: Settings) -> list[str]:
+    """Every problem with these settings, each naming its setting first; none: [].
+
+    All are listed, not the first: someone fixing a manifest should not have to start
+    the daemon once per mistake (`run` exits 2 with the whole list)."""
+    found: list[str] = []
+    bad = found.append
     _host, sep, port = s.listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise SettingsError(f"listen: {s.listen!r} is not host:port (e.g. 0.0.0.0:9655)")
+        bad(f"listen: {s.listen!r} is not host:port (e.g. 0.0.0.0:9655)")
     if s.metadata not in METADATA_SOURCES:
-        raise SettingsError(f"metadata: {s.metadata!r} is not one of {', '.join(METADATA_SOURCES)}")
+        bad(f"metadata: {s.metadata!r} is not one of {', '.join(METADATA_SOURCES)}")
     if s.metadata == "inventory" and not s.inventory:
-        raise SettingsError("metadata: inventory needs --inventory PATH")
+        bad("metadata: inventory needs --inventory PATH")
     if not 1 <= s.max_pods <= 100000:
-        raise SettingsError(f"max_pods: {s.max_pods} is outside 1..100000")
+        bad(f"max_pods: {s.max_pods} is outside 1..100000")
     names: dict[str, str] = {}
     for label in s.pod_labels:
         if not label or len(label) > 317:
-            raise SettingsError(f"pod_labels: {label!r} is not a Kubernetes label key")
+            bad(f"pod_labels: {label!r} is not a Kubernetes label key")
         other = names.setdefault(prometheus_label(label), label)
         if other != label:
-            raise SettingsError(f"pod_labels: {other!r} and {label!r} would both be exported "
-                                f"as {prometheus_label(label)}")
+            bad(f"pod_labels: {other!r} and {label!r} would both be exported "
+                f"as {prometheus_label(label)}")
     if s.auth not in AUTH_MODES:
-        raise SettingsError(f"auth: {s.auth!r} is not one of {', '.join(AUTH_MODES)}")
+        bad(f"auth: {s.auth!r} is not one of {', '.join(AUTH_MODES)}")
     if s.auth == "token" and not s.auth_token_file:
-        raise SettingsError("auth: token needs --auth-token-file PATH")
+        bad("auth: token needs --auth-token-file PATH")
     if not 14 <= s.trace_snaplen <= s.trace_max_snaplen <= 65000:
-        raise SettingsError("trace_snaplen and trace_max_snaplen: need 14 <= snaplen <= max <= 65000")
+        bad("trace_snaplen and trace_max_snaplen: need 14 <= snaplen <= max <= 65000")
     if not 0 < s.trace_max_duration <= 86400:
-        raise SettingsError(f"trace_max_duration: {s.trace_max_duration} s is outside (0, 86400]")
+        bad(f"trace_max_duration: {s.trace_max_duration} s is outside (0, 86400]")
     for name in ("trace_max_packets", "trace_max_bytes", "traces_per_node", "traces_per_pod",
                  "capture_max_files", "capture_max_bytes"):
         if getattr(s, name) < 1:
-            raise SettingsError(f"{name}: {getattr(s, name)} must be at least 1")
+            bad(f"{name}: {getattr(s, name)} must be at least 1")
     if s.attach_mode not in ATTACH_MODES:
-        raise SettingsError(f"attach_mode: {s.attach_mode!r} is not one of {', '.join(ATTACH_MODES)}")
+        bad(f"attach_mode: {s.attach_mode!r} is not one of {', '.join(ATTACH_MODES)}")
     if s.log_format not in LOG_FORMATS:
-        raise SettingsError(f"log_format: {s.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+        bad(f"log_format: {s.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
     if s.log_level not in LOG_LEVELS:
-        raise SettingsError(f"log_level: {s.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        bad(f"log_level: {s.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     if not 1 <= s.tc_priority <= 0xFFFF:
-        raise SettingsError(f"tc_priority: {s.tc_priority} is outside 1..65535")
+        bad(f"tc_priority: {s.tc_priority} is outside 1..65535")
     if not 1 <= s.tc_handle <= 0xFFFFFFFF:
-        raise SettingsError(f"tc_handle: {s.tc_handle} is outside 1..0xffffffff")
+        bad(f"tc_handle: {s.tc_handle} is outside 1..0xffffffff")
     if not 0.1 <= s.resync_interval <= 3600:
-        raise SettingsError(f"resync_interval: {s.resync_interval} s is outside 0.1..3600")
+        bad(f"resync_interval: {s.resync_interval} s is outside 0.1..3600")
     if not 0 <= s.event_debounce <= 1:
-        raise SettingsError(f"event_debounce: {s.event_debounce} s is outside 0..1")
+        bad(f"event_debounce: {s.event_debounce} s is outside 0..1")
     for name in ("tcp_connect_timeout", "dns_timeout"):
         if not 0.1 <= getattr(s, name) <= 600:
-            raise SettingsError(f"{name}: {getattr(s, name)} s is outside 0.1..600")
+            bad(f"{name}: {getattr(s, name)} s is outside 0.1..600")
     if not 1 <= s.bypass_check_interval <= 3600:
-        raise SettingsError(f"bypass_check_interval: {s.bypass_check_interval} s is outside 1..3600")
+        bad(f"bypass_check_interval: {s.bypass_check_interval} s is outside 1..3600")
     if not 0.1 <= s.sweep_interval <= 60:
-        raise SettingsError(f"sweep_interval: {s.sweep_interval} s is outside 0.1..60")
+        bad(f"sweep_interval: {s.sweep_interval} s is outside 0.1..60")
     if not 16 <= s.max_interfaces <= 65536:
-        raise SettingsError(f"max_interfaces: {s.max_interfaces} is outside 16..65536")
+        bad(f"max_interfaces: {s.max_interfaces} is outside 16..65536")
     if not s.pause_comm or len(s.pause_comm) > 15:
-        raise SettingsError("pause_comm: must be 1 to 15 characters (the kernel's comm length)")
+        bad("pause_comm: must be 1 to 15 characters (the kernel's comm length)")
     for name in ("proc_root", "bpffs_root", "tracefs_root", "btf_path", "capture_dir"):
+        if name == "bpffs_root" and not s.bpffs_root:
+            continue  # empty: pin nothing (see the field)
         if not os.path.isabs(getattr(s, name)):
-            raise SettingsError(f"{name}: {getattr(s, name)!r} must be an absolute path")
+            bad(f"{name}: {getattr(s, name)!r} must be an absolute path")
     if bool(s.tls_cert_file) != bool(s.tls_key_file):
-        raise SettingsError("tls_cert_file and tls_key_file: give both or neither")
+        bad("tls_cert_file and tls_key_file: give both or neither")
     if s.tls_client_ca_file and not s.tls_cert_file:
-        raise SettingsError("tls_client_ca_file: client certificates need TLS "
-                            "(--tls-cert-file and --tls-key-file)")
+        bad("tls_client_ca_file: client certificates need TLS "
+            "(--tls-cert-file and --tls-key-file)")
     if not 1 <= s.http_max_connections <= 65536:
-        raise SettingsError(f"http_max_connections: {s.http_max_connections} is outside 1..65536")
+        bad(f"http_max_connections: {s.http_max_connections} is outside 1..65536")
     if not 1 <= s.http_workers <= 256:
-        raise SettingsError(f"http_workers: {s.http_workers} is outside 1..256")
+        bad(f"http_workers: {s.http_workers} is outside 1..256")
     for name in ("http_header_timeout", "http_idle_timeout", "http_body_timeout",
                  "http_write_timeout"):
         if not 0.1 <= getattr(s, name) <= 3600:
-            raise SettingsError(f"{name}: {getattr(s, name)} s is outside 0.1..3600")
+            bad(f"{name}: {getattr(s, name)} s is outside 0.1..3600")
     if not 1 <= s.auth_failures_per_minute <= 100000:
-        raise SettingsError(f"auth_failures_per_minute: {s.auth_failures_per_minute} is "
-                            "outside 1..100000")
+        bad(f"auth_failures_per_minute: {s.auth_failures_per_minute} is "
+            "outside 1..100000")
     if not 1 <= s.auth_max_reviews <= 256:
-        raise SettingsError(f"auth_max_reviews: {s.auth_max_reviews} is outside 1..256")
+        bad(f"auth_max_reviews: {s.auth_max_reviews} is outside 1..256")
     if not s.auth_audiences:
-        raise SettingsError("auth_audiences: name at least one audience (a token meant for "
-                            "any audience would be one meant for the API server)")
+        bad("auth_audiences: name at least one audience (a token meant for "
+            "any audience would be one meant for the API server)")
     for name in ("peer_top", "dns_top"):
         if not 0 <= getattr(s, name) <= 1000:
-            raise SettingsError(f"{name}: {getattr(s, name)} is outside 0..1000")
+            bad(f"{name}: {getattr(s, name)} is outside 0..1000")
     if not 1 <= s.peer_ttl <= 86400:
-        raise SettingsError(f"peer_ttl: {s.peer_ttl} s is outside 1..86400")
+        bad(f"peer_ttl: {s.peer_ttl} s is outside 1..86400")
     if not 1 <= s.peer_interval <= 600:
-        raise SettingsError(f"peer_interval: {s.peer_interval} s is outside 1..600")
+        bad(f"peer_interval: {s.peer_interval} s is outside 1..600")
     if s.peer_index not in PEER_INDEXES:
-        raise SettingsError(f"peer_index: {s.peer_index!r} is not one of {', '.join(PEER_INDEXES)}")
+        bad(f"peer_index: {s.peer_index!r} is not one of {', '.join(PEER_INDEXES)}")
     for name in ("cluster_cidrs", "service_cidrs"):
         for cidr in getattr(s, name):
             try:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
-                raise SettingsError(f"{name}: {cidr!r} is not a CIDR (10.244.0.0/16, "
-                                    "fd00::/108)") from None
+                bad(f"{name}: {cidr!r} is not a CIDR (10.244.0.0/16, fd00::/108)")
     for name in ("netns_dirs", "runtime_dirs"):
         for d in getattr(s, name):
             if not os.path.isabs(d):
-                raise SettingsError(f"{name}: {d!r} must be an absolute path")
+                bad(f"{name}: {d!r} must be an absolute path")
+    from monitor.probes import REGISTRY  # late: settings' users need no probe until here
+
+    unknown = [p for p in s.probes if p not in REGISTRY]
+    if unknown:
+        bad(f"probes: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
+            f"{'a probe' if len(unknown) == 1 else 'probes'}; known: {', '.join(REGISTRY)}")
+    return found
 
 
 def prometheus_label(key: str) -> str:
@@ -407,9 +442,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Settings):
         default = f.default
         shown = ",".join(default) if isinstance(default, tuple) else default
+        doc = f.metadata["doc"]
+        if f.name == "probes":
+            doc += " " + probe_list()
         parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar="VALUE",
-                            help=f"{f.metadata['doc']} [env {env_name(f.name)}; "
-                                 f"default {shown!r}]")
+                            help=f"{doc} [env {env_name(f.name)}; default {shown!r}]")
+
+
+def probe_list() -> str:
+    """Every probe of the registry with what it counts, for --probes' help."""
+    from monitor.probes import REGISTRY
+
+    return "The probes: " + "; ".join(f"{name}: {p.summary}" for name, p in REGISTRY.items()) + "."
 
 
 def from_sources(flags: Mapping[str, Any] | argparse.Namespace,
@@ -420,16 +464,42 @@ def from_sources(flags: Mapping[str, Any] | argparse.Namespace,
         flags = vars(flags)
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    unreadable: dict[str, str] = {}  # setting -> why its value could not be converted
     for f in dataclasses.fields(Settings):
         raw = flags.get(f.name)
         if raw is None:
-            raw = environ.get(env_name(f.name)) or None  # an empty variable means unset
-        if raw is not None:
+            raw = environ.get(env_name(f.name))
+            if not raw and f.name not in EMPTY_ENV_IS_A_VALUE:
+                raw = None  # an empty variable means unset (see EMPTY_ENV_IS_A_VALUE)
+        if raw is None:
+            continue
+        try:
             values[f.name] = _convert(f, raw) if isinstance(raw, str) else raw
+        except SettingsError as exc:
+            unreadable[f.name] = str(exc)
     if "node_name" not in values and environ.get("NODE_NAME"):
         values["node_name"] = environ["NODE_NAME"]  # the downward API's usual name
     values.update(overrides or {})
-    return Settings(**values)
+    for name in overrides or {}:
+        unreadable.pop(name, None)
+    if not unreadable:
+        return Settings(**values)
+    # Some values could not even be read: check the rest all the same, so that every
+    # problem is reported at once. A problem of the rest that names an unreadable
+    # setting (two settings checked together, one of them now at its default) is left
+    # out: it would be about a value nobody gave.
+    try:
+        Settings(**values)
+        rest: list[str] = []
+    except SettingsError as exc:
+        rest = [p for p in exc.problems if not _names_any(p, unreadable)]
+    raise SettingsError([*unreadable.values(), *rest])
+
+
+def _names_any(problem: str, names: Mapping[str, str]) -> bool:
+    """Whether a problem ("a and b: why") is about one of these settings."""
+    subject = problem.split(":", 1)[0]
+    return any(word in names for word in subject.replace(",", " ").split())
 
 
 def describe(settings: Settings) -> dict[str, Any]:

@@ -7,6 +7,7 @@ the current one without locks (one attribute read is atomic in CPython).
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from monitor.identity import IdentityIndex
@@ -108,3 +109,31 @@ class MonitorState:
     def attached_pods(self) -> int:
         return sum(1 for p in self.snapshot.pods if any(i.attach_mode for i in p.interfaces))
 
+
+def check_report(pods: Sequence[PodStatus], attach_errors: int, handle: int) -> str:
+    """What `run --check` found, for a person: one line per pod interface, attached (and
+    how) or not (and why), then the verdict, which is the exit status's. The daemon's log
+    says the same as JSON events, and that is all a reader gets when stderr is not a
+    terminal (a CI job, a pipe) unless this is printed too."""
+    rows = []
+    for pod in pods:
+        for i in pod.interfaces:
+            state = f"attached ({i.attach_mode})" if i.attach_mode else "NOT ATTACHED"
+            rows.append((state, f"{pod.namespace}/{pod.pod}", i.name, i.last_error))
+        if not pod.interfaces:
+            rows.append(("NOT ATTACHED", f"{pod.namespace}/{pod.pod}", "-", "no host veth"))
+    attached = sum(1 for p in pods if any(i.attach_mode for i in p.interfaces))
+    # the daemon's verdict (_check_once): any interface with an error, any failed attempt
+    ok = not any(i.last_error for p in pods for i in p.interfaces) and not attach_errors
+    lines = [f"podnetmon run --check: {len(pods)} pod{'' if len(pods) == 1 else 's'} found, "
+             f"{attached} attached (this check's own programs, tc handle {handle:#x}, "
+             "detached again)"]
+    widths = [max((len(r[c]) for r in rows), default=0) for c in range(3)]
+    for row in rows:
+        cells = "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True))
+        lines.append(f"  {cells}  {row[3]}".rstrip())
+    if attach_errors:
+        lines.append(f"  {attach_errors} attach attempt{'' if attach_errors == 1 else 's'} "
+                     "failed: the log on stderr says why")
+    lines.append("result: ok" if ok else "result: FAILED (exit 1)")
+    return "\n".join(lines)

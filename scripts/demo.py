@@ -78,16 +78,39 @@ def _query(prom: str, expr: str) -> list[dict[str, object]]:
     return list(doc.get("data", {}).get("result", []))
 
 
+def rate_text(bits_per_second: float) -> str:
+    """A rate in the unit that shows it: a ping's few kbit/s as well as iperf3's 200 Mbit/s
+    (in Mbit/s alone a pinging pod read 0.00)."""
+    for factor, unit in ((1e9, "Gbit/s"), (1e6, "Mbit/s"), (1e3, "kbit/s")):
+        if bits_per_second >= factor:
+            return f"{bits_per_second / factor:7.2f} {unit}"
+    return f"{bits_per_second:7.2f} bit/s"
+
+
 def _print_rates(prom: str) -> int:
     rows = _query(prom, RATE_QUERY)
     if not rows:
         print("  (Prometheus has no rates yet: it needs two scrapes)")
         return 0
-    print(f"  {'pod':10} {'direction':9} {'Mbit/s':>10}")
+    print(f"  {'pod':10} {'direction':9} {'rate':>14}")
     for row in sorted(rows, key=lambda r: (r["metric"]["pod"], r["metric"]["direction"])):  # type: ignore[index]
         metric, value = row["metric"], row["value"]
-        print(f"  {metric['pod']:10} {metric['direction']:9} {float(value[1]) / 1e6:10.2f}")  # type: ignore[index]
+        print(f"  {metric['pod']:10} {metric['direction']:9} {rate_text(float(value[1]))}")  # type: ignore[index]
     return len(rows)
+
+
+def _ui(prom: str) -> str:
+    """The path under which this Prometheus serves its pages: "" for upstream's, or
+    "/classic" for Debian's build (2.42 has no React UI: /alerts is a 404 there, and
+    /classic/alerts the page). Asked, not assumed from a version."""
+    for prefix in ("", "/classic"):
+        try:
+            with urllib.request.urlopen(f"http://{prom}{prefix}/alerts", timeout=5) as resp:
+                if resp.status == 200:
+                    return prefix
+        except OSError:
+            continue
+    raise SystemExit(f"demo: Prometheus at {prom} serves neither /alerts nor /classic/alerts")
 
 
 def main() -> int:
@@ -169,12 +192,16 @@ def main() -> int:
             [prometheus, f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
              f"--web.listen-address={args.prometheus}"], stdout=prom_log, stderr=prom_log)
         _wait_http(f"http://{args.prometheus}/-/ready", 60)
+        ui = f"http://{args.prometheus}{_ui(args.prometheus)}"
+        graph = f"{ui}/graph?" + urllib.parse.urlencode({"g0.expr": RATE_QUERY, "g0.tab": "0"})
 
         print(f"""
 demo: everything runs. Where to look:
   metrics     curl -s --cacert {ca.cert} {url}/metrics | grep '^podnet_bytes_total'
   pods        .venv/bin/podnetmon pods --address {url} --ca-file {ca.cert}
-  Prometheus  http://{args.prometheus}/graph   (alerts: http://{args.prometheus}/alerts)
+  Prometheus  {graph}
+  alerts      {ui}/alerts
+  targets     {ui}/targets   (podnetmon, scraped over https)
   PromQL      {RATE_QUERY}
   Grafana     import grafana/podnet-node.json, podnet-pod.json, podnet-monitor.json and pick
               http://{args.prometheus} as their Prometheus; no Grafana? watch it live:

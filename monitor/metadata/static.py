@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from monitor import log
-from monitor.identity import PodMeta
+from monitor.identity import NAMESPACE_RE, POD_NAME_RE, POD_UID_RE, PodMeta
 
 _KNOWN_KEYS = {"uid", "netns", "namespace", "name", "labels", "owner"}
 
@@ -72,12 +72,31 @@ def _entry(index: int, raw: Any, problems: list[str]) -> tuple[PodMeta, str] | N
     for key in ("namespace", "name"):
         if not _text(raw.get(key)):
             problems.append(f"{where}: '{key}' must be a non-empty string")
+    # Names Kubernetes could not give would make series no real pod can have (and a
+    # namespace such as _unknown would pass for the fallback identity's).
+    if _text(raw.get("namespace")) and not NAMESPACE_RE.fullmatch(raw["namespace"]):
+        problems.append(f"{where}: namespace {raw['namespace'][:70]!r} is not a Kubernetes "
+                        "namespace name (a DNS-1123 label: a-z, 0-9 and '-', at most 63)")
+    if _text(raw.get("name")) and not POD_NAME_RE.fullmatch(raw["name"]):
+        problems.append(f"{where}: name {raw['name'][:70]!r} is not a Kubernetes pod name "
+                        "(a DNS-1123 subdomain: a-z, 0-9, '-' and '.', at most 253)")
     uid, netns = raw.get("uid"), raw.get("netns")
     if uid is None and netns is None:
         problems.append(f"{where}: needs 'uid' or 'netns' to be matched to a pod network")
     for key, value in (("uid", uid), ("netns", netns)):
         if value is not None and not _text(value):
             problems.append(f"{where}: '{key}' must be a non-empty string")
+    if isinstance(uid, str) and uid:
+        # RFC 4122: a UUID's hex digits are case-insensitive on input; cgroup paths have
+        # them in lower case, so that is the form kept
+        if not POD_UID_RE.fullmatch(uid.lower()):
+            problems.append(f"{where}: uid {uid[:70]!r} is not a pod UID (a UUID such as "
+                            "1b4e28ba-2fa1-11d2-883f-0016d3cca427, or a static pod's 32 hex "
+                            "digits): it would never match a pod")
+        uid = uid.lower()
+    if isinstance(netns, str) and netns and not os.path.isabs(netns):
+        problems.append(f"{where}: netns {netns[:70]!r} must be an absolute path (a pinned "
+                        "netns file, such as /run/netns/cni-...)")
     labels = raw.get("labels")
     labels = {} if labels is None else labels
     if not isinstance(labels, dict) or not all(

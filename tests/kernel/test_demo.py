@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 import shlex
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from tests.kernel.support import ROOT, free_port
@@ -49,6 +51,19 @@ def test_demo_runs_prometheus_sees_the_traffic_and_nothing_is_left() -> None:
         curl = subprocess.run(["curl", "-sf", "--cacert", ca[1], f"https://{listen}/metrics"],
                               capture_output=True, text=True, timeout=30, check=False)
         assert curl.returncode == 0 and "podnet_bytes_total{" in curl.stdout, curl.stderr
+        # Every link it prints answers, as printed (a client's --address is not a link: the
+        # pods command above used it). Debian's Prometheus 2.42 serves /classic/alerts,
+        # and its /alerts is a 404.
+        links = [u.rstrip(").,'") for u in re.findall(r"(?<!--address )(https?://\S+)", printed)]
+        assert any(u.endswith("/alerts") for u in links), printed
+        context = ssl.create_default_context(cafile=ca[1])
+        for link in links:
+            with urllib.request.urlopen(link, timeout=10,
+                                        context=context if link.startswith("https") else None) as r:
+                page = r.read()
+                assert r.status == 200, link
+            if link.endswith("/alerts"):
+                assert b"PodNetDropsHigh" in page, link  # the page of the rules it loaded
         assert proc.wait(timeout=300) == 0, "".join(lines)
     finally:
         if proc.poll() is None:
@@ -58,11 +73,16 @@ def test_demo_runs_prometheus_sees_the_traffic_and_nothing_is_left() -> None:
     out = "".join(lines)
     # The last table Prometheus answered: the TCP client sends ~200 Mbit/s, the server gets it.
     # Prometheus scraped over https with the demo's CA, or it would have no rates at all.
-    rates = {(m[0], m[1]): float(m[2]) for m in
-             re.findall(r"^\s+(pod-\d+)\s+(ingress|egress)\s+([\d.]+)$", out, re.M)}
+    units = {"bit/s": 1.0, "kbit/s": 1e3, "Mbit/s": 1e6, "Gbit/s": 1e9}
+    rates = {(m[0], m[1]): float(m[2]) * units[m[3]] / 1e6 for m in re.findall(
+        r"^\s+(pod-\d+)\s+(ingress|egress)\s+([\d.]+) ((?:k|M|G)?bit/s)$", out, re.M)}
     assert 150 < rates[("pod-1", "egress")] < 260, out
     assert 150 < rates[("pod-0", "ingress")] < 260, out
     assert 1.0 < rates[("pod-3", "egress")] < 4.0, out  # UDP at 2 Mbit/s of payload
+    # the pod that only pings, 5 a second: 98-byte frames each way, 3.92 kbit/s, shown as
+    # such (in Mbit/s it read 0.00)
+    assert re.search(r"^\s+pod-2\s+egress\s+[\d.]+ kbit/s$", out, re.M), out
+    assert 3.0e-3 < rates[("pod-2", "egress")] < 6.0e-3, out
     assert "nothing left behind" in out
     assert not Path(ca[1]).parent.exists()  # the throwaway CA and its key went with the demo
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True,

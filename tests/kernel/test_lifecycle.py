@@ -116,6 +116,21 @@ def test_run_check_attaches_reports_and_detaches(lab: Lab) -> None:
         assert our_programs(pod.host_veth) == {}
 
 
+def test_run_check_prints_a_summary_for_a_person_when_stderr_is_not_a_terminal(lab: Lab) -> None:
+    pods = lab.up(2, pinned=1)
+    proc = subprocess.run([sys.executable, "-m", "monitor", "run", "--check", "--inventory",
+                           str(lab.inventory)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)  # stderr a pipe: the log is JSON
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.lstrip().startswith("{")  # the log itself stays as it was, on stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("podnetmon run --check: 2 pods found, 2 attached"), proc.stdout
+    for pod in pods:
+        assert any(line.split()[:4] == ["attached", "(tc)", f"lab/{pod.name}", pod.host_veth]
+                   for line in lines), proc.stdout
+    assert lines[-1] == "result: ok"
+
+
 def test_bpf_stats_count_every_run_and_pods_table(lab: Lab, daemons: list[Daemon]) -> None:
     pods = lab.up(3)
     daemon = Daemon("--bpf-stats", "true", inventory=str(lab.inventory))

@@ -59,3 +59,30 @@ def test_unknown_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str])
         main(["frobnicate"])
     assert info.value.code == 2
     assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_run_lists_every_bad_setting_at_once(capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # the README: `run` exits 2 "with every problem listed", not the first one it met
+    monkeypatch.setenv("PODNETMON_MAX_INTERFACES", "many")
+    assert main(["run", "--attach-mode", "bogus", "--listen", "nope", "--tc-priority", "0",
+                 "--probes", "packets,nosuch", "--resync-interval", "soon"]) == EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        "podnetmon: bad setting: resync_interval: 'soon' is not a valid float",
+        "podnetmon: bad setting: max_interfaces: 'many' is not a valid int",
+        "podnetmon: bad setting: listen: 'nope' is not host:port (e.g. 0.0.0.0:9655)",
+        "podnetmon: bad setting: attach_mode: 'bogus' is not one of auto, tc, tcx",
+        "podnetmon: bad setting: tc_priority: 0 is outside 1..65535",
+        "podnetmon: bad setting: probes: nosuch is not a probe; known: packets, peers, "
+        "tcpflags, handshake, dns, dnsnames, drops, retransmits, rtt, trace",
+    ]
+
+
+def test_dashboards_help_shows_where_they_go_without_out(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["dashboards", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "default: ./grafana" in help_text

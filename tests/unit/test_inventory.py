@@ -85,6 +85,25 @@ def one(raw: object) -> str:
                  "'owner' must be {kind: ..., name: ...}", id="owner-unknown-key"),
     pytest.param(entry(owner={"kind": "Deployment", "name": 3}),
                  "'owner' must be {kind: ..., name: ...}", id="owner-name-int"),
+    # what Kubernetes and the kubelet can give, no more: a pod UID (an RFC 4122 UUID, or a
+    # static pod's 32-hex config hash), a DNS-1123 label as namespace, a DNS-1123 subdomain
+    # as name, and a pinned netns by its absolute path
+    pytest.param(entry(uid="not-a-uid"), "uid 'not-a-uid' is not a pod UID", id="uid-not-a-uid"),
+    pytest.param(entry(uid="1b4e28ba2fa111d2883f0016d3cca42"), "is not a pod UID",
+                 id="uid-31-hex"),
+    pytest.param(entry(uid=UID_WEB + "0"), "is not a pod UID", id="uid-too-long"),
+    pytest.param(entry(uid="1b4e28ba_2fa1_11d2_883f_0016d3cca427"), "is not a pod UID",
+                 id="uid-systemd-spelling"),
+    pytest.param(entry(namespace="Shop_Bad"), "namespace 'Shop_Bad' is not a Kubernetes "
+                 "namespace name", id="namespace-not-dns-label"),
+    pytest.param(entry(namespace="a" * 64), "is not a Kubernetes namespace name",
+                 id="namespace-64"),
+    pytest.param(entry(namespace="_unknown"), "is not a Kubernetes namespace name",
+                 id="namespace-the-fallbacks"),
+    pytest.param(entry(name="Web_1"), "name 'Web_1' is not a Kubernetes pod name",
+                 id="name-not-dns-subdomain"),
+    pytest.param(entry(netns="relative/path"), "netns 'relative/path' must be an absolute path",
+                 id="netns-relative"),
     pytest.param("web", "is a str, expected a mapping", id="entry-str"),
     pytest.param(["web"], "is a list, expected a mapping", id="entry-list"),
 ])
@@ -92,6 +111,17 @@ def test_bad_entry(raw: object, problem: str) -> None:
     message = one(raw)
     assert message.startswith("inv.yaml: pods[0]: ")
     assert problem in message
+
+
+@pytest.mark.parametrize("uid", [
+    UID_WEB,
+    "1B4E28BA-2FA1-11D2-883F-0016D3CCA427",  # RFC 4122: hex is case-insensitive on input
+    "d41d8cd98f00b204e9800998ecf8427e",  # a static pod: the kubelet's hash of its manifest
+])
+def test_pod_uids_kubernetes_gives_are_accepted_in_the_form_cgroups_carry(uid: str) -> None:
+    inv = parse(yaml.safe_dump({"pods": [entry(uid=uid, namespace="kube-system",
+                                               name="etcd-node-1.example")]}))
+    assert list(inv.by_uid) == [uid.lower()]
 
 
 def test_every_problem_listed_with_its_index() -> None:

@@ -51,6 +51,16 @@ def test_every_alert_has_a_runbook_section_and_pod_alerts_name_the_pod() -> None
             assert "{{ $labels.namespace }}/{{ $labels.pod }}" in alert.summary, alert.name
 
 
+def test_every_pod_alert_asks_for_a_capture_as_the_readme_says() -> None:
+    # README and runbook: every pod alert carries podnet_capture, so that the Alertmanager
+    # webhook starts a capture of the pod it names; the rendered rule is what Prometheus sees
+    readme = (ROOT / "README.md").read_text()
+    assert "podnet_capture" in readme
+    for alert in alerting.ALERTS:
+        labels = alerting.rule(alert, "podnetmon")["labels"]
+        assert ("podnet_capture" in labels) == alert.pod_fault, alert.name
+
+
 def test_overrides_set_thresholds_and_for() -> None:
     alerts = {a.name: a for a in alerting.configured(
         ["PodNetDropsHigh.threshold=5", "PodNetDNS*.for=1m", "*.for=30s"])}
