@@ -583,6 +583,25 @@ def remove_our_filters(netlink: Netlink, ifindex: int, prio: int, handle: int) -
     return removed
 
 
+def filters_before(netlink: Netlink, ifindex: int, prio: int) -> list[str]:
+    """Other agents' classic filters that run before a filter of ours at `prio` on a
+    device, described ("ingress prio 1 cil_from_container"); an unreadable device has
+    none. A filter at our very priority runs first too when it is not ours."""
+    found = []
+    for parent, hook in ((TC_PARENT_INGRESS, "ingress"), (TC_PARENT_EGRESS, "egress")):
+        try:
+            msgs = netlink.ipr().get_filters(index=ifindex, parent=parent)
+        except NetlinkError:
+            continue
+        for msg in msgs:
+            at = msg["info"] >> 16
+            options = _attr(msg, "TCA_OPTIONS")
+            name = options.get_attr("TCA_BPF_NAME") if options is not None else None
+            if msg["handle"] and (at < prio or (at == prio and name != FILTER_NAME)):
+                found.append(f"{hook} prio {at} {name or _attr(msg, 'TCA_KIND')}")
+    return sorted(set(found))
+
+
 def all_links(netlink: Netlink) -> list[tuple[int, str]]:
     """(ifindex, name) of every interface in this netns."""
     return [(link.ifindex, link.name) for link in netlink.links()]
@@ -623,22 +642,8 @@ class Attacher:
         return "tc"
 
     def filters_before_ours(self, ifindex: int) -> list[str]:
-        """Other agents' classic filters that run before ours on a device, described
-        ("ingress prio 1 cil_from_container"); an unreadable device has none."""
-        found = []
-        for parent, hook in ((TC_PARENT_INGRESS, "ingress"), (TC_PARENT_EGRESS, "egress")):
-            try:
-                msgs = self._nl.ipr().get_filters(index=ifindex, parent=parent)
-            except NetlinkError:
-                continue
-            for msg in msgs:
-                prio = msg["info"] >> 16
-                options = _attr(msg, "TCA_OPTIONS")
-                name = options.get_attr("TCA_BPF_NAME") if options is not None else None
-                if msg["handle"] and (prio < self._prio or (prio == self._prio and
-                                                            name != FILTER_NAME)):
-                    found.append(f"{hook} prio {prio} {name or _attr(msg, 'TCA_KIND')}")
-        return sorted(set(found))
+        """Other agents' classic filters that run before ours on a device."""
+        return filters_before(self._nl, ifindex, self._prio)
 
     def explain(self, ifindex: int) -> str:
         """Why our programs may miss a device's packets, as a podnet_monitor_bypassed reason:

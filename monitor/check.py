@@ -159,12 +159,43 @@ def check_attach() -> Iterator[Finding]:
                       "use a kernel with CONFIG_NET_CLS_BPF")
     if not tcx:
         yield Finding("tcx", True, False, "tcx links attach (kernel >= 6.6): used where a "
-                      "device already carries tcx programs")
+                      "device carries tcx programs, or tc filters that run before ours")
     else:
         yield Finding("tcx", False, False, f"tcx is not available: {tcx}",
                       "nothing to do unless the CNI uses tcx (Cilium >= 1.16 on kernel >= 6.6); "
                       "then a kernel with CONFIG_NET_XGRESS is needed for traffic not to "
                       "bypass podnetmon")
+
+
+def check_cni(settings: Settings, tcx_error: str) -> Finding:
+    """Would another agent's classic tc filter (Cilium's legacy tc programs, Calico's eBPF
+    dataplane) end pod traffic before our programs see it? Read from the host veths as
+    they are now: tcx runs before every classic filter, so with tcx and attach_mode auto
+    the daemon attaches those veths by tcx and counts them whole."""
+    from monitor import bpf
+
+    netlink = bpf.Netlink()
+    try:
+        ahead = {veth.name: found for veth in netlink.veths()
+                 if (found := bpf.filters_before(netlink, veth.ifindex, settings.tc_priority))}
+    finally:
+        netlink.close()
+    if not ahead:
+        return Finding("cni", True, False, "no other agent's tc filter runs before ours on "
+                       "the host's veths")
+    example = ", ".join(f"{name} ({'; '.join(found)})" for name, found in sorted(ahead.items())[:3])
+    many = f"{len(ahead)} veth{'' if len(ahead) == 1 else 's'} carr{'ies' if len(ahead) == 1 else 'y'}"
+    if not tcx_error and settings.attach_mode == "auto":
+        return Finding("cni", True, False, f"{many} another agent's tc filters that run before "
+                       f"ours, e.g. {example}: podnetmon attaches those by tcx, which runs first")
+    why = (f"this kernel has no tcx ({tcx_error})" if tcx_error
+           else f"attach_mode is {settings.attach_mode}")
+    remedy = ("a kernel with tcx (6.6+, CONFIG_NET_XGRESS) and attach_mode auto" if tcx_error
+              else "attach_mode auto (the default): those veths are then attached by tcx")
+    return Finding("cni", False, False, f"{many} another agent's tc filters that run before "
+                   f"ours, e.g. {example}, and {why}: what those filters end (TC_ACT_OK, a "
+                   "redirect) is not counted; podnet_monitor_bypassed{reason=\"tc_filter_first\"} "
+                   "names the pods", remedy)
 
 
 def run_checks(settings: Settings) -> list[Finding]:
@@ -175,7 +206,11 @@ def run_checks(settings: Settings) -> list[Finding]:
     for step in steps:
         findings.append(step())
     if findings[1].ok:
-        findings.extend(check_attach())
+        attach = list(check_attach())
+        findings.extend(attach)
+        tcx = next(f for f in attach if f.name == "tcx")
+        tcx_error = "" if tcx.ok else tcx.sentence.removeprefix("tcx is not available: ")
+        findings.append(check_cni(settings, tcx_error))
     return findings
 
 

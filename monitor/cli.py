@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="preflight of this host: can the daemon run here?")
     check.add_argument("--tracefs-root", default="/sys/kernel/tracing")
     check.add_argument("--bpffs-root", default="/sys/fs/bpf")
+    check.add_argument("--attach-mode", default="auto", choices=settings.ATTACH_MODES,
+                       help="the daemon's attach mode, to judge other agents' tc filters by")
+    check.add_argument("--tc-priority", type=int, default=settings.Settings().tc_priority,
+                       help="the daemon's tc priority (default %(default)s)")
 
     cleanup = sub.add_parser(
         "cleanup", help="remove everything podnetmon attached or pinned on this node",
@@ -183,7 +187,8 @@ def _run(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from monitor import check
 
-    conf = settings.Settings(tracefs_root=args.tracefs_root, bpffs_root=args.bpffs_root)
+    conf = settings.Settings(tracefs_root=args.tracefs_root, bpffs_root=args.bpffs_root,
+                             attach_mode=args.attach_mode, tc_priority=args.tc_priority)
     text, code = check.report(check.run_checks(conf))
     print(text)
     return code

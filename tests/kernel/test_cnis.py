@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from monitor import bpfsys, rtnl, tracepoints
 from monitor.lab import Lab, LabPod
 from tests.kernel.foreign import ForeignPrograms
 from tests.kernel.support import (
+    ROOT,
     Daemon,
     in_pod,
     our_programs,
@@ -105,6 +107,33 @@ def test_a_classic_filter_ending_tc_first_moves_the_veth_to_tcx(
     seen = cni.counts()
     assert seen[0] >= 23 and seen[1] >= 23  # theirs ran too: ours passes on (TCX_NEXT)
     assert daemon.scrape().sum("podnet_monitor_bypassed", pod=a.name) == 0
+
+
+def _check_line(*args: str) -> list[str]:
+    proc = subprocess.run([sys.executable, "-m", "monitor", "check", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    lines = proc.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.split()[1:2] == ["cni"])
+    return lines[at:at + 2]
+
+
+def test_check_says_which_veths_carry_filters_that_run_before_ours(
+        lab: Lab, passers: list[ForeignPrograms]) -> None:
+    a, _b = lab.up(2)
+    line = _check_line()
+    assert line[0].split()[:2] == ["ok", "cni"] and a.host_veth not in line[0], line
+    cni = ForeignPrograms(verdict="TC_ACT_OK")
+    passers.append(cni)
+    cni.attach_tc(a.host_veth, prio=1)
+    line = _check_line()  # with tcx, attach_mode auto: those veths go to tcx
+    assert line[0].split()[:2] == ["ok", "cni"], line
+    assert f"{a.host_veth} (egress prio 1 " in line[0] and "attaches those by tcx" in line[0]
+    line = _check_line("--attach-mode", "tc")  # forced to tc: their traffic is not all seen
+    assert line[0].split()[:2] == ["warn", "cni"], line
+    assert a.host_veth in line[0] and 'reason="tc_filter_first"' in line[0]
+    assert "remedy: attach_mode auto" in line[1]
+    line = _check_line("--tc-priority", "1")  # ours first at 1? theirs holds it: still ahead
+    assert a.host_veth in line[0], line
 
 
 def test_redirect_peer_past_the_host_veth_is_reported_and_its_volume_counted(
