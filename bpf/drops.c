@@ -8,6 +8,8 @@
  *         (6.12+). Anything else counts under the node (kind NODE), so no drop
  *         is lost. The key keeps the raw netns inode or ifindex the kernel
  *         showed, so a test can hold it against `stat` and /sys/class/net.
+ *         Frees with a reason that drop no pod traffic (an echo reply a raw
+ *         socket received; a capture's own copy) count in pnm_drops_excluded.
  * Hook:   tracepoint skb:kfree_skb (reason since 5.17, rx_sk since 6.12).
  * Kernel: 5.17.
  * Cost:   a few bpf_probe_read_kernel() and two hash lookups per drop; nothing
@@ -58,6 +60,13 @@ struct pnm_drop_event {
     __u8 hdr[PNM_DROP_HDR];
 };
 
+/* Frees with a drop reason that are not drops of pod traffic (see pnm_not_a_drop),
+ * counted here by why instead of in pnm_drops. */
+#define PNM_EXCLUDED_RAW_SOCKET 0    /* an ICMP echo reply a raw socket received */
+#define PNM_EXCLUDED_PACKET_COPY 1   /* a packet socket's (a capture's) copy */
+#define PNM_EXCLUDED_WHYS 2
+PNM_MAP("percpu_array", __u32, __u64, pnm_drops_excluded, PNM_EXCLUDED_WHYS);
+
 BPF_ARRAY(pnm_drop_trace, __u32, PNM_SLOTS);
 BPF_PERF_OUTPUT(pnm_drop_events);
 PNM_MAP("percpu_array", __u32, __u64, pnm_drops_lost, 1); /* drops not counted: the map was full */
@@ -99,6 +108,70 @@ static __always_inline void pnm_attribute(__u64 skb, __u64 rx_sk, struct pnm_dro
 #endif
 
 #ifndef PNM_NO_KSTRUCT
+/* An echo reply (ICMP type 0, ICMPv6 129) whose data another skb still shares. ping_rcv()
+ * frees every echo reply that no ping (datagram ICMP) socket claims with NO_SOCKET, even
+ * when a raw ICMP socket, such as root's or a container's ping, took its copy just before
+ * (raw_local_deliver() clones, then icmp_rcv() runs). That copy waits in the raw socket's
+ * queue, holding a second reference to the data (skb_shared_info.dataref) until the
+ * reader copies it out, which a woken process does microseconds after this softirq has
+ * freed the original: a live reference here is a delivered copy. A reply that no socket
+ * at all took has dataref 1 and stays a NO_SOCKET drop. */
+static __always_inline int pnm_echo_reply_delivered(__u64 skb, __u16 protocol)
+{
+    __u64 head = pnm_read_ptr(skb, PNM_OFF_SKB_HEAD);
+    __u16 network = 0xffff;
+    __u32 end = 0;
+    __u8 ip[41] = {};
+    if (!head ||
+        bpf_probe_read_kernel(&network, sizeof(network), (void *)(skb + PNM_OFF_SKB_NETWORK_HEADER)) ||
+        network == 0xffff ||
+        bpf_probe_read_kernel(ip, sizeof(ip), (void *)(head + network)))
+        return 0;
+    if (protocol == 0x0800) { /* the tracepoint gives the ethertype in host order */
+        __u32 ihl = (ip[0] & 0xf) * 4;
+        __u8 type = 0xff;
+        if (ip[9] != 1 /* ICMP */ || ihl < 20 || ihl > 60 ||
+            bpf_probe_read_kernel(&type, 1, (void *)(head + network + ihl)) || type != 0)
+            return 0;
+    } else if (protocol == 0x86DD) {
+        if (ip[6] != 58 /* ICMPv6, no extension header */ || ip[40] != 129)
+            return 0;
+    } else {
+        return 0;
+    }
+    __u32 dataref = 0;
+    bpf_probe_read_kernel(&end, sizeof(end), (void *)(skb + PNM_OFF_SKB_END));
+    bpf_probe_read_kernel(&dataref, sizeof(dataref), (void *)(head + end + PNM_OFF_SHINFO_DATAREF));
+    return (dataref & 0xffff) > 1; /* SKB_DATAREF_MASK: the references to the whole data */
+}
+#endif
+
+/* Which of the excluded kinds a free is, or -1 for a drop. The reasons' values are the
+ * running kernel's (-D from its tracefs names): a kernel without the reason has neither. */
+static __always_inline int pnm_not_a_drop(__u32 reason, __u64 skb, __u16 protocol)
+{
+#ifdef PNM_REASON_PACKET_SOCK_ERROR
+    /* af_packet frees its own copy with this when its socket or ring is full: a capture
+     * (tcpdump) fell behind; the packet itself went on */
+    if (reason == PNM_REASON_PACKET_SOCK_ERROR)
+        return PNM_EXCLUDED_PACKET_COPY;
+#endif
+#ifndef PNM_NO_KSTRUCT
+    /* ... and copies a packet socket had queued, purged when it closes (QUEUE_PURGE) */
+    __u64 sk = pnm_read_ptr(skb, PNM_OFF_SKB_SK);
+    __u16 family = 0;
+    if (sk && bpf_probe_read_kernel(&family, sizeof(family), (void *)(sk + PNM_OFF_SK_FAMILY)) == 0 &&
+        family == 17 /* AF_PACKET */)
+        return PNM_EXCLUDED_PACKET_COPY;
+#endif
+#if defined(PNM_REASON_NO_SOCKET) && !defined(PNM_NO_KSTRUCT)
+    if (reason == PNM_REASON_NO_SOCKET && pnm_echo_reply_delivered(skb, protocol))
+        return PNM_EXCLUDED_RAW_SOCKET;
+#endif
+    return -1;
+}
+
+#ifndef PNM_NO_KSTRUCT
 static __always_inline void pnm_drop_event(void *ctx, __u64 skb, const struct pnm_drop_key *key,
                                            __u64 location, __u16 protocol)
 {
@@ -133,6 +206,14 @@ TRACEPOINT_PROBE(skb, kfree_skb)
 {
     if (!pnm_current())
         return 0; /* a restarted daemon's programs count now (pnm.h) */
+    int why = pnm_not_a_drop(args->reason, (__u64)args->skbaddr, args->protocol);
+    if (why >= 0) {
+        __u32 idx = why;
+        __u64 *excluded = pnm_drops_excluded.lookup(&idx);
+        if (excluded)
+            *excluded += 1;
+        return 0;
+    }
     struct pnm_drop_key key = {};
     key.reason = args->reason;
 #ifndef PNM_NO_KSTRUCT

@@ -195,10 +195,13 @@ OFFSETS: dict[str, tuple[str, str]] = {
     "PNM_OFF_SKB_CB": ("sk_buff", "cb"),
     "PNM_OFF_SKB_HEAD": ("sk_buff", "head"),
     "PNM_OFF_SKB_NETWORK_HEADER": ("sk_buff", "network_header"),
+    "PNM_OFF_SKB_END": ("sk_buff", "end"),  # an offset from head on 64-bit: the shared info
+    "PNM_OFF_SHINFO_DATAREF": ("skb_shared_info", "dataref"),
     "PNM_OFF_DEV_NET": ("net_device", "nd_net"),
     "PNM_OFF_DEV_IFINDEX": ("net_device", "ifindex"),
     "PNM_OFF_NET_INUM": ("net", "ns.inum"),
     "PNM_OFF_SK_NET": ("sock", "__sk_common.skc_net"),
+    "PNM_OFF_SK_FAMILY": ("sock", "__sk_common.skc_family"),
     "PNM_OFF_TCP_SRTT": ("tcp_sock", "srtt_us"),
     "PNM_OFF_TCB_GSO_SEGS": ("tcp_skb_cb", "tcp_gso_segs"),
 }

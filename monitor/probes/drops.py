@@ -11,9 +11,13 @@ from monitor.kernelinfo import KernelInfo
 from monitor.maps import decode
 from monitor.probes.base import NODE_NAMESPACE, CounterSum, MapLayout, MapWriter, Probe, Scrape
 
-MAP, LOST = "pnm_drops", "pnm_drops_lost"
+MAP, LOST, EXCLUDED = "pnm_drops", "pnm_drops_lost", "pnm_drops_excluded"
 TRACE, EVENTS = "pnm_drop_trace", "pnm_drop_events"  # the per-slot switch, the perf buffer
 KIND_NODE, KIND_NETNS, KIND_IFINDEX = 0, 1, 2
+# pnm_drops_excluded's entries (PNM_EXCLUDED_* in drops.c), by the `why` they are shown with
+EXCLUDED_WHYS = ("echo_reply_to_raw_socket", "packet_socket_copy")
+# the drop reasons drops.c tells apart, by the running kernel's values (-D PNM_REASON_*)
+REASONS_NEEDED = ("NO_SOCKET", "PACKET_SOCK_ERROR")
 
 
 class DropEvent(ctypes.Structure):
@@ -39,6 +43,15 @@ def _family() -> CounterFamily:
         ["namespace", "pod", "reason"])
 
 
+def _excluded_family() -> CounterFamily:
+    return CounterFamily(
+        "podnet_monitor_drops_excluded", "Packets the kernel freed with a drop reason that "
+        "are not drops of pod traffic, so not in podnet_drops_total: why=echo_reply_to_raw_"
+        "socket, an ICMP echo reply no ping socket claimed (NO_SOCKET) but a raw socket "
+        "(root's ping) received; why=packet_socket_copy, a capture's own copy "
+        "(PACKET_SOCK_ERROR: tcpdump fell behind).", ["why"])
+
+
 def collect(scrape: Scrape) -> Iterator[Family]:
     drops = _family()
     sums = CounterSum()
@@ -57,6 +70,11 @@ def collect(scrape: Scrape) -> Iterator[Family]:
     for labels, value in sums.items():
         drops.add(labels, value)
     yield drops
+    excluded = _excluded_family()
+    for index, why in enumerate(EXCLUDED_WHYS):
+        raw = scrape.maps.lookup(EXCLUDED, struct.pack("=I", index))
+        excluded.add((why,), struct.unpack("=Q", raw)[0] if raw else 0)
+    yield excluded
 
 
 def lost(scrape: Scrape) -> dict[str, int]:
@@ -67,6 +85,7 @@ def lost(scrape: Scrape) -> dict[str, int]:
 
 def describe() -> Iterator[Family]:
     yield _family()
+    yield _excluded_family()
 
 
 def forget(maps: MapWriter, netns: int | None, ifindexes: Sequence[int]) -> None:
@@ -90,7 +109,10 @@ def prune(maps: MapWriter, live_netns: set[int], live_ifindexes: set[int]) -> No
 
 
 def cflags(kernel: KernelInfo) -> list[str]:
-    return ["-DPNM_HAVE_RX_SK"] if kernel.has_field("skb:kfree_skb", "rx_sk") else []
+    flags = ["-DPNM_HAVE_RX_SK"] if kernel.has_field("skb:kfree_skb", "rx_sk") else []
+    values = {name: value for value, name in kernel.drop_reasons.items()}
+    flags += [f"-DPNM_REASON_{name}={values[name]}" for name in REASONS_NEEDED if name in values]
+    return flags
 
 
 PROBE = Probe(
@@ -101,6 +123,7 @@ PROBE = Probe(
     needs_offsets=True,
     degraded="without kernel struct offsets every drop counts under the node",
     maps={MAP: MapLayout(DropKey, ctypes.c_uint64), LOST: MapLayout(ctypes.c_uint32, ctypes.c_uint64),
+          EXCLUDED: MapLayout(ctypes.c_uint32, ctypes.c_uint64),
           TRACE: MapLayout(ctypes.c_uint32, ctypes.c_uint32, per_slot=True)},
     collect=collect,
     describe=describe,

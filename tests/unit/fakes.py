@@ -18,8 +18,9 @@ HOST_NETNS = 4026531840  # the host's netns inode on most machines; any number w
 
 OFFSETS = {"PNM_OFF_SKB_DEV": 16, "PNM_OFF_SKB_SK": 24, "PNM_OFF_SKB_CB": 40,
            "PNM_OFF_SKB_HEAD": 192, "PNM_OFF_SKB_NETWORK_HEADER": 180,
+           "PNM_OFF_SKB_END": 188, "PNM_OFF_SHINFO_DATAREF": 32,
            "PNM_OFF_DEV_NET": 264, "PNM_OFF_DEV_IFINDEX": 224, "PNM_OFF_NET_INUM": 176,
-           "PNM_OFF_SK_NET": 48, "PNM_OFF_TCP_SRTT": 1680, "PNM_OFF_TCB_GSO_SEGS": 8}
+           "PNM_OFF_SK_NET": 48, "PNM_OFF_SK_FAMILY": 16, "PNM_OFF_TCP_SRTT": 1680, "PNM_OFF_TCB_GSO_SEGS": 8}
 
 
 def u32(value: int) -> bytes:

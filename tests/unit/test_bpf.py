@@ -46,9 +46,11 @@ def test_cflags_with_offsets() -> None:
         "-DPNM_MAX_INTERFACES=256", "-DPNM_IFSLOT_BUCKETS=65536", f"-DPNM_HOST_NETNS={HOST_NETNS}",
         "-Wno-macro-redefined",
         "-DPNM_OFF_DEV_IFINDEX=224", "-DPNM_OFF_DEV_NET=264", "-DPNM_OFF_NET_INUM=176",
-        "-DPNM_OFF_SKB_CB=40", "-DPNM_OFF_SKB_DEV=16", "-DPNM_OFF_SKB_HEAD=192",
-        "-DPNM_OFF_SKB_NETWORK_HEADER=180", "-DPNM_OFF_SKB_SK=24",
-        "-DPNM_OFF_SK_NET=48", "-DPNM_OFF_TCB_GSO_SEGS=8", "-DPNM_OFF_TCP_SRTT=1680"]
+        "-DPNM_OFF_SHINFO_DATAREF=32",
+        "-DPNM_OFF_SKB_CB=40", "-DPNM_OFF_SKB_DEV=16", "-DPNM_OFF_SKB_END=188",
+        "-DPNM_OFF_SKB_HEAD=192", "-DPNM_OFF_SKB_NETWORK_HEADER=180", "-DPNM_OFF_SKB_SK=24",
+        "-DPNM_OFF_SK_FAMILY=16", "-DPNM_OFF_SK_NET=48", "-DPNM_OFF_TCB_GSO_SEGS=8",
+        "-DPNM_OFF_TCP_SRTT=1680"]
     assert len([f for f in flags if f.startswith("-DPNM_OFF_")]) == len(OFFSETS)
 
 

@@ -161,7 +161,7 @@ def kernel_like() -> Encoder:
     headers_union = e.union("", 4, [("", e.struct("", 4, header_fields), 0),
                                     ("headers", e.struct("sk_buff_members", 4, header_fields), 0)])
     uchar_ptr = e.ptr(u8)
-    e.struct("sk_buff", 112, [
+    e.struct("sk_buff", 120, [
         ("", head_union, 0),          # dev at 0 + 0 + 128 bits = 16 bytes
         ("", sk_union, 192),          # sk at 24
         ("cb", cb, 256),              # cb at 32
@@ -172,7 +172,11 @@ def kernel_like() -> Encoder:
         ("", headers_union, 736),     # network_header at 92 + 2 = 94
         ("head", uchar_ptr, 768),     # 96
         ("data", uchar_ptr, 832),     # 104
+        ("end", typedef_u32, 896),    # 112: sk_buff_data_t, an offset from head on 64-bit
     ])
+    atomic = e.struct("", 4, [("counter", s32, 0)])
+    e.struct("skb_shared_info", 40, [("flags", u8, 0), ("nr_frags", u8, 16),
+                                     ("frag_list", skb_ptr, 64), ("dataref", atomic, 256)])
 
     possible_net_t = e.typedef("possible_net_t", e.struct("", 8, [("net", net_ptr, 0)]))
     e.struct("net_device", 64, [("name", e.array(u8, u32, 16), 0), ("ifindex", s32, 128),
@@ -241,9 +245,10 @@ def test_offsetof(parsed: Btf, struct_name: str, path: str, expected: int) -> No
 def test_kernel_offsets_of_the_synthetic_kernel(parsed: Btf) -> None:
     assert btf.kernel_offsets(parsed) == {
         "PNM_OFF_SKB_DEV": 16, "PNM_OFF_SKB_SK": 24, "PNM_OFF_SKB_CB": 32,
-        "PNM_OFF_SKB_HEAD": 96, "PNM_OFF_SKB_NETWORK_HEADER": 94,
+        "PNM_OFF_SKB_HEAD": 96, "PNM_OFF_SKB_NETWORK_HEADER": 94, "PNM_OFF_SKB_END": 112,
+        "PNM_OFF_SHINFO_DATAREF": 32,
         "PNM_OFF_DEV_NET": 32, "PNM_OFF_DEV_IFINDEX": 16, "PNM_OFF_NET_INUM": 48,
-        "PNM_OFF_SK_NET": 24, "PNM_OFF_TCP_SRTT": 168, "PNM_OFF_TCB_GSO_SEGS": 8}
+        "PNM_OFF_SK_NET": 24, "PNM_OFF_SK_FAMILY": 16, "PNM_OFF_TCP_SRTT": 168, "PNM_OFF_TCB_GSO_SEGS": 8}
 
 
 def test_cflags_sorted_by_name() -> None:
@@ -251,7 +256,7 @@ def test_cflags_sorted_by_name() -> None:
 
 
 def test_sizeof(parsed: Btf) -> None:
-    assert parsed.sizeof("sk_buff") == 112
+    assert parsed.sizeof("sk_buff") == 120
     assert parsed.sizeof("net") == 64
     assert parsed.sizeof("tcp_word_hdr") == 20
     with pytest.raises(BtfError, match=r"^struct nope is not in this kernel's BTF$"):
@@ -262,7 +267,8 @@ def test_members_read_back(parsed: Btf) -> None:
     members = list(parsed.members(parsed.struct_id("sk_buff")))
     assert [(m.name, m.bit_offset, m.bitfield_size) for m in members] == [
         ("", 0, 0), ("", 192, 0), ("cb", 256, 0), ("len", 640, 0), ("cloned", 672, 1),
-        ("nohdr", 673, 1), ("users", 704, 0), ("", 736, 0), ("head", 768, 0), ("data", 832, 0)]
+        ("nohdr", 673, 1), ("users", 704, 0), ("", 736, 0), ("head", 768, 0), ("data", 832, 0),
+        ("end", 896, 0)]
 
 
 # -- refusals -------------------------------------------------------------------------------------
@@ -513,10 +519,12 @@ def test_the_encoder_writes_what_bpftool_reads(tmp_path: Path, layout: dict[str,
     assert bpftool_offsetof(types, "sock", "__sk_common.skc_net") == 24
     assert bpftool_offsetof(types, "sk_buff", "network_header") == 94
     assert bpftool_offsetof(types, "sk_buff", "head") == 96
+    assert bpftool_offsetof(types, "sk_buff", "end") == 112
+    assert bpftool_offsetof(types, "skb_shared_info", "dataref") == 32
     sk_buff = next(t for t in types.values() if t.kind == "STRUCT" and t.name == "sk_buff")
-    assert sk_buff.size == 112
+    assert sk_buff.size == 120
     assert [m[0] for m in sk_buff.members] == ["(anon)", "(anon)", "cb", "len", "cloned", "nohdr",
-                                               "users", "(anon)", "head", "data"]
+                                               "users", "(anon)", "head", "data", "end"]
 
 
 # -- drop reasons of subsystems other than the core (issue 14) ----------------------------

@@ -494,8 +494,9 @@ def test_describe_of_every_probe_reads_no_map() -> None:
         "podnet_tcp_handshake_seconds", "podnet_tcp_connect_failures",
         "podnet_dns_latency_seconds", "podnet_dns_responses", "podnet_dns_queries",
         "podnet_dns_timeouts"]
-    assert names[12:15] == ["podnet_dns_name_failures", "podnet_drops", "podnet_tcp_retransmits"]
-    assert names[15] == "podnet_tcp_rtt_seconds"  # trace has no families of its own
+    assert names[12:16] == ["podnet_dns_name_failures", "podnet_drops",
+                            "podnet_monitor_drops_excluded", "podnet_tcp_retransmits"]
+    assert names[16] == "podnet_tcp_rtt_seconds"  # trace has no families of its own
     assert names[-1] == "podnet_monitor_lost_events"  # one family, whichever probes lose events
     assert len(names) == len(set(names))  # no family twice
     assert maps.log == []

@@ -363,6 +363,16 @@ def test_drops_cflags() -> None:
     assert drops.cflags(without) == []
 
 
+def test_drops_cflags_give_the_reasons_it_tells_apart_by_this_kernels_values() -> None:
+    # values differ between kernels: 6.18 has PACKET_SOCK_ERROR at 84, 5.17 has none
+    tp = {"skb:kfree_skb": {"skbaddr", "reason"}}
+    new = kernel(tracepoints=tp, drop_reasons={2: "NOT_SPECIFIED", 3: "NO_SOCKET",
+                                               84: "PACKET_SOCK_ERROR"})
+    old = kernel(tracepoints=tp, drop_reasons={2: "NOT_SPECIFIED", 3: "NO_SOCKET"})
+    assert drops.cflags(new) == ["-DPNM_REASON_NO_SOCKET=3", "-DPNM_REASON_PACKET_SOCK_ERROR=84"]
+    assert drops.cflags(old) == ["-DPNM_REASON_NO_SOCKET=3"]
+
+
 # -- retransmits and rtt: pods and the node ---------------------------------------------------------
 
 def test_retransmits_per_pod_and_node(pods: tuple[list[Pod], dict[int, int]]) -> None:
