@@ -443,6 +443,14 @@ class LabRun:
     pods: list[LabPod]
     daemon: Daemon
 
+    @property
+    def a(self) -> LabPod:
+        return self.pods[0]
+
+    @property
+    def b(self) -> LabPod:
+        return self.pods[1]
+
 
 @contextmanager
 def lab_with_daemon(count: int, *daemon_args: str, pinned: int = 0,

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
@@ -25,6 +24,7 @@ from monitor.lab import LabPod
 from tests.kernel.support import (
     UDP_SENDER,
     Daemon,
+    LabRun,
     Metrics,
     in_pod,
     lab_with_daemon,
@@ -84,17 +84,10 @@ print(drops, flush=True)
 """
 
 
-@dataclass
-class Env:
-    a: LabPod
-    b: LabPod
-    daemon: Daemon
-
-
 @pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
+def env() -> Iterator[LabRun]:
     with lab_with_daemon(2) as run:  # no static neighbours: ARP and ND as a user has them
-        yield Env(run.pods[0], run.pods[1], run.daemon)
+        yield run
 
 
 def pod_drops(m: Metrics, *pods: LabPod) -> dict[tuple[str, str], float]:
@@ -130,7 +123,7 @@ def ping(src: LabPod, dst: str, count: int, *, datagram: bool) -> int:
 
 
 @pytest.fixture
-def tcpdumps(env: Env) -> Iterator[None]:
+def tcpdumps(env: LabRun) -> Iterator[None]:
     """Captures running where an SRE would run them: on both host veths and in a pod."""
     procs = [subprocess.Popen(["tcpdump", "-n", "-i", p.host_veth, "-w", "/dev/null"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -150,7 +143,7 @@ def tcpdumps(env: Env) -> Iterator[None]:
 
 
 def test_healthy_pings_are_no_drops_with_raw_or_datagram_sockets_v4_v6_under_tcpdump(
-        env: Env, tcpdumps: None) -> None:
+        env: LabRun, tcpdumps: None) -> None:
     a, b, daemon = env.a, env.b, env.daemon
     before = settled(daemon, 0)
     raw_replies = 0
@@ -169,7 +162,7 @@ def test_healthy_pings_are_no_drops_with_raw_or_datagram_sockets_v4_v6_under_tcp
 
 
 @pytest.mark.parametrize("family", ["4", "6"])
-def test_an_echo_reply_is_a_drop_unless_a_socket_received_it(env: Env, family: str) -> None:
+def test_an_echo_reply_is_a_drop_unless_a_socket_received_it(env: LabRun, family: str) -> None:
     a, b, daemon = env.a, env.b, env.daemon
     dst = b.ip if family == "4" else b.ip6
     before = settled(daemon, 0)
@@ -193,7 +186,7 @@ def test_an_echo_reply_is_a_drop_unless_a_socket_received_it(env: Env, family: s
 
 
 def test_a_closed_port_stays_one_no_socket_drop_each_under_tcpdump(
-        env: Env, tcpdumps: None) -> None:
+        env: LabRun, tcpdumps: None) -> None:
     a, b, daemon = env.a, env.b, env.daemon
     before = settled(daemon, 0)
     no_ports = _udp_no_ports(b)
@@ -205,7 +198,7 @@ def test_a_closed_port_stays_one_no_socket_drop_each_under_tcpdump(
             - pod_drops(before, b).get((b.name, "NO_SOCKET"), 0)) == sent
 
 
-def test_a_full_captures_lost_copies_are_not_the_pods_drops(env: Env) -> None:
+def test_a_full_captures_lost_copies_are_not_the_pods_drops(env: LabRun) -> None:
     a, b, daemon = env.a, env.b, env.daemon
     capture = spawn_with_stdin(b, sys.executable, "-c", FULL_CAPTURE)
     assert capture.stdin is not None and capture.stdout is not None
@@ -238,7 +231,7 @@ def _udp_no_ports(pod: LabPod) -> int:
     return total
 
 
-def test_what_was_excluded_is_waited_for_not_raced(env: Env) -> None:
+def test_what_was_excluded_is_waited_for_not_raced(env: LabRun) -> None:
     """The exclusion reads a live second reference to the reply's data: a raw socket's
     queued copy. Flooding keeps the reader busy on the other CPU, the likeliest way for it
     to free its copy before the original is freed; not one reply may count as a drop."""
