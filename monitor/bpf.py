@@ -31,7 +31,7 @@ from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-unty
 
 from monitor import bpfsys, loader, log, perfring, pins, rtnl, tracepoints
 from monitor.kernelinfo import KernelInfo
-from monitor.kerneltypes import Attachment, HostSide, ProgramStats, VethLink
+from monitor.kerneltypes import Attachment, HostSide, ProgramStats, VethCounts, VethLink
 from monitor.maps import KernelMaps, MapHandle, only_u64
 from monitor.probes.base import Probe
 
@@ -531,6 +531,16 @@ class Netlink:
         return {link.ifindex: HostSide(link.rx_packets, link.tx_packets, link.tx_bytes,
                                        link.link_netnsid, link.link)
                 for link in self._rtnl().links("veth")}
+
+    def veth_counts(self, ifindex: int) -> VethCounts | None:
+        """One host device's statistics (one request, not a dump); None if it is gone."""
+        try:
+            link = self._rtnl().link(ifindex)
+        except rtnl.RtnlError:
+            return None
+        if link is None:
+            return None
+        return VethCounts(link.rx_packets, link.rx_bytes, link.tx_packets, link.tx_bytes)
 
     def peer_stats(self, nsid: int, ifindex: int) -> tuple[int, int] | None:
         """(rx_packets, rx_bytes) of a device in another netns (a veth's pod side), read

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from monitor import log
 from monitor.identity import IdentityIndex
 from monitor.kerneltypes import HostSide
-from monitor.maps import MapReader, words
+from monitor.maps import MapReader
 from monitor.probes import packets
 
 MIN_PACKETS = 20  # the interface must have moved this much for a verdict
@@ -73,16 +73,7 @@ class BypassDetector:
 
     def _ours(self, slots: list[int]) -> dict[int, tuple[int, int]]:
         """(egress, ingress) packets we counted, by slot, in one batch read."""
-        out = {}
-        per_direction = len(packets.PROTOCOLS)
-        egress = packets.DIRECTIONS.index("egress") * per_direction
-        ingress = packets.DIRECTIONS.index("ingress") * per_direction
-        for slot, raw in zip(slots, self._maps.lookup_slots(packets.MAP, slots), strict=True):
-            if raw is not None:
-                counted = words(packets.Counts, raw)[packets.PACKETS]  # [direction][protocol]
-                out[slot] = (sum(counted[egress:egress + per_direction]),
-                             sum(counted[ingress:ingress + per_direction]))
-        return out
+        return {slot: (t[0], t[2]) for slot, t in packets.totals(self._maps, slots).items()}
 
     def _peer(self, host: HostSide) -> tuple[int | None, int]:
         if self._peer_stats is None or host.nsid is None or not host.peer_ifindex:

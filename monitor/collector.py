@@ -20,6 +20,7 @@ from monitor.maps import MapReader
 from monitor.probes.base import Probe, Scrape
 from monitor.settings import prometheus_label
 from monitor.state import MonitorState
+from monitor.unseen import Baseline
 
 POD_INFO_LABELS = ["namespace", "pod", "uid", "netns", "interface", "node", "workload",
                    "workload_kind"]
@@ -39,6 +40,8 @@ class PodCollector:
                  api_stats: Callable[[], Mapping[str, float]] | None = None,
                  bypassed: Callable[[], Mapping[tuple[str, str], str]] | None = None,
                  redirected: Callable[[], Mapping[tuple[str, str], Sequence[int]]] | None = None,
+                 before_attach: Callable[[IdentityIndex], Mapping[tuple[str, str], Baseline]]
+                 | None = None,
                  scrape_stats: Callable[[], tuple[int, float]] | None = None) -> None:
         self._probes, self._maps, self._state, self._node = list(probes), maps, state, node
         self._kernel, self._node_slot = kernel, node_slot
@@ -49,6 +52,7 @@ class PodCollector:
         self._api_stats = api_stats
         self._bypassed = bypassed  # pod -> why its traffic bypasses ours, "" if it does not
         self._redirected = redirected  # pod -> [packets, bytes] delivered past its host veth
+        self._before_attach = before_attach  # pod -> what its veths carried before the attach
         self._scrape_stats = scrape_stats  # the registry's: scrapes done, seconds spent
         self._log = log.get("collector")
         self._probe_errors = 0
@@ -57,6 +61,7 @@ class PodCollector:
         """Names and types only: registering the collector reads no kernel map."""
         for probe in self._probes:
             yield from probe.describe()
+        yield from self._unseen(None, describe=True)
         yield from self._pod_info(describe=True)
         yield from self._monitor(describe=True)
         yield self._lost_family({}, describe=True)
@@ -79,9 +84,31 @@ class PodCollector:
                 self._log.error("probe maps unreadable", probe=probe.name, error=str(exc))
                 continue
             yield from families
+        yield from self._unseen(index)
         yield from self._pod_info(index=index)
         yield from self._monitor()
         yield self._lost_family(lost)
+
+    def _unseen(self, index: IdentityIndex | None, describe: bool = False) -> Iterator[Family]:
+        if self._before_attach is None and not describe:
+            return
+        labels = ["namespace", "pod", "direction"]
+        packets = CounterFamily(
+            "podnet_packets_before_attach", "Packets the pod's host veth carried before the "
+            "monitor's programs were on it (its own statistics at the attach, less what the "
+            "programs counted since): with podnet_packets_total, every packet the veth "
+            "counted. Not by protocol.", labels)
+        byte_count = CounterFamily(
+            "podnet_bytes_before_attach", "Bytes of those packets, as the veth counts them.",
+            labels)
+        if self._before_attach is not None and index is not None:
+            for (namespace, pod), base in sorted(self._before_attach(index).items()):
+                for direction, n, b in (("egress", base.egress_packets, base.egress_bytes),
+                                        ("ingress", base.ingress_packets, base.ingress_bytes)):
+                    packets.add((namespace, pod, direction), n)
+                    byte_count.add((namespace, pod, direction), b)
+        yield packets
+        yield byte_count
 
     def _lost_family(self, lost: Mapping[str, float], describe: bool = False) -> CounterFamily:
         family = CounterFamily(

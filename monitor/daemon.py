@@ -41,6 +41,7 @@ from monitor.slots import SlotTable, per_slot_maps, slot_keyed_maps
 from monitor.state import MonitorState, check_report
 from monitor.store import CaptureStore
 from monitor.traceapi import TraceApi
+from monitor.unseen import BeforeAttach
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -225,6 +226,8 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
     bypass = (BypassDetector(maps, lambda: state.snapshot.index, netlink.link_stats,
                              netlink.peer_stats, attacher.explain)
               if any(p.name == "packets" for p in programs.probes) else None)
+    unseen = (BeforeAttach(maps, lambda: state.snapshot.index, netlink.veth_counts)
+              if bypass is not None else None)
     registry = Registry()
     registry.register(PodCollector(
         probes=programs.probes, maps=maps, state=state, node=settings.node_name,
@@ -235,6 +238,7 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
         api_stats=getattr(metadata, "stats", None),
         bypassed=(lambda: bypass.bypassed) if bypass is not None else None,
         redirected=(lambda: bypass.redirected) if bypass is not None else None,
+        before_attach=unseen.by_pod if unseen is not None else None,
         scrape_stats=registry.scrape_stats))
     stop = threading.Event()
     sweeps = [p.sweep for p in programs.probes if p.sweep]
@@ -256,12 +260,20 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
         elif bypass is not None:
             bypass.observe_new()
 
+    def first_looks() -> None:
+        """After every pass: new interfaces' first statistics, as soon after the attach
+        as can be (what passed before it, and a start for the bypass check)."""
+        if unseen is not None:
+            unseen.observe_new()
+        if bypass is not None:
+            bypass.observe_new()
+
     loop = Loop(reconciler, resync_interval=settings.resync_interval,
                 debounce=settings.event_debounce, events_factory=bpf.link_events, state=state,
                 on_exit=netlink.close, sweep=sweep,
                 sweep_interval=settings.sweep_interval,
                 detach_on_exit=not settings.leave_attached,
-                after_pass=bypass.observe_new if bypass is not None else None)
+                after_pass=first_looks)
     worker = threading.Thread(target=loop.run, args=(stop,), name="reconcile")
     traces = _traces(settings, programs, maps, state, kernel)
     if server is None:  # only `run --check` has none, and it returned above

@@ -47,3 +47,13 @@ class HostSide:
     tx_bytes: int
     nsid: int | None
     peer_ifindex: int
+
+
+@dataclass(frozen=True)
+class VethCounts:
+    """A host veth's own statistics."""
+
+    rx_packets: int  # what the pod sent
+    rx_bytes: int
+    tx_packets: int  # what the pod received
+    tx_bytes: int

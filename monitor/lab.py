@@ -22,6 +22,7 @@ own adapter, so that tests do not check the monitor with itself.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -30,8 +31,8 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -124,14 +125,33 @@ def _in_netns(netns_path: str, fn: Callable[[LabPod], None], pod: LabPod) -> Non
         raise errors[0]
 
 
-def _configure_inside(pod: LabPod) -> None:
+@dataclass(frozen=True)
+class Quiet:
+    """A pod that sends nothing of its own accord: no IPv6 (no MLD reports, flooded to
+    every port of the bridge) and permanent neighbour entries (no ARP broadcasts), so
+    its veth carries only what it is made to send. For churn that compares each pod's
+    counts with its veth's statistics at rest, beside pods being made."""
+
+    neighbours: Mapping[str, str] = field(default_factory=dict)  # IPv4 address -> MAC
+
+
+def _configure_inside(pod: LabPod, quiet: Quiet | None = None) -> None:
     """Inside the pod's netns: no RA, no DAD (sysctls first), then addresses and links up."""
-    for key in ("net/ipv6/conf/eth0/accept_ra", "net/ipv6/conf/eth0/router_solicitations",
-                "net/ipv6/conf/all/accept_dad", "net/ipv6/conf/eth0/accept_dad"):
+    keys = ["net/ipv6/conf/eth0/accept_ra", "net/ipv6/conf/eth0/router_solicitations",
+            "net/ipv6/conf/all/accept_dad", "net/ipv6/conf/eth0/accept_dad"]
+    for key in keys:
         with open(f"/proc/sys/{key}", "w") as f:
             f.write("0")
-    _ip_batch([f"addr add {pod.ip}/16 dev eth0", f"addr add {pod.ip6}/64 dev eth0 nodad",
-               "link set lo up", "link set eth0 up"])
+    if quiet is not None:
+        with open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "w") as f:
+            f.write("1")
+    commands = [f"addr add {pod.ip}/16 dev eth0"]
+    if quiet is None:
+        commands.append(f"addr add {pod.ip6}/64 dev eth0 nodad")
+    else:
+        commands += [f"neigh replace {ip} lladdr {mac} dev eth0 nud permanent"
+                     for ip, mac in quiet.neighbours.items()]
+    _ip_batch([*commands, "link set lo up", "link set eth0 up"])
 
 
 def _ip_batch(commands: Iterable[str]) -> None:
@@ -256,7 +276,8 @@ class Lab:
             self._save([])
 
     def add(self, *, style: str = "docker", pinned: bool = False,
-            name: str | None = None, uid: str | None = None, save: bool = True) -> LabPod:
+            name: str | None = None, uid: str | None = None, save: bool = True,
+            quiet: Quiet | None = None) -> LabPod:
         """One more pod; the state file is updated as soon as the pod exists, unless
         `save` is False (churn benchmarks: `down` finds lab objects by name anyway)."""
         style = "pinned" if pinned else style
@@ -268,7 +289,7 @@ class Lab:
         pod = self._create(index, style, name, uid)
         if save:
             self._save([*pods, pod])
-        self._wire([pod])
+        self._wire([pod], quiet)
         return pod
 
     def _next_unsaved(self) -> int:
@@ -345,7 +366,7 @@ class Lab:
                 os.close(target)
         return proc.pid
 
-    def _wire(self, pods: Sequence[LabPod]) -> None:
+    def _wire(self, pods: Sequence[LabPod], quiet: Quiet | None = None) -> None:
         """Veth pairs into the pods, host sides on the bridge, addresses inside."""
         if not pods:
             return
@@ -355,7 +376,7 @@ class Lab:
             _sysctl(f"net.ipv6.conf.{p.host_veth}.disable_ipv6", "1")
         _ip_batch(f"link set {p.host_veth} master {BRIDGE} up" for p in pods)
         for p in pods:
-            _in_netns(p.netns_path, _configure_inside, p)
+            _in_netns(p.netns_path, functools.partial(_configure_inside, quiet=quiet), p)
 
     # -- down -------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import ctypes
 from collections.abc import Iterator
 
 from monitor.exposition import CounterFamily, Family
-from monitor.maps import word_slice, words
+from monitor.maps import MapReader, word_slice, words
 from monitor.probes.base import MapLayout, Probe, Scrape
 
 # Index order of pnm_counts' arrays, as bpf/pnm.h numbers them.
@@ -51,6 +51,22 @@ def _by_name(names: tuple[str, ...]) -> list[int]:
 # first): (direction, protocol, index of the counter in the [direction][protocol] array).
 SERIES = [(DIRECTIONS[d], PROTOCOLS[p], d * len(PROTOCOLS) + p)
           for d in _by_name(DIRECTIONS) for p in _by_name(PROTOCOLS)]
+
+
+def totals(maps: MapReader, slots: list[int]) -> dict[int, tuple[int, int, int, int]]:
+    """(egress packets, egress bytes, ingress packets, ingress bytes) counted by slot,
+    every protocol, in one batch read; a slot with no entry is absent."""
+    out = {}
+    width = len(PROTOCOLS)
+    egress, ingress = DIRECTIONS.index("egress") * width, DIRECTIONS.index("ingress") * width
+    for slot, raw in zip(slots, maps.lookup_slots(MAP, slots), strict=True):
+        if raw is not None:
+            counts = words(Counts, raw)
+            npackets, nbytes = counts[PACKETS], counts[BYTES]
+            out[slot] = (sum(npackets[egress:egress + width]), sum(nbytes[egress:egress + width]),
+                         sum(npackets[ingress:ingress + width]),
+                         sum(nbytes[ingress:ingress + width]))
+    return out
 
 
 def collect(scrape: Scrape) -> Iterator[Family]:

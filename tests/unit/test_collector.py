@@ -328,9 +328,10 @@ def test_describe_names_every_family_without_samples(make_pod: PodFactory) -> No
     state.publish(Snapshot(IdentityIndex([make_pod(4026532001, [(7, "veth7")])])))
     collector = PodCollector(probes=[packets.PROBE], maps=FakeMaps(), state=state,
                              node="node-1", kernel=kernel(), node_slot=1024, program_stats=list)
-    assert [f.series for f in collector.describe()] == [[]] * 26
+    assert [f.series for f in collector.describe()] == [[]] * 28
     assert [m.name for m in collector.describe()] == [
-        "podnet_packets", "podnet_bytes", "podnet_tcp_segments", "podnet_pod_info",
+        "podnet_packets", "podnet_bytes", "podnet_tcp_segments",
+        "podnet_packets_before_attach", "podnet_bytes_before_attach", "podnet_pod_info",
         "podnet_monitor_attached_pods",
         "podnet_monitor_attach_errors", "podnet_monitor_reconciles",
         "podnet_monitor_reconcile_seconds", "podnet_monitor_collect_errors",
