@@ -12,7 +12,7 @@ import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from monitor import bpfsys
+from monitor import bpfsys, neighbours
 from monitor.settings import Settings
 
 # Capability bits (include/uapi/linux/capability.h)
@@ -198,7 +198,39 @@ def check_cni(settings: Settings, tcx_error: str) -> Finding:
                    "names the pods", remedy)
 
 
-def run_checks(settings: Settings) -> list[Finding]:
+def check_neighbours(pods: int, proc_root: str = "/proc") -> Finding:
+    """Can the kernel's neighbour tables (one per family for every namespace) hold the
+    entries `pods` pods need, and have they ever refused one?"""
+    need = neighbours.needed(pods)
+    problems, remedies = [], []
+    for family in ("ipv4", "ipv6"):
+        try:
+            table = neighbours.read_table(family, proc_root)
+        except (OSError, ValueError):
+            continue  # no IPv6 in this kernel: nothing to fill
+        if table.table_fulls:
+            problems.append(f"the {family} table refused {table.table_fulls} new entries since "
+                            "boot (each one a packet dropped as NEIGH_CREATEFAIL)")
+        if table.ceiling < need:
+            problems.append(f"{family} gc_thresh3 is {table.ceiling}, below the {need} that "
+                            f"{pods} pods need ({neighbours.ENTRIES_PER_POD} each)")
+        elif table.entries * 10 >= table.ceiling * 9:
+            problems.append(f"the {family} table holds {table.entries} of its "
+                            f"{table.ceiling} entries")
+        if table.table_fulls or table.ceiling < need or table.entries * 10 >= table.ceiling * 9:
+            # a table that overflowed at this ceiling needs more than it: twice
+            room = max(need, 2 * table.entries, 2 * table.ceiling if table.table_fulls else 0)
+            values = neighbours.sufficient_thresholds(table, room)
+            remedies.append(neighbours.sysctl_commands(family, values))
+    if not problems:
+        return Finding("neighbours", True, False, f"the neighbour tables hold what {pods} pods "
+                       f"need ({need} entries)")
+    return Finding("neighbours", False, False, "; ".join(problems) + ": new pods beside "
+                   "these cannot resolve their peers, and send nothing", "; ".join(remedies) +
+                   " (and in /etc/sysctl.d to keep it)")
+
+
+def run_checks(settings: Settings, max_pods: int | None = None) -> list[Finding]:
     findings = [check_privileges(), check_bpf_syscall(), check_btf()]
     steps: list[Callable[[], Finding]] = [check_headers, lambda: check_tracefs(settings),
                                           lambda: check_tracepoints(settings),
@@ -211,7 +243,20 @@ def run_checks(settings: Settings) -> list[Finding]:
         tcx = next(f for f in attach if f.name == "tcx")
         tcx_error = "" if tcx.ok else tcx.sentence.removeprefix("tcx is not available: ")
         findings.append(check_cni(settings, tcx_error))
+    findings.append(check_neighbours(max(max_pods or neighbours.KUBELET_MAX_PODS,
+                                         _host_veths())))
     return findings
+
+
+def _host_veths() -> int:
+    """Veths in this netns: one per pod on a veth CNI, the pods the node has now."""
+    from monitor import rtnl
+
+    try:
+        with rtnl.Rtnl() as r:
+            return len(list(r.links("veth")))
+    except OSError:
+        return 0
 
 
 def report(findings: list[Finding]) -> tuple[str, int]:

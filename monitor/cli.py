@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="the daemon's attach mode, to judge other agents' tc filters by")
     check.add_argument("--tc-priority", type=int, default=settings.Settings().tc_priority,
                        help="the daemon's tc priority (default %(default)s)")
+    check.add_argument("--max-pods", type=int, default=None,
+                       help="pods the node may run, to size the neighbour tables for (default: "
+                       "the kubelet's default maxPods, 110, or the veths there are now if more)")
 
     cleanup = sub.add_parser(
         "cleanup", help="remove everything podnetmon attached or pinned on this node",
@@ -189,7 +192,7 @@ def _check(args: argparse.Namespace) -> int:
 
     conf = settings.Settings(tracefs_root=args.tracefs_root, bpffs_root=args.bpffs_root,
                              attach_mode=args.attach_mode, tc_priority=args.tc_priority)
-    text, code = check.report(check.run_checks(conf))
+    text, code = check.report(check.run_checks(conf, args.max_pods))
     print(text)
     return code
 

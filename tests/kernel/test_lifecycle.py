@@ -160,7 +160,8 @@ def test_check_command_passes_here() -> None:
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "podnetmon can run on this host" in proc.stdout
-    for name in ("privileges", "bpf", "btf", "headers", "tracefs", "clsact", "cls_bpf", "tcx"):
+    for name in ("privileges", "bpf", "btf", "headers", "tracefs", "clsact", "cls_bpf", "tcx",
+                 "cni", "neighbours"):
         assert any(line.split()[1:2] == [name] for line in proc.stdout.splitlines()), name
 
 
