@@ -64,7 +64,8 @@ struct pnm_drop_event {
  * counted here by why instead of in pnm_drops. */
 #define PNM_EXCLUDED_RAW_SOCKET 0    /* an ICMP echo reply a raw socket received */
 #define PNM_EXCLUDED_PACKET_COPY 1   /* a packet socket's (a capture's) copy */
-#define PNM_EXCLUDED_WHYS 2
+#define PNM_EXCLUDED_MULTICAST 2     /* IPv6 multicast to a group nobody joined */
+#define PNM_EXCLUDED_WHYS 3
 PNM_MAP("percpu_array", __u32, __u64, pnm_drops_excluded, PNM_EXCLUDED_WHYS);
 
 BPF_ARRAY(pnm_drop_trace, __u32, PNM_SLOTS);
@@ -148,8 +149,18 @@ static __always_inline int pnm_echo_reply_delivered(__u64 skb, __u16 protocol)
 
 /* Which of the excluded kinds a free is, or -1 for a drop. The reasons' values are the
  * running kernel's (-D from its tracefs names): a kernel without the reason has neither. */
-static __always_inline int pnm_not_a_drop(__u32 reason, __u64 skb, __u16 protocol)
+static __always_inline int pnm_not_a_drop(__u32 reason, __u64 skb, __u16 protocol,
+                                          __u64 location)
 {
+#if defined(PNM_IP6_MC_INPUT) && defined(PNM_REASON_NOT_SPECIFIED)
+    /* ip6_mc_input() frees, with no reason, multicast to a group no socket on the device
+     * joined: a bridge floods every pod's MLD reports (to ff02::16, which hosts do not
+     * join) to every other pod, and a NIC's multicast filter would have kept them out.
+     * Its only other free is for a VRF device gone meanwhile. */
+    if (reason == PNM_REASON_NOT_SPECIFIED && location >= PNM_IP6_MC_INPUT &&
+        location < PNM_IP6_MC_INPUT_END)
+        return PNM_EXCLUDED_MULTICAST;
+#endif
 #ifdef PNM_REASON_PACKET_SOCK_ERROR
     /* af_packet frees its own copy with this when its socket or ring is full: a capture
      * (tcpdump) fell behind; the packet itself went on */
@@ -206,7 +217,8 @@ TRACEPOINT_PROBE(skb, kfree_skb)
 {
     if (!pnm_current())
         return 0; /* a restarted daemon's programs count now (pnm.h) */
-    int why = pnm_not_a_drop(args->reason, (__u64)args->skbaddr, args->protocol);
+    int why = pnm_not_a_drop(args->reason, (__u64)args->skbaddr, args->protocol,
+                             (__u64)args->location);
     if (why >= 0) {
         __u32 idx = why;
         __u64 *excluded = pnm_drops_excluded.lookup(&idx);

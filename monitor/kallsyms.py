@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Iterable
 from typing import IO
 
 
@@ -58,3 +59,31 @@ class Symbols:
         if i < 0 or not address:
             return hex(address)
         return f"{self._names[i]}+{address - self._addrs[i]:#x}"
+
+
+def function_ranges(names: Iterable[str], path: str = "/proc/kallsyms") -> dict[str, tuple[int, int]]:
+    """[start, end) of each named kernel function (its start to the next text symbol's),
+    for programs that must know which function freed a packet. Empty where the file is
+    unreadable or shows no addresses (kptr_restrict without CAP_SYSLOG), and without
+    the names it lacks: the programs then count those frees as they come."""
+    wanted = set(names)
+    starts: dict[str, int] = {}
+    addresses = []
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[1] in "tTwW":
+                    address = int(parts[0], 16)
+                    addresses.append(address)
+                    if parts[2] in wanted and len(parts) == 3:  # the core's, not a module's
+                        starts[parts[2]] = address
+    except (OSError, ValueError):
+        return {}
+    addresses.sort()
+    out = {}
+    for name, start in starts.items():
+        after = bisect.bisect_right(addresses, start)
+        if start and after < len(addresses):
+            out[name] = (start, addresses[after])
+    return out

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from monitor import btf, log
+from monitor import btf, kallsyms, log
 
 _FIELD_RE = re.compile(r"field:[^;]*?(\w+)(?:\[\d+\])?;")
 _SYMBOL_RE = re.compile(r'\{\s*(\d+)\s*,\s*"([A-Za-z0-9_]+)"\s*\}')
@@ -35,6 +35,8 @@ class KernelInfo:
     offsets_problem: str = ""
     tracepoints: dict[str, TracepointFormat] = field(default_factory=dict)
     drop_reasons: dict[int, str] = field(default_factory=dict)
+    # kernel functions the programs tell apart by where they free a packet: [start, end)
+    functions: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def has_field(self, tracepoint: str, name: str) -> bool:
         fmt = self.tracepoints.get(tracepoint)
@@ -80,6 +82,8 @@ def symbols(print_fmt: str, field_name: str) -> dict[int, str]:
     return {int(v): name for v, name in _SYMBOL_RE.findall(print_fmt[start:end])}
 
 
+# ip6_mc_input() frees, with no reason, multicast to a group nobody on the device joined
+FUNCTIONS = ("ip6_mc_input",)
 TRACEPOINTS = ("skb:kfree_skb", "tcp:tcp_retransmit_skb", "tcp:tcp_retransmit_synack",
                "sock:inet_sock_set_state")
 
@@ -102,7 +106,8 @@ def probe(*, proc_root: str, tracefs_root: str, btf_path: str) -> KernelInfo:
                if (fmt := read_format(tracefs_root, tp)) is not None}
     kfree = formats.get("skb:kfree_skb")
     reasons = {**subsystem_reasons, **(symbols(kfree.print_fmt, "reason") if kfree else {})}
-    return KernelInfo(host_netns, offsets, source, problem, formats, reasons)
+    functions = kallsyms.function_ranges(FUNCTIONS, os.path.join(proc_root, "kallsyms"))
+    return KernelInfo(host_netns, offsets, source, problem, formats, reasons, functions)
 
 
 def _module_btfs(vmlinux_path: str, base: btf.Btf) -> list[btf.Btf]:

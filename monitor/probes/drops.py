@@ -15,9 +15,9 @@ MAP, LOST, EXCLUDED = "pnm_drops", "pnm_drops_lost", "pnm_drops_excluded"
 TRACE, EVENTS = "pnm_drop_trace", "pnm_drop_events"  # the per-slot switch, the perf buffer
 KIND_NODE, KIND_NETNS, KIND_IFINDEX = 0, 1, 2
 # pnm_drops_excluded's entries (PNM_EXCLUDED_* in drops.c), by the `why` they are shown with
-EXCLUDED_WHYS = ("echo_reply_to_raw_socket", "packet_socket_copy")
+EXCLUDED_WHYS = ("echo_reply_to_raw_socket", "packet_socket_copy", "multicast_not_joined")
 # the drop reasons drops.c tells apart, by the running kernel's values (-D PNM_REASON_*)
-REASONS_NEEDED = ("NO_SOCKET", "PACKET_SOCK_ERROR")
+REASONS_NEEDED = ("NO_SOCKET", "PACKET_SOCK_ERROR", "NOT_SPECIFIED")
 
 
 class DropEvent(ctypes.Structure):
@@ -49,7 +49,9 @@ def _excluded_family() -> CounterFamily:
         "are not drops of pod traffic, so not in podnet_drops_total: why=echo_reply_to_raw_"
         "socket, an ICMP echo reply no ping socket claimed (NO_SOCKET) but a raw socket "
         "(root's ping) received; why=packet_socket_copy, a capture's own copy "
-        "(PACKET_SOCK_ERROR: tcpdump fell behind).", ["why"])
+        "(PACKET_SOCK_ERROR: tcpdump fell behind); why=multicast_not_joined, IPv6 "
+        "multicast to a group the pod did not join (a bridge floods every pod's MLD "
+        "reports to all the others), freed by ip6_mc_input().", ["why"])
 
 
 def collect(scrape: Scrape) -> Iterator[Family]:
@@ -112,6 +114,9 @@ def cflags(kernel: KernelInfo) -> list[str]:
     flags = ["-DPNM_HAVE_RX_SK"] if kernel.has_field("skb:kfree_skb", "rx_sk") else []
     values = {name: value for value, name in kernel.drop_reasons.items()}
     flags += [f"-DPNM_REASON_{name}={values[name]}" for name in REASONS_NEEDED if name in values]
+    if "ip6_mc_input" in kernel.functions:
+        start, end = kernel.functions["ip6_mc_input"]
+        flags += [f"-DPNM_IP6_MC_INPUT={start:#x}ULL", f"-DPNM_IP6_MC_INPUT_END={end:#x}ULL"]
     return flags
 
 

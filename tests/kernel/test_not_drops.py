@@ -246,3 +246,73 @@ def test_what_was_excluded_is_waited_for_not_raced(env: LabRun) -> None:
     assert pod_drops(after, a, b) == pod_drops(before, a, b)
     assert (after.sum(EXCLUDED, why="echo_reply_to_raw_socket")
             - before.sum(EXCLUDED, why="echo_reply_to_raw_socket")) == received == 3000
+
+
+# Datagrams to an IPv6 link-local multicast group, out of eth0; with "join", a socket in
+# the pod that joined the group and reads what comes until stdin closes, printing the count.
+MULTICAST_SEND = """
+import socket, sys
+group, count = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+for _ in range(count):
+    s.sendto(b"anyone in the group?", (group, 4242, 0, socket.if_nametoindex("eth0")))
+"""
+MULTICAST_JOIN = """
+import select, socket, struct, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("::", 4242))
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
+             socket.inet_pton(socket.AF_INET6, sys.argv[1]) +
+             struct.pack("@I", socket.if_nametoindex("eth0")))
+print("ready", flush=True)
+seen = 0
+while True:
+    ready, _, _ = select.select([s, sys.stdin], [], [])
+    if s in ready:
+        s.recv(2048)
+        seen += 1
+    if sys.stdin in ready:
+        break
+print(seen, flush=True)
+"""
+
+
+def multicast_in(pod: LabPod) -> int:
+    """The pod's Ip6InMcastPkts: multicast that reached ip6_mc_input, joined or not."""
+    snmp6 = in_pod(pod, "cat", "/proc/net/snmp6").stdout
+    match = re.search(r"^Ip6InMcastPkts\s+(\d+)$", snmp6, re.M)
+    assert match, snmp6
+    return int(match.group(1))
+
+
+def test_multicast_to_a_group_the_pod_did_not_join_is_no_drop(env: LabRun) -> None:
+    """A bridge floods every pod's MLD reports (and any link-local multicast) to every
+    other pod, whose ip6_mc_input() frees what no socket there joined with no reason:
+    beside a pod that starts, every pod on the bridge showed NOT_SPECIFIED drops."""
+    a, b, daemon = env.a, env.b, env.daemon
+    group = "ff02::4242"  # joined by nobody
+    time.sleep(2)  # the pods' own joins' MLD reports (sent twice at start) are over
+    before, heard = settled(daemon, 0), multicast_in(b)
+    in_pod(a, sys.executable, "-c", MULTICAST_SEND, group, "40")
+    after = settled(daemon)
+    assert multicast_in(b) - heard == 40  # the kernel's count: b heard all 40
+    assert pod_drops(after, b) == pod_drops(before, b)
+    assert (after.sum(EXCLUDED, why="multicast_not_joined") -
+            before.sum(EXCLUDED, why="multicast_not_joined")) == 40
+
+    # joined, the same datagrams are delivered: nothing freed, nothing excluded
+    member = spawn_with_stdin(b, sys.executable, "-c", MULTICAST_JOIN, group)
+    assert member.stdin is not None and member.stdout is not None
+    try:
+        assert member.stdout.readline().strip() == "ready"
+        time.sleep(2)  # the join's own MLD reports reach a, not b
+        before = settled(daemon, 0)
+        in_pod(a, sys.executable, "-c", MULTICAST_SEND, group, "40")
+        after = settled(daemon)
+        member.stdin.close()
+        assert member.stdout.readline().strip() == "40"
+    finally:
+        member.wait(timeout=10)
+    assert pod_drops(after, b) == pod_drops(before, b)
+    assert after.sum(EXCLUDED, why="multicast_not_joined") == before.sum(
+        EXCLUDED, why="multicast_not_joined")

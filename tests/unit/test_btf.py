@@ -574,3 +574,16 @@ def test_without_the_subsystems_enum_reasons_get_numbered_names() -> None:
     assert kernel.drop_reason(3) == "NO_SOCKET"
     assert kernel.drop_reason((2 << 16) | 5) == "SUBSYS_2_5"  # was cut to 5: REASON_5
     assert kernel.drop_reason(999) == "REASON_999"
+
+
+def test_the_drops_program_knows_ip6_mc_input_where_kallsyms_named_it() -> None:
+    from monitor.kernelinfo import KernelInfo
+    from monitor.probes import drops
+
+    kernel = KernelInfo(1, None, "none", drop_reasons={2: "NOT_SPECIFIED"},
+                        functions={"ip6_mc_input": (0xffffffff821decd0, 0xffffffff821dee00)})
+    assert drops.cflags(kernel) == ["-DPNM_REASON_NOT_SPECIFIED=2",
+                                    "-DPNM_IP6_MC_INPUT=0xffffffff821decd0ULL",
+                                    "-DPNM_IP6_MC_INPUT_END=0xffffffff821dee00ULL"]
+    assert drops.cflags(KernelInfo(1, None, "none", drop_reasons={2: "NOT_SPECIFIED"})) == [
+        "-DPNM_REASON_NOT_SPECIFIED=2"]

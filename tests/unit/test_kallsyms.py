@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.kallsyms import Symbols
+from monitor.kallsyms import Symbols, function_ranges
 
 KALLSYMS = """\
 0000000000000000 A fixed_percpu_data
@@ -70,3 +70,21 @@ def test_the_file_is_read_once(tmp_path: Path) -> None:
     path.write_text("ffffffff81a0b2c0 T something_else\n")
     assert symbols.resolve(0xFFFFFFFF81A0B2CC) == "kfree_skb_reason+0x4c"
 
+
+
+def test_a_functions_range_ends_at_the_next_text_symbol(tmp_path: Path) -> None:
+    path = tmp_path / "kallsyms"
+    path.write_text(KALLSYMS)
+    ranges = function_ranges(["ip_rcv_finish", "skb_release_data", "nft_do_chain", "absent"],
+                             str(path))
+    # data symbols do not end a function; a module's function is not the core's
+    assert ranges == {"ip_rcv_finish": (0xffffffff81a0b200, 0xffffffff81a0b280),
+                      "skb_release_data": (0xffffffff81a0b300, 0xffffffff81a0b3a0)}
+
+
+def test_no_ranges_without_addresses_or_file(tmp_path: Path) -> None:
+    path = tmp_path / "kallsyms"
+    # kptr_restrict without CAP_SYSLOG: every address reads as 0
+    path.write_text("".join("0" * 16 + line[16:] + "\n" for line in KALLSYMS.splitlines()))
+    assert function_ranges(["ip_rcv_finish"], str(path)) == {}
+    assert function_ranges(["ip_rcv_finish"], str(tmp_path / "absent")) == {}

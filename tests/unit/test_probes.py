@@ -369,8 +369,9 @@ def test_drops_cflags_give_the_reasons_it_tells_apart_by_this_kernels_values() -
     new = kernel(tracepoints=tp, drop_reasons={2: "NOT_SPECIFIED", 3: "NO_SOCKET",
                                                84: "PACKET_SOCK_ERROR"})
     old = kernel(tracepoints=tp, drop_reasons={2: "NOT_SPECIFIED", 3: "NO_SOCKET"})
-    assert drops.cflags(new) == ["-DPNM_REASON_NO_SOCKET=3", "-DPNM_REASON_PACKET_SOCK_ERROR=84"]
-    assert drops.cflags(old) == ["-DPNM_REASON_NO_SOCKET=3"]
+    assert drops.cflags(new) == ["-DPNM_REASON_NO_SOCKET=3", "-DPNM_REASON_PACKET_SOCK_ERROR=84",
+                                 "-DPNM_REASON_NOT_SPECIFIED=2"]
+    assert drops.cflags(old) == ["-DPNM_REASON_NO_SOCKET=3", "-DPNM_REASON_NOT_SPECIFIED=2"]
 
 
 # -- retransmits and rtt: pods and the node ---------------------------------------------------------
