@@ -540,7 +540,8 @@ class Netlink:
             return None
         if link is None:
             return None
-        return VethCounts(link.rx_packets, link.rx_bytes, link.tx_packets, link.tx_bytes)
+        return VethCounts(link.rx_packets, link.rx_bytes, link.tx_packets, link.tx_bytes,
+                          link.tx_dropped)
 
     def peer_stats(self, nsid: int, ifindex: int) -> tuple[int, int] | None:
         """(rx_packets, rx_bytes) of a device in another netns (a veth's pod side), read

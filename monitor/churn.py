@@ -29,6 +29,17 @@ from monitor.lab import Lab, LabPod, Quiet
 
 CLONE_NEWNET = 0x40000000
 SINK_PORT = 9  # discard: the peer answers with ICMP port unreachable, which nobody minds
+# A program for the peer: takes the churned pods' datagrams on the port in argv[1]
+# without a word back (no ICMP port unreachable), so quiet pods' veths carry nothing but
+# what the pods send. Prints "ready" once bound.
+UDP_SINK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    s.recv(2048)
+"""
 
 _SERIES = re.compile(r'^(podnet_packets_total|podnet_packets_before_attach_total|'
                      r'podnet_drops_total)\{([^}]*)\} (\S+)$', re.M)
@@ -79,7 +90,9 @@ def udp_sent_by_netns(exposition: str) -> dict[int, int]:
 
 @dataclass(frozen=True)
 class Wire:
-    """A host veth's own statistics: packets the pod sent (its rx), received (its tx)."""
+    """A host veth's own statistics: packets the pod sent (its rx), and those handed to
+    it for the pod (its tx, with tx_dropped: what it could not deliver, the pod's CPU's
+    backlog full, our program saw and the monitor counts as a CPU_BACKLOG drop too)."""
 
     egress: int
     ingress: int
@@ -88,7 +101,8 @@ class Wire:
 def veth_wire() -> dict[str, Wire]:
     """Every veth's packet counts, by name, from one link dump."""
     with rtnl.Rtnl() as r:
-        return {link.name: Wire(link.rx_packets, link.tx_packets) for link in r.links("veth")}
+        return {link.name: Wire(link.rx_packets, link.tx_packets + link.tx_dropped)
+                for link in r.links("veth")}
 
 
 def _setns(fd: int) -> None:

@@ -57,3 +57,4 @@ class VethCounts:
     rx_bytes: int
     tx_packets: int  # what the pod received
     tx_bytes: int
+    tx_dropped: int = 0  # handed to the veth for the pod, not delivered (counted by us)

@@ -107,6 +107,8 @@ _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 _U32 = struct.Struct("=I")
 _S32 = struct.Struct("=i")
 _STATS4 = struct.Struct("=4Q")        # rtnl_link_stats64: rx/tx packets, rx/tx bytes come first
+_TX_DROPPED = struct.Struct("=Q")      # ... then rx/tx errors, rx_dropped, tx_dropped
+_TX_DROPPED_AT = 7 * 8
 _HDRLEN = _NLMSGHDR.size
 _S32_MAX = 2**31 - 1
 
@@ -140,6 +142,9 @@ class Link:
     tx_packets: int
     rx_bytes: int
     tx_bytes: int              # IFLA_STATS64, 0 if absent
+    # handed to the device but not sent: a veth's peer could not take them (its CPU's
+    # backlog full), which the veth counts here and not in tx_packets
+    tx_dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -276,8 +281,10 @@ def _parse_link(buf: bytearray, w: memoryview, off: int, end: int, *, want_kind:
         if stats[1] - stats[0] < _STATS4.size:
             raise _malformed(what, f"link {ifindex}: short IFLA_STATS64")
         rx_packets, tx_packets, rx_bytes, tx_bytes = _STATS4.unpack_from(buf, stats[0])
+        tx_dropped = (_TX_DROPPED.unpack_from(buf, stats[0] + _TX_DROPPED_AT)[0]
+                      if stats[1] - stats[0] >= _TX_DROPPED_AT + 8 else 0)
     else:
-        rx_packets = tx_packets = rx_bytes = tx_bytes = 0
+        rx_packets = tx_packets = rx_bytes = tx_bytes = tx_dropped = 0
     return Link(
         ifindex=ifindex,
         name=_cstr(buf, name[0], name[1]),
@@ -286,6 +293,7 @@ def _parse_link(buf: bytearray, w: memoryview, off: int, end: int, *, want_kind:
         link=w[link_at >> 2] if link_at else 0,
         master=w[master_at >> 2] if master_at else 0,
         rx_packets=rx_packets, tx_packets=tx_packets, rx_bytes=rx_bytes, tx_bytes=tx_bytes,
+        tx_dropped=tx_dropped,
     )
 
 

@@ -93,7 +93,10 @@ class BeforeAttach:
             if first is None or veth is None or then is None:
                 return None  # gone meanwhile, or not counting yet: the next pass retries
             egress.append((veth.rx_packets - first[0], veth.rx_bytes - first[1]))
-            ingress.append((veth.tx_packets - then[2], veth.tx_bytes - then[3]))
+            # our egress program sees what veth_xmit() then fails to hand to the pod (its
+            # CPU's backlog full): the veth counts those in tx_dropped, not tx_packets
+            ingress.append((veth.tx_packets + veth.tx_dropped - then[2],
+                            veth.tx_bytes - then[3]))
         (out_packets, out_bytes), (in_packets, in_bytes) = min(egress), max(ingress)
         baseline = Baseline(max(0, out_packets), max(0, out_bytes), max(0, in_packets),
                             max(0, in_bytes))

@@ -17,7 +17,7 @@ import json
 import sys
 from collections.abc import Callable
 
-from monitor.churn import SINK_PORT, Churn, ChurnPod, observer
+from monitor.churn import SINK_PORT, UDP_SINK, Churn, ChurnPod, observer
 from monitor.lab import Lab, Quiet
 from tests.kernel.support import Daemon, census, in_pod, spawn_in_pod, wait_for
 
@@ -66,20 +66,10 @@ def test_churn_counts_every_pod_and_leaks_nothing(lab: Lab) -> None:
         assert daemon.stop() == 0
 
 
-SINK = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-while True:
-    s.recv(2048)
-"""
-
-
 def test_churn_beside_many_pods_counts_every_packet_each_veth_carried(lab: Lab) -> None:
     idle = lab.up(200)
     peer = idle[0]
-    sink = spawn_in_pod(peer, sys.executable, "-c", SINK, str(SINK_PORT))  # no ICMP back
+    sink = spawn_in_pod(peer, sys.executable, "-c", UDP_SINK, str(SINK_PORT))  # no ICMP back
     assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
     mac = json.loads(in_pod(peer, "ip", "-j", "link", "show", "eth0").stdout)[0]["address"]
     daemon = Daemon(inventory=str(lab.inventory))

@@ -43,9 +43,12 @@ def nla_str(atype: int, text: str) -> bytes:
     return nla(atype, text.encode() + b"\0")
 
 
-def stats64(rx_packets: int, tx_packets: int, rx_bytes: int, tx_bytes: int) -> bytes:
-    # struct rtnl_link_stats64: 24 u64 counters (the kernel's current size), ours first.
-    return nla(IFLA_STATS64, struct.pack("=24Q", rx_packets, tx_packets, rx_bytes, tx_bytes, *[0] * 20))
+def stats64(rx_packets: int, tx_packets: int, rx_bytes: int, tx_bytes: int,
+            tx_dropped: int = 0) -> bytes:
+    # struct rtnl_link_stats64: 24 u64 counters (the kernel's current size), ours first;
+    # rx/tx_errors and rx_dropped between them and tx_dropped (the 8th).
+    return nla(IFLA_STATS64, struct.pack("=24Q", rx_packets, tx_packets, rx_bytes, tx_bytes,
+                                         0, 0, 99, tx_dropped, *[0] * 16))
 
 
 def nlmsg(mtype: int, flags: int, seq: int, payload: bytes, *, pid: int = 4242) -> bytes:
@@ -58,7 +61,7 @@ def newlink(seq: int, ifindex: int, *attrs: bytes, flags: int = NLM_F_MULTI) -> 
 
 
 def veth(seq: int, ifindex: int, name: str, *, nsid: int, peer: int, master: int | None = None,
-         stats: tuple[int, int, int, int] = (1, 2, 3, 4), flags: int = NLM_F_MULTI) -> bytes:
+         stats: tuple[int, ...] = (1, 2, 3, 4), flags: int = NLM_F_MULTI) -> bytes:
     attrs = [nla_str(IFLA_IFNAME, name), nla_u32(IFLA_MTU, 1500), nla_u32(IFLA_LINK, peer)]
     if master is not None:
         attrs.append(nla_u32(IFLA_MASTER, master))
@@ -412,3 +415,14 @@ def test_drain_raises_other_errors() -> None:
     kernel.pending.append(OSError(errno.EBADF, "Bad file descriptor"))
     with pytest.raises(RtnlError):
         LinkEvents(sock=kernel).drain()
+
+
+
+def test_tx_dropped_is_the_eighth_counter() -> None:
+    def reply(mtype: int, flags: int, seq: int, body: bytes) -> list[bytes | OSError]:
+        return [veth(seq, 8, "pnmrt1", nsid=4, peer=2, stats=(10, 20, 3000, 4000, 6)),
+                done(seq)]
+
+    rt, _ = rtnl(reply)
+    (link,) = rt.links()
+    assert (link.tx_packets, link.tx_dropped) == (20, 6)  # rx_dropped (99) is not it

@@ -36,6 +36,7 @@ class Kernel:
         self.maps = DictMaps({packets.MAP: {u32(slot): counts(*ours)}})
         self.script: Iterator[None] | None = None
         self.gone = False
+        self.tx_dropped = 0  # handed to the veth, not delivered to the pod
 
     def _tick(self) -> None:
         if self.script is not None:
@@ -47,7 +48,7 @@ class Kernel:
         if self.gone:
             return None
         (rx, tx) = self.veth
-        return VethCounts(rx, rx * 100, tx, tx * 100)
+        return VethCounts(rx, rx * 100, tx, tx * 100, self.tx_dropped)
 
 
 class TickingMaps:
@@ -131,3 +132,15 @@ def test_a_reused_ifindex_starts_afresh_and_pods_sum_their_veths(make_pod: PodFa
     unseen.observe_new()
     # both of q's veths read the same fake statistics: 1 each, summed
     assert unseen.by_pod(second) == {("a", "q"): Baseline(2, 200, 0, 0)}
+
+
+def test_what_the_veth_could_not_deliver_was_seen_by_us_and_is_not_before_the_attach(
+        make_pod: PodFactory) -> None:
+    index = IdentityIndex([make_pod(4026532001, [(7, "veth7")], namespace="a", name="p")], {7: 3})
+    # 4 received before the attach; since, we counted 3 toward the pod, of which the veth
+    # delivered 1 and dropped 2 (the pod's CPU backlog full): tx_packets 5, tx_dropped 2
+    kernel = Kernel(3, ours=(0, 3), veth=(0, 5))
+    kernel.tx_dropped = 2
+    unseen = detector(kernel, index)
+    unseen.observe_new()
+    assert unseen.by_pod(index)[("a", "p")].ingress_packets == 4
