@@ -27,11 +27,15 @@ ordered to err one known way and repeated (READS times), keeping the best:
 
 A read with no packet in flight (microseconds each) is exact; at a pod's start there are
 seldom any. The baseline is taken once per attachment, keyed by (ifindex, netns): an
-ifindex reused by another pod's veth starts afresh.
+ifindex reused by another pod's veth starts afresh. A gone interface's baseline is kept
+for FORGET_AFTER seconds: a scrape reads the identity snapshot it started with, which can
+still hold the pod while the reconciler has already let it go (its series must not drop
+to zero in that scrape's last moments).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +46,7 @@ from monitor.maps import MapReader
 from monitor.probes import packets
 
 READS = 3
+FORGET_AFTER = 60.0  # seconds: far longer than any scrape holds its snapshot
 
 
 # ifindex -> the veth's statistics now, None if it is gone
@@ -60,9 +65,11 @@ class BeforeAttach:
     """Baselines of attached veths: what passed before our programs were on them."""
 
     def __init__(self, maps: MapReader, snapshot: Callable[[], IdentityIndex],
-                 read_veth: ReadVeth) -> None:
+                 read_veth: ReadVeth, clock: Callable[[], float] = time.monotonic) -> None:
         self._maps, self._snapshot, self._read_veth = maps, snapshot, read_veth
+        self._clock = clock
         self._baselines: dict[tuple[int, int], Baseline] = {}  # (ifindex, netns) -> baseline
+        self._gone_since: dict[tuple[int, int], float] = {}  # detached: kept a while
         self._log = log.get("unseen")
 
     def observe_new(self) -> None:
@@ -75,8 +82,13 @@ class BeforeAttach:
                 slot = index.slot_of(veth.ifindex)
                 if slot is not None:
                     live[(veth.ifindex, pod.netns_inode)] = slot
+        now = self._clock()
         for key in set(self._baselines) - set(live):
-            del self._baselines[key]  # detached: its pod's series went with it
+            since = self._gone_since.setdefault(key, now)
+            if now - since > FORGET_AFTER:  # no scrape can still hold its pod
+                del self._baselines[key], self._gone_since[key]
+        for key in set(self._gone_since) & set(live):
+            del self._gone_since[key]  # attached again (re-attached by us): it stays
         for key, slot in live.items():
             if key not in self._baselines:
                 baseline = self._measure(key[0], slot)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from monitor.identity import IdentityIndex
 from monitor.kerneltypes import VethCounts
 from monitor.probes import packets
-from monitor.unseen import READS, Baseline, BeforeAttach
+from monitor.unseen import FORGET_AFTER, READS, Baseline, BeforeAttach
 from tests.unit.conftest import PodFactory
 from tests.unit.fakes import DictMaps, u32
 
@@ -144,3 +144,25 @@ def test_what_the_veth_could_not_deliver_was_seen_by_us_and_is_not_before_the_at
     unseen = detector(kernel, index)
     unseen.observe_new()
     assert unseen.by_pod(index)[("a", "p")].ingress_packets == 4
+
+
+def test_a_scrape_holding_the_snapshot_a_pod_was_in_still_finds_its_baseline(
+        make_pod: PodFactory) -> None:
+    # A scrape takes the identity snapshot, then the reconciler lets the pod go and the
+    # detector runs, then the scrape reads the baselines under its snapshot: a series
+    # that dropped to 0 there was a counter going down (test_monotonic, in CI)
+    pod = make_pod(4026532001, [(7, "veth7")], namespace="a", name="p")
+    with_pod = IdentityIndex([pod], {7: 3})
+    kernel = Kernel(3, ours=(5, 2), veth=(12, 6))
+    current = [with_pod]
+    now = [100.0]
+    unseen = BeforeAttach(TickingMaps(kernel), lambda: current[0], kernel.read_veth,  # type: ignore[arg-type]
+                          clock=lambda: now[0])
+    unseen.observe_new()
+    held_by_a_scrape = with_pod
+    current[0] = IdentityIndex([], {})  # the pod went
+    unseen.observe_new()
+    assert unseen.by_pod(held_by_a_scrape) == {("a", "p"): Baseline(7, 700, 4, 400)}
+    now[0] += FORGET_AFTER + 1
+    unseen.observe_new()  # long gone: forgotten
+    assert unseen.by_pod(held_by_a_scrape) == {("a", "p"): Baseline(0, 0, 0, 0)}
