@@ -22,7 +22,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +83,20 @@ class AttachError(KernelError):
     """Attaching to one interface failed: logged, counted and retried, never fatal."""
 
 
-def compose_source(probes: Sequence[Probe], bpf_dir: Path = BPF_DIR) -> str:
+def compose_source(probes: Sequence[Probe], bpf_dir: Path = BPF_DIR,
+                   pin_dirs: Mapping[str, Path] | None = None) -> str:
     """One C text: the shared headers, each probe's file, the dispatcher, the TC programs.
 
     Files are concatenated rather than #included because BCC rewrites map
     syntax only in the main file; #line keeps compiler messages pointing at
-    the right file and line.
+    the right file and line. With `pin_dirs` (probe name -> directory), each probe's
+    maps are pinned in its own directory: PNM_PIN_DIR is redefined before its file
+    (PNM_MAP expands it where it is used).
     """
     parts = [f'#line 1 "{name}"\n{(bpf_dir / name).read_text()}' for name in ("pnm.h", "kstruct.h")]
     for probe in probes:
+        if pin_dirs is not None and probe.name in pin_dirs:
+            parts.append(f'#undef PNM_PIN_DIR\n#define PNM_PIN_DIR "{pin_dirs[probe.name]}"')
         parts.append(f'#line 1 "{probe.c_file}"\n{(bpf_dir / probe.c_file).read_text()}')
     calls = "".join(f"    {p.tc_hook}(skb, pkt);\n" for p in probes if p.tc_hook)
     parts.append(
@@ -154,26 +159,42 @@ def tracepoint_function(tracepoint: str) -> str:
     return f"tracepoint__{category}__{event}"
 
 
-def maps_layout_version(max_interfaces: int, bpf_dir: Path = BPF_DIR) -> str:
-    """The layout version of every probe's maps (all registered probes, enabled or not:
-    choosing other probes must not reset the counters of the ones that stay)."""
+CORE_OWNER = "core"  # the slot table's maps, beside each probe's own
+
+
+def maps_layout_versions(max_interfaces: int, bpf_dir: Path = BPF_DIR) -> dict[str, str]:
+    """The layout version of each owner's maps, "<owner>-<digest>": the core's (the slot
+    table: pnm.h's shapes and the sizes) and every registered probe's (its C file and
+    Python layouts, and the core's version: a slot means nothing without the table that
+    gave it). An upgrade that changes one probe starts that probe's counters afresh and
+    keeps every other's; one that changes the core starts them all afresh."""
     from monitor.probes import REGISTRY
 
-    c_files = ["pnm.h", *sorted({p.c_file for p in REGISTRY.values()})]
-    layouts = [f"{name}:{pins.ctypes_layout(layout.key)}:{pins.ctypes_layout(layout.value)}"
-               for probe in REGISTRY.values() for name, layout in sorted(probe.maps.items())]
-    return pins.layout_version([(bpf_dir / f).read_text() for f in c_files], layouts,
+    core = pins.layout_version([(bpf_dir / "pnm.h").read_text()], [],
                                [("max_interfaces", max_interfaces),
                                 ("ifslot_buckets", IFSLOT_BUCKETS)])
+    versions = {CORE_OWNER: f"{CORE_OWNER}-{core}"}
+    for probe in REGISTRY.values():
+        source = (bpf_dir / probe.c_file).read_text()
+        if "PNM_MAP(" not in source:
+            continue  # pins nothing (trace's switch is per daemon): no layout to keep
+        layouts = [f"core:{core}", *(
+            f"{name}:{pins.ctypes_layout(layout.key)}:{pins.ctypes_layout(layout.value)}"
+            for name, layout in sorted(probe.maps.items()))]
+        digest = pins.layout_version([source], layouts, [])
+        versions[probe.name] = f"{probe.name}-{digest}"
+    return versions
 
 
 class Programs:
     """The BPF module, compiled and loaded by a child (monitor.loader): its programs'
     and maps' descriptors, tracepoint links, and perf buffer readers.
 
-    With `pin` (a Pins), counter maps live in bpffs under their layout version: a
-    daemon that finds them there adopts them (`adopted`), one that finds only other
-    versions starts fresh and says so (`reset_from`).
+    With `pin` (a Pins), counter maps live in bpffs, each owner's (the core's slot
+    table, each probe's) in a directory named after its layout version: a daemon that
+    finds one there adopts it (`adopted_owners`; `adopted`: the core's, whose slots the
+    others are keyed by), one that finds only other versions of an owner starts that
+    owner fresh and says so (`maps_states`, `reset_from`).
     """
 
     def __init__(self, probes: Sequence[Probe], kernel: KernelInfo, *, max_interfaces: int,
@@ -186,19 +207,26 @@ class Programs:
         self.max_interfaces, self._pins, self._tracefs = max_interfaces, pin, tracefs
         # Nonzero and different from the last daemon's: see pnm_generation in pnm.h.
         self.generation = secrets.randbelow(0xFFFFFFFE) + 1
-        self.layout = maps_layout_version(max_interfaces)
-        self.pin_dir = pin.maps_dir(self.layout) if pin is not None else None
-        self.adopted = bool(self.pin_dir is not None and self.pin_dir.is_dir()
-                            and any(self.pin_dir.iterdir()))
-        self.reset_from = [v for v in pin.versions() if v != self.layout] if pin else []
+        every_layout = maps_layout_versions(max_interfaces)
+        owners = [CORE_OWNER, *(p.name for p in self.probes if p.name in every_layout)]
+        self.layouts = {owner: every_layout[owner] for owner in owners}
+        self.pin_dirs = ({owner: pin.maps_dir(version) for owner, version in self.layouts.items()}
+                         if pin is not None else {})
+        self.pin_dir = self.pin_dirs.get(CORE_OWNER)
+        self.adopted_owners = {owner for owner, path in self.pin_dirs.items()
+                               if path.is_dir() and any(path.iterdir())}
+        self.adopted = CORE_OWNER in self.adopted_owners
+        self.reset_from = ([v for v in pin.versions() if v not in self.layouts.values()]
+                           if pin else [])
+        self.maps_states = {owner: self._maps_state(owner, pin) for owner in owners}
         # What the last daemon left pinned, as found: a start-up that fails removes only
         # what it pinned itself (abort()), never this.
-        self._found_pins = ({e.name for e in self.pin_dir.iterdir()}
-                            if self.pin_dir is not None and self.pin_dir.is_dir() else None)
+        self._found_pins = {owner: ({e.name for e in path.iterdir()} if path.is_dir() else None)
+                            for owner, path in self.pin_dirs.items()}
         self._committed = False  # set by the take-over in attach_tracepoints()
-        if self.pin_dir is not None:
-            self.pin_dir.mkdir(parents=True, exist_ok=True)
-        source = compose_source(self.probes)
+        for path in self.pin_dirs.values():
+            path.mkdir(parents=True, exist_ok=True)
+        source = compose_source(self.probes, pin_dirs=self.pin_dirs if pin is not None else None)
         cflags = [*build_cflags(self.probes, kernel, max_interfaces),
                   f"-DPNM_GENERATION={self.generation}u"]
         if self.pin_dir is not None:
@@ -232,9 +260,27 @@ class Programs:
                        seconds=round(self.compile_seconds, 3), bpf_stats=self.stats_enabled(),
                        offsets=kernel.offsets_source, maps=str(self.pin_dir or "not pinned"),
                        adopted=self.adopted)
-        if self.reset_from:
+        reset = sorted(owner for owner, state in self.maps_states.items() if state == "reset")
+        if reset:
             self._log.warning("pinned maps of another layout found: counters start from zero",
-                              previous=self.reset_from, layout=self.layout)
+                              maps=reset, previous=self.reset_from,
+                              layouts=[self.layouts[owner] for owner in reset])
+
+    def _maps_state(self, owner: str, pin: pins.Pins | None) -> str:
+        """Where an owner's counters start: unpinned; adopted (the last daemon's); reset
+        (it left this owner's maps, or the whole set, in another layout); fresh."""
+        if pin is None:
+            return "unpinned"
+        if owner in self.adopted_owners:
+            return "adopted"
+        # "<owner>-<digest>"; a bare digest is a daemon's from before per-owner layouts,
+        # and the core's slots key every probe's maps: either resets every owner
+        left = {version.rsplit("-", 1)[0] if "-" in version else "" for version in self.reset_from}
+        return "reset" if left & {owner, "", CORE_OWNER} else "fresh"
+
+    def adopted_probe(self, name: str) -> bool:
+        """Whether a probe's maps are the last daemon's (its own and the core's)."""
+        return self.adopted and name in self.adopted_owners
 
     def _enable_stats(self) -> int | None:
         try:
@@ -316,26 +362,18 @@ class Programs:
             tracepoints.pin(link, str(path))
 
     def remove_unloaded(self) -> list[str]:
-        """Pins of probes this daemon did not load: their maps (a probe switched on again
-        later must not hand new pods the counts of slots its maps kept from pods long
-        gone: no per-slot zeroing reached them meanwhile) and their tracepoint links (the
-        last daemon's, attached and counting nothing since the take-over). Called once
-        this daemon holds everything it needs."""
-        from monitor.probes import REGISTRY
-
-        if self._pins is None or self.pin_dir is None:
+        """Pins this daemon does not use: maps of other layouts (counters restarted), of
+        probes it did not load (a probe switched on again later must not hand new pods
+        the counts of slots its maps kept from pods long gone: no per-slot zeroing reached
+        them meanwhile), and those probes' tracepoint links (the last daemon's, attached
+        and counting nothing since the take-over). Called once this daemon holds
+        everything it needs."""
+        if self._pins is None:
             return []
-        loaded = {p.name for p in self.probes}
-        mine = {m for p in self.probes for m in p.maps}
         removed = []
-        for probe in REGISTRY.values():
-            if probe.name in loaded:
-                continue
-            for name in probe.maps:
-                path = self.pin_dir / name
-                if name not in mine and path.exists():
-                    path.unlink(missing_ok=True)
-                    removed.append(f"pinned map {path}")
+        for version in self._pins.versions():
+            if version not in self.layouts.values():
+                removed += [f"pinned map {path}" for path in self._pins.remove_version(version)]
         wanted = {f"tp-{tp.replace(':', '-')}" for p in self.probes for tp in p.tracepoints}
         links = self._pins.links
         for entry in sorted(links.glob("tp-*")) if links.is_dir() else []:
@@ -414,7 +452,8 @@ class Programs:
             os.close(link)
         self._tp_links.clear()
         if not leave_attached and self._pins is not None:
-            self._pins.remove_version(self.layout)
+            for version in self.layouts.values():
+                self._pins.remove_version(version)
             self._pins.remove_empty()
         if self._stats_fd is not None:
             os.close(self._stats_fd)
@@ -446,18 +485,19 @@ class Programs:
 
     def _unpin_new(self) -> None:
         """Unpin the maps this daemon pinned itself (none, where it adopted them all)."""
-        if self.pin_dir is None or self._pins is None:
+        if self._pins is None:
             return
-        found = self._found_pins or set()
-        for entry in list(self.pin_dir.iterdir()) if self.pin_dir.is_dir() else []:
-            if entry.name not in found:
-                entry.unlink(missing_ok=True)
-        if self._found_pins is None:
-            try:
-                self.pin_dir.rmdir()
-            except OSError:
-                pass
-            self._pins.remove_empty()
+        for owner, path in self.pin_dirs.items():
+            found = self._found_pins.get(owner)
+            for entry in list(path.iterdir()) if path.is_dir() else []:
+                if found is None or entry.name not in found:
+                    entry.unlink(missing_ok=True)
+            if found is None:
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
+        self._pins.remove_empty()
 
 
 def check_handle(tc_handle: int) -> int:

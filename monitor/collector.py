@@ -182,10 +182,11 @@ class PodCollector:
                              "programs (only while the kernel keeps BPF statistics).",
                              ["program"])
         maps = GaugeFamily(
-            "podnet_monitor_maps", "Where this daemon's counters started: adopted (the pinned "
-            "maps of the daemon before it: counters continue), fresh (nothing was pinned), "
-            "reset (pinned maps of another layout were found and left: counters restarted) "
-            "or unpinned (no bpffs: counters restart with every daemon).", ["state"])
+            "podnet_monitor_maps", "Where this daemon's counters started, by owner of maps "
+            "(maps=core: the slot table; each probe's name): adopted (the pinned maps of the "
+            "daemon before it: counters continue), fresh (nothing was pinned), reset (pinned "
+            "maps of another layout were found and left: that probe's counters restarted) or "
+            "unpinned (no bpffs: counters restart with every daemon).", ["maps", "state"])
         overflows = CounterFamily(
             "podnet_monitor_netlink_overflows", "Times the kernel dropped link events for the "
             "monitor (its netlink socket overflowed); each is answered by a full rescan.")
@@ -206,7 +207,8 @@ class PodCollector:
             build.add((__version__, self._bcc_version, platform.release()), 1)
             offsets.add((self._kernel.offsets_source,), 1)
             dropped.add((), state.series_dropped)
-            maps.add((state.maps_state,), 1)
+            for owner, where in sorted(state.maps_states.items()):
+                maps.add((owner, where), 1)
             overflows.add((), state.netlink_overflows)
             for reason, n in sorted(state.reattaches().items()):
                 reattaches.add((reason,), n)

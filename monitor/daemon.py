@@ -173,8 +173,7 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
         programs.abort()  # what the last daemon left stays as it was
         return EXIT_FAILED
     state = MonitorState()
-    state.maps_state = ("unpinned" if pin is None else "adopted" if programs.adopted else
-                        "reset" if programs.reset_from else "fresh")
+    state.maps_states = dict(programs.maps_states)
     maps = programs.maps
     slots = SlotTable(ifslots=maps.handle(bpf.IFSLOTS_MAP), spill=maps.handle(bpf.IFSLOT_SPILL_MAP),
                       netns=maps.handle(bpf.NETNS_MAP), owners=maps.handle(bpf.SLOT_OWNER_MAP),
@@ -186,7 +185,7 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
         logger.info("adopted the pinned maps of the last daemon: counters continue",
                     slots=slots.adopt(), maps=str(programs.pin_dir))
     programs.probes[:] = _start_probes(programs.probes, settings, maps,
-                                       adopted=programs.adopted, slots=slots.assigned,
+                                       adopted=programs.adopted_probe, slots=slots.assigned,
                                        snapshot=lambda: state.snapshot.index, cluster=cluster)
     forget = [functools.partial(p.forget, maps) for p in programs.probes if p.forget]
     runtime = RuntimeIndex(settings.runtime_dirs)
@@ -195,14 +194,12 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
         """What the last daemon left for pods that went while none ran, and maps of
         another layout, go once this daemon holds everything it needs."""
         removed = attacher.remove_stale(attached)
-        if programs.adopted:
-            for probe in programs.probes:
-                if probe.prune is not None:
-                    probe.prune(maps, live_netns, attached)
+        for probe in programs.probes:
+            if probe.prune is not None and programs.adopted_probe(probe.name):
+                probe.prune(maps, live_netns, attached)
         if pin is not None:
-            for version in programs.reset_from:
-                removed += [f"pinned map {path}" for path in pin.remove_version(version)]
-            removed += programs.remove_unloaded()
+            removed += programs.remove_unloaded()  # other layouts' maps, unloaded probes'
+
         if removed:
             logger.info("removed what an earlier daemon left", count=len(removed),
                         items=removed[:20])
@@ -417,7 +414,8 @@ def _cluster_index(settings: Settings, metadata: MetadataSource, probes: Sequenc
     return ClusterIndex(api)
 
 
-def _start_probes(probes: Sequence[Probe], settings: Settings, maps: Any, *, adopted: bool,
+def _start_probes(probes: Sequence[Probe], settings: Settings, maps: Any, *,
+                  adopted: Callable[[str], bool],
                   slots: Any, snapshot: Any, cluster: Any = None) -> list[Probe]:
     """Probes with state of their own (peers) are bound to it here, before any attach."""
     if not any(p.start for p in probes):
@@ -428,14 +426,11 @@ def _start_probes(probes: Sequence[Probe], settings: Settings, maps: Any, *, ado
 
     resolver = PeerResolver(cluster_cidrs=settings.cluster_cidrs,
                             service_cidrs=settings.service_cidrs, index=cluster)
-    ctx = Start(maps=maps, adopted=adopted, slots=slots,
-                options={"peers": PeerOptions(settings.peer_top, settings.peer_ttl,
-                                              settings.peer_interval),
-                         "dnsnames": NameOptions(settings.dns_top, settings.peer_ttl,
-                                                 settings.dns_timeout)},
-                services={"peer_resolver": resolver, "snapshot": snapshot,
-                          "node": settings.node_name})
-    return [p.start(p, ctx) if p.start else p for p in probes]
+    options = {"peers": PeerOptions(settings.peer_top, settings.peer_ttl, settings.peer_interval),
+               "dnsnames": NameOptions(settings.dns_top, settings.peer_ttl, settings.dns_timeout)}
+    services = {"peer_resolver": resolver, "snapshot": snapshot, "node": settings.node_name}
+    return [p.start(p, Start(maps=maps, adopted=adopted(p.name), slots=slots, options=options,
+                             services=services)) if p.start else p for p in probes]
 
 
 def _raise_fd_limit() -> None:

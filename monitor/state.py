@@ -68,8 +68,9 @@ class MonitorState:
         self.last_reconcile_error = ""
         self.series_dropped = 0
         self.netlink_overflows = 0  # link event socket overflows (ENOBUFS), each a rescan
-        # adopted, fresh, reset or unpinned: see podnet_monitor_maps
-        self.maps_state = "unpinned"
+        # by owner of maps ("core", each probe): adopted, fresh, reset or unpinned (see
+        # podnet_monitor_maps); none before the programs are loaded
+        self.maps_states: dict[str, str] = {}
         self._lost: dict[str, int] = {}
         self._reattaches: dict[str, int] = {}  # by reason: see Reconciler.verify
         self.bypassed: dict[tuple[str, str], str] = {}  # pod -> why (monitor/bypass.py)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,16 @@ from pathlib import Path
 import pytest
 
 from monitor.lab import Lab, LabPod
-from tests.kernel.support import LOG_DIR, ROOT, Daemon, in_pod, our_programs, quiet_window, wait_for
+from tests.kernel.support import (
+    LOG_DIR,
+    ROOT,
+    UDP_SENDER,
+    Daemon,
+    in_pod,
+    our_programs,
+    quiet_window,
+    wait_for,
+)
 
 PINS = Path("/sys/fs/bpf/podnetmon")
 
@@ -178,7 +188,8 @@ def test_another_layout_starts_fresh_and_removes_the_old_maps(lab: Lab) -> None:
     daemon = Daemon("--max-interfaces", "128", inventory=inventory)
     try:
         new = {p.name for p in PINS.glob("maps-*")}
-        assert len(new) == 1 and new != old  # the old layout's maps are gone
+        assert new and new.isdisjoint(old)  # the old layout's maps are gone (the core's
+        # sizes changed: every probe's maps start afresh)
         assert any(e.get("event", "").startswith("pinned maps of another layout")
                    for e in daemon.log_events())
         assert daemon.scrape().sum("podnet_packets_total", pod=client.name,
@@ -186,6 +197,43 @@ def test_another_layout_starts_fresh_and_removes_the_old_maps(lab: Lab) -> None:
         assert len(ingress_programs(client.host_veth)) == 1
     finally:
         daemon.stop()
+    assert not PINS.exists()
+
+
+def test_an_upgrade_that_changes_one_probe_keeps_every_other_probes_counters(
+        lab: Lab, tmp_path: Path) -> None:
+    """Each probe's maps are pinned under their own layout: an upgrade whose drops.c
+    changed shape starts the drop counters afresh (podnet_monitor_maps says so) while
+    the packet counters go on from where they were."""
+    server, client = lab.up(2)
+    inventory = str(lab.inventory)
+    daemon = Daemon("--leave-attached", "true", inventory=inventory)
+    in_pod(client, "ping", "-c", "20", "-i", "0.01", server.ip)
+    in_pod(client, sys.executable, "-c", UDP_SENDER, server.ip, "9", "7", "16")  # closed port
+    before = daemon.scrape()
+    sent = before.sum("podnet_packets_total", pod=client.name, direction="egress")
+    assert before.sum("podnet_drops_total", pod=server.name, reason="NO_SOCKET") == 7
+    assert daemon.stop() == 0
+    upgraded = tmp_path / "bpf"
+    shutil.copytree(ROOT / "bpf", upgraded)
+    drops_c = upgraded / "drops.c"
+    drops_c.write_text(drops_c.read_text() + "\n#define PNM_DROPS_NEW_SHAPE 1\n")
+    old_drops = {p.name for p in PINS.glob("maps-drops-*")}
+    daemon = Daemon(inventory=inventory, env={"PODNETMON_BPF_DIR": str(upgraded)})
+    try:
+        after = daemon.scrape()
+        assert after.sum("podnet_packets_total", pod=client.name, direction="egress") == sent
+        assert after.sum("podnet_drops_total", pod=server.name) == 0
+        assert after.sum("podnet_monitor_maps", maps="drops", state="reset") == 1
+        for owner in ("core", "packets", "tcpflags", "peers"):
+            assert after.sum("podnet_monitor_maps", maps=owner, state="adopted") == 1, owner
+        wait_for(lambda: not old_drops & {p.name for p in PINS.glob("maps-drops-*")}, 10)
+        assert len(list(PINS.glob("maps-drops-*"))) == 1
+        in_pod(client, sys.executable, "-c", UDP_SENDER, server.ip, "9", "3", "16")
+        wait_for(lambda: daemon.scrape().sum("podnet_drops_total", pod=server.name,
+                                             reason="NO_SOCKET") == 3, 5)
+    finally:
+        assert daemon.stop() == 0
     assert not PINS.exists()
 
 

@@ -275,7 +275,8 @@ def _fail_after_adoption(first: Daemon, a: LabPod, b: LabPod, *, inventory: str,
     nxt = Daemon("--attach-mode", mode, inventory=inventory)
     try:
         m = nxt.scrape()
-        assert m.sum("podnet_monitor_maps", state="adopted") == 1
+        assert m.sum("podnet_monitor_maps", maps="core", state="adopted") == 1
+        assert m.sum("podnet_monitor_maps", state="adopted") == m.sum("podnet_monitor_maps")
         assert m.sum("podnet_drops_total", pod=b.name, reason="NO_SOCKET") == 2 * DATAGRAMS
     finally:
         assert nxt.stop() == 0

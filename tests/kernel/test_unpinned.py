@@ -28,7 +28,7 @@ def test_an_empty_bpffs_root_runs_unpinned_and_pins_nothing(lab: Lab, daemons: l
     args, env = (("--bpffs-root", ""), {}) if how == "flag" else ((), {"PODNETMON_BPFFS_ROOT": ""})
     daemon = Daemon(*args, inventory=str(lab.inventory), env=env)
     daemons.append(daemon)
-    assert daemon.scrape().sum("podnet_monitor_maps", state="unpinned") == 1
+    assert daemon.scrape().sum("podnet_monitor_maps", maps="core", state="unpinned") == 1
     assert_pings_counted_exactly(daemon, a, b, 7)
     assert _pinned() == before  # nothing of this daemon's in bpffs
     assert daemon.stop() == 0

@@ -216,3 +216,30 @@ def test_compose_source_calls_every_tc_hook_of_the_registry() -> None:
     assert dispatcher_calls(source) == hooks
     for hook in hooks:
         assert f"static __always_inline void {hook}(struct __sk_buff *skb" in source
+
+
+def test_each_probe_pins_its_maps_in_its_own_directory(bpf_dir: Path) -> None:
+    source = bpf.compose_source([probe("a"), probe("b")], bpf_dir,
+                                pin_dirs={"a": Path("/pins/maps-a-1"), "b": Path("/pins/maps-b-2")})
+    a_dir = source.index('#define PNM_PIN_DIR "/pins/maps-a-1"')
+    b_dir = source.index('#define PNM_PIN_DIR "/pins/maps-b-2"')
+    assert a_dir < source.index("/* A_C */") < b_dir < source.index("/* B_C */")
+    assert "PNM_PIN_DIR" not in bpf.compose_source([probe("a")], bpf_dir)
+
+
+def test_a_probes_change_moves_its_layout_only_and_the_cores_moves_every_one(
+        tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(bpf.BPF_DIR, tmp_path / "bpf")
+    before = bpf.maps_layout_versions(64, tmp_path / "bpf")
+    assert before["core"].startswith("core-") and before["dns"].startswith("dns-")
+    assert "trace" not in before  # it pins no map
+    dns = tmp_path / "bpf" / "dns.c"
+    dns.write_text(dns.read_text() + "\n/* a comment changes nothing */\n")
+    assert bpf.maps_layout_versions(64, tmp_path / "bpf") == before
+    dns.write_text(dns.read_text() + "\n#define PNM_DNS_SOMETHING_NEW 1\n")
+    changed = bpf.maps_layout_versions(64, tmp_path / "bpf")
+    assert [o for o in before if changed[o] != before[o]] == ["dns"]
+    resized = bpf.maps_layout_versions(128, tmp_path / "bpf")
+    assert all(resized[o] != changed[o] for o in before)  # the core's sizes: all of them

@@ -671,9 +671,10 @@ def test_maps_state_says_where_counters_started(make_pod: PodFactory) -> None:
     collector = PodCollector(probes=[packets.PROBE], maps=FakeMaps(), state=state,
                              node="node-1", kernel=kernel(), node_slot=1024)
     for where in ("adopted", "fresh", "reset", "unpinned"):
-        state.maps_state = where
+        state.maps_states = {"core": "adopted", "packets": where}
         family = next(f for f in collector.collect() if f.name == "podnet_monitor_maps")
-        assert [labels for labels, _ in family.series] == [(where,)]
+        assert [labels for labels, _ in family.series] == [("core", "adopted"),
+                                                          ("packets", where)]
 
 
 def test_one_scrape_reads_one_identity_snapshot(make_pod: PodFactory) -> None:
