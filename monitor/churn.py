@@ -83,11 +83,6 @@ def counted_by_netns(exposition: str) -> dict[int, Counted]:
     return out
 
 
-def udp_sent_by_netns(exposition: str) -> dict[int, int]:
-    """UDP packets counted leaving each netns-named pod."""
-    return {netns: c.udp_egress for netns, c in counted_by_netns(exposition).items()}
-
-
 @dataclass(frozen=True)
 class Wire:
     """A host veth's own statistics: packets the pod sent (its rx), and those handed to
