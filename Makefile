@@ -39,7 +39,7 @@ kernel: setup
 # hadolint on the Dockerfile, checkov on the manifests and the Dockerfile: every finding
 # fixed or skipped with its reason beside it (tests/unit/test_deploy.py checks the reasons).
 lint: setup
-	$(VENV)/bin/ruff check monitor tests bench scripts
+	$(VENV)/bin/ruff check monitor podnetlab tests bench scripts
 	$(VENV)/bin/mypy
 	.tools/bin/hadolint Dockerfile
 	CKV_SKIP_PACKAGE_UPDATE_CHECK=true BC_SKIP_MAPPING=TRUE .tools/bin/checkov --quiet --compact \

@@ -23,7 +23,7 @@ from typing import TypeVar
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from monitor.lab import Lab, LabPod
+from podnetlab.lab import Lab, LabPod
 
 T = TypeVar("T")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import lab_pods, machine, median, percentile, running_daemon
-from monitor.lab import Lab
+from podnetlab.lab import Lab
 from tests.abuse import Abuse
 from tests.fakeapi import FakeApiServer
 from tests.pki import leaf, new_ca

@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import lab_pods, machine, median, run_in, running_daemon
-from monitor.lab import LabPod
 from monitor.probes import REGISTRY
+from podnetlab.lab import LabPod
 from tests.fakeapi import FakeApiServer, make_pod, make_service
 
 NODE = "bench-node"

@@ -8,7 +8,7 @@ outside can see the compile finish.
 
 Churn (issue 15): the kernel is the oracle for every churned pod. Just before a pod
 goes, its host veth's own statistics are read, then a scrape, then the statistics
-again, until the two reads agree (monitor.churn.observer): the packets the daemon
+again, until the two reads agree (podnetlab.churn.observer): the packets the daemon
 counted plus those it reports as before the attach must equal what the veth carried.
 One `pod` line per churned pod gives the wire and counted packets by direction, the
 before-attach packets, the drops by reason, when the daemon attached and detached (from
@@ -40,8 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RunningDaemon, lab_pods, machine, median, percentile, run_in, running_daemon, stamp
-from monitor.churn import SINK_PORT, UDP_SINK, Churn, ChurnPod, Wire, observer
-from monitor.lab import LabPod, Quiet
+from podnetlab.churn import SINK_PORT, UDP_SINK, Churn, ChurnPod, Wire, observer
+from podnetlab.lab import LabPod, Quiet
 
 DIRECTIONS = ("egress", "ingress")
 VERDICTS = ("exact", "consistent", "MISSED", "OVER", "unread")
@@ -92,7 +92,7 @@ def veth_dropped(name: str) -> Wire | None:
 
 
 class ChurnWatch:
-    """The churn's `count`: monitor.churn.observer's reads of the monitor and each veth,
+    """The churn's `count`: podnetlab.churn.observer's reads of the monitor and each veth,
     then the veth's own drop counters (still at rest, the pod not yet deleted); and how
     long the bench spent reading, as the churn neither makes pods nor sends meanwhile."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import lab_pods, machine, running_daemon
-from monitor.churn import Churn
+from podnetlab.churn import Churn
 from tests.kernel.support import Census, census
 
 

@@ -21,22 +21,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
 from bench.common import UDP_SENDER, lab_pods, machine, median, run_in, spawn_in, stable
-from monitor import bpf, bpfsys, kernelinfo
-from monitor.bpf import TC_PARENT_INGRESS, Programs
 from monitor.identity import IdentityIndex
+from monitor.kernel import adapter, kernelinfo, syscalls
+from monitor.kernel.adapter import TC_PARENT_INGRESS, Programs
 from monitor.peers.identity import PeerResolver
 from monitor.probes import select
 from monitor.probes.peers import PeerAccounts, PeerOptions
 from monitor.slots import SlotTable, per_slot_maps
 
 
-def _infos(fds: dict[str, int]) -> dict[str, bpfsys.ProgInfo]:
+def _infos(fds: dict[str, int]) -> dict[str, syscalls.ProgInfo]:
     """Every program's statistics at one moment: no packet ran between the first read
     and the last (bench.common.stable), so each saw the same packets up to it."""
-    return stable(lambda: {n: bpfsys.prog_info(fd) for n, fd in fds.items()})
+    return stable(lambda: {n: syscalls.prog_info(fd) for n, fd in fds.items()})
 
 
-def _ns_per_run(now: bpfsys.ProgInfo, before: bpfsys.ProgInfo) -> tuple[float, int]:
+def _ns_per_run(now: syscalls.ProgInfo, before: syscalls.ProgInfo) -> tuple[float, int]:
     runs = now.run_cnt - before.run_cnt
     return (now.run_time_ns - before.run_time_ns) / max(runs, 1), runs
 
@@ -46,12 +46,12 @@ VARIANTS = {"packets": ["packets"], "peers": ["packets", "peers"], "all": []}
 
 
 def _slots_for(programs: Programs, ifindex: int, kernel_netns: int) -> None:
-    slots = SlotTable(ifslots=programs.maps.handle(bpf.IFSLOTS_MAP),
-                      spill=programs.maps.handle(bpf.IFSLOT_SPILL_MAP),
-                      netns=programs.maps.handle(bpf.NETNS_MAP),
-                      owners=programs.maps.handle(bpf.SLOT_OWNER_MAP),
+    slots = SlotTable(ifslots=programs.maps.handle(adapter.IFSLOTS_MAP),
+                      spill=programs.maps.handle(adapter.IFSLOT_SPILL_MAP),
+                      netns=programs.maps.handle(adapter.NETNS_MAP),
+                      owners=programs.maps.handle(adapter.SLOT_OWNER_MAP),
                       per_slot=per_slot_maps(programs.probes, programs.maps.handle, 64),
-                      capacity=64, buckets=bpf.IFSLOT_BUCKETS)
+                      capacity=64, buckets=adapter.IFSLOT_BUCKETS)
     slots.assign(ifindex, kernel_netns)  # as the daemon does before it attaches
     slots.sync_netns({kernel_netns: ifindex})
     if any(p.name == "peers" for p in programs.probes):
@@ -62,12 +62,12 @@ def _slots_for(programs: Programs, ifindex: int, kernel_netns: int) -> None:
 
 
 def measure(rounds: int, datagrams: int) -> dict[str, dict[str, list[float]]]:
-    stats_fd = bpfsys.enable_run_stats()
+    stats_fd = syscalls.enable_run_stats()
     kernel = kernelinfo.probe(proc_root="/proc", tracefs_root="/sys/kernel/tracing",
                               btf_path="/sys/kernel/btf/vmlinux")
     programs = {name: Programs(select(probes), kernel, max_interfaces=64, bpf_stats=False)
                 for name, probes in VARIANTS.items()}
-    empty_fd = bpfsys.load_unspec_program()  # "return TC_ACT_UNSPEC", two instructions
+    empty_fd = syscalls.load_unspec_program()  # "return TC_ACT_UNSPEC", two instructions
     results: dict[str, dict[str, list[float]]] = {
         name: {"udp64": [], "udp64x16": [], "tcp": []} for name in programs}
     with lab_pods(2) as (_lab, (a, b)):

@@ -43,9 +43,9 @@ from pyroute2 import IPRoute  # type: ignore[import-untyped]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import daemon, machine, median, run_in, spawn_in, tcpdump
-from monitor import bpfsys
-from monitor.bpf import TC_PARENT_EGRESS, TC_PARENT_INGRESS
-from monitor.lab import Lab, LabPod
+from monitor.kernel import syscalls
+from monitor.kernel.adapter import TC_PARENT_EGRESS, TC_PARENT_INGRESS
+from podnetlab.lab import Lab, LabPod
 
 EMPTY_PRIO = 4096  # where the daemon's classic filters go
 SENDER_CPU, RECEIVER_CPU = 0, 1
@@ -60,7 +60,7 @@ def _ifindex(dev: str) -> int:
 def empty_tc(devs: list[str]) -> Iterator[None]:
     """The floor of classic tc: a two-instruction program returning TC_ACT_UNSPEC as a
     cls_bpf filter on both hooks of each device, where podnetmon's classic filters go."""
-    fd = bpfsys.load_unspec_program()
+    fd = syscalls.load_unspec_program()
     ipr = IPRoute()
     added: list[tuple[int, int]] = []
     try:
@@ -85,16 +85,16 @@ def empty_tc(devs: list[str]) -> Iterator[None]:
 @contextmanager
 def empty_tcx(devs: list[str]) -> Iterator[None]:
     """The floor of tcx: the same empty program by a tcx link on both hooks of each device."""
-    fd = bpfsys.load_unspec_program()
+    fd = syscalls.load_unspec_program()
     links: list[int] = []
     try:
         for dev in devs:
-            for hook in (bpfsys.BPF_TCX_INGRESS, bpfsys.BPF_TCX_EGRESS):
-                links.append(bpfsys.tcx_link_create(fd, _ifindex(dev), hook, first=True))
+            for hook in (syscalls.BPF_TCX_INGRESS, syscalls.BPF_TCX_EGRESS):
+                links.append(syscalls.tcx_link_create(fd, _ifindex(dev), hook, first=True))
         yield
     finally:
         for link in links:
-            bpfsys.link_detach(link)
+            syscalls.link_detach(link)
             os.close(link)
         os.close(fd)
 

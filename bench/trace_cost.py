@@ -25,14 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import UDP_SENDER, daemon, lab_pods, machine, median, run_in, spawn_in
 from bench.tc_cost import _slots_for
-from monitor import bpfsys, kernelinfo
-from monitor.bpf import Attacher, Netlink, Programs
+from monitor.kernel import kernelinfo, syscalls
+from monitor.kernel.adapter import Attacher, Netlink, Programs
 from monitor.probes import select
 from monitor.probes.trace import MAP, TraceConfig
 
 
 def per_packet(rounds: int, datagrams: int) -> dict[str, list[float]]:
-    stats_fd = bpfsys.enable_run_stats()
+    stats_fd = syscalls.enable_run_stats()
     kernel = kernelinfo.probe(proc_root="/proc", tracefs_root="/sys/kernel/tracing",
                               btf_path="/sys/kernel/btf/vmlinux")
     programs = Programs(select([]), kernel, max_interfaces=64, bpf_stats=False)
@@ -54,9 +54,9 @@ def per_packet(rounds: int, datagrams: int) -> dict[str, list[float]]:
                 for name, snaplen in (("off", 0), ("on96", 96), ("on1500", 1500)):
                     cfg = TraceConfig(on=1 if snaplen else 0, snaplen=snaplen)
                     programs.maps.handle(MAP).put(slot_key, bytes(cfg))
-                    before = bpfsys.prog_info(programs.ingress_fd)
+                    before = syscalls.prog_info(programs.ingress_fd)
                     run_in(a, sys.executable, "-c", UDP_SENDER, b.ip, "9", str(datagrams), "22")
-                    now = bpfsys.prog_info(programs.ingress_fd)
+                    now = syscalls.prog_info(programs.ingress_fd)
                     runs = now.run_cnt - before.run_cnt
                     out[name].append((now.run_time_ns - before.run_time_ns) / max(runs, 1))
         finally:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bcc import BPF  # type: ignore[import-untyped]
 
 from bench.common import UDP_SENDER, daemon, lab_pods, machine, run_in, spawn_in
-from monitor import bpfsys
+from monitor.kernel import syscalls
 
 TCP_PROBE_SRC = r"""
 BPF_ARRAY(samples, u64, 32);
@@ -114,18 +114,18 @@ def main() -> int:
         run_in(b, "nft", "delete", "table", "inet", "bench")
 
         # RTT hook: tcp_probe (a minimal program) against inet_sock_set_state (ours)
-        stats_fd = bpfsys.enable_run_stats()
+        stats_fd = syscalls.enable_run_stats()
         probe = BPF(text=TCP_PROBE_SRC.encode())
         fn = probe.funcs[b"tracepoint__tcp__tcp_probe"]
         acceptor = spawn_in(b, sys.executable, "-c", ACCEPTOR)
         time.sleep(0.5)
-        p0 = bpfsys.prog_info(fn.fd)
+        p0 = syscalls.prog_info(fn.fd)
         before = scrape(address)
         run_in(a, "iperf3", "-c", b.ip, "-t", "3")
         time.sleep(0.3)
         run_in(a, sys.executable, "-c", SHORT_CONNECTIONS, b.ip, "200")
         after = scrape(address)
-        p1 = bpfsys.prog_info(fn.fd)
+        p1 = syscalls.prog_info(fn.fd)
         probe.cleanup()
         os.close(stats_fd)
         for proc in (server, acceptor):

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 from monitor import log
 from monitor.identity import IdentityIndex
-from monitor.kerneltypes import HostSide
-from monitor.maps import MapReader
+from monitor.kernel.maps import MapReader
+from monitor.kernel.records import HostSide
 from monitor.probes import packets
 
 MIN_PACKETS = 20  # the interface must have moved this much for a verdict

@@ -12,7 +12,8 @@ import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from monitor import bpfsys, neighbours
+from monitor import neighbours
+from monitor.kernel import syscalls
 from monitor.settings import Settings
 
 # Capability bits (include/uapi/linux/capability.h)
@@ -52,7 +53,7 @@ def check_privileges() -> Finding:
 
 def check_bpf_syscall() -> Finding:
     try:
-        os.close(bpfsys.load_unspec_program())
+        os.close(syscalls.load_unspec_program())
     except OSError as exc:
         return Finding("bpf", False, True, f"the bpf() syscall refused to load a program: "
                        f"{exc.strerror}", "run as root with CONFIG_BPF_SYSCALL; check "
@@ -90,9 +91,9 @@ def check_headers() -> Finding:
     missing = missing_headers()
     if missing is not None:
         return missing
-    from monitor import bpf  # imports bcc: only once we know there are headers
+    from monitor.kernel import adapter  # imports bcc: only once we know there are headers
 
-    error = bpf.compile_trivial()
+    error = adapter.compile_trivial()
     if error:
         return Finding("headers", False, True, f"BCC could not compile a trivial program "
                        f"with the headers at {build}: {error}",
@@ -113,7 +114,7 @@ def check_tracefs(settings: Settings) -> Finding:
 
 
 def check_tracepoints(settings: Settings) -> Finding:
-    from monitor import kernelinfo
+    from monitor.kernel import kernelinfo
 
     missing = [tp for tp in kernelinfo.TRACEPOINTS
                if kernelinfo.read_format(settings.tracefs_root, tp) is None]
@@ -143,9 +144,9 @@ def check_bpffs(settings: Settings) -> Finding:
 
 
 def check_attach() -> Iterator[Finding]:
-    from monitor import bpf
+    from monitor.kernel import adapter
 
-    result = bpf.probe_attach_features()
+    result = adapter.probe_attach_features()
     clsact, cls_bpf, tcx = result.get("clsact", "?"), result.get("cls_bpf", "?"), result.get("tcx", "?")
     if not clsact:
         yield Finding("clsact", True, True, "a clsact qdisc can be added (in a scratch netns)")
@@ -172,12 +173,12 @@ def check_cni(settings: Settings, tcx_error: str) -> Finding:
     dataplane) end pod traffic before our programs see it? Read from the host veths as
     they are now: tcx runs before every classic filter, so with tcx and attach_mode auto
     the daemon attaches those veths by tcx and counts them whole."""
-    from monitor import bpf
+    from monitor.kernel import adapter
 
-    netlink = bpf.Netlink()
+    netlink = adapter.Netlink()
     try:
         ahead = {veth.name: found for veth in netlink.veths()
-                 if (found := bpf.filters_before(netlink, veth.ifindex, settings.tc_priority))}
+                 if (found := adapter.filters_before(netlink, veth.ifindex, settings.tc_priority))}
     finally:
         netlink.close()
     if not ahead:
@@ -250,7 +251,7 @@ def run_checks(settings: Settings, max_pods: int | None = None) -> list[Finding]
 
 def _host_veths() -> int:
     """Veths in this netns: one per pod on a veth CNI, the pods the node has now."""
-    from monitor import rtnl
+    from monitor.kernel import rtnl
 
     try:
         with rtnl.Rtnl() as r:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from monitor import bpf, pins
+from monitor.kernel import adapter, pins
 
 
 def daemons_running(proc: str = "/proc") -> list[int]:
@@ -37,12 +37,12 @@ def daemons_running(proc: str = "/proc") -> list[int]:
 def cleanup(bpffs_root: str, tc_priority: int, tc_handle: int) -> list[str]:
     """Remove it all; returns what was removed, one line each."""
     removed: list[str] = []
-    netlink = bpf.Netlink()
+    netlink = adapter.Netlink()
     try:
-        for ifindex, name in bpf.all_links(netlink):
+        for ifindex, name in adapter.all_links(netlink):
             # the daemon's filters, and those of a `run --check` that was killed mid-way
-            count = sum(bpf.remove_our_filters(netlink, ifindex, tc_priority, handle)
-                        for handle in (tc_handle, bpf.check_handle(tc_handle)))
+            count = sum(adapter.remove_our_filters(netlink, ifindex, tc_priority, handle)
+                        for handle in (tc_handle, adapter.check_handle(tc_handle)))
             if count:
                 removed.append(f"tc filters ({count}) on {name}")
     finally:

@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "cleanup":
         return _cleanup(args)
     if args.command in ("trace", "drops"):
-        from monitor import tracecli
+        from monitor.traces import cli as tracecli
 
         return tracecli.main(args)
     if args.command == "top":
@@ -148,15 +148,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _rules(args: argparse.Namespace) -> int:
-    from monitor import alerting
+    from monitor import alertrules
 
     try:
-        alerts = alerting.configured(args.set)
-        runbook_url = alerting.check_runbook_url(args.runbook_url)
-    except alerting.RuleError as exc:
+        alerts = alertrules.configured(args.set)
+        runbook_url = alertrules.check_runbook_url(args.runbook_url)
+    except alertrules.RuleError as exc:
         print(f"podnetmon rules: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    render = alerting.operator_resource if args.format == "operator" else alerting.prometheus_file
+    render = alertrules.operator_resource if args.format == "operator" else alertrules.prometheus_file
     print(render(alerts, args.job, runbook_url), end="")
     return 0
 
@@ -243,7 +243,7 @@ def format_pods(pods: list[dict[str, object]]) -> str:
 
 
 def _lab(args: argparse.Namespace) -> int:
-    from monitor.lab import Lab, LabError
+    from podnetlab.lab import Lab, LabError
 
     lab = Lab()
     try:

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from monitor import __version__, log
 from monitor.exposition import CounterFamily, Family, GaugeFamily
 from monitor.identity import OVERFLOW, IdentityIndex
-from monitor.kernelinfo import KernelInfo
-from monitor.kerneltypes import ProgramStats
-from monitor.maps import MapReader
+from monitor.kernel.kernelinfo import KernelInfo
+from monitor.kernel.maps import MapReader
+from monitor.kernel.records import ProgramStats
 from monitor.probes.base import Probe, Scrape
 from monitor.settings import prometheus_label
 from monitor.state import MonitorState

@@ -19,14 +19,13 @@ from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
-from monitor import instance, kernelinfo, log
-from monitor.alerts import AlertCaptures
+from monitor import instance, log
 from monitor.auth import Authenticator, FailureLimiter, NoAuth, authenticator
 from monitor.bypass import BypassDetector
-from monitor.capture import CaptureManager, Limits
 from monitor.collector import PodCollector
 from monitor.exposition import Registry
-from monitor.kallsyms import Symbols
+from monitor.kernel import kernelinfo
+from monitor.kernel.kallsyms import Symbols
 from monitor.listener import Limits as HttpLimits
 from monitor.listener import TlsError, TlsFiles
 from monitor.metadata import MetadataSource
@@ -39,8 +38,10 @@ from monitor.server import Api, Server
 from monitor.settings import Settings
 from monitor.slots import SlotTable, per_slot_maps, slot_keyed_maps
 from monitor.state import MonitorState, check_report
-from monitor.store import CaptureStore
-from monitor.traceapi import TraceApi
+from monitor.traces.alertcaptures import AlertCaptures
+from monitor.traces.api import TraceApi
+from monitor.traces.capture import CaptureManager, Limits
+from monitor.traces.store import CaptureStore
 from monitor.unseen import BeforeAttach
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -144,43 +145,43 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
                 check_only: bool) -> int:
     logger = log.get("daemon")
 
-    from monitor import bpf  # the kernel adapter: after the configuration is known to be good
+    from monitor.kernel import adapter  # the kernel adapter: after the configuration is known to be good
 
     # `run --check` pins nothing: it must never adopt, or remove, a running daemon's maps
     pin = None if check_only else _pins(settings)
     try:
         kernel = kernelinfo.probe(proc_root=settings.proc_root, tracefs_root=settings.tracefs_root,
                                   btf_path=settings.btf_path)
-        programs = bpf.Programs(probes, kernel, max_interfaces=settings.max_interfaces,
+        programs = adapter.Programs(probes, kernel, max_interfaces=settings.max_interfaces,
                                 bpf_stats=settings.bpf_stats, pin=pin,
                                 tracefs=settings.tracefs_root)
-    except (bpf.KernelError, OSError) as exc:
+    except (adapter.KernelError, OSError) as exc:
         from monitor.check import missing_headers
 
         missing = missing_headers()  # the likeliest cause, with its remedy
         logger.error("cannot load the BPF programs", error=str(exc),
                      **({"cause": missing.sentence, "remedy": missing.remedy} if missing else {}))
         return EXIT_FAILED
-    netlink = bpf.Netlink()
+    netlink = adapter.Netlink()
     try:
-        attacher = bpf.Attacher(programs, netlink, mode=settings.attach_mode,
+        attacher = adapter.Attacher(programs, netlink, mode=settings.attach_mode,
                                 tc_priority=settings.tc_priority,
-                                tc_handle=(bpf.check_handle(settings.tc_handle) if check_only
+                                tc_handle=(adapter.check_handle(settings.tc_handle) if check_only
                                            else settings.tc_handle),
                                 pin=pin)
-    except bpf.KernelError as exc:
+    except adapter.KernelError as exc:
         logger.error("cannot attach", error=str(exc))
         programs.abort()  # what the last daemon left stays as it was
         return EXIT_FAILED
     state = MonitorState()
     state.maps_states = dict(programs.maps_states)
     maps = programs.maps
-    slots = SlotTable(ifslots=maps.handle(bpf.IFSLOTS_MAP), spill=maps.handle(bpf.IFSLOT_SPILL_MAP),
-                      netns=maps.handle(bpf.NETNS_MAP), owners=maps.handle(bpf.SLOT_OWNER_MAP),
+    slots = SlotTable(ifslots=maps.handle(adapter.IFSLOTS_MAP), spill=maps.handle(adapter.IFSLOT_SPILL_MAP),
+                      netns=maps.handle(adapter.NETNS_MAP), owners=maps.handle(adapter.SLOT_OWNER_MAP),
                       per_slot=per_slot_maps(programs.probes, maps.handle,
                                              settings.max_interfaces),
                       slot_keyed=slot_keyed_maps(programs.probes, maps.handle),
-                      capacity=settings.max_interfaces, buckets=bpf.IFSLOT_BUCKETS)
+                      capacity=settings.max_interfaces, buckets=adapter.IFSLOT_BUCKETS)
     if programs.adopted:
         logger.info("adopted the pinned maps of the last daemon: counters continue",
                     slots=slots.adopt(), maps=str(programs.pin_dir))
@@ -212,10 +213,10 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
         after_first_pass=None if check_only else after_first_pass)
     if check_only:
         return _check_once(reconciler, state, netlink, programs,
-                           handle=bpf.check_handle(settings.tc_handle))
+                           handle=adapter.check_handle(settings.tc_handle))
     try:
         programs.attach_tracepoints()
-    except bpf.KernelError as exc:
+    except adapter.KernelError as exc:
         logger.error("cannot attach the tracepoint programs", error=str(exc))
         programs.abort()  # what the last daemon left stays as it was
         return EXIT_FAILED
@@ -266,7 +267,7 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
             bypass.observe_new()
 
     loop = Loop(reconciler, resync_interval=settings.resync_interval,
-                debounce=settings.event_debounce, events_factory=bpf.link_events, state=state,
+                debounce=settings.event_debounce, events_factory=adapter.link_events, state=state,
                 on_exit=netlink.close, sweep=sweep,
                 sweep_interval=settings.sweep_interval,
                 detach_on_exit=not settings.leave_attached,
@@ -341,7 +342,7 @@ def _freeze_heap() -> bool:
 def _drop_privileges() -> None:
     """Keep only the capabilities needed after start-up (monitor/privileges.py); in the
     main thread, before any other thread exists, so that every thread inherits it."""
-    from monitor import privileges
+    from monitor.kernel import privileges
 
     logger = log.get("daemon")
     try:
@@ -357,7 +358,7 @@ def _drop_privileges() -> None:
 
 def _pins(settings: Settings) -> Any:
     """Where maps and links are pinned, or None (said in the log) if they cannot be."""
-    from monitor import pins
+    from monitor.kernel import pins
 
     logger = log.get("daemon")
     if not settings.bpffs_root:

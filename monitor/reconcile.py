@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from monitor import discovery, log
 from monitor.identity import HostVeth, IdentityIndex, Pod, PodMeta, PodNetwork, fold, identify
-from monitor.kerneltypes import Attachment, VethLink
+from monitor.kernel.records import Attachment, VethLink
 from monitor.metadata import MetadataSource
 from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
 

@@ -25,7 +25,7 @@ from typing import Protocol
 
 
 class SlotMap(Protocol):
-    """The operations slots need of a kernel map (monitor.maps.MapHandle has them)."""
+    """The operations slots need of a kernel map (monitor.kernel.maps.MapHandle has them)."""
 
     def put(self, key: bytes, value: bytes) -> None: ...
     def put_zero(self, key: bytes) -> None: ...

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 from monitor import log
 from monitor.identity import IdentityIndex
-from monitor.kerneltypes import VethCounts
-from monitor.maps import MapReader
+from monitor.kernel.maps import MapReader
+from monitor.kernel.records import VethCounts
 from monitor.probes import packets
 
 READS = 3

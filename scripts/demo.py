@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from monitor import alerting
-from monitor.lab import Lab, LabPod
+from monitor import alertrules
+from podnetlab.lab import Lab, LabPod
 from tests.pki import Pair, leaf, new_ca  # the tests' throwaway PKI: one way to make one
 
 RATE_QUERY = 'sum by (pod, direction) (rate(podnet_bytes_total{namespace="lab"}[15s])) * 8'
@@ -179,7 +179,7 @@ def main() -> int:
         print(f"demo: podnetmon is up, serving TLS (CA {ca.cert}); its log: {work / 'monitor.log'}")
 
         rules = work / "podnet-rules.yaml"  # the shipped rules, `for` shortened for a demo
-        rules.write_text(alerting.prometheus_file(alerting.configured(["*.for=1m"])))
+        rules.write_text(alertrules.prometheus_file(alertrules.configured(["*.for=1m"])))
         config = work / "prometheus.yml"
         config.write_text(
             "global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\n"

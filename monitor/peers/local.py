@@ -16,15 +16,16 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
-from monitor import log, rtnl
+from monitor import log
 from monitor.identity import IdentityIndex, Pod
+from monitor.kernel import rtnl
 from monitor.peers.identity import Peer
 
 Key = tuple[int, bytes]  # (family, 16-byte address: IPv4 in the first four bytes)
 
 
 class Addresses(Protocol):
-    """The kernel's side (monitor.rtnl.Rtnl has it)."""
+    """The kernel's side (monitor.kernel.rtnl.Rtnl has it)."""
 
     def addresses(self, nsid: int | None = None) -> list[rtnl.Address]: ...
     def netnsid(self, fd: int) -> int | None: ...

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 from monitor.exposition import Family, HistogramFamily
 from monitor.identity import IdentityIndex
-from monitor.kernelinfo import KernelInfo
-from monitor.maps import MapReader
+from monitor.kernel.kernelinfo import KernelInfo
+from monitor.kernel.maps import MapReader
 
 # The node's own series: events no pod owns (a drop on the host's eth0, the
 # retransmits of a host process). A name Kubernetes cannot give a namespace.
@@ -92,7 +92,7 @@ class Start:
     """What a probe with state of its own (Probe.start) gets when the daemon starts it,
     after the programs are loaded and the slot table adopted, before anything attaches."""
 
-    maps: Any  # monitor.maps.KernelMaps: handles with fds, for batch and map-in-map work
+    maps: Any  # monitor.kernel.maps.KernelMaps: handles with fds, for batch and map-in-map work
     adopted: bool  # the last daemon's pinned maps are in use: take over what it left
     slots: Callable[[], Mapping[int, int]]  # ifindex -> slot, the slot table's own view
     options: Mapping[str, Any]  # settings, by probe name

@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
-from monitor import bpfsys
 from monitor.exposition import CounterFamily, Family
+from monitor.kernel import syscalls
 from monitor.probes.base import TIMED_OUT, MapLayout, MapWriter, Probe, Scrape, Start, Sweep
 from monitor.probes.dns import RETRY_SPAN, rcode_name
 from monitor.topn import TopSeries
@@ -156,7 +156,7 @@ class NameAccounts:
     def _read(self, *, baseline: bool = False) -> None:
         """The kernel's counts since the last read, into the series (lock held)."""
         failures = self._maps.handle(FAILURES)
-        items = bpfsys.batch_items(failures.fd, failures.key_size, failures.raw_value_size)
+        items = syscalls.batch_items(failures.fd, failures.key_size, failures.raw_value_size)
         attached = self._slots()
         deltas: dict[int, dict[str, list[int]]] = {}
         seen = {}
@@ -196,7 +196,7 @@ class NameAccounts:
         pending = self._maps.handle(PENDING)
         timeout, now = self._options.timeout, ctx.now_ns
         expired: dict[int, dict[str, list[int]]] = {}
-        items = bpfsys.batch_items(pending.fd, pending.key_size, pending.raw_value_size)
+        items = syscalls.batch_items(pending.fd, pending.key_size, pending.raw_value_size)
         for raw_key, raw_value in items:
             ts, name = _PENDING.unpack(raw_value)
             age = (now - (ts & ~TIMED_OUT)) / 1e9
@@ -219,11 +219,11 @@ class NameAccounts:
         gone = set(ifindexes)
         with self._lock:
             failures = self._maps.handle(FAILURES)
-            keys = [k for k, _v in bpfsys.batch_items(failures.fd, failures.key_size,
+            keys = [k for k, _v in syscalls.batch_items(failures.fd, failures.key_size,
                                                             failures.raw_value_size)
                     if struct.unpack_from("=I", k)[0] in gone]
             if keys:
-                bpfsys.map_delete_batch(failures.fd, keys)
+                syscalls.map_delete_batch(failures.fd, keys)
             for k in keys:
                 self._seen.pop(k, None)
             for ifindex in gone:

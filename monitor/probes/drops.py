@@ -7,8 +7,8 @@ import struct
 from collections.abc import Iterator, Sequence
 
 from monitor.exposition import CounterFamily, Family
-from monitor.kernelinfo import KernelInfo
-from monitor.maps import decode
+from monitor.kernel.kernelinfo import KernelInfo
+from monitor.kernel.maps import decode
 from monitor.probes.base import NODE_NAMESPACE, CounterSum, MapLayout, MapWriter, Probe, Scrape
 
 MAP, LOST, EXCLUDED = "pnm_drops", "pnm_drops_lost", "pnm_drops_excluded"

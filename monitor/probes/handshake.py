@@ -6,7 +6,7 @@ import ctypes
 from collections.abc import Iterator
 
 from monitor.exposition import CounterFamily, Family
-from monitor.maps import decode, word_slice, words
+from monitor.kernel.maps import decode, word_slice, words
 from monitor.probes.base import (
     HIST_BUCKETS,
     CounterSum,

@@ -6,7 +6,7 @@ import ctypes
 from collections.abc import Iterator
 
 from monitor.exposition import CounterFamily, Family
-from monitor.maps import MapReader, word_slice, words
+from monitor.kernel.maps import MapReader, word_slice, words
 from monitor.probes.base import MapLayout, Probe, Scrape
 
 # Index order of pnm_counts' arrays, as bpf/pnm.h numbers them.

@@ -24,10 +24,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, cast
 
-from monitor import bpfsys, log
+from monitor import log
 from monitor.exposition import CounterFamily, Family
 from monitor.identity import IdentityIndex
-from monitor.maps import sum_u64_slots
+from monitor.kernel import syscalls
+from monitor.kernel.maps import sum_u64_slots
 from monitor.probes.base import MapLayout, MapWriter, Probe, Scrape, Start, Sweep
 from monitor.topn import TopSeries
 
@@ -112,7 +113,7 @@ class Local(Protocol):
 
 
 class EpochMaps(Protocol):
-    """What a drain needs of the kernel adapter's maps (monitor.maps.KernelMaps)."""
+    """What a drain needs of the kernel adapter's maps (monitor.kernel.maps.KernelMaps)."""
 
     def handle(self, name: str) -> Any: ...
 
@@ -165,7 +166,7 @@ class PeerAccounts:
         """Point the outer map at both epoch maps; take over what a last daemon left."""
         outer = self._maps.handle(OUTER)
         for i, name in enumerate(PEERS):
-            bpfsys.map_update(outer.fd, struct.pack("=I", i),
+            syscalls.map_update(outer.fd, struct.pack("=I", i),
                               struct.pack("=I", self._maps.handle(name).fd))
         if not adopted:
             self._write_epoch(0, 1)
@@ -202,7 +203,7 @@ class PeerAccounts:
         # The barrier: a write to an array of maps returns after an RCU grace period,
         # by when no program that read the old epoch is still running.
         outer = self._maps.handle(OUTER)
-        bpfsys.map_update(outer.fd, struct.pack("=I", idx),
+        syscalls.map_update(outer.fd, struct.pack("=I", idx),
                           struct.pack("=I", self._maps.handle(PEERS[idx]).fd))
         return idx, seq
 
@@ -218,7 +219,7 @@ class PeerAccounts:
         by_slot = self._slots()
         slot_if = {slot: ifindex for ifindex, slot in by_slot.items()}
         out: dict[int, tuple[dict[tuple[int, int, bytes], list[int]], list[int]]] = {}
-        items = bpfsys.batch_items(peers.fd, peers.key_size, peers.raw_value_size)
+        items = syscalls.batch_items(peers.fd, peers.key_size, peers.raw_value_size)
         for raw_key, raw_value in items:
             ifindex, d, family, addr = _KEY.unpack(raw_key)
             packets, nbytes = _COUNT.unpack(sum_u64_slots(raw_value, peers.value_size,
@@ -272,7 +273,7 @@ class PeerAccounts:
                 d.seq = seq
                 drained.put(struct.pack("=I", slot), bytes(d))
         if items:
-            bpfsys.map_delete_batch(peers.fd, [k for k, _v in items])
+            syscalls.map_delete_batch(peers.fd, [k for k, _v in items])
         for slot in cleared_lasts:
             lasts.put_zero(struct.pack("=I", base + slot))
         for ifindex, (_entries, rests) in out.items():
@@ -289,7 +290,7 @@ class PeerAccounts:
         first, last = min(slots), max(slots)
         size = handle.raw_value_size
         start = struct.pack("=I", first - 1) if first else None
-        keys, values = bpfsys.map_lookup_batch(handle.fd, 4, size, last - first + 1, start)
+        keys, values = syscalls.map_lookup_batch(handle.fd, 4, size, last - first + 1, start)
         wanted = set(slots)
         return {slot: bytes(values[i * size:(i + 1) * size])
                 for i, slot in enumerate(memoryview(keys).cast("I").tolist()) if slot in wanted}

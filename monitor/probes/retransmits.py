@@ -7,7 +7,7 @@ import struct
 from collections.abc import Iterator
 
 from monitor.exposition import CounterFamily, Family
-from monitor.kernelinfo import KernelInfo
+from monitor.kernel.kernelinfo import KernelInfo
 from monitor.probes.base import CounterSum, MapLayout, Probe, Scrape
 
 MAP = "pnm_retrans"

@@ -6,7 +6,7 @@ import ctypes
 from collections.abc import Iterator
 
 from monitor.exposition import Family
-from monitor.maps import word_slice, words
+from monitor.kernel.maps import word_slice, words
 from monitor.probes.base import HIST_BUCKETS, HistogramSum, MapLayout, Probe, Scrape
 
 MAP = "pnm_rtt"

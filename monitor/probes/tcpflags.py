@@ -6,7 +6,7 @@ import ctypes
 from collections.abc import Iterator
 
 from monitor.exposition import CounterFamily, Family
-from monitor.maps import words
+from monitor.kernel.maps import words
 from monitor.probes.base import MapLayout, Probe, Scrape
 from monitor.probes.packets import DIRECTIONS
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from monitor import cleanup
-from monitor.lab import Lab
 from monitor.settings import Settings
+from podnetlab.lab import Lab
 from tests.kernel.support import LOG_DIR, Daemon
 
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitor.lab import Lab, LabPod
+from podnetlab.lab import Lab, LabPod
 
 ROOT = Path(__file__).resolve().parents[2]
 # The daemons' logs (read by tests after a daemon stopped), removed with the session
@@ -290,7 +290,7 @@ def our_programs(dev: str) -> dict[str, list[int]]:
     {"tc ingress": [prog id], "tcx egress": [...]}. Classic filters from `tc filter show`
     (ours are named podnetmon); tcx programs from the kernel's own list for the device
     (BPF_PROG_QUERY: no command-line tool here shows tcx per device), named by bpftool."""
-    from monitor import bpfsys
+    from monitor.kernel import syscalls
 
     found: dict[str, list[int]] = {}
     for hook in ("ingress", "egress"):
@@ -305,9 +305,9 @@ def our_programs(dev: str) -> dict[str, list[int]]:
     except OSError:
         return found  # the device is gone, and with it whatever was on it
     names = {int(p["id"]): str(p.get("name", "")) for p in bpftool_json("prog", "show") or []}  # type: ignore[union-attr]
-    for hook, attach_type in (("ingress", bpfsys.BPF_TCX_INGRESS),
-                              ("egress", bpfsys.BPF_TCX_EGRESS)):
-        ids = [i for i in bpfsys.tcx_query(ifindex, attach_type)
+    for hook, attach_type in (("ingress", syscalls.BPF_TCX_INGRESS),
+                              ("egress", syscalls.BPF_TCX_EGRESS)):
+        ids = [i for i in syscalls.tcx_query(ifindex, attach_type)
                if names.get(i, "").startswith("pnm_tc_")]
         if ids:
             found[f"tcx {hook}"] = ids

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from monitor import alerting, dashboards
-from monitor.lab import Lab
+from monitor import alertrules, dashboards
+from podnetlab.lab import Lab
 from tests.kernel.dnstools import SERVER as DNS_SERVER
 from tests.kernel.support import (
     INNER,
@@ -79,7 +79,7 @@ def test_faults_fire_their_alerts_and_every_panel_has_data(
                     inventory=str(lab.inventory))
     daemons.append(daemon)
     rules = tmp_path / "rules.yaml"
-    rules.write_text(alerting.prometheus_file(alerting.configured(["*.for=0s"])))
+    rules.write_text(alertrules.prometheus_file(alertrules.configured(["*.for=0s"])))
     prom = f"127.0.0.1:{free_port()}"
     config = tmp_path / "prometheus.yml"
     config.write_text(
@@ -136,7 +136,7 @@ def test_faults_fire_their_alerts_and_every_panel_has_data(
                     break
                 time.sleep(2)
             got = {(name, pod) for name, pod, state in seen if state in ("pending", "firing")}
-            pod_alerts = {a.name for a in alerting.ALERTS if a.pod_fault}
+            pod_alerts = {a.name for a in alertrules.ALERTS if a.pod_fault}
             assert {g for g in got if g[0] in pod_alerts} == expected, seen
             assert not {g for g in got if g[0] not in pod_alerts}, seen  # the monitor is fine
 
@@ -154,7 +154,7 @@ def test_faults_fire_their_alerts_and_every_panel_has_data(
             unhealthy = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"]
                          if r["health"] != "ok"]
             assert not unhealthy, unhealthy
-            missing = [f"{level}:{r.metric}:rate5m" for r in alerting.RECORDINGS
+            missing = [f"{level}:{r.metric}:rate5m" for r in alertrules.RECORDINGS
                        for level in ("namespace_workload", "namespace")
                        if not query(prom, f'{level}:{r.metric}:rate5m{{namespace="lab"}}')]
             assert not missing, missing

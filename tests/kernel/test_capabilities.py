@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from monitor.lab import Lab
+from podnetlab.lab import Lab
 from tests.kernel.support import ROOT, Daemon, in_pod, our_programs, wait_for
 
 DAEMONSET = ROOT / "deploy" / "base" / "daemonset.yaml"
@@ -69,7 +69,7 @@ def test_each_listed_capability_is_needed(lab: Lab, missing: str) -> None:
 
 
 NAMES = """
-from monitor.kallsyms import Symbols
+from monitor.kernel.kallsyms import Symbols
 s = Symbols(); s.open()
 addr = int(next(l for l in open("/proc/kallsyms") if " kfree_skb_reason" in l or " sk_skb_reason_drop" in l
                 or " kfree_skb" in l).split()[0], 16)

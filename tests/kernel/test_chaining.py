@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.lab import Lab
+from podnetlab.lab import Lab
 from tests.kernel.foreign import ForeignPrograms
 from tests.kernel.support import (
     Daemon,

@@ -17,8 +17,8 @@ import json
 import sys
 from collections.abc import Callable
 
-from monitor.churn import SINK_PORT, UDP_SINK, Churn, ChurnPod, observer
-from monitor.lab import Lab, Quiet
+from podnetlab.churn import SINK_PORT, UDP_SINK, Churn, ChurnPod, observer
+from podnetlab.lab import Lab, Quiet
 from tests.kernel.support import Daemon, census, in_pod, spawn_in_pod, wait_for
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from monitor import bpfsys, rtnl, tracepoints
-from monitor.lab import Lab, LabPod
+from monitor.kernel import rtnl, syscalls, tracepoints
+from podnetlab.lab import Lab, LabPod
 from tests.kernel.foreign import ForeignPrograms
 from tests.kernel.support import (
     ROOT,
@@ -195,7 +195,7 @@ def test_filters_and_links_removed_by_someone_else_come_back_within_a_second(
                 pin = Path(f"/sys/fs/bpf/podnetmon/links/tcx-{_ifindex(a)}-{direction}")
                 fd = tracepoints.get_pinned(str(pin))
                 try:
-                    bpfsys.link_detach(fd)
+                    syscalls.link_detach(fd)
                 finally:
                     os.close(fd)
         gone = time.monotonic()

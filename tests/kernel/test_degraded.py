@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from monitor.lab import Lab
+from podnetlab.lab import Lab
 from tests.kernel.support import (
     ROOT,
     UDP_SENDER,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from monitor.lab import LabPod
+from podnetlab.lab import LabPod
 from tests.kernel.dnstools import CLIENT, SERVER
 from tests.kernel.support import Daemon, Metrics, in_pod, lab_with_daemon, spawn_in_pod
 

@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from monitor.lab import Lab
+from podnetlab.lab import Lab
 from tests.fakeapi import FakeApiServer, make_pod
 from tests.kernel.support import Daemon, free_port, in_pod, spawn_in_pod, wait_for
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.lab import LabPod
+from podnetlab.lab import LabPod
 from tests.kernel.foreign import ForeignPrograms
 from tests.kernel.support import (
     UDP_SENDER,

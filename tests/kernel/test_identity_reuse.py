@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from monitor import cleanup
-from monitor.lab import Lab, LabPod
 from monitor.settings import Settings
+from podnetlab.lab import Lab, LabPod
 from tests.kernel.support import Daemon, ifslot_of, in_pod, wait_for
 
 SLOTS = ("--max-interfaces", "16")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.lab import Lab, LabPod
+from podnetlab.lab import Lab, LabPod
 from tests.fakeapi import FakeApiServer, make_pod
 from tests.kernel.support import Daemon, in_pod, pod_info, quiet_window, wait_for
 

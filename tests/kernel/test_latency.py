@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from monitor.lab import LabPod
+from podnetlab.lab import LabPod
 from tests.kernel.dnstools import CLIENT, SERVER
 from tests.kernel.support import (
     INNER,

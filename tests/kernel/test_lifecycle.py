@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.lab import BRIDGE, CGROUP_PARENT, Lab, cgroup2_root
+from podnetlab.lab import BRIDGE, CGROUP_PARENT, Lab, cgroup2_root
 from tests.kernel.support import (
     ROOT,
     Daemon,

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from monitor.lab import LabPod
+from podnetlab.lab import LabPod
 from tests.kernel.support import Daemon, in_pod, lab_with_daemon, our_programs, quiet_window
 
 # (scapy expression, protocol class). `dst` is the receiver's MAC, `a`/`b` the pods'

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from monitor import bpfsys
-from monitor.maps import MapHandle
+from monitor.kernel import syscalls
+from monitor.kernel.maps import MapHandle
 
 pytestmark = [pytest.mark.kernel,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root and the real kernel")]
@@ -35,7 +35,7 @@ BPF_HASH(plain, u32, u64, {KEYS});
 BPF_TABLE("lru_hash", u32, u64, lru, {KEYS});
 BPF_TABLE("percpu_hash", u32, u64, percpu, {KEYS});
 """)
-    ncpus = bpfsys.possible_cpus()
+    ncpus = syscalls.possible_cpus()
     try:
         yield {name: MapHandle(name, module[name.encode()].map_fd, 4, 8, name == "percpu",
                                ncpus, KEYS) for name in ("plain", "lru", "percpu")}

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from monitor.lab import Lab
+from podnetlab.lab import Lab
 from tests.kernel.dnstools import SERVER
 from tests.kernel.support import (
     Daemon,

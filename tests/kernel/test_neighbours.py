@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from monitor.lab import CHURN_ROOM, Lab
 from monitor.neighbours import ENTRIES_PER_POD
+from podnetlab.lab import CHURN_ROOM, Lab
 from tests.kernel.support import ROOT, LabRun, in_pod, lab_with_daemon, wait_for
 
 THRESHOLDS = [Path(f"/proc/sys/net/ipv4/neigh/default/gc_thresh{i}") for i in (1, 2, 3)]

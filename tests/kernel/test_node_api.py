@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.lab import Lab
+from podnetlab.lab import Lab
 from tests.abuse import FLOOD_PATH, Abuse, request_status
 from tests.fakeapi import FakeApiServer
 from tests.kernel.support import Daemon, assert_pings_counted_exactly, census, wait_for

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from monitor.lab import LabPod
+from podnetlab.lab import LabPod
 from tests.kernel.support import (
     UDP_SENDER,
     LabRun,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from monitor.lab import Lab, LabPod
+from podnetlab.lab import Lab, LabPod
 from tests.fakeapi import FakeApiServer, make_pod, make_service
 from tests.kernel.support import (
     INNER_IP,

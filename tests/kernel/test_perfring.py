@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from monitor import bpfsys, tracepoints
-from monitor.perfring import PerfReader
+from monitor.kernel import syscalls, tracepoints
+from monitor.kernel.perfring import PerfReader
 
 pytestmark = [pytest.mark.kernel,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root and the real kernel")]
@@ -95,7 +95,7 @@ class Loaded:
         self.bpf: Any = bcc.BPF(text=SOURCE.encode(), cflags=[f"-DPNMPR_TGID={os.getpid()}"])
         fn = self.bpf.load_func(b"pnmpr_getpgid", bcc.BPF.TRACEPOINT)
         self.prog_fd: int = fn.fd
-        self.prog_id = bpfsys.prog_info(fn.fd).prog_id
+        self.prog_id = syscalls.prog_info(fn.fd).prog_id
         self.events_fd: int = self.bpf[b"events"].map_fd
         self.runs_fd: int = self.bpf[b"runs"].map_fd
 
@@ -104,7 +104,7 @@ class Loaded:
 
 
 def runs(map_fd: int) -> int:
-    value = bpfsys.map_lookup(map_fd, struct.pack("<I", 0), 8)
+    value = syscalls.map_lookup(map_fd, struct.pack("<I", 0), 8)
     assert value is not None
     return int(struct.unpack("<Q", value)[0])
 
@@ -176,7 +176,7 @@ def test_every_event_arrives_once_with_its_payload(loaded: Loaded) -> None:
         reader.close()  # idempotent
     # the map entries it set are gone, and so is every fd it opened
     for cpu in reader.cpus or range(os.cpu_count() or 1):
-        assert not bpfsys.map_delete(loaded.events_fd, struct.pack("<I", cpu))
+        assert not syscalls.map_delete(loaded.events_fd, struct.pack("<I", cpu))
     assert set(os.listdir("/proc/self/fd")) == fds_before
 
 
@@ -234,7 +234,7 @@ def test_attach_errors_name_the_tracepoint(loaded: Loaded) -> None:
     with pytest.raises(tracepoints.TracepointError, match="already attached") as info:
         tracepoints.attach_tracepoint(loaded.prog_fd, *TRACEPOINT)
     assert info.value.errno == errno.EEXIST
-    sched_cls = bpfsys.load_unspec_program()
+    sched_cls = syscalls.load_unspec_program()
     try:
         with pytest.raises(tracepoints.TracepointError, match="sys_enter_getpgid"):
             tracepoints.attach_tracepoint(sched_cls, *TRACEPOINT)
@@ -294,7 +294,7 @@ def test_a_pinned_link_outlives_every_fd(pin_dir: Path) -> None:
         deadline = time.monotonic() + 5
         while True:  # and, with no link and no fd, the program itself is freed
             try:
-                os.close(bpfsys.prog_fd_by_id(mod.prog_id))
+                os.close(syscalls.prog_fd_by_id(mod.prog_id))
             except OSError as exc:
                 assert exc.errno == errno.ENOENT
                 break
@@ -320,19 +320,19 @@ def veth() -> Iterator[int]:
 
 
 def test_tcx_link_info_and_update(veth: int) -> None:
-    first, second = bpfsys.load_unspec_program(), bpfsys.load_unspec_program()
+    first, second = syscalls.load_unspec_program(), syscalls.load_unspec_program()
     link = -1
     try:
-        first_id = bpfsys.prog_info(first).prog_id
-        second_id = bpfsys.prog_info(second).prog_id
-        link = bpfsys.tcx_link_create(first, veth, bpfsys.BPF_TCX_INGRESS, first=False)
+        first_id = syscalls.prog_info(first).prog_id
+        second_id = syscalls.prog_info(second).prog_id
+        link = syscalls.tcx_link_create(first, veth, syscalls.BPF_TCX_INGRESS, first=False)
         info = tracepoints.link_info(link)
         assert (info.type, info.prog_id, info.ifindex, info.attach_type) == (
-            tracepoints.BPF_LINK_TYPE_TCX, first_id, veth, bpfsys.BPF_TCX_INGRESS)
+            tracepoints.BPF_LINK_TYPE_TCX, first_id, veth, syscalls.BPF_TCX_INGRESS)
         tracepoints.link_update(link, second)
         assert tracepoints.link_info(link) == tracepoints.LinkInfo(
-            tracepoints.BPF_LINK_TYPE_TCX, info.id, second_id, veth, bpfsys.BPF_TCX_INGRESS)
-        assert bpfsys.tcx_query(veth, bpfsys.BPF_TCX_INGRESS) == [second_id]
+            tracepoints.BPF_LINK_TYPE_TCX, info.id, second_id, veth, syscalls.BPF_TCX_INGRESS)
+        assert syscalls.tcx_query(veth, syscalls.BPF_TCX_INGRESS) == [second_id]
     finally:
         for fd in (link, first, second):
             if fd >= 0:

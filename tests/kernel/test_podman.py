@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from monitor.lab import Lab
+from podnetlab.lab import Lab
 from tests.kernel.support import Daemon, assert_pings_counted_exactly, in_pod, pod_info, wait_for
 
 IMAGE = "localhost/podnetmon-test-busybox:1"

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from monitor import alerting, dashboards
-from monitor.lab import Lab
+from monitor import alertrules, dashboards
+from podnetlab.lab import Lab
 from tests.cluster import fixtures, operator
 from tests.cluster.controlplane import ISSUER, ROOT, ControlPlane
 from tests.kernel import traffic
@@ -213,9 +213,9 @@ def _node_ip() -> str:
 def _relaxed_alerts() -> Iterator[tuple[str, str]]:
     """Each alert's expression with its thresholds so low that it holds wherever its series
     have data: what "every alert expression returns data" asks of a Prometheus."""
-    for alert in alerting.ALERTS:
+    for alert in alertrules.ALERTS:
         threshold = 1.0 if "== {threshold" in alert.expr else -1.0  # up == 1: the daemon is up
-        yield alert.name, alerting.rule(replace(alert, threshold=threshold, min_rate=-1.0),
+        yield alert.name, alertrules.rule(replace(alert, threshold=threshold, min_rate=-1.0),
                                         "podnetmon")["expr"]
 
 
@@ -318,7 +318,7 @@ def test_each_shipped_scrape_config_keeps_the_pods_labels(
             wanted += [(f"alert {name}", expr) for name, expr in _relaxed_alerts()]
             wanted += [(f"record {level}:{r.metric}",
                         f'{level}:{r.metric}:rate5m{{namespace="lab"}}')
-                       for r in alerting.RECORDINGS for level in ("namespace_workload", "namespace")]
+                       for r in alertrules.RECORDINGS for level in ("namespace_workload", "namespace")]
             empty: list[str] = []
 
             def all_have_data() -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.lab import Lab, LabPod
+from podnetlab.lab import Lab, LabPod
 from tests.kernel.support import (
     LOG_DIR,
     ROOT,

@@ -1,4 +1,4 @@
-"""monitor.rtnl on the real kernel, checked against iproute2's own reading.
+"""monitor.kernel.rtnl on the real kernel, checked against iproute2's own reading.
 
 Two netns (pnmrt-a, pnmrt-b) hang off a host bridge pnmrtbr0 through veths pnmrt0 and
 pnmrt1, and ping each other through it, so both host veths count traffic both ways;
@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from monitor.rtnl import Link, LinkEvents, Rtnl, RtnlError
+from monitor.kernel.rtnl import Link, LinkEvents, Rtnl, RtnlError
 
 pytestmark = [pytest.mark.kernel,
               pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from monitor import kernelinfo
-from monitor.lab import Lab, LabPod
+from monitor.kernel import kernelinfo
+from podnetlab.lab import Lab, LabPod
 from tests.kernel.support import (
     ROOT,
     UDP_SENDER,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.traceapi import WRITE_GRACE
+from monitor.traces.api import WRITE_GRACE
 from tests.kernel.support import UDP_SENDER, LabRun, bpftool_json, in_pod, lab_with_daemon, spawn_in_pod
 
 TOKEN = "t0ken-for-the-deadline-tests"

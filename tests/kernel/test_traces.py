@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.lab import Lab, LabPod
+from podnetlab.lab import Lab, LabPod
 from tests.kernel.support import Daemon, in_pod, nft_in_pod, spawn_in_pod, wait_for
 
 TOKEN = "t0ken-for-the-trace-tests"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.lab import Lab
+from podnetlab.lab import Lab
 from tests.kernel.support import Daemon, assert_pings_counted_exactly
 
 PINS = Path("/sys/fs/bpf/podnetmon")

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from monitor.lab import LabPod
+from podnetlab.lab import LabPod
 from tests.kernel.dnstools import SERVER as DNS_SERVER
 from tests.kernel.support import spawn_in_pod
 

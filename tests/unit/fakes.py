@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 
 from monitor.exposition import CounterFamily, Family, GaugeFamily, HistogramFamily
-from monitor.kernelinfo import KernelInfo, TracepointFormat
+from monitor.kernel.kernelinfo import KernelInfo, TracepointFormat
 
 HOST_NETNS = 4026531840  # the host's netns inode on most machines; any number will do
 
@@ -34,7 +34,7 @@ def u64(value: int) -> bytes:
 class DictMaps:
     """A MapReader and MapWriter over {map name: {key bytes: value bytes}}; logs every op.
 
-    items() returns a copy, as monitor.maps.KernelMaps does (a list), so callers may
+    items() returns a copy, as monitor.kernel.maps.KernelMaps does (a list), so callers may
     delete and put while they walk it.
     """
 

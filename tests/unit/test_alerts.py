@@ -1,4 +1,4 @@
-"""monitor.alerts: Alertmanager notifications in, one stored capture per firing alert out.
+"""monitor.traces.alertcaptures: Alertmanager notifications in, one stored capture per firing alert out.
 
 The capture manager is a fake that records what it is asked and hands back real
 Sessions (already ended, with packets queued), so the stored file is what
@@ -19,11 +19,11 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from monitor.alerts import REMEMBER, AlertCaptures, alert_key
-from monitor.capture import CaptureError, Limits, Session, TraceRequest
 from monitor.identity import HostVeth, PodMeta, PodNetwork, identify
-from monitor.store import ID_RE, CaptureStore
-from monitor.tracecli import BlockCounter
+from monitor.traces.alertcaptures import REMEMBER, AlertCaptures, alert_key
+from monitor.traces.capture import CaptureError, Limits, Session, TraceRequest
+from monitor.traces.cli import BlockCounter
+from monitor.traces.store import ID_RE, CaptureStore
 
 NODE = "node-1"
 WEB = identify(PodNetwork(4026532001, "/proc/1/ns/net"), [HostVeth(7, "veth7")], PodMeta("shop", "web"))
@@ -298,12 +298,12 @@ def test_retention_runs_after_each_capture(tmp_path: Path) -> None:
 
 
 def test_a_capture_file_that_cannot_be_opened_is_recorded(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    import monitor.alerts
+    import monitor.traces.alertcaptures
 
     def no_files_left(*_args: Any, **_kwargs: Any) -> Any:
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(monitor.alerts, "open", no_files_left, raising=False)
+    monkeypatch.setattr(monitor.traces.alertcaptures, "open", no_files_left, raising=False)
     rig.captures.ended = ""  # running: the writer is what ends it
     (started,) = rig.handle(alert())["started"]
     (record,) = rig.store.captures()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from monitor import btf
-from monitor.btf import Btf, BtfError
+from monitor.kernel import btf
+from monitor.kernel.btf import Btf, BtfError
 
 # BTF_KIND_* from include/uapi/linux/btf.h, spelled out again on purpose
 K_INT, K_PTR, K_ARRAY, K_STRUCT, K_UNION, K_ENUM, K_FWD, K_TYPEDEF = 1, 2, 3, 4, 5, 6, 7, 8
@@ -568,7 +568,7 @@ def test_subsystem_reasons_from_a_modules_split_btf() -> None:
 
 
 def test_without_the_subsystems_enum_reasons_get_numbered_names() -> None:
-    from monitor.kernelinfo import KernelInfo
+    from monitor.kernel.kernelinfo import KernelInfo
 
     kernel = KernelInfo(1, None, "none", drop_reasons={2: "NOT_SPECIFIED", 3: "NO_SOCKET"})
     assert kernel.drop_reason(3) == "NO_SOCKET"
@@ -577,7 +577,7 @@ def test_without_the_subsystems_enum_reasons_get_numbered_names() -> None:
 
 
 def test_the_drops_program_knows_ip6_mc_input_where_kallsyms_named_it() -> None:
-    from monitor.kernelinfo import KernelInfo
+    from monitor.kernel.kernelinfo import KernelInfo
     from monitor.probes import drops
 
     kernel = KernelInfo(1, None, "none", drop_reasons={2: "NOT_SPECIFIED"},

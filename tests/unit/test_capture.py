@@ -1,4 +1,4 @@
-"""monitor.capture: starting and ending traces, the kernel switches, the perf callbacks, pcapng.
+"""monitor.traces.capture: starting and ending traces, the kernel switches, the perf callbacks, pcapng.
 
 The kernel is faked at its two edges: FakeEvents records the perf buffers the manager
 opens (the tests call the callbacks with raw bytes laid out as bpf/trace.c and
@@ -30,8 +30,14 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
 from scapy.layers.l2 import ARP, Ether
 
-from monitor import capture
-from monitor.capture import (
+from monitor.identity import HostVeth, IdentityIndex, Pod, PodMeta, PodNetwork, identify
+from monitor.probes import drops as drops_probe
+from monitor.probes import trace as trace_probe
+from monitor.probes.base import u32_key
+from monitor.probes.drops import DropEvent
+from monitor.probes.trace import TraceConfig, TraceMeta
+from monitor.traces import capture
+from monitor.traces.capture import (
     FILTER_BYTES,
     QUEUE_BYTES,
     QUEUE_PACKETS,
@@ -46,14 +52,8 @@ from monitor.capture import (
     parse_headers,
     write_pcapng,
 )
-from monitor.identity import HostVeth, IdentityIndex, Pod, PodMeta, PodNetwork, identify
-from monitor.pcapfilter import PacketFilter
-from monitor.probes import drops as drops_probe
-from monitor.probes import trace as trace_probe
-from monitor.probes.base import u32_key
-from monitor.probes.drops import DropEvent
-from monitor.probes.trace import TraceConfig, TraceMeta
-from monitor.tracecli import BlockCounter
+from monitor.traces.cli import BlockCounter
+from monitor.traces.pcapfilter import PacketFilter
 from tests.unit.fakes import DictMaps
 
 TSHARK = shutil.which("tshark")

@@ -15,8 +15,8 @@ import monitor
 from monitor.collector import PodCollector
 from monitor.exposition import DuplicateSeriesError, Registry
 from monitor.identity import OVERFLOW, HostVeth, IdentityIndex, Pod, PodMeta, PodNetwork, fold, identify
-from monitor.kerneltypes import ProgramStats
-from monitor.maps import only_u64, sum_u64_slots
+from monitor.kernel.maps import only_u64, sum_u64_slots
+from monitor.kernel.records import ProgramStats
 from monitor.probes import REGISTRY, drops, packets, retransmits
 from monitor.probes.base import Scrape
 from monitor.probes.packets import Counts

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from monitor import bpf, daemon
+from monitor import daemon
+from monitor.kernel import adapter
 from monitor.metadata.kubernetes import KubernetesSource
 from monitor.metadata.static import NoMetadata, StaticInventory
 from monitor.probes import select
@@ -29,7 +30,7 @@ def test_probe_states() -> None:
 
 def test_probe_states_from_loadable() -> None:
     wanted = select([])
-    _, notes = bpf.loadable(wanted, no_offsets_kernel(tracepoints=ALL_TRACEPOINTS))
+    _, notes = adapter.loadable(wanted, no_offsets_kernel(tracepoints=ALL_TRACEPOINTS))
     assert daemon.probe_states(wanted, notes) == {
         "packets": "loaded", "peers": "loaded", "tcpflags": "loaded", "handshake": "loaded",
         "dns": "loaded", "dnsnames": "loaded",

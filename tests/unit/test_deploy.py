@@ -476,9 +476,10 @@ def test_dockerignore_keeps_what_the_build_copies_and_drops_the_rest() -> None:
                 if ln.strip() and not ln.startswith("#")]
     copied = [src for line in re.findall(r"^COPY (?!--from)(.+)$", DOCKERFILE.read_text(), re.M)
               for src in line.split()[:-1]]
-    assert {c.rstrip("/") for c in copied} == {"pyproject.toml", "README.md", "monitor", "bpf"}
+    assert {c.rstrip("/") for c in copied} == {"pyproject.toml", "README.md", "monitor", "podnetlab",
+                                                "bpf"}
     needed = ["pyproject.toml", "README.md"] + [
-        str(p.relative_to(ROOT)) for d in ("monitor", "bpf") for p in (ROOT / d).rglob("*")
+        str(p.relative_to(ROOT)) for d in ("monitor", "podnetlab", "bpf") for p in (ROOT / d).rglob("*")
         if p.is_file() and "__pycache__" not in p.parts]
     for path in needed:
         assert not dockerignore_excludes(path, patterns), f"{path} is needed by the image build"

@@ -43,7 +43,7 @@ from monitor.exposition import (
     render,
 )
 from monitor.identity import HostVeth, IdentityIndex, PodMeta, PodNetwork, fold, identify
-from monitor.kerneltypes import ProgramStats
+from monitor.kernel.records import ProgramStats
 from monitor.probes import REGISTRY, dns, drops, handshake, packets, retransmits, rtt, tcpflags
 from monitor.probes.base import LE
 from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot

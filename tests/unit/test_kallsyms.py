@@ -1,4 +1,4 @@
-"""monitor.kallsyms: kernel addresses to function+offset, from a fake /proc/kallsyms."""
+"""monitor.kernel.kallsyms: kernel addresses to function+offset, from a fake /proc/kallsyms."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.kallsyms import Symbols, function_ranges
+from monitor.kernel.kallsyms import Symbols, function_ranges
 
 KALLSYMS = """\
 0000000000000000 A fixed_percpu_data

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from monitor import kernelinfo
-from monitor.kernelinfo import KernelInfo, TracepointFormat, read_format, symbols
+from monitor.kernel import kernelinfo
+from monitor.kernel.kernelinfo import KernelInfo, TracepointFormat, read_format, symbols
 from tests.unit.test_btf import kernel_like
 
 KFREE_SKB = """name: kfree_skb

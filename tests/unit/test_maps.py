@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from monitor import bpfsys
-from monitor.maps import KernelMaps, MapHandle, _runs, word_slice, words
+from monitor.kernel import syscalls
+from monitor.kernel.maps import KernelMaps, MapHandle, _runs, word_slice, words
 from monitor.probes.dns import Dns
 from monitor.probes.packets import Counts
 
@@ -32,7 +32,7 @@ class FakeArray:
                      start: bytes | None = None) -> tuple[bytearray, bytearray]:
         assert (fd, key_size, value_size) == (3, 4, self.raw_size)
         if self.batch_errno:
-            raise bpfsys.BpfError(self.batch_errno, "bpf(cmd=24): failed")
+            raise syscalls.BpfError(self.batch_errno, "bpf(cmd=24): failed")
         first = struct.unpack("=I", start)[0] + 1 if start is not None else 0
         self.batches.append((first, count))
         slots = range(first, min(first + count, self.max_entries))
@@ -48,8 +48,8 @@ class FakeArray:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeArray:
     array = FakeArray(1025, 16)
-    monkeypatch.setattr(bpfsys, "map_lookup_batch", array.lookup_batch)
-    monkeypatch.setattr(bpfsys, "map_lookup", array.lookup)
+    monkeypatch.setattr(syscalls, "map_lookup_batch", array.lookup_batch)
+    monkeypatch.setattr(syscalls, "map_lookup", array.lookup)
     return array
 
 
@@ -82,12 +82,12 @@ def test_slots_beyond_the_array_are_none(fake: FakeArray) -> None:
 
 def test_per_cpu_values_are_summed(monkeypatch: pytest.MonkeyPatch) -> None:
     array = FakeArray(64, 12, ncpus=4)  # a 12-byte value sits in a 16-byte slot per CPU
-    monkeypatch.setattr(bpfsys, "map_lookup_batch", array.lookup_batch)
+    monkeypatch.setattr(syscalls, "map_lookup_batch", array.lookup_batch)
     got = maps_over(array, percpu=True).lookup_slots("pnm_x", [5, 63])
     assert got == [value(5, 4, 1), value(63, 4, 1)]
 
 
-@pytest.mark.parametrize("err", [errno.EINVAL, bpfsys.ENOTSUPP])
+@pytest.mark.parametrize("err", [errno.EINVAL, syscalls.ENOTSUPP])
 def test_no_batch_support_falls_back_to_lookups_for_good(monkeypatch: pytest.MonkeyPatch,
                                                          err: int) -> None:
     array = FakeArray(16, 16, batch_errno=err)
@@ -97,8 +97,8 @@ def test_no_batch_support_falls_back_to_lookups_for_good(monkeypatch: pytest.Mon
         calls.append(1)
         return array.lookup_batch(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(bpfsys, "map_lookup_batch", batch)
-    monkeypatch.setattr(bpfsys, "map_lookup", array.lookup)
+    monkeypatch.setattr(syscalls, "map_lookup_batch", batch)
+    monkeypatch.setattr(syscalls, "map_lookup", array.lookup)
     maps = maps_over(array)
     assert maps.lookup_slots("pnm_x", [3, 1]) == [value(3), value(1)]
     assert maps.lookup_slots("pnm_x", [2]) == [value(2)]
@@ -107,7 +107,7 @@ def test_no_batch_support_falls_back_to_lookups_for_good(monkeypatch: pytest.Mon
 
 def test_other_errors_are_the_callers(monkeypatch: pytest.MonkeyPatch) -> None:
     array = FakeArray(16, 16, batch_errno=errno.EBADF)
-    monkeypatch.setattr(bpfsys, "map_lookup_batch", array.lookup_batch)
+    monkeypatch.setattr(syscalls, "map_lookup_batch", array.lookup_batch)
     with pytest.raises(OSError, match="failed") as info:
         maps_over(array).lookup_slots("pnm_x", [1])
     assert info.value.errno == errno.EBADF  # the collector counts it against the probe

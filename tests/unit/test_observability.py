@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from monitor import alerting, dashboards, top
+from monitor import alertrules, dashboards, top
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMTOOL = shutil.which("promtool")
@@ -19,9 +19,9 @@ PROMTOOL = shutil.which("promtool")
 
 def test_committed_rule_files_are_what_the_source_renders() -> None:
     assert (ROOT / "prometheus" / "podnet-rules.yaml").read_text() == \
-        alerting.prometheus_file(alerting.ALERTS)
+        alertrules.prometheus_file(alertrules.ALERTS)
     assert (ROOT / "deploy" / "prometheus-operator" / "prometheusrule.yaml").read_text() == \
-        alerting.operator_resource(alerting.ALERTS)
+        alertrules.operator_resource(alertrules.ALERTS)
 
 
 def test_committed_dashboards_are_what_the_source_renders() -> None:
@@ -44,7 +44,7 @@ def test_promtool_checks_and_tests_the_rules() -> None:
 
 def test_every_alert_has_a_runbook_section_and_pod_alerts_name_the_pod() -> None:
     runbook = (ROOT / "docs" / "runbook.md").read_text()
-    for alert in alerting.ALERTS:
+    for alert in alertrules.ALERTS:
         assert f"## {alert.anchor()}\n" in runbook, alert.name
         assert f"**{alert.name}**" in runbook
         if alert.pod_fault:
@@ -56,60 +56,60 @@ def test_every_pod_alert_asks_for_a_capture_as_the_readme_says() -> None:
     # webhook starts a capture of the pod it names; the rendered rule is what Prometheus sees
     readme = (ROOT / "README.md").read_text()
     assert "podnet_capture" in readme
-    for alert in alerting.ALERTS:
-        labels = alerting.rule(alert, "podnetmon")["labels"]
+    for alert in alertrules.ALERTS:
+        labels = alertrules.rule(alert, "podnetmon")["labels"]
         assert ("podnet_capture" in labels) == alert.pod_fault, alert.name
 
 
 def test_overrides_set_thresholds_and_for() -> None:
-    alerts = {a.name: a for a in alerting.configured(
+    alerts = {a.name: a for a in alertrules.configured(
         ["PodNetDropsHigh.threshold=5", "PodNetDNS*.for=1m", "*.for=30s"])}
     assert alerts["PodNetDropsHigh"].threshold == 5.0
     assert {a.for_ for a in alerts.values()} == {"30s"}  # the last --set wins, in order
-    rule = alerting.rule(alerts["PodNetDropsHigh"], "podnetmon")
+    rule = alertrules.rule(alerts["PodNetDropsHigh"], "podnetmon")
     assert rule["expr"].endswith("> 5.0") and rule["for"] == "30s"
     assert rule["labels"] == {"severity": "warning", "podnet_capture": "30s"}
-    monitor_down = alerting.rule(alerts["PodNetMonitorDown"], "kube-system/podnetmon")
+    monitor_down = alertrules.rule(alerts["PodNetMonitorDown"], "kube-system/podnetmon")
     assert monitor_down["expr"] == 'up{job="kube-system/podnetmon"} == 0'
 
 
 def test_every_field_of_an_alert_can_be_set() -> None:
-    alerts = {a.name: a for a in alerting.configured([
+    alerts = {a.name: a for a in alertrules.configured([
         "PodNetDropsHigh.severity=page", "PodNetDropsHigh.capture=2m",
         "PodNetDropsHigh.capture_filter=udp", "PodNetDropsHigh.summary={{ $labels.pod }} drops",
         "PodNetDropsHigh.description=Look at the firewall.", "PodNetDNS*.label.team=dns",
         "PodNetTCPRetransmitRatioHigh.min_rate=100", "PodNetTCPHandshakeSlow.capture=none",
         "PodNetDNSNXDomainRatioHigh.enabled=false", "PodNetMonitor*.label.team=platform"])}
-    drops = alerting.rule(alerts["PodNetDropsHigh"], "podnetmon")
+    drops = alertrules.rule(alerts["PodNetDropsHigh"], "podnetmon")
     assert drops["labels"] == {"severity": "page", "podnet_capture": "2m"}
     assert drops["annotations"] == {"summary": "{{ $labels.pod }} drops",
                                     "description": "Look at the firewall.",
                                     "podnet_capture_filter": "udp"}
-    assert "> 100.0" in alerting.rule(alerts["PodNetTCPRetransmitRatioHigh"], "j")["expr"]
-    assert "podnet_capture" not in alerting.rule(alerts["PodNetTCPHandshakeSlow"], "j")["labels"]
+    assert "> 100.0" in alertrules.rule(alerts["PodNetTCPRetransmitRatioHigh"], "j")["expr"]
+    assert "podnet_capture" not in alertrules.rule(alerts["PodNetTCPHandshakeSlow"], "j")["labels"]
     assert "PodNetDNSNXDomainRatioHigh" not in alerts  # off: left out of the file
-    assert alerting.rule(alerts["PodNetDNSTimeouts"], "j")["labels"]["team"] == "dns"
-    assert alerting.rule(alerts["PodNetMonitorDown"], "j")["labels"] == {
+    assert alertrules.rule(alerts["PodNetDNSTimeouts"], "j")["labels"]["team"] == "dns"
+    assert alertrules.rule(alerts["PodNetMonitorDown"], "j")["labels"] == {
         "severity": "critical", "team": "platform"}
-    assert len(alerts) == len(alerting.ALERTS) - 1
+    assert len(alerts) == len(alertrules.ALERTS) - 1
 
 
 def test_runbook_links_only_where_the_user_hosts_the_runbook() -> None:
     # no URL given: no link (the project hosts no runbook page of its own to point at)
-    default = yaml.safe_load(alerting.prometheus_file(alerting.ALERTS))
+    default = yaml.safe_load(alertrules.prometheus_file(alertrules.ALERTS))
     assert not [r for g in default["groups"] for r in g["rules"]
                 if "runbook_url" in r.get("annotations", {})]
-    drops = next(a for a in alerting.ALERTS if a.name == "PodNetDropsHigh")
+    drops = next(a for a in alertrules.ALERTS if a.name == "PodNetDropsHigh")
     base = "https://wiki.example.com/podnetmon/runbook.html"
-    assert alerting.rule(drops, "j", base)["annotations"]["runbook_url"] == \
+    assert alertrules.rule(drops, "j", base)["annotations"]["runbook_url"] == \
         base + "#podnetdropshigh"
-    assert alerting.rule(drops, "j", base + "#old")["annotations"]["runbook_url"] == \
+    assert alertrules.rule(drops, "j", base + "#old")["annotations"]["runbook_url"] == \
         base + "#podnetdropshigh"
-    assert alerting.rule(drops, "j", "https://w.example/{anchor}/")["annotations"][
+    assert alertrules.rule(drops, "j", "https://w.example/{anchor}/")["annotations"][
         "runbook_url"] == "https://w.example/podnetdropshigh/"
     for bad in ("wiki/runbook", "ftp://x/runbook", "https://a b"):
-        with pytest.raises(alerting.RuleError):
-            alerting.check_runbook_url(bad)
+        with pytest.raises(alertrules.RuleError):
+            alertrules.check_runbook_url(bad)
 
 
 def test_rules_command_takes_a_runbook_url_and_refuses_bad_input(
@@ -137,24 +137,24 @@ def test_rules_command_takes_a_runbook_url_and_refuses_bad_input(
                                  "PodNetDropsHigh.enabled=maybe", "PodNetDropsHigh.label.1x=y",
                                  "PodNetDropsHigh.label.pod=y"])
 def test_bad_overrides_are_refused(bad: str) -> None:
-    with pytest.raises(alerting.RuleError):
-        alerting.configured([bad])
+    with pytest.raises(alertrules.RuleError):
+        alertrules.configured([bad])
 
 
 def test_recording_rules_keep_every_label_the_dashboards_and_alerts_group_by() -> None:
-    doc = yaml.safe_load(alerting.prometheus_file(alerting.ALERTS))
+    doc = yaml.safe_load(alertrules.prometheus_file(alertrules.ALERTS))
     [aggregates] = [g for g in doc["groups"] if g["name"] == "podnet-aggregates"]
     records = {r["record"]: r["expr"] for r in aggregates["rules"]}
-    for recording in alerting.RECORDINGS:
+    for recording in alertrules.RECORDINGS:
         workload = records[f"namespace_workload:{recording.metric}:rate5m"]
-        assert workload.startswith(f"sum by ({alerting.WORKLOAD}")
+        assert workload.startswith(f"sum by ({alertrules.WORKLOAD}")
         assert 'namespace!~"_node|_overflow"' in workload  # pods only
         namespace = records[f"namespace:{recording.metric}:rate5m"]
         assert f"namespace_workload:{recording.metric}:rate5m" in namespace
     # every counter family the pod dashboard shows has a workload rate
     shown = {m.removesuffix("_total") for p in dashboards.POD.panels for expr, _ in p.exprs
              for m in re.findall(r"podnet_[a-z_]+", expr)}
-    recorded = {r.metric for r in alerting.RECORDINGS}
+    recorded = {r.metric for r in alertrules.RECORDINGS}
     assert shown - recorded == {"podnet_tcp_flags"}, \
         shown - recorded
 
@@ -252,7 +252,7 @@ def test_quantile_matches_prometheus_interpolation() -> None:
 
 
 def test_rule_file_groups_split_pods_from_the_monitor() -> None:
-    doc = yaml.safe_load(alerting.prometheus_file(alerting.ALERTS))
+    doc = yaml.safe_load(alertrules.prometheus_file(alertrules.ALERTS))
     groups = {g["name"]: [r.get("alert") for r in g["rules"]] for g in doc["groups"]}
     assert groups["podnet-monitor"] == ["PodNetMonitorDown", "PodNetMonitorAttachFailing",
                                         "PodNetMonitorBypassed", "PodNetMonitorLostEvents"]

@@ -21,7 +21,7 @@ def test_wheel_ships_every_bpf_source(tmp_path: Path) -> None:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for name in ("monitor", "bpf"):
+    for name in ("monitor", "podnetlab", "bpf"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                     "--no-build-isolation", "-w", str(tmp_path), str(src)], check=True,
@@ -34,10 +34,10 @@ def test_wheel_ships_every_bpf_source(tmp_path: Path) -> None:
 
 
 def test_bpf_dir_from_the_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from monitor import bpf
+    from monitor.kernel import adapter
 
     (tmp_path / "pnm.h").write_text("/* */")
     monkeypatch.setenv("PODNETMON_BPF_DIR", str(tmp_path))
-    assert bpf.find_bpf_dir() == tmp_path
+    assert adapter.find_bpf_dir() == tmp_path
     monkeypatch.setenv("PODNETMON_BPF_DIR", str(tmp_path / "nowhere"))
-    assert bpf.find_bpf_dir() == ROOT / "bpf"  # the checkout's, next in line
+    assert adapter.find_bpf_dir() == ROOT / "bpf"  # the checkout's, next in line

@@ -1,4 +1,4 @@
-"""monitor.pcapfilter against the real tcpdump, on a corpus of frames built with scapy.
+"""monitor.traces.pcapfilter against the real tcpdump, on a corpus of frames built with scapy.
 
 The oracle is tcpdump itself (Debian's, on the same libpcap): each corpus
 frame gets its index as timestamp, `tcpdump -r corpus.pcap -w - EXPR` says
@@ -33,7 +33,7 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.layers.sctp import SCTP
 from scapy.packet import Packet, Raw
 
-from monitor.pcapfilter import FilterError, PacketFilter, Prefilter, prefilter
+from monitor.traces.pcapfilter import FilterError, PacketFilter, Prefilter, prefilter
 
 TCPDUMP = shutil.which("tcpdump")
 needs_tcpdump = pytest.mark.skipif(TCPDUMP is None, reason="tcpdump is not installed")

@@ -1,4 +1,4 @@
-"""monitor.pcapng, read back by the real tools: tshark, capinfos, Wireshark's pcapng
+"""monitor.traces.pcapng, read back by the real tools: tshark, capinfos, Wireshark's pcapng
 file dissector, and scapy's reader.
 
 Each field the writer puts in a file is checked in at least one reader that
@@ -23,7 +23,7 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.utils import PcapNgReader
 
-from monitor.pcapng import PcapngWriter
+from monitor.traces.pcapng import PcapngWriter
 
 TSHARK, CAPINFOS = shutil.which("tshark"), shutil.which("capinfos")
 needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark is not installed")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from monitor import perfring, tracepoints
-from monitor.perfring import PERF_RECORD_LOST, PERF_RECORD_SAMPLE, Ring, parse_records
+from monitor.kernel import perfring, tracepoints
+from monitor.kernel.perfring import PERF_RECORD_LOST, PERF_RECORD_SAMPLE, Ring, parse_records
 
 PAGE = 4096
 HEAD, TAIL, DATA_OFFSET, DATA_SIZE = 1024, 1032, 1040, 1048

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from monitor import privileges
+from monitor.kernel import privileges
 
 
 def test_every_capability_the_daemonset_adds_is_named() -> None:

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from monitor.exposition import TEXT, render
 from monitor.identity import IdentityIndex, Pod
-from monitor.kernelinfo import KernelInfo
+from monitor.kernel.kernelinfo import KernelInfo
 from monitor.probes import dns, drops, handshake, retransmits, rtt, tcpflags
 from monitor.probes.base import LE as BOUNDS
 from monitor.probes.base import TIMED_OUT, HistogramSum, Scrape, Sweep

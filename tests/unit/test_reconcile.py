@@ -13,7 +13,7 @@ import pytest
 
 from monitor import reconcile
 from monitor.identity import HostVeth, PodMeta, PodNetwork
-from monitor.kerneltypes import Attachment, VethLink
+from monitor.kernel.records import Attachment, VethLink
 from monitor.metadata.static import NoMetadata
 from monitor.reconcile import RETRY_MAX, Reconciler
 from monitor.state import InterfaceStatus, MonitorState, PodStatus

@@ -7,7 +7,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from monitor.reorder import Released, ReorderWindow
+from monitor.traces.reorder import Released, ReorderWindow
 
 
 def out(released: object) -> list[tuple[int, str, int]]:

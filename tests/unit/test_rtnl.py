@@ -1,4 +1,4 @@
-"""monitor.rtnl against scripted kernel replies, built here with struct (not with rtnl's encoders)."""
+"""monitor.kernel.rtnl against scripted kernel replies, built here with struct (not with rtnl's encoders)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from monitor.rtnl import LinkEvents, Rtnl, RtnlError
+from monitor.kernel.rtnl import LinkEvents, Rtnl, RtnlError
 
 # Kernel numbers, written out again so that a wrong constant in the module shows up here.
 RTM_NEWLINK, RTM_GETLINK, RTM_NEWNSID, RTM_GETNSID = 16, 18, 88, 90

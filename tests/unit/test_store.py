@@ -1,4 +1,4 @@
-"""monitor.store: the directory of stored captures, its ids, permissions and retention."""
+"""monitor.traces.store: the directory of stored captures, its ids, permissions and retention."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.store import ID_RE, CaptureStore, StoredCapture
+from monitor.traces.store import ID_RE, CaptureStore, StoredCapture
 
 
 @pytest.fixture

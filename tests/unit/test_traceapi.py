@@ -30,17 +30,17 @@ from scapy.layers.l2 import Ether
 from scapy.utils import PcapNgReader
 
 from monitor import log as monitor_log
-from monitor import traceapi
-from monitor.alerts import AlertCaptures
 from monitor.auth import CHALLENGE, FailureLimiter, TokenFileAuth
-from monitor.capture import CaptureError, Limits, Session, TraceRequest
 from monitor.exposition import Registry
 from monitor.identity import HostVeth, PodMeta, PodNetwork, identify
 from monitor.server import DRAIN_MAX, MAX_BODY, Api, Server
 from monitor.state import MonitorState
-from monitor.store import CaptureStore
-from monitor.traceapi import DeadlineWriter, TraceApi
-from monitor.tracecli import BlockCounter
+from monitor.traces import api as traceapi
+from monitor.traces.alertcaptures import AlertCaptures
+from monitor.traces.api import DeadlineWriter, TraceApi
+from monitor.traces.capture import CaptureError, Limits, Session, TraceRequest
+from monitor.traces.cli import BlockCounter
+from monitor.traces.store import CaptureStore
 
 NODE = "node-1"
 TOKEN = "pnm-test-token-6f1d2c3b4a5e"

@@ -1,4 +1,4 @@
-"""monitor.tracecli: the progress counter of `podnetmon trace` over a pcapng stream."""
+"""monitor.traces.cli: the progress counter of `podnetmon trace` over a pcapng stream."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 
-from monitor.pcapng import PcapngWriter
-from monitor.tracecli import BlockCounter
+from monitor.traces.cli import BlockCounter
+from monitor.traces.pcapng import PcapngWriter
 
 
 def stream() -> tuple[bytes, list[int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from monitor.identity import IdentityIndex
-from monitor.kerneltypes import VethCounts
+from monitor.kernel.records import VethCounts
 from monitor.probes import packets
 from monitor.unseen import FORGET_AFTER, READS, Baseline, BeforeAttach
 from tests.unit.conftest import PodFactory

@@ -35,7 +35,7 @@ import struct
 from collections.abc import Callable
 from types import TracebackType
 
-from monitor import bpfsys
+from monitor.kernel import syscalls
 
 _SYS_PERF_EVENT_OPEN = 298  # x86-64
 
@@ -264,7 +264,7 @@ class PerfReader:
             self._maps.append(ring_map)
             self._rings.append(Ring(ring_map))
             try:
-                bpfsys.map_update(self._map_fd, struct.pack("<I", cpu), struct.pack("<I", fd))
+                syscalls.map_update(self._map_fd, struct.pack("<I", cpu), struct.pack("<I", fd))
             except OSError as exc:
                 raise PerfError(exc.errno or errno.EINVAL,
                                 f"storing the cpu {cpu} perf fd in map fd {self._map_fd}: "
@@ -308,7 +308,7 @@ class PerfReader:
         """Take our fds out of the map, unmap the rings, close everything. Idempotent."""
         for cpu in self._keys:
             try:
-                bpfsys.map_delete(self._map_fd, struct.pack("<I", cpu))
+                syscalls.map_delete(self._map_fd, struct.pack("<I", cpu))
             except OSError:
                 pass  # best effort: closing the perf fds below stops the output anyway
         self._keys = []

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from monitor import rtnl
-from monitor.lab import Lab, LabPod, Quiet
+from monitor.kernel import rtnl
+from podnetlab.lab import Lab, LabPod, Quiet
 
 CLONE_NEWNET = 0x40000000
 SINK_PORT = 9  # discard: the peer answers with ICMP port unreachable, which nobody minds

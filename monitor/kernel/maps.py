@@ -15,7 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from monitor import bpfsys, log
+from monitor import log
+from monitor.kernel import syscalls
 
 S = TypeVar("S", bound=ctypes.Structure)
 
@@ -109,21 +110,21 @@ class MapHandle:
         return ((self.value_size + 7) & ~7) * self.ncpus if self.percpu else self.value_size
 
     def items(self) -> list[tuple[bytes, bytes]]:
-        """Every element, each key once even while others delete (bpfsys.batch_items)."""
+        """Every element, each key once even while others delete (syscalls.batch_items)."""
         try:
-            pairs = bpfsys.batch_items(self.fd, self.key_size, self.raw_value_size)
-        except bpfsys.BpfError as exc:
-            if exc.errno not in (errno.EINVAL, bpfsys.ENOTSUPP, errno.EOPNOTSUPP):
+            pairs = syscalls.batch_items(self.fd, self.key_size, self.raw_value_size)
+        except syscalls.BpfError as exc:
+            if exc.errno not in (errno.EINVAL, syscalls.ENOTSUPP, errno.EOPNOTSUPP):
                 raise
             # no batch operations for this map type: the walk, its repeats dropped
-            pairs = list(dict(bpfsys.map_items(self.fd, self.key_size,
+            pairs = list(dict(syscalls.map_items(self.fd, self.key_size,
                                                self.raw_value_size)).items())
         if not self.percpu:
             return pairs
         return [(k, sum_u64_slots(v, self.value_size, self.ncpus)) for k, v in pairs]
 
     def lookup(self, key: bytes) -> bytes | None:
-        raw = bpfsys.map_lookup(self.fd, key, self.raw_value_size)
+        raw = syscalls.map_lookup(self.fd, key, self.raw_value_size)
         if raw is None or not self.percpu:
             return raw
         return sum_u64_slots(raw, self.value_size, self.ncpus)
@@ -143,7 +144,7 @@ class MapHandle:
         found: dict[int, bytes] = {}
         for first, last in _runs(sorted(wanted), _BATCH_GAP):
             start = struct.pack("=I", first - 1) if first else None  # the batch starts after it
-            keys, values = bpfsys.map_lookup_batch(self.fd, 4, size, last - first + 1, start)
+            keys, values = syscalls.map_lookup_batch(self.fd, 4, size, last - first + 1, start)
             # per-CPU values: the whole batch as ints at once, then each wanted slot folded
             flat = memoryview(values).cast("Q").tolist() if self.percpu else []
             for i, slot in enumerate(memoryview(keys).cast("I").tolist()):
@@ -161,17 +162,17 @@ class MapHandle:
         if self.percpu:
             slot = (self.value_size + 7) & ~7
             value = value.ljust(slot, b"\0") * self.ncpus
-        bpfsys.map_update(self.fd, key, value)
+        syscalls.map_update(self.fd, key, value)
 
     def replace(self, key: bytes, value: bytes) -> bool:
         """Overwrite only if the element exists (not per-CPU maps)."""
-        return bpfsys.map_update(self.fd, key, value, bpfsys.BPF_EXIST)
+        return syscalls.map_update(self.fd, key, value, syscalls.BPF_EXIST)
 
     def put_zero(self, key: bytes) -> None:
-        bpfsys.map_update(self.fd, key, bytes(self.raw_value_size))
+        syscalls.map_update(self.fd, key, bytes(self.raw_value_size))
 
     def delete(self, key: bytes) -> bool:
-        return bpfsys.map_delete(self.fd, key)
+        return syscalls.map_delete(self.fd, key)
 
 
 # Slots this far apart or more are read by separate batches: a syscall costs a few us,
@@ -194,7 +195,7 @@ def _runs(slots: Sequence[int], gap: int) -> list[tuple[int, int]]:
 
 # Kernels before 5.6 do not know the command (EINVAL); map types without batch
 # operations answer ENOTSUPP, the kernel's own errno 524 (not EOPNOTSUPP).
-_NO_BATCH = (errno.EINVAL, bpfsys.ENOTSUPP)
+_NO_BATCH = (errno.EINVAL, syscalls.ENOTSUPP)
 
 
 class KernelMaps:
@@ -218,7 +219,7 @@ class KernelMaps:
         if name not in self._no_batch:
             try:
                 return handle.lookup_slots(slots)
-            except bpfsys.BpfError as exc:
+            except syscalls.BpfError as exc:
                 if exc.errno not in _NO_BATCH:
                     raise
                 self._no_batch.add(name)  # for good: the kernel will not learn it

@@ -20,13 +20,13 @@ import re
 import struct
 from dataclasses import dataclass
 
-from monitor.bpfsys import BpfError, _attr, _bpf
-from monitor.perfring import (
+from monitor.kernel.perfring import (
     PERF_FLAG_FD_CLOEXEC,
     PERF_TYPE_TRACEPOINT,
     perf_attr,
     perf_event_open,
 )
+from monitor.kernel.syscalls import BpfError, _attr, _bpf
 
 # enum bpf_cmd
 BPF_OBJ_PIN = 6

@@ -30,9 +30,10 @@ from http import HTTPStatus
 from typing import Any
 
 from monitor import log
-from monitor.alerts import AlertCaptures
 from monitor.auth import Access
-from monitor.capture import (
+from monitor.server import Api, Handler, Params, RequestError, int_param, pod_params
+from monitor.traces.alertcaptures import AlertCaptures
+from monitor.traces.capture import (
     CaptureError,
     CaptureManager,
     Session,
@@ -41,8 +42,7 @@ from monitor.capture import (
     parse_duration,
     write_pcapng,
 )
-from monitor.server import Api, Handler, Params, RequestError, int_param, pod_params
-from monitor.store import CaptureStore
+from monitor.traces.store import CaptureStore
 
 WRITE_GRACE = 3.0  # seconds past a trace's deadline its last bytes may take to leave
 WRITE_TIMEOUT = 30.0  # a write's bound where the listener set none (http_write_timeout's default)

@@ -34,13 +34,13 @@ from typing import Any, BinaryIO, Protocol, cast
 
 from monitor import log
 from monitor.identity import IdentityIndex, Pod
-from monitor.maps import decode
-from monitor.pcapfilter import FilterError, PacketFilter, Prefilter, prefilter
-from monitor.pcapng import PcapngWriter
+from monitor.kernel.maps import decode
 from monitor.probes import drops as drops_probe
 from monitor.probes import trace as trace_probe
 from monitor.probes.base import u32_key
-from monitor.reorder import MAX_HOLD_NS, SLACK_NS, Released, ReorderWindow
+from monitor.traces.pcapfilter import FilterError, PacketFilter, Prefilter, prefilter
+from monitor.traces.pcapng import PcapngWriter
+from monitor.traces.reorder import MAX_HOLD_NS, SLACK_NS, Released, ReorderWindow
 
 # Pages of each CPU's packet ring (drop events get a quarter): 1 MiB holds ~700 full-size
 # frames between two reads. Halved while the kernel refuses to map it (_open_rings).
@@ -114,7 +114,7 @@ class TraceRequest:
 
 
 class EventReader(Protocol):
-    """The kernel adapter's perf buffers (monitor.bpf.Programs)."""
+    """The kernel adapter's perf buffers (monitor.kernel.adapter.Programs)."""
 
     def open_perf(self, name: str, callback: Callable[[bytes], None],
                   lost: Callable[[int], None], pages: int) -> None: ...

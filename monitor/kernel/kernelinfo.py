@@ -13,7 +13,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from monitor import btf, kallsyms, log
+from monitor import log
+from monitor.kernel import btf, kallsyms
 
 _FIELD_RE = re.compile(r"field:[^;]*?(\w+)(?:\[\d+\])?;")
 _SYMBOL_RE = re.compile(r'\{\s*(\d+)\s*,\s*"([A-Za-z0-9_]+)"\s*\}')

@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from monitor import log
-from monitor.capture import CaptureError, CaptureManager, TraceRequest, parse_duration, write_pcapng
-from monitor.store import CaptureStore, StoredCapture
+from monitor.traces.capture import CaptureError, CaptureManager, TraceRequest, parse_duration, write_pcapng
+from monitor.traces.store import CaptureStore, StoredCapture
 
 REMEMBER = 24 * 3600.0  # seconds a started alert's key is kept to refuse duplicates
 

@@ -3,7 +3,7 @@
 BCC compiles in-process with clang and LLVM: importing bcc alone maps ~64 MB
 into the process and a compile leaves ~40 MB more behind (bench/RESULTS.md).
 The daemon runs for months; the compiler is needed for two seconds. So a
-short-lived child (`python -m monitor.loader`) compiles and loads, and hands
+short-lived child (`python -m monitor.kernel.loader`) compiles and loads, and hands
 the daemon the file descriptors of every program and map over a Unix socket
 (SCM_RIGHTS); the kernel objects live on in the daemon once the child exits.
 
@@ -75,7 +75,7 @@ def load(spec: Spec, *, timeout: float = TIMEOUT) -> Loaded:
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         env = dict(os.environ, **{SOCKET_FD_ENV: str(child_end.fileno())})
-        proc = subprocess.Popen([sys.executable, "-m", "monitor.loader"], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", "monitor.kernel.loader"], stdin=subprocess.PIPE,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 pass_fds=(child_end.fileno(),), env=env)
         child_end.close()
@@ -166,7 +166,7 @@ def _child(sock: socket.socket) -> int:
 def main() -> int:
     fd = os.environ.get(SOCKET_FD_ENV)
     if fd is None:
-        print("monitor.loader is started by the daemon, not by hand", file=sys.stderr)
+        print("monitor.kernel.loader is started by the daemon, not by hand", file=sys.stderr)
         return 2
     with socket.socket(fileno=int(fd)) as sock:
         return _child(sock)

@@ -24,7 +24,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from monitor import bpfsys, log, tracepoints
+from monitor import log
+from monitor.kernel import syscalls, tracepoints
 
 ROOT_NAME = "podnetmon"
 MAPS_PREFIX = "maps-"
@@ -152,7 +153,7 @@ class Pins:
             try:
                 fd = tracepoints.get_pinned(str(entry))
                 try:
-                    bpfsys.link_detach(fd)
+                    syscalls.link_detach(fd)
                 except OSError:
                     pass  # a link whose device is gone is detached already
                 finally:

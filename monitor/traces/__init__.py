@@ -1,0 +1,1 @@
+"""Packet and drop traces: capture, pcapng, filters, stored captures and their HTTP API."""
