@@ -11,8 +11,8 @@ like a perf mmap (one metadata page, then the data area), so it is tested
 without a kernel.
 
 Memory ordering: the kernel writes a record, then (release) data_head; we read
-data_head, then the records, then store data_tail. This module only runs on
-x86-64 (the perf_event_open number below is x86-64's), where TSO gives exactly
+data_head, then the records, then store data_tail. The reader below relies on
+x86-64's TSO (the syscall numbers are per architecture, arch.py), which gives exactly
 what the perf ABI asks for with plain accesses: a load is never reordered with
 an older load (records are read after head), and a store is never reordered
 with an older load (the tail store cannot pass the record reads). Python has
@@ -35,9 +35,7 @@ import struct
 from collections.abc import Callable
 from types import TracebackType
 
-from monitor.kernel import syscalls
-
-_SYS_PERF_EVENT_OPEN = 298  # x86-64
+from monitor.kernel import arch, syscalls
 
 # enum perf_type_id, perf_sw_ids, perf_event_sample_format, perf_event_type
 PERF_TYPE_SOFTWARE = 1
@@ -85,7 +83,7 @@ class PerfError(OSError):
 def perf_event_open(attr: ctypes.Array[ctypes.c_char], pid: int, cpu: int, group_fd: int,
                     flags: int) -> int:
     """The raw syscall; raises PerfError (OSError) with errno on failure."""
-    fd = int(_libc.syscall(_SYS_PERF_EVENT_OPEN, attr, ctypes.c_int(pid), ctypes.c_int(cpu),
+    fd = int(_libc.syscall(arch.number("perf_event_open"), attr, ctypes.c_int(pid), ctypes.c_int(cpu),
                            ctypes.c_int(group_fd), ctypes.c_ulong(flags)))
     if fd < 0:
         err = ctypes.get_errno()

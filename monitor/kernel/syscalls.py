@@ -5,6 +5,13 @@ carries, or of the per-program run statistics the kernel keeps. Each of those
 is one bpf(2) command with a small attribute block; the layouts below follow
 include/uapi/linux/bpf.h (union bpf_attr) and were checked against it with
 offsetof() on the build machine.
+
+The syscall's number depends on the architecture (arch.py: x86-64 and arm64). libbpf's
+own wrappers (bpf_map_update_elem, bpf_link_create, ...) would know it too, but the
+libbpf.so.1 that comes with bcc on Debian 12 is 1.1.2, which predates tcx (1.3) and
+would need the same attribute blocks built here for it; each command here is a
+handful of lines checked against the uapi, and calling libc's syscall() directly
+costs one C call where libbpf's wrappers add an opts struct to fill through ctypes.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-_SYS_BPF = 321  # x86-64; the only architecture this project builds for today
+from monitor.kernel import arch
 
 # enum bpf_cmd
 BPF_MAP_LOOKUP_ELEM = 1
@@ -53,7 +60,7 @@ class BpfError(OSError):
 
 
 def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
-    ret = int(_libc.syscall(_SYS_BPF, cmd, attr, _ATTR_SIZE))
+    ret = int(_libc.syscall(arch.number("bpf"), cmd, attr, _ATTR_SIZE))
     if ret < 0:
         err = ctypes.get_errno()
         raise BpfError(err, f"bpf(cmd={cmd}): {os.strerror(err)}")
