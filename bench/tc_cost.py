@@ -22,8 +22,9 @@ from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
 from bench.common import UDP_SENDER, lab_pods, machine, median, run_in, spawn_in, stable
 from monitor.identity import IdentityIndex
-from monitor.kernel import adapter, kernelinfo, syscalls
-from monitor.kernel.adapter import TC_PARENT_INGRESS, Programs
+from monitor.kernel import kernelinfo, source, syscalls
+from monitor.kernel.netlink import TC_PARENT_INGRESS
+from monitor.kernel.programs import Programs
 from monitor.peers.identity import PeerResolver
 from monitor.probes import select
 from monitor.probes.peers import PeerAccounts, PeerOptions
@@ -46,12 +47,12 @@ VARIANTS = {"packets": ["packets"], "peers": ["packets", "peers"], "all": []}
 
 
 def _slots_for(programs: Programs, ifindex: int, kernel_netns: int) -> None:
-    slots = SlotTable(ifslots=programs.maps.handle(adapter.IFSLOTS_MAP),
-                      spill=programs.maps.handle(adapter.IFSLOT_SPILL_MAP),
-                      netns=programs.maps.handle(adapter.NETNS_MAP),
-                      owners=programs.maps.handle(adapter.SLOT_OWNER_MAP),
+    slots = SlotTable(ifslots=programs.maps.handle(source.IFSLOTS_MAP),
+                      spill=programs.maps.handle(source.IFSLOT_SPILL_MAP),
+                      netns=programs.maps.handle(source.NETNS_MAP),
+                      owners=programs.maps.handle(source.SLOT_OWNER_MAP),
                       per_slot=per_slot_maps(programs.probes, programs.maps.handle, 64),
-                      capacity=64, buckets=adapter.IFSLOT_BUCKETS)
+                      capacity=64, buckets=source.IFSLOT_BUCKETS)
     slots.assign(ifindex, kernel_netns)  # as the daemon does before it attaches
     slots.sync_netns({kernel_netns: ifindex})
     if any(p.name == "peers" for p in programs.probes):

@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import UDP_SENDER, daemon, lab_pods, machine, median, run_in, spawn_in
 from bench.tc_cost import _slots_for
 from monitor.kernel import kernelinfo, syscalls
-from monitor.kernel.adapter import Attacher, Netlink, Programs
+from monitor.kernel.attach import Attacher
+from monitor.kernel.netlink import Netlink
+from monitor.kernel.programs import Programs
 from monitor.probes import select
 from monitor.probes.trace import MAP, TraceConfig
 

@@ -91,9 +91,11 @@ def check_headers() -> Finding:
     missing = missing_headers()
     if missing is not None:
         return missing
-    from monitor.kernel import adapter  # imports bcc: only once we know there are headers
+    from monitor.kernel import (
+        features,  # imports bcc: only once we know there are headers
+        )
 
-    error = adapter.compile_trivial()
+    error = features.compile_trivial()
     if error:
         return Finding("headers", False, True, f"BCC could not compile a trivial program "
                        f"with the headers at {build}: {error}",
@@ -144,9 +146,9 @@ def check_bpffs(settings: Settings) -> Finding:
 
 
 def check_attach() -> Iterator[Finding]:
-    from monitor.kernel import adapter
+    from monitor.kernel import features
 
-    result = adapter.probe_attach_features()
+    result = features.probe_attach_features()
     clsact, cls_bpf, tcx = result.get("clsact", "?"), result.get("cls_bpf", "?"), result.get("tcx", "?")
     if not clsact:
         yield Finding("clsact", True, True, "a clsact qdisc can be added (in a scratch netns)")
@@ -173,12 +175,12 @@ def check_cni(settings: Settings, tcx_error: str) -> Finding:
     dataplane) end pod traffic before our programs see it? Read from the host veths as
     they are now: tcx runs before every classic filter, so with tcx and attach_mode auto
     the daemon attaches those veths by tcx and counts them whole."""
-    from monitor.kernel import adapter
+    from monitor.kernel.netlink import Netlink, filters_before
 
-    netlink = adapter.Netlink()
+    netlink = Netlink()
     try:
         ahead = {veth.name: found for veth in netlink.veths()
-                 if (found := adapter.filters_before(netlink, veth.ifindex, settings.tc_priority))}
+                 if (found := filters_before(netlink, veth.ifindex, settings.tc_priority))}
     finally:
         netlink.close()
     if not ahead:

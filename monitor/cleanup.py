@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from monitor.kernel import adapter, pins
+from monitor.kernel import pins
+from monitor.kernel.attach import check_handle
+from monitor.kernel.netlink import Netlink, all_links, remove_our_filters
 
 
 def daemons_running(proc: str = "/proc") -> list[int]:
@@ -37,12 +39,12 @@ def daemons_running(proc: str = "/proc") -> list[int]:
 def cleanup(bpffs_root: str, tc_priority: int, tc_handle: int) -> list[str]:
     """Remove it all; returns what was removed, one line each."""
     removed: list[str] = []
-    netlink = adapter.Netlink()
+    netlink = Netlink()
     try:
-        for ifindex, name in adapter.all_links(netlink):
+        for ifindex, name in all_links(netlink):
             # the daemon's filters, and those of a `run --check` that was killed mid-way
-            count = sum(adapter.remove_our_filters(netlink, ifindex, tc_priority, handle)
-                        for handle in (tc_handle, adapter.check_handle(tc_handle)))
+            count = sum(remove_our_filters(netlink, ifindex, tc_priority, handle)
+                        for handle in (tc_handle, check_handle(tc_handle)))
             if count:
                 removed.append(f"tc filters ({count}) on {name}")
     finally:

@@ -145,43 +145,47 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
                 check_only: bool) -> int:
     logger = log.get("daemon")
 
-    from monitor.kernel import adapter  # the kernel adapter: after the configuration is known to be good
+    # the kernel side (bcc, pyroute2): imported once the configuration is known to be good
+    from monitor.kernel import source
+    from monitor.kernel.attach import Attacher, check_handle
+    from monitor.kernel.errors import KernelError
+    from monitor.kernel.netlink import Netlink, link_events
+    from monitor.kernel.programs import Programs
 
     # `run --check` pins nothing: it must never adopt, or remove, a running daemon's maps
     pin = None if check_only else _pins(settings)
     try:
         kernel = kernelinfo.probe(proc_root=settings.proc_root, tracefs_root=settings.tracefs_root,
                                   btf_path=settings.btf_path)
-        programs = adapter.Programs(probes, kernel, max_interfaces=settings.max_interfaces,
-                                bpf_stats=settings.bpf_stats, pin=pin,
-                                tracefs=settings.tracefs_root)
-    except (adapter.KernelError, OSError) as exc:
+        programs = Programs(probes, kernel, max_interfaces=settings.max_interfaces,
+                            bpf_stats=settings.bpf_stats, pin=pin, tracefs=settings.tracefs_root)
+    except (KernelError, OSError) as exc:
         from monitor.check import missing_headers
 
         missing = missing_headers()  # the likeliest cause, with its remedy
         logger.error("cannot load the BPF programs", error=str(exc),
                      **({"cause": missing.sentence, "remedy": missing.remedy} if missing else {}))
         return EXIT_FAILED
-    netlink = adapter.Netlink()
+    netlink = Netlink()
     try:
-        attacher = adapter.Attacher(programs, netlink, mode=settings.attach_mode,
+        attacher = Attacher(programs, netlink, mode=settings.attach_mode,
                                 tc_priority=settings.tc_priority,
-                                tc_handle=(adapter.check_handle(settings.tc_handle) if check_only
+                                tc_handle=(check_handle(settings.tc_handle) if check_only
                                            else settings.tc_handle),
                                 pin=pin)
-    except adapter.KernelError as exc:
+    except KernelError as exc:
         logger.error("cannot attach", error=str(exc))
         programs.abort()  # what the last daemon left stays as it was
         return EXIT_FAILED
     state = MonitorState()
     state.maps_states = dict(programs.maps_states)
     maps = programs.maps
-    slots = SlotTable(ifslots=maps.handle(adapter.IFSLOTS_MAP), spill=maps.handle(adapter.IFSLOT_SPILL_MAP),
-                      netns=maps.handle(adapter.NETNS_MAP), owners=maps.handle(adapter.SLOT_OWNER_MAP),
+    slots = SlotTable(ifslots=maps.handle(source.IFSLOTS_MAP), spill=maps.handle(source.IFSLOT_SPILL_MAP),
+                      netns=maps.handle(source.NETNS_MAP), owners=maps.handle(source.SLOT_OWNER_MAP),
                       per_slot=per_slot_maps(programs.probes, maps.handle,
                                              settings.max_interfaces),
                       slot_keyed=slot_keyed_maps(programs.probes, maps.handle),
-                      capacity=settings.max_interfaces, buckets=adapter.IFSLOT_BUCKETS)
+                      capacity=settings.max_interfaces, buckets=source.IFSLOT_BUCKETS)
     if programs.adopted:
         logger.info("adopted the pinned maps of the last daemon: counters continue",
                     slots=slots.adopt(), maps=str(programs.pin_dir))
@@ -213,10 +217,10 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
         after_first_pass=None if check_only else after_first_pass)
     if check_only:
         return _check_once(reconciler, state, netlink, programs,
-                           handle=adapter.check_handle(settings.tc_handle))
+                           handle=check_handle(settings.tc_handle))
     try:
         programs.attach_tracepoints()
-    except adapter.KernelError as exc:
+    except KernelError as exc:
         logger.error("cannot attach the tracepoint programs", error=str(exc))
         programs.abort()  # what the last daemon left stays as it was
         return EXIT_FAILED
@@ -267,7 +271,7 @@ def _run_locked(settings: Settings, metadata: MetadataSource, probes: Sequence[P
             bypass.observe_new()
 
     loop = Loop(reconciler, resync_interval=settings.resync_interval,
-                debounce=settings.event_debounce, events_factory=adapter.link_events, state=state,
+                debounce=settings.event_debounce, events_factory=link_events, state=state,
                 on_exit=netlink.close, sweep=sweep,
                 sweep_interval=settings.sweep_interval,
                 detach_on_exit=not settings.leave_attached,

@@ -15,7 +15,6 @@ N - n, sent at a known time.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import socket
@@ -24,10 +23,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from monitor.kernel import rtnl
+from monitor.kernel import netns, rtnl
 from podnetlab.lab import Lab, LabPod, Quiet
 
-CLONE_NEWNET = 0x40000000
 SINK_PORT = 9  # discard: the peer answers with ICMP port unreachable, which nobody minds
 # A program for the peer: takes the churned pods' datagrams on the port in argv[1]
 # without a word back (no ICMP port unreachable), so quiet pods' veths carry nothing but
@@ -100,23 +98,16 @@ def veth_wire() -> dict[str, Wire]:
                 for link in r.links("veth")}
 
 
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
 def socket_in(netns_path: str) -> socket.socket:
     """A UDP socket that lives in another network namespace."""
     home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     target = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _setns(target)
+        netns.setns(target)
         try:
             return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         finally:
-            _setns(home)
+            netns.setns(home)
     finally:
         os.close(target)
         os.close(home)

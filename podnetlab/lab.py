@@ -21,7 +21,6 @@ own adapter, so that tests do not check the monitor with itself.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from monitor import neighbours
+from monitor.kernel import netns
 
 LAB_DIR = Path(os.environ.get("PODNETMON_LAB_DIR", "/run/podnetmon-lab"))
 BRIDGE = "pnmlab0"
@@ -102,7 +102,6 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-CLONE_NEWNET = 0x40000000
 
 
 def _in_netns(netns_path: str, fn: Callable[[LabPod], None], pod: LabPod) -> None:
@@ -112,11 +111,12 @@ def _in_netns(netns_path: str, fn: Callable[[LabPod], None], pod: LabPod) -> Non
     errors: list[BaseException] = []
 
     def run() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
         fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                raise LabError(f"setns into {netns_path}: {os.strerror(ctypes.get_errno())}")
+            try:
+                netns.setns(fd)
+            except OSError as exc:
+                raise LabError(f"setns into {netns_path}: {exc.strerror}") from None
             fn(pod)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             errors.append(exc)
@@ -393,19 +393,20 @@ class Lab:
             "annotations": {"io.kubernetes.pod.uid": uid, "io.kubernetes.container.name": "app"},
             "linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": netns}]}}))
 
-    def _start_pause(self, cgroup: str, netns: str | None) -> int:
+    def _start_pause(self, cgroup: str, pinned: str | None) -> int:
         """The pause process: it joins its pod's cgroup and makes its netns (or joins the
         pinned one, as containerd's pause does) between fork and exec, so it is never seen
         outside its pod. One fork and one exec: the churn benchmarks make 20 pods a second."""
-        libc = ctypes.CDLL(None, use_errno=True)  # resolved here: the child only calls it
         procs = os.path.join(cgroup, "cgroup.procs")
-        target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if netns else -1
+        target = os.open(pinned, os.O_RDONLY | os.O_CLOEXEC) if pinned else -1
 
-        def enter() -> None:  # in the child, between fork and exec
+        def enter() -> None:  # in the child, between fork and exec (Popen raises its OSError)
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
-            if (libc.setns(target, CLONE_NEWNET) if target >= 0 else libc.unshare(CLONE_NEWNET)) != 0:
-                raise OSError(ctypes.get_errno(), "entering the pod's netns failed")
+            if target >= 0:
+                netns.setns(target)
+            else:
+                netns.unshare()
 
         try:
             proc = subprocess.Popen([str(self.pause_bin), "infinity"], stdin=subprocess.DEVNULL,

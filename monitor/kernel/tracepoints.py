@@ -19,7 +19,9 @@ import os
 import re
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
+from monitor.kernel import syscalls
 from monitor.kernel.perfring import (
     PERF_FLAG_FD_CLOEXEC,
     PERF_TYPE_TRACEPOINT,
@@ -174,3 +176,21 @@ def link_update(link_fd: int, new_prog_fd: int) -> None:
     except OSError as exc:
         raise _reraise(exc, f"BPF_LINK_UPDATE of link fd {link_fd} to prog fd "
                             f"{new_prog_fd}") from None
+
+
+def open_pinned(path: Path) -> int | None:
+    """A pinned link's fd, or None where nothing (usable) is pinned there."""
+    try:
+        return get_pinned(str(path))
+    except OSError:
+        return None
+
+
+def detach_quietly(link_fd: int, *, close: bool = False) -> None:
+    """Detach a link whose hook may be gone already (with its device), then maybe close it."""
+    try:
+        syscalls.link_detach(link_fd)
+    except OSError:
+        pass  # detached already (its hook went away)
+    if close:
+        os.close(link_fd)

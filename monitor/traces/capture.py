@@ -114,7 +114,7 @@ class TraceRequest:
 
 
 class EventReader(Protocol):
-    """The kernel adapter's perf buffers (monitor.kernel.adapter.Programs)."""
+    """The kernel adapter's perf buffers (monitor.kernel.programs.Programs)."""
 
     def open_perf(self, name: str, callback: Callable[[bytes], None],
                   lost: Callable[[int], None], pages: int) -> None: ...

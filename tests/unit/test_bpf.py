@@ -1,6 +1,6 @@
 """The kernel adapter's pure parts: cflags, which probes can load, the composed C source.
 
-Importing monitor.kernel.adapter imports bcc (importable in the venv); nothing here compiles or loads.
+Nothing here compiles or loads.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from monitor.exposition import Family
-from monitor.kernel import adapter, btf
+from monitor.kernel import btf
+from monitor.kernel import source as c_source
 from monitor.probes import REGISTRY, select
 from monitor.probes.base import MapLayout, Probe, Scrape
 from tests.unit.fakes import HOST_NETNS, OFFSETS, kernel, no_offsets_kernel
@@ -41,7 +42,7 @@ def probe(name: str, **kwargs: object) -> Probe:
 # -- build_cflags ---------------------------------------------------------------------------------
 
 def test_cflags_with_offsets() -> None:
-    flags = adapter.build_cflags([probe("a")], kernel(), 256)
+    flags = c_source.build_cflags([probe("a")], kernel(), 256)
     assert flags == [
         "-DPNM_MAX_INTERFACES=256", "-DPNM_IFSLOT_BUCKETS=65536", f"-DPNM_HOST_NETNS={HOST_NETNS}",
         "-Wno-macro-redefined",
@@ -60,22 +61,22 @@ def test_the_fake_kernel_has_every_offset_the_c_code_reads() -> None:
 
 
 def test_cflags_without_offsets() -> None:
-    flags = adapter.build_cflags([probe("a")], no_offsets_kernel(), 1024)
+    flags = c_source.build_cflags([probe("a")], no_offsets_kernel(), 1024)
     assert "-DPNM_NO_KSTRUCT" in flags
     assert not [f for f in flags if f.startswith("-DPNM_OFF_")]
 
 
 def test_cflags_with_offsets_has_no_no_kstruct() -> None:
-    assert "-DPNM_NO_KSTRUCT" not in adapter.build_cflags([probe("a")], kernel(), 1024)
+    assert "-DPNM_NO_KSTRUCT" not in c_source.build_cflags([probe("a")], kernel(), 1024)
 
 
 def test_ports_parsed_only_if_a_probe_needs_them() -> None:
-    assert "-DPNM_WANT_PORTS" not in adapter.build_cflags([probe("a"), probe("b")], kernel(), 1024)
-    flags = adapter.build_cflags([probe("a"), probe("b", needs_ports=True)], kernel(), 1024)
+    assert "-DPNM_WANT_PORTS" not in c_source.build_cflags([probe("a"), probe("b")], kernel(), 1024)
+    flags = c_source.build_cflags([probe("a"), probe("b", needs_ports=True)], kernel(), 1024)
     assert flags.count("-DPNM_WANT_PORTS") == 1
-    real = adapter.build_cflags(select(["packets", "drops"]), kernel(), 1024)
+    real = c_source.build_cflags(select(["packets", "drops"]), kernel(), 1024)
     assert "-DPNM_WANT_PORTS" not in real
-    assert "-DPNM_WANT_PORTS" in adapter.build_cflags(select(["dns"]), kernel(), 1024)
+    assert "-DPNM_WANT_PORTS" in c_source.build_cflags(select(["dns"]), kernel(), 1024)
 
 
 def test_probe_cflags_appended_in_probe_order() -> None:
@@ -88,7 +89,7 @@ def test_probe_cflags_appended_in_probe_order() -> None:
         return cflags
 
     k = kernel()
-    flags = adapter.build_cflags([probe("a", cflags=flags_of("A")), probe("b"),
+    flags = c_source.build_cflags([probe("a", cflags=flags_of("A")), probe("b"),
                               probe("c", cflags=flags_of("C"))], k, 1024)
     assert flags[-2:] == ["-DPNM_A=1", "-DPNM_C=1"]
     assert seen == [k, k]  # each probe sees the kernel's facts
@@ -96,12 +97,12 @@ def test_probe_cflags_appended_in_probe_order() -> None:
 
 def test_real_probe_cflags_follow_the_tracepoint_fields() -> None:
     k = kernel(tracepoints=ALL_TRACEPOINTS)
-    flags = adapter.build_cflags(select([]), k, 1024)
+    flags = c_source.build_cflags(select([]), k, 1024)
     assert "-DPNM_HAVE_RX_SK" in flags
     assert "-DPNM_RETRANS_HAS_ERR" in flags
     old = kernel(tracepoints={"skb:kfree_skb": {"skbaddr", "reason"},
                               "tcp:tcp_retransmit_skb": {"skaddr", "skbaddr"}})
-    flags = adapter.build_cflags(select([]), old, 1024)
+    flags = c_source.build_cflags(select([]), old, 1024)
     assert "-DPNM_HAVE_RX_SK" not in flags
     assert "-DPNM_RETRANS_HAS_ERR" not in flags
 
@@ -109,14 +110,14 @@ def test_real_probe_cflags_follow_the_tracepoint_fields() -> None:
 # -- loadable -------------------------------------------------------------------------------------
 
 def test_everything_loads_on_a_kernel_with_offsets_and_tracepoints() -> None:
-    keep, notes = adapter.loadable(select([]), kernel(tracepoints=ALL_TRACEPOINTS))
+    keep, notes = c_source.loadable(select([]), kernel(tracepoints=ALL_TRACEPOINTS))
     assert [p.name for p in keep] == list(REGISTRY)
     assert notes == {}
 
 
 def test_without_offsets() -> None:
     problem = "/sys/kernel/btf/vmlinux: No such file or directory"
-    keep, notes = adapter.loadable(select([]), no_offsets_kernel(tracepoints=ALL_TRACEPOINTS))
+    keep, notes = c_source.loadable(select([]), no_offsets_kernel(tracepoints=ALL_TRACEPOINTS))
     # trace needs no offsets (it copies from the TC programs), so it loads too
     assert [p.name for p in keep] == ["packets", "peers", "tcpflags", "handshake", "dns",
                                       "dnsnames", "drops", "trace"]
@@ -132,33 +133,33 @@ def test_synthetic_needs_offsets() -> None:
     plain = probe("plain")
     strict = probe("strict", needs_offsets=True)
     lenient = probe("lenient", needs_offsets=True, degraded="counts less")
-    keep, notes = adapter.loadable([plain, strict, lenient], no_offsets_kernel())
+    keep, notes = c_source.loadable([plain, strict, lenient], no_offsets_kernel())
     assert keep == [plain, lenient]
     assert notes["strict"].startswith("not loaded: no kernel struct offsets")
     assert notes["lenient"].startswith("degraded: counts less (")
     assert "plain" not in notes
-    keep, notes = adapter.loadable([plain, strict, lenient], kernel())
+    keep, notes = c_source.loadable([plain, strict, lenient], kernel())
     assert keep == [plain, strict, lenient]
     assert notes == {}
 
 
 def test_a_missing_tracepoint_drops_the_probe() -> None:
     tps = {k: v for k, v in ALL_TRACEPOINTS.items() if k != "tcp:tcp_retransmit_synack"}
-    keep, notes = adapter.loadable(select([]), kernel(tracepoints=tps))
+    keep, notes = c_source.loadable(select([]), kernel(tracepoints=tps))
     assert "retransmits" not in [p.name for p in keep]
     assert notes == {"retransmits": "not loaded: this kernel has no tracepoint "
                                     "tcp:tcp_retransmit_synack"}
 
 
 def test_a_missing_tracepoint_beats_degraded() -> None:
-    keep, notes = adapter.loadable(select(["drops"]), no_offsets_kernel())
+    keep, notes = c_source.loadable(select(["drops"]), no_offsets_kernel())
     assert keep == []
     assert notes == {"drops": "not loaded: this kernel has no tracepoint skb:kfree_skb"}
 
 
 def test_several_missing_tracepoints_are_named() -> None:
     p = probe("t", tracepoints=("a:b", "c:d", "e:f"))
-    _, notes = adapter.loadable([p], kernel(tracepoints={"c:d": {"x"}}))
+    _, notes = c_source.loadable([p], kernel(tracepoints={"c:d": {"x"}}))
     assert notes == {"t": "not loaded: this kernel has no tracepoint a:b, e:f"}
 
 
@@ -180,7 +181,7 @@ def dispatcher_calls(source: str) -> list[str]:
 
 def test_compose_source_order_and_dispatcher(bpf_dir: Path) -> None:
     probes = [probe("a", tc_hook="a_tc"), probe("b"), probe("c", tc_hook="c_tc")]
-    source = adapter.compose_source(probes, bpf_dir)
+    source = c_source.compose_source(probes, bpf_dir)
     marks = ["/* PNM_H */", "/* KSTRUCT_H */", "/* A_C */", "/* B_C */", "/* C_C */",
              "pnm_tc_probes(", "/* TC_MAIN */"]
     positions = [source.index(m) for m in marks]
@@ -191,7 +192,7 @@ def test_compose_source_order_and_dispatcher(bpf_dir: Path) -> None:
 
 
 def test_compose_source_without_tc_hooks(bpf_dir: Path) -> None:
-    source = adapter.compose_source([probe("b")], bpf_dir)
+    source = c_source.compose_source([probe("b")], bpf_dir)
     assert dispatcher_calls(source) == []
     assert "/* A_C */" not in source
     assert "pnm_tc_probes(struct __sk_buff *skb," in source  # tc_main.c calls it regardless
@@ -199,18 +200,18 @@ def test_compose_source_without_tc_hooks(bpf_dir: Path) -> None:
 
 def test_compose_source_of_the_real_probes() -> None:
     probes = select(["tcpflags", "dns", "drops", "rtt"])
-    source = adapter.compose_source(probes)
+    source = c_source.compose_source(probes)
     for p in probes:
-        assert (adapter.BPF_DIR / p.c_file).read_text() in source
+        assert (c_source.BPF_DIR / p.c_file).read_text() in source
     for absent in ("packets.c", "handshake.c", "retransmits.c"):
         assert f'#line 1 "{absent}"' not in source
     assert dispatcher_calls(source) == ["tcpflags_tc", "dns_tc"]
-    assert (adapter.BPF_DIR / "pnm.h").read_text() in source
-    assert (adapter.BPF_DIR / "tc_main.c").read_text() in source
+    assert (c_source.BPF_DIR / "pnm.h").read_text() in source
+    assert (c_source.BPF_DIR / "tc_main.c").read_text() in source
 
 
 def test_compose_source_calls_every_tc_hook_of_the_registry() -> None:
-    source = adapter.compose_source(select([]))
+    source = c_source.compose_source(select([]))
     hooks = ["packets_tc", "peers_tc", "tcpflags_tc", "handshake_tc", "dns_tc", "dnsnames_tc",
              "trace_tc"]
     assert dispatcher_calls(source) == hooks
@@ -219,27 +220,27 @@ def test_compose_source_calls_every_tc_hook_of_the_registry() -> None:
 
 
 def test_each_probe_pins_its_maps_in_its_own_directory(bpf_dir: Path) -> None:
-    source = adapter.compose_source([probe("a"), probe("b")], bpf_dir,
+    source = c_source.compose_source([probe("a"), probe("b")], bpf_dir,
                                 pin_dirs={"a": Path("/pins/maps-a-1"), "b": Path("/pins/maps-b-2")})
     a_dir = source.index('#define PNM_PIN_DIR "/pins/maps-a-1"')
     b_dir = source.index('#define PNM_PIN_DIR "/pins/maps-b-2"')
     assert a_dir < source.index("/* A_C */") < b_dir < source.index("/* B_C */")
-    assert "PNM_PIN_DIR" not in adapter.compose_source([probe("a")], bpf_dir)
+    assert "PNM_PIN_DIR" not in c_source.compose_source([probe("a")], bpf_dir)
 
 
 def test_a_probes_change_moves_its_layout_only_and_the_cores_moves_every_one(
         tmp_path: Path) -> None:
     import shutil
 
-    shutil.copytree(adapter.BPF_DIR, tmp_path / "bpf")
-    before = adapter.maps_layout_versions(64, tmp_path / "bpf")
+    shutil.copytree(c_source.BPF_DIR, tmp_path / "bpf")
+    before = c_source.maps_layout_versions(64, tmp_path / "bpf")
     assert before["core"].startswith("core-") and before["dns"].startswith("dns-")
     assert "trace" not in before  # it pins no map
     dns = tmp_path / "bpf" / "dns.c"
     dns.write_text(dns.read_text() + "\n/* a comment changes nothing */\n")
-    assert adapter.maps_layout_versions(64, tmp_path / "bpf") == before
+    assert c_source.maps_layout_versions(64, tmp_path / "bpf") == before
     dns.write_text(dns.read_text() + "\n#define PNM_DNS_SOMETHING_NEW 1\n")
-    changed = adapter.maps_layout_versions(64, tmp_path / "bpf")
+    changed = c_source.maps_layout_versions(64, tmp_path / "bpf")
     assert [o for o in before if changed[o] != before[o]] == ["dns"]
-    resized = adapter.maps_layout_versions(128, tmp_path / "bpf")
+    resized = c_source.maps_layout_versions(128, tmp_path / "bpf")
     assert all(resized[o] != changed[o] for o in before)  # the core's sizes: all of them

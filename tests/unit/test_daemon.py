@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from monitor import daemon
-from monitor.kernel import adapter
+from monitor.kernel import source
 from monitor.metadata.kubernetes import KubernetesSource
 from monitor.metadata.static import NoMetadata, StaticInventory
 from monitor.probes import select
@@ -30,7 +30,7 @@ def test_probe_states() -> None:
 
 def test_probe_states_from_loadable() -> None:
     wanted = select([])
-    _, notes = adapter.loadable(wanted, no_offsets_kernel(tracepoints=ALL_TRACEPOINTS))
+    _, notes = source.loadable(wanted, no_offsets_kernel(tracepoints=ALL_TRACEPOINTS))
     assert daemon.probe_states(wanted, notes) == {
         "packets": "loaded", "peers": "loaded", "tcpflags": "loaded", "handshake": "loaded",
         "dns": "loaded", "dnsnames": "loaded",

@@ -34,10 +34,10 @@ def test_wheel_ships_every_bpf_source(tmp_path: Path) -> None:
 
 
 def test_bpf_dir_from_the_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from monitor.kernel import adapter
+    from monitor.kernel import source
 
     (tmp_path / "pnm.h").write_text("/* */")
     monkeypatch.setenv("PODNETMON_BPF_DIR", str(tmp_path))
-    assert adapter.find_bpf_dir() == tmp_path
+    assert source.find_bpf_dir() == tmp_path
     monkeypatch.setenv("PODNETMON_BPF_DIR", str(tmp_path / "nowhere"))
-    assert adapter.find_bpf_dir() == ROOT / "bpf"  # the checkout's, next in line
+    assert source.find_bpf_dir() == ROOT / "bpf"  # the checkout's, next in line
