@@ -1,4 +1,6 @@
-"""A small rtnetlink client: link dumps, one link, a netns's nsid, link events.
+"""A small rtnetlink client: link dumps, one link, a netns's nsid, link events, and the
+few tc requests the attacher makes (a clsact qdisc; cls_bpf filters added, replaced,
+dumped and deleted).
 
 Pure standard library over a raw ``AF_NETLINK``/``NETLINK_ROUTE`` socket. It packs
 only the requests we send and reads only the attributes we need, straight out of one
@@ -24,6 +26,16 @@ With half of that (508 links, 503 such veths: the 500 pods of a busy node)::
 
     links() 9.1 ms, links("veth") 8.8 ms, 500 netnsid() 5.0 ms
     pyroute2: get_links() 126 ms, 500 get_netnsid() 84 ms
+
+The tc requests, on 200 veths with a clsact each, a cls_bpf filter on ingress (20
+interleaved rounds, as above; CPU within 0.1 ms of wall)::
+
+    200 replace_bpf_filter()    3.4 ms wall [4.2]   (17 us each, the kernel's swap included)
+    200 filters() dumps         5.3 ms [6.8]        (each finding one filter)
+    200 delete_filter()         2.5 ms [3.3]
+    pyroute2 0.9.7, same calls: tc("replace-filter", "bpf", ...) 96 ms [111],
+                                get_filters(index=, parent=) 79 ms [89],
+                                tc("del-filter", "bpf", ...) 82 ms [93]
 
 Our Python costs about 6-7 us a link (one pass over its ~42 attributes, read through
 a memoryview cast rather than struct calls) and 3.5 us a netnsid(). The rest is the
@@ -52,10 +64,14 @@ NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_REQUEST = 0x01
 NLM_F_MULTI = 0x02
+NLM_F_ACK = 0x04
 NLM_F_DUMP_INTR = 0x10
 NLM_F_ROOT = 0x100
 NLM_F_MATCH = 0x200
 NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
+NLM_F_REPLACE = 0x100     # in a NEW request: replace what is there
+NLM_F_EXCL = 0x200        # in a NEW request: fail with EEXIST if it is there
+NLM_F_CREATE = 0x400      # in a NEW request: create it if it is not there
 NLM_F_CAPPED = 0x100      # in an NLMSG_ERROR: the request was not echoed back
 NLM_F_ACK_TLVS = 0x200    # in an NLMSG_ERROR: extended-ack attributes follow
 NLA_F_NESTED = 1 << 15
@@ -76,7 +92,9 @@ RTM_NEWNSID = 88
 RTM_GETNSID = 90
 RTMGRP_LINK = 1
 RTMGRP_TC = 8  # 1 << (RTNLGRP_TC - 1): qdiscs and filters added and removed
-RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER, RTM_DELTFILTER = 36, 37, 44, 45
+RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 36, 37, 44, 45, 46
+TCA_KIND = 1
+TCA_OPTIONS = 2
 _TC_TYPES = frozenset((RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER, RTM_DELTFILTER))
 
 # <linux/if_link.h>
@@ -88,6 +106,25 @@ IFLA_STATS64 = 23
 IFLA_TARGET_NETNSID = 46
 IFLA_LINK_NETNSID = 37
 IFLA_INFO_KIND = 1
+
+# <linux/pkt_sched.h>
+TC_H_CLSACT = 0xFFFFFFF1         # = TC_H_INGRESS: clsact's parent (the device's ingress slot)
+TC_H_CLSACT_HANDLE = 0xFFFF0000  # TC_H_MAKE(TC_H_CLSACT, 0): clsact's own handle, ffff:
+TC_H_MIN_INGRESS = 0xFFF2
+TC_H_MIN_EGRESS = 0xFFF3
+TC_PARENT_INGRESS = 0xFFFF0000 | TC_H_MIN_INGRESS  # ffff:fff2, clsact's ingress hook
+TC_PARENT_EGRESS = 0xFFFF0000 | TC_H_MIN_EGRESS    # ffff:fff3, its egress hook
+
+# <linux/pkt_cls.h>
+TCA_BPF_CLASSID = 3
+TCA_BPF_FD = 6
+TCA_BPF_NAME = 7
+TCA_BPF_FLAGS = 8
+TCA_BPF_ID = 11                  # in a dump: the program's id (kernel 4.13)
+TCA_BPF_FLAG_ACT_DIRECT = 1      # "direct-action": the program's return code is the verdict
+
+# <linux/if_ether.h>
+ETH_P_ALL = 0x0003               # goes into tcm_info in network order, as tc and pyroute2 send it
 
 # <linux/if_addr.h>
 IFA_ADDRESS = 1
@@ -104,6 +141,7 @@ _NLATTR = struct.Struct("=HH")        # len, type
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, pad, type, index, flags, change
 _RTGENMSG = struct.Struct("=Bxxx")    # family, padded to NLMSG_ALIGNTO
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+_TCMSG = struct.Struct("=BxxxiIII")   # family, 3 pad, ifindex, handle, parent, info (prio << 16 | protocol)
 _U32 = struct.Struct("=I")
 _S32 = struct.Struct("=i")
 _STATS4 = struct.Struct("=4Q")        # rtnl_link_stats64: rx/tx packets, rx/tx bytes come first
@@ -111,6 +149,7 @@ _TX_DROPPED = struct.Struct("=Q")      # ... then rx/tx errors, rx_dropped, tx_d
 _TX_DROPPED_AT = 7 * 8
 _HDRLEN = _NLMSGHDR.size
 _S32_MAX = 2**31 - 1
+_U32_MAX = 2**32 - 1
 
 # The kernel sends dump parts of at most 32 KiB (it caps the size it learns from our
 # recv calls), so this fits every part; a bigger single reply grows it (see _recv).
@@ -145,6 +184,20 @@ class Link:
     # handed to the device but not sent: a veth's peer could not take them (its CPU's
     # backlog full), which the veth counts here and not in tx_packets
     tx_dropped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TcFilter:
+    """One classifier on a tc hook, as a filter dump gives it."""
+
+    kind: str              # TCA_KIND: "bpf", "u32", "matchall", ...
+    parent: int            # tcm_parent: TC_PARENT_INGRESS or TC_PARENT_EGRESS on clsact
+    prio: int              # tc's "pref": the upper half of tcm_info
+    handle: int            # tcm_handle
+    protocol: int          # the lower half of tcm_info, in host order (ETH_P_ALL is 3)
+    name: str = ""         # TCA_BPF_NAME; "" if absent or not a bpf filter
+    prog_id: int = 0       # TCA_BPF_ID; 0 if absent or not a bpf filter
+    direct_action: bool = False  # TCA_BPF_FLAGS has TCA_BPF_FLAG_ACT_DIRECT
 
 
 @dataclass(frozen=True)
@@ -211,18 +264,34 @@ def _cstr(buf: bytearray, start: int, end: int) -> str:
     return _cbytes(buf, start, end).decode("utf-8", "surrogateescape")
 
 
-def _find(buf: bytearray, start: int, end: int, want: int, what: str) -> tuple[int, int]:
-    """(payload start, payload end) of the attribute `want` among [start, end), or (0, 0)."""
-    found = (0, 0)
+def _spans(buf: bytearray, start: int, end: int, what: str) -> dict[int, tuple[int, int]]:
+    """(payload start, payload end) of each attribute among [start, end), by type without
+    the flag bits; the last one of a type wins."""
+    found = {}
     a = start
     while a < end:
         alen, atype = _NLATTR.unpack_from(buf, a) if end - a >= 4 else (0, 0)
         if alen < 4 or alen > end - a:
-            raise _malformed(what, f"nested attribute length {alen}, {end - a} bytes left in its parent")
-        if atype & NLA_TYPE_MASK == want:
-            found = (a + 4, a + alen)
+            raise _malformed(what, f"attribute length {alen}, {end - a} bytes left in its message or parent")
+        found[atype & NLA_TYPE_MASK] = (a + 4, a + alen)
         a += _align(alen)
     return found
+
+
+def _find(buf: bytearray, start: int, end: int, want: int, what: str) -> tuple[int, int]:
+    """(payload start, payload end) of the attribute `want` among [start, end), or (0, 0)."""
+    return _spans(buf, start, end, what).get(want, (0, 0))
+
+
+def _u32_in(buf: bytearray, spans: dict[int, tuple[int, int]], atype: int, what: str) -> int:
+    """A u32 attribute's value out of _spans' answer; 0 if it is absent."""
+    at, at_end = spans.get(atype, (0, 0))
+    if not at:
+        return 0
+    if at_end - at < 4:
+        raise _malformed(what, f"attribute {atype} is shorter than 4 bytes")
+    value: int = _U32.unpack_from(buf, at)[0]
+    return value
 
 
 def _parse_link(buf: bytearray, w: memoryview, off: int, end: int, *, want_kind: bytes | None,
@@ -304,6 +373,59 @@ def _parse_nsid(buf: bytearray, off: int, end: int, what: str) -> int | None:
         raise _malformed(what, "no NETNSA_NSID")
     nsid: int = _S32.unpack_from(buf, at)[0]
     return None if nsid == NETNSA_NSID_NOT_ASSIGNED else nsid
+
+
+def _parse_filter(buf: bytearray, off: int, end: int, what: str) -> TcFilter | None:
+    """One RTM_NEWTFILTER payload of a dump; None for a classifier's own entry.
+
+    The kernel starts each classifier instance (one per chain and prio) of a dump with
+    an entry for the instance itself: handle 0, TCA_KIND and TCA_CHAIN, no TCA_OPTIONS
+    (tcf_chain_dump); `tc filter show` prints it as the line without a handle,
+    "filter protocol all pref 1 bpf chain 0". Those are skipped: no classifier gives
+    one of its filters handle 0 (cls_bpf picks a free one when asked for 0).
+    """
+    if end - off < _TCMSG.size:
+        raise _malformed(what, "short tcmsg")
+    _family, _ifindex, handle, parent, info = _TCMSG.unpack_from(buf, off)
+    if not handle:
+        return None
+    attrs = _spans(buf, off + _TCMSG.size, end, what)
+    kind_at, kind_end = attrs.get(TCA_KIND, (0, 0))
+    if not kind_at:
+        raise _malformed(what, f"filter {handle:#x} has no TCA_KIND")
+    kind = _cstr(buf, kind_at, kind_end)
+    name, prog_id, flags = "", 0, 0
+    opt_at, opt_end = attrs.get(TCA_OPTIONS, (0, 0))
+    if kind == "bpf" and opt_at:
+        bpf = _spans(buf, opt_at, opt_end, what)
+        name_at, name_end = bpf.get(TCA_BPF_NAME, (0, 0))
+        name = _cstr(buf, name_at, name_end) if name_at else ""
+        prog_id = _u32_in(buf, bpf, TCA_BPF_ID, what)
+        flags = _u32_in(buf, bpf, TCA_BPF_FLAGS, what)
+    return TcFilter(kind=kind, parent=parent, prio=info >> 16, handle=handle,
+                    protocol=socket.ntohs(info & 0xFFFF), name=name, prog_id=prog_id,
+                    direct_action=bool(flags & TCA_BPF_FLAG_ACT_DIRECT))
+
+
+def _tc_id(handle: int) -> str:
+    """A tc handle or parent as tc writes it: ffff:fff2."""
+    return f"{handle >> 16:x}:{handle & 0xFFFF:x}"
+
+
+def _tcmsg(what: str, ifindex: int, *, handle: int, parent: int, prio: int | None) -> bytes:
+    """A struct tcmsg; with `prio`, a filter's (tcm_info: prio and ETH_P_ALL). Numbers out
+    of range fail here, as the kernel would, rather than in struct or on a wrong filter
+    (prio 0 asks the kernel to pick one; with no handle it deletes a whole chain)."""
+    if not 0 < ifindex <= _S32_MAX:
+        raise RtnlError(errno.ENODEV, f"{what}: no such device")
+    if not (0 <= handle <= _U32_MAX and 0 <= parent <= _U32_MAX):
+        raise RtnlError(errno.EINVAL, f"{what}: handle or parent out of range")
+    info = 0
+    if prio is not None:
+        if not 0 < prio <= 0xFFFF:
+            raise RtnlError(errno.EINVAL, f"{what}: prio out of range (1-65535)")
+        info = prio << 16 | socket.htons(ETH_P_ALL)
+    return _TCMSG.pack(socket.AF_UNSPEC, ifindex, handle, parent, info)
 
 
 def _ext_ack(buf: bytearray, off: int, end: int, flags: int) -> str:
@@ -465,7 +587,87 @@ class Rtnl:
         return self._call(what, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, body,
                           reply_type=RTM_NEWADDR, parse=parse)
 
+    # -- tc ------------------------------------------------------------------------------
+    #
+    # Each change asks for an ACK (NLM_F_ACK), so that success is an answer too, and is
+    # sent once: never again after an error, which is the caller's to judge.
+
+    def add_clsact(self, ifindex: int) -> None:
+        """Adds a clsact qdisc to a device. One already there (the CNI's, or ours from
+        before) fails with errno EEXIST, as does an ingress qdisc (same slot)."""
+        what = f"RTM_NEWQDISC clsact ifindex {ifindex}"
+        body = _tcmsg(what, ifindex, handle=TC_H_CLSACT_HANDLE, parent=TC_H_CLSACT, prio=None)
+        self._change(what, RTM_NEWQDISC, NLM_F_CREATE | NLM_F_EXCL,
+                     body + _attr(TCA_KIND, b"clsact\0"))
+
+    def add_bpf_filter(self, ifindex: int, *, parent: int, prio: int, handle: int, fd: int,
+                       name: str, direct_action: bool = True, classid: int = 1) -> None:
+        """Adds a cls_bpf filter running program `fd`; EEXIST if this prio and handle
+        hold one (of any kind) already."""
+        self._bpf_filter("add", NLM_F_CREATE | NLM_F_EXCL, ifindex, parent=parent, prio=prio,
+                         handle=handle, fd=fd, name=name, direct_action=direct_action, classid=classid)
+
+    def replace_bpf_filter(self, ifindex: int, *, parent: int, prio: int, handle: int, fd: int,
+                           name: str, direct_action: bool = True, classid: int = 1) -> None:
+        """Puts a cls_bpf filter running program `fd` at this prio and handle: a new one,
+        or the one there swapped in place (atomically: no packet sees neither program).
+        A filter of another kind there fails (EINVAL)."""
+        self._bpf_filter("replace", NLM_F_CREATE | NLM_F_REPLACE, ifindex, parent=parent, prio=prio,
+                         handle=handle, fd=fd, name=name, direct_action=direct_action, classid=classid)
+
+    def _bpf_filter(self, op: str, flags: int, ifindex: int, *, parent: int, prio: int, handle: int,
+                    fd: int, name: str, direct_action: bool, classid: int) -> None:
+        # Byte for byte what pyroute2 0.9's tc("replace-filter"/"add-filter", "bpf", ...)
+        # sends, attributes in its order: TCA_KIND "bpf", then TCA_OPTIONS (not marked
+        # nested) { CLASSID, FD, NAME, FLAGS }, FLAGS always there.
+        what = (f"RTM_NEWTFILTER {op} bpf {name!r} ifindex {ifindex} parent {_tc_id(parent)} "
+                f"prio {prio} handle {handle:#x}")
+        body = _tcmsg(what, ifindex, handle=handle, parent=parent, prio=prio)
+        if not 0 <= fd <= _S32_MAX:
+            raise RtnlError(errno.EBADF, f"{what}: not a file descriptor")
+        if not 0 <= classid <= _U32_MAX:
+            raise RtnlError(errno.EINVAL, f"{what}: classid out of range")
+        options = (_attr(TCA_BPF_CLASSID, _U32.pack(classid)) + _attr(TCA_BPF_FD, _U32.pack(fd))
+                   + _attr(TCA_BPF_NAME, name.encode("utf-8", "surrogateescape") + b"\0")
+                   + _attr(TCA_BPF_FLAGS, _U32.pack(TCA_BPF_FLAG_ACT_DIRECT if direct_action else 0)))
+        self._change(what, RTM_NEWTFILTER, flags,
+                     body + _attr(TCA_KIND, b"bpf\0") + _attr(TCA_OPTIONS, options))
+
+    def delete_filter(self, ifindex: int, *, parent: int, prio: int, handle: int | None = None,
+                      kind: str | None = "bpf") -> None:
+        """Deletes the filter at this prio and handle, or with no handle every filter at
+        this prio. The kernel says ENOENT if there is none, EINVAL if the prio holds
+        another kind (or protocol: ours is ETH_P_ALL), ENODEV without the device;
+        `kind` None sends no kind and deletes whatever kind is there."""
+        what = (f"RTM_DELTFILTER {kind or ''} ifindex {ifindex} parent {_tc_id(parent)} prio {prio}"
+                + (f" handle {handle:#x}" if handle is not None else ""))
+        body = _tcmsg(what, ifindex, handle=handle or 0, parent=parent, prio=prio)
+        if kind is not None:
+            body += _attr(TCA_KIND, kind.encode("utf-8", "surrogateescape") + b"\0")
+        self._change(what, RTM_DELTFILTER, 0, body)
+
+    def filters(self, ifindex: int, parent: int) -> list[TcFilter]:
+        """The filters on one hook of a device (RTM_GETTFILTER dump), in the kernel's
+        order (by chain, then prio). Empty if the device has no such hook, or no device
+        by that index: the kernel answers those dumps with nothing, not an error."""
+        what = f"RTM_GETTFILTER dump ifindex {ifindex} parent {_tc_id(parent)}"
+        body = _tcmsg(what, ifindex, handle=0, parent=parent, prio=None)
+
+        def parse(off: int, end: int) -> TcFilter | None:
+            return _parse_filter(self._buf, off, end, what)
+
+        return self._call(what, RTM_GETTFILTER, NLM_F_REQUEST | NLM_F_DUMP, body,
+                          reply_type=RTM_NEWTFILTER, parse=parse)
+
     # -- the exchange ------------------------------------------------------------------
+
+    def _change(self, what: str, msg_type: int, flags: int, body: bytes) -> None:
+        """Sends one change with NLM_F_ACK and waits for the ACK; a kernel error raises."""
+        try:
+            for _ in self._exchange(what, msg_type, NLM_F_REQUEST | NLM_F_ACK | flags, body):
+                pass  # a change gets only its ACK back (we never ask for NLM_F_ECHO)
+        except _RetryError as exc:
+            raise RtnlError(errno.EMSGSIZE, f"{what}: {exc}") from None
 
     def _call(self, what: str, msg_type: int, flags: int, body: bytes, *, reply_type: int,
               parse: Callable[[int, int], T | None]) -> list[T]:
