@@ -10,15 +10,28 @@ The ring parser (`Ring`, `parse_records`) works on any writable buffer laid out
 like a perf mmap (one metadata page, then the data area), so it is tested
 without a kernel.
 
-Memory ordering: the kernel writes a record, then (release) data_head; we read
-data_head, then the records, then store data_tail. The reader below relies on
-x86-64's TSO (the syscall numbers are per architecture, arch.py), which gives exactly
-what the perf ABI asks for with plain accesses: a load is never reordered with
-an older load (records are read after head), and a store is never reordered
-with an older load (the tail store cannot pass the record reads). Python has
-no compiler barrier to offer; the loads and stores happen inside separate C
-calls (ctypes field access, mmap slicing) that the compiler cannot move across
-each other. On a weakly ordered architecture this would need real fences.
+Memory ordering: the kernel writes a record, then (release) data_head; a reader must
+load data_head with acquire semantics (smp_rmb after it), read the records, and store
+data_tail with release semantics (smp_mb before it), or the kernel may overwrite
+records still being read. Two readers do that here:
+
+- "python" (`Ring`): plain loads and stores, correct on x86-64 only, whose TSO gives
+  exactly that order: a load is never reordered with an older load (records are read
+  after head), and a store is never reordered with an older load (the tail store
+  cannot pass the record reads). Python has no compiler barrier to offer; the loads
+  and stores happen inside separate C calls (ctypes field access, mmap slicing) that
+  the compiler cannot move across each other. On arm64 the CPU may do both
+  reorderings, and CPython offers no fence; nor does a call into C give one unless
+  the callee issues a barrier instruction (libc exports none; libatomic's
+  __atomic_load_8 would, but libatomic1 is no dependency of bcc's packages).
+- "libbpf": libbpf's perf_buffer (libbpf.so.1, a dependency of Debian's libbpfcc),
+  whose reader reads head by smp_load_acquire and writes tail by smp_store_release;
+  libbpf's own include/linux/compiler.h spells both, off x86-64, as a full barrier
+  (__sync_synchronize: `dmb ish` on arm64) after the head load and before the tail
+  store, stronger than the ABI asks. It calls back once per record.
+
+PerfReader takes ours on x86-64, where it measured faster (bench/RESULTS.md, issue 16;
+bench/ring_cost.py), and libbpf's on every other architecture; both are tested here.
 Each access to data_head/data_tail must also be a single 8-byte load or store:
 see Ring.__init__.
 """
@@ -28,6 +41,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import mmap
 import os
 import select
@@ -209,6 +223,120 @@ class Ring:
         return parse_records(self.read(), on_event, on_lost)
 
 
+# libbpf's perf_buffer (libbpf.so.1, >= 0.6 for perf_buffer__new_raw's signature; bcc's
+# Debian package depends on libbpf1): the same rings, read in C with the barriers the
+# perf ABI asks for on every architecture (smp_load_acquire of data_head,
+# smp_store_release of data_tail), each record handed to a Python callback.
+_LIBBPF_PERF_EVENT_ERROR, _LIBBPF_PERF_EVENT_CONT = -1, -2
+_EVENT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+
+
+class _PerfBufferRawOpts(ctypes.Structure):
+    """struct perf_buffer_raw_opts (libbpf >= 1.0): sz, two zero-width `long :0`, cpu_cnt,
+    cpus, map_keys; 32 bytes on LP64."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("cpu_cnt", ctypes.c_int),
+                ("cpus", ctypes.POINTER(ctypes.c_int)), ("map_keys", ctypes.POINTER(ctypes.c_int))]
+
+
+@functools.cache
+def libbpf() -> ctypes.CDLL:
+    """libbpf.so.1 with the perf_buffer functions typed; PerfError if it is not installed."""
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError as exc:
+        raise PerfError(errno.ENOENT, f"libbpf ({name}) cannot be loaded: {exc}") from None
+    lib.perf_buffer__new_raw.restype = ctypes.c_void_p
+    lib.perf_buffer__new_raw.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p,
+                                         _EVENT_FN, ctypes.c_void_p,
+                                         ctypes.POINTER(_PerfBufferRawOpts)]
+    lib.perf_buffer__free.restype = None
+    lib.perf_buffer__free.argtypes = [ctypes.c_void_p]
+    lib.perf_buffer__epoll_fd.restype = ctypes.c_int
+    lib.perf_buffer__epoll_fd.argtypes = [ctypes.c_void_p]
+    lib.perf_buffer__consume.restype = ctypes.c_int
+    lib.perf_buffer__consume.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+class _LibbpfRings:
+    """One PERF_EVENT_ARRAY's rings opened and read by libbpf's perf_buffer__new_raw.
+
+    libbpf opens the perf events with our attr on the CPUs given, mmaps them, stores
+    their fds under the same keys, reads each ring with the perf ABI's barriers and
+    calls back once per record (a record that wraps past the end of the ring comes
+    joined, in libbpf's own buffer); perf_buffer__free deletes the map entries again.
+    """
+
+    def __init__(self, map_fd: int, cpus: list[int], *, pages: int,
+                 attr: ctypes.Array[ctypes.c_char], on_event: EventCallback,
+                 on_lost: LostCallback) -> None:
+        self._lib = libbpf()
+        self._on_event, self._on_lost = on_event, on_lost
+        self.delivered = 0
+        self._error: BaseException | None = None
+        self._callback = _EVENT_FN(self._record)  # kept alive as long as libbpf may call it
+        self._attr = attr
+        keys = (ctypes.c_int * len(cpus))(*cpus)
+        self._cpus = keys
+        opts = _PerfBufferRawOpts(ctypes.sizeof(_PerfBufferRawOpts), len(cpus), keys, keys)
+        pb = self._lib.perf_buffer__new_raw(map_fd, pages, ctypes.addressof(attr),
+                                            self._callback, None, ctypes.byref(opts))
+        if not pb:
+            err = ctypes.get_errno() or errno.EINVAL
+            raise PerfError(err, f"libbpf perf_buffer__new_raw on map fd {map_fd} ({pages} "
+                            f"pages a CPU): {os.strerror(err)}")
+        self._pb: int | None = pb
+
+    def _record(self, _ctx: int | None, _cpu: int, header: int) -> int:
+        try:
+            size = ctypes.c_uint16.from_address(header + 6).value  # perf_event_header.size
+            data = ctypes.string_at(header, size)
+            if size >= _SAMPLE.size:  # the common case inline: a sample, one unpack
+                rtype, _misc, _size, raw = _SAMPLE.unpack_from(data)
+                if rtype == PERF_RECORD_SAMPLE and raw <= size - _SAMPLE.size:
+                    self._on_event(data[_SAMPLE.size:_SAMPLE.size + raw])
+                    self.delivered += 1
+                    return _LIBBPF_PERF_EVENT_CONT
+            self.delivered += parse_records(data, self._on_event, self._on_lost)
+        except BaseException as exc:  # noqa: BLE001 - carried across C, raised in consume()
+            self._error = exc
+            return _LIBBPF_PERF_EVENT_ERROR  # libbpf stops this ring; the record is consumed
+        return _LIBBPF_PERF_EVENT_CONT
+
+    def fileno(self) -> int:
+        if self._pb is None:
+            raise ValueError("the perf reader is closed")
+        return int(self._lib.perf_buffer__epoll_fd(self._pb))
+
+    def consume(self) -> int:
+        """Every ring read to its head; returns samples delivered."""
+        if self._pb is None:
+            raise ValueError("the perf reader is closed")
+        self.delivered, self._error = 0, None
+        ret = self._lib.perf_buffer__consume(self._pb)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if ret < 0:
+            raise PerfError(-ret, f"libbpf perf_buffer__consume: {os.strerror(-ret)}")
+        return self.delivered
+
+    def close(self) -> None:
+        if self._pb is not None:
+            self._lib.perf_buffer__free(self._pb)
+            self._pb = None
+
+
+READERS = ("python", "libbpf")
+
+
+def default_reader() -> str:
+    """Ours on x86-64, libbpf's on every other architecture (see the module's docstring)."""
+    return "python" if arch.machine() == "x86_64" else "libbpf"
+
+
 class PerfReader:
     """The per-CPU rings of one BPF_PERF_OUTPUT map, read from Python.
 
@@ -216,38 +344,62 @@ class PerfReader:
     gets each sample's bytes, on_lost each count of samples the kernel dropped
     because a ring was full. The kernel reports a loss in the ring itself, so
     it arrives once that ring has room again and the next sample is written.
-    If a callback raises, the exception propagates and the rest of the records
-    already taken from that CPU's ring are dropped.
+    If a callback raises, the exception propagates; the python reader drops the rest
+    of the records already taken from that CPU's ring, libbpf's leaves them there for
+    the next drain.
 
     The reader holds its own reference to the map (a dup of map_fd): the map
     entries it sets stay valid until close(), even if the caller closes map_fd.
+
+    `reader` picks who reads the rings: "python" (Ring, below: plain loads and stores,
+    correct on x86-64's TSO only) or "libbpf" (perf_buffer, with the barriers every
+    architecture needs); the default is default_reader(): ours on x86-64, where it
+    measured faster (bench/RESULTS.md, issue 16), libbpf's everywhere else.
     """
 
     def __init__(self, map_fd: int, *, pages: int, on_event: EventCallback,
-                 on_lost: LostCallback, wakeup_events: int = 32) -> None:
+                 on_lost: LostCallback, wakeup_events: int = 32,
+                 reader: str | None = None) -> None:
         if pages < 1 or pages & (pages - 1):
             raise ValueError(f"pages must be a power of two, not {pages}")
         if wakeup_events < 1:
             raise ValueError(f"wakeup_events must be at least 1, not {wakeup_events}")
+        reader = default_reader() if reader is None else reader
+        if reader not in READERS:
+            raise ValueError(f"reader must be one of {', '.join(READERS)}, not {reader!r}")
+        if reader == "python" and arch.machine() != "x86_64":
+            raise ValueError(f"the python ring reader relies on x86-64's memory ordering; "
+                             f"this machine is {arch.machine()}: use reader='libbpf'")
+        self.reader = reader
         self._on_event, self._on_lost = on_event, on_lost
         self._map_fd = -1
         self._fds: list[int] = []
         self._maps: list[mmap.mmap] = []
         self._rings: list[Ring] = []
         self._keys: list[int] = []
-        epoll = select.epoll()
-        self._epoll: select.epoll | None = epoll
+        self._libbpf: _LibbpfRings | None = None
+        self._waiter: select.poll | None = None
+        self._epoll: select.epoll | None = None
         try:
             self._map_fd = os.dup(map_fd)  # non-inheritable, like every fd Python makes
-            self._open(epoll, pages, wakeup_events)
+            attr = perf_attr(PERF_TYPE_SOFTWARE, PERF_COUNT_SW_BPF_OUTPUT, sample_period=1,
+                             sample_type=PERF_SAMPLE_RAW, wakeup_events=wakeup_events,
+                             disabled=True)
+            if reader == "libbpf":
+                cpus = online_cpus()
+                self._libbpf = _LibbpfRings(self._map_fd, cpus, pages=pages, attr=attr,
+                                            on_event=on_event, on_lost=on_lost)
+                self._keys = cpus
+                self._waiter = select.poll()
+                self._waiter.register(self._libbpf.fileno(), select.POLLIN)
+            else:
+                self._epoll = select.epoll()
+                self._open(self._epoll, pages, attr)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, epoll: select.epoll, pages: int, wakeup_events: int) -> None:
-        attr = perf_attr(PERF_TYPE_SOFTWARE, PERF_COUNT_SW_BPF_OUTPUT, sample_period=1,
-                         sample_type=PERF_SAMPLE_RAW, wakeup_events=wakeup_events,
-                         disabled=True)
+    def _open(self, epoll: select.epoll, pages: int, attr: ctypes.Array[ctypes.c_char]) -> None:
         length = (1 + pages) * mmap.PAGESIZE
         for cpu in online_cpus():
             fd = perf_event_open(attr, -1, cpu, -1, PERF_FLAG_FD_CLOEXEC)
@@ -279,12 +431,17 @@ class PerfReader:
         an outer epoll) consumes it, so call drain() then, not poll(timeout),
         which would wait for the next wake-up.
         """
+        if self._libbpf is not None:
+            return self._libbpf.fileno()
         if self._epoll is None:
             raise ValueError("the perf reader is closed")
         return self._epoll.fileno()
 
     def poll(self, timeout_ms: int) -> int:
         """Wait up to timeout_ms (negative: forever) for a wake-up, then drain every ring."""
+        if self._waiter is not None:
+            self._waiter.poll(timeout_ms if timeout_ms >= 0 else None)
+            return self.drain()
         if self._epoll is None:
             raise ValueError("the perf reader is closed")
         self._epoll.poll(timeout_ms / 1000 if timeout_ms >= 0 else -1)
@@ -292,6 +449,8 @@ class PerfReader:
 
     def drain(self) -> int:
         """Deliver whatever the rings hold now, without waiting; returns samples delivered."""
+        if self._libbpf is not None:
+            return self._libbpf.consume()
         delivered = 0
         for ring in self._rings:
             delivered += ring.drain(self._on_event, self._on_lost)
@@ -304,6 +463,10 @@ class PerfReader:
 
     def close(self) -> None:
         """Take our fds out of the map, unmap the rings, close everything. Idempotent."""
+        if self._libbpf is not None:
+            self._libbpf.close()  # deletes its map entries, unmaps, closes its fds
+            self._libbpf = None
+        self._waiter = None
         for cpu in self._keys:
             try:
                 syscalls.map_delete(self._map_fd, struct.pack("<I", cpu))

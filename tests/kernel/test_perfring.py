@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from monitor.kernel import syscalls, tracepoints
-from monitor.kernel.perfring import PerfReader
+from monitor.kernel.perfring import READERS, PerfReader
 
 pytestmark = [pytest.mark.kernel,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root and the real kernel")]
@@ -153,11 +153,18 @@ def pin_dir() -> Iterator[Path]:
         PIN_DIR.rmdir()
 
 
-def test_every_event_arrives_once_with_its_payload(loaded: Loaded) -> None:
+@pytest.fixture(params=READERS)
+def reader_name(request: pytest.FixtureRequest) -> str:
+    """Each test of PerfReader runs with both readers: ours and libbpf's perf_buffer."""
+    return str(request.param)
+
+
+def test_every_event_arrives_once_with_its_payload(loaded: Loaded, reader_name: str) -> None:
     got = Collector()
     fds_before = set(os.listdir("/proc/self/fd"))
     reader = PerfReader(loaded.events_fd, pages=16, on_event=got.raw.append,
-                        on_lost=got.lost.append)
+                        on_lost=got.lost.append, reader=reader_name)
+    assert reader.reader == reader_name
     try:
         n = 5000
         delivered = 0
@@ -180,10 +187,11 @@ def test_every_event_arrives_once_with_its_payload(loaded: Loaded) -> None:
     assert set(os.listdir("/proc/self/fd")) == fds_before
 
 
-def test_wakeups_and_timeouts(loaded: Loaded) -> None:
+def test_wakeups_and_timeouts(loaded: Loaded, reader_name: str) -> None:
     got = Collector()
     with PerfReader(loaded.events_fd, pages=4, on_event=got.raw.append,
-                    on_lost=got.lost.append, wakeup_events=32) as reader, on_one_cpu(0):
+                    on_lost=got.lost.append, wakeup_events=32,
+                    reader=reader_name) as reader, on_one_cpu(0):
         ep = reader.fileno()
         assert select.select([ep], [], [], 0)[0] == []
         trigger(range(BASE, BASE + 5))  # fewer than wakeup_events: no wake-up...
@@ -204,12 +212,12 @@ def test_wakeups_and_timeouts(loaded: Loaded) -> None:
         assert got.args() == list(range(BASE, BASE + 69))  # one CPU: in order
 
 
-def test_a_full_ring_reports_what_it_lost(loaded: Loaded) -> None:
+def test_a_full_ring_reports_what_it_lost(loaded: Loaded, reader_name: str) -> None:
     got = Collector()
     n = 2000  # far more than a one-page ring holds
     cpu = os.sched_getaffinity(0).pop()
     with PerfReader(loaded.events_fd, pages=1, on_event=got.raw.append,
-                    on_lost=got.lost.append) as reader, on_one_cpu(cpu):
+                    on_lost=got.lost.append, reader=reader_name) as reader, on_one_cpu(cpu):
         trigger(range(BASE, BASE + n))  # a burst, nothing reading
         delivered = reader.drain()
         # 32-byte records; the kernel keeps one byte of the ring free: 127 fit, not 128
@@ -224,6 +232,49 @@ def test_a_full_ring_reports_what_it_lost(loaded: Loaded) -> None:
         args = got.args()
         assert args[:delivered] == list(range(BASE, BASE + delivered))  # the oldest are kept
         assert args[-1] == BASE + n
+
+
+def test_records_that_wrap_past_the_end_arrive_whole(loaded: Loaded, reader_name: str) -> None:
+    """After a 24-byte LOST record the 32-byte samples no longer divide the one-page ring:
+    every eighth wraps past its end, and must come out joined and in order."""
+    got = Collector()
+    cpu = os.sched_getaffinity(0).pop()
+    with PerfReader(loaded.events_fd, pages=1, on_event=got.raw.append,
+                    on_lost=got.lost.append, reader=reader_name) as reader, on_one_cpu(cpu):
+        trigger(range(BASE, BASE + 200))  # overflows: a LOST record at the next sample
+        first = reader.drain()
+        sent = 200
+        for _ in range(60):  # 60 x 50 samples of 32 bytes: ~47 passes of the 4 KiB ring
+            trigger(range(BASE + sent, BASE + sent + 50))
+            sent += 50
+            assert reader.drain() == 50
+        args = got.args()
+        assert first + sum(got.lost) == 200
+        assert args[first:] == list(range(BASE + 200, BASE + sent))
+        assert {len(r) for r in got.raw} == {RAW_SIZE}
+
+
+def test_a_callback_that_raises_stops_the_drain(loaded: Loaded, reader_name: str) -> None:
+    seen: list[int] = []
+
+    def on_event(raw: bytes) -> None:
+        seen.append(EVENT.unpack_from(raw)[0])
+        if len(seen) == 3:
+            raise RuntimeError("the third")
+
+    cpu = os.sched_getaffinity(0).pop()
+    with PerfReader(loaded.events_fd, pages=4, on_event=on_event, on_lost=print,
+                    reader=reader_name) as reader, on_one_cpu(cpu):
+        trigger(range(BASE, BASE + 10))
+        with pytest.raises(RuntimeError, match="the third"):
+            reader.drain()
+        assert seen == [BASE, BASE + 1, BASE + 2]
+        rest = reader.drain()
+        # ours had taken the whole ring's bytes and drops the rest; libbpf leaves them
+        if reader_name == "libbpf":
+            assert rest == 7 and seen == list(range(BASE, BASE + 10))
+        else:
+            assert rest == 0
 
 
 def test_attach_errors_name_the_tracepoint(loaded: Loaded) -> None:

@@ -7,8 +7,10 @@ has them, then a power-of-two data area the test writes records into.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
+import platform
 import struct
 from pathlib import Path
 
@@ -293,3 +295,62 @@ def test_a_ring_lets_go_of_its_mmap_when_closed() -> None:
     mm.close()  # ...until it is closed
     with pytest.raises(ValueError, match="closed"):
         ring.read()
+
+
+@pytest.mark.parametrize(("machine", "reader"), [("x86_64", "python"), ("amd64", "python"),
+                                                 ("aarch64", "libbpf"), ("arm64", "libbpf")])
+def test_the_default_reader_follows_the_machine(monkeypatch: pytest.MonkeyPatch, machine: str,
+                                                reader: str) -> None:
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    assert perfring.default_reader() == reader
+
+
+def test_our_reader_is_refused_where_plain_loads_are_not_ordered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    with pytest.raises(ValueError, match=r"aarch64.*libbpf"):
+        perfring.PerfReader(-1, pages=1, on_event=print, on_lost=print, reader="python")
+    with pytest.raises(ValueError, match="reader must be one of"):
+        perfring.PerfReader(-1, pages=1, on_event=print, on_lost=print, reader="mine")
+
+
+def test_libbpf_has_what_the_reader_calls() -> None:
+    lib = perfring.libbpf()
+    for name in ("perf_buffer__new_raw", "perf_buffer__consume", "perf_buffer__epoll_fd",
+                 "perf_buffer__free"):
+        assert hasattr(lib, name)
+    # struct perf_buffer_raw_opts of libbpf >= 1.0 on LP64: sz, (long :0 x2), cpu_cnt, cpus, map_keys
+    opts = perfring._PerfBufferRawOpts
+    assert ctypes.sizeof(opts) == 32
+    assert [getattr(opts, f).offset for f in ("sz", "cpu_cnt", "cpus", "map_keys")] == [0, 8, 16, 24]
+
+
+def _libbpf_rings(events: list[bytes], lost: list[int]) -> perfring._LibbpfRings:
+    """The callback half of _LibbpfRings, without a kernel behind it."""
+    rings = object.__new__(perfring._LibbpfRings)
+    rings._on_event, rings._on_lost = events.append, lost.append
+    rings.delivered, rings._error = 0, None
+    return rings
+
+
+def test_the_libbpf_callback_parses_each_record_it_is_handed() -> None:
+    events: list[bytes] = []
+    lost: list[int] = []
+    rings = _libbpf_rings(events, lost)
+    fake = FakeRing()
+    raw = fake.sample(b"payload!1234")
+    record = bytes(fake.buf[PAGE:PAGE + fake.head])
+    for rec in (record, lost_record(5), struct.pack("<IHHQ", 99, 0, 16, 0)):
+        buf = ctypes.create_string_buffer(rec, len(rec))
+        assert rings._record(None, 0, ctypes.addressof(buf)) == perfring._LIBBPF_PERF_EVENT_CONT
+    assert events == [raw] and lost == [5] and rings.delivered == 1
+
+
+def test_a_raising_callback_stops_libbpf_and_is_kept_for_drain() -> None:
+    rings = _libbpf_rings([], [])
+    rings._on_event = lambda _raw: (_ for _ in ()).throw(KeyError("boom"))
+    fake = FakeRing()
+    fake.sample(b"x" * 8)
+    buf = ctypes.create_string_buffer(bytes(fake.buf[PAGE:PAGE + fake.head]), fake.head)
+    assert rings._record(None, 0, ctypes.addressof(buf)) == perfring._LIBBPF_PERF_EVENT_ERROR
+    assert isinstance(rings._error, KeyError)
