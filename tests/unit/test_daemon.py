@@ -1,4 +1,5 @@
-"""daemon: probe_states, and which metadata source the settings stand for."""
+"""The daemon's wiring: probe_states, which metadata source the settings stand for, the
+wait for the API's first list."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor import daemon
+from monitor import daemon, daemonconfig, httpside
 from monitor.kernel import source
 from monitor.metadata.kubernetes import KubernetesSource
 from monitor.metadata.static import NoMetadata, StaticInventory
@@ -24,21 +25,21 @@ def test_probe_states() -> None:
     notes = {"drops": "degraded: without kernel struct offsets ...",
              "retransmits": "not loaded: no kernel struct offsets (x)",
              "rtt": "not loaded: this kernel has no tracepoint sock:inet_sock_set_state"}
-    assert daemon.probe_states(wanted, notes) == {"packets": "loaded", "drops": "degraded",
+    assert httpside.probe_states(wanted, notes) == {"packets": "loaded", "drops": "degraded",
                                                   "retransmits": "off", "rtt": "off"}
 
 
 def test_probe_states_from_loadable() -> None:
     wanted = select([])
     _, notes = source.loadable(wanted, no_offsets_kernel(tracepoints=ALL_TRACEPOINTS))
-    assert daemon.probe_states(wanted, notes) == {
+    assert httpside.probe_states(wanted, notes) == {
         "packets": "loaded", "peers": "loaded", "tcpflags": "loaded", "handshake": "loaded",
         "dns": "loaded", "dnsnames": "loaded",
         "drops": "degraded", "retransmits": "off", "rtt": "off", "trace": "loaded"}
 
 
 def test_probe_states_ignore_notes_of_probes_not_wanted() -> None:
-    assert daemon.probe_states(select(["packets"]), {"rtt": "not loaded: x"}) == {"packets": "loaded"}
+    assert httpside.probe_states(select(["packets"]), {"rtt": "not loaded: x"}) == {"packets": "loaded"}
 
 
 # -- which metadata source `auto` stands for, and how it is built ---------------------------------
@@ -60,17 +61,17 @@ def test_probe_states_ignore_notes_of_probes_not_wanted() -> None:
                  {"KUBERNETES_SERVICE_HOST": "10.96.0.1"}, "inventory", id="explicit-inventory"),
 ])
 def test_metadata_mode(settings: dict[str, str], environ: dict[str, str], mode: str) -> None:
-    assert daemon.metadata_mode(Settings(node_name="node-a", **settings), environ) == mode
+    assert daemonconfig.metadata_mode(Settings(node_name="node-a", **settings), environ) == mode
 
 
 def test_kubernetes_source_from_settings(tmp_path: Path) -> None:
     server = FakeApiServer(node="node-a").start()
     try:
         kubeconfig = server.write_kubeconfig(str(tmp_path / "kubeconfig"))
-        source = daemon._metadata(Settings(node_name="node-a", kubeconfig=kubeconfig,
-                                           pod_labels=("app",)))
+        source = daemonconfig.metadata_source(Settings(node_name="node-a", kubeconfig=kubeconfig,
+                                                          pod_labels=("app",)))
         assert isinstance(source, KubernetesSource)
-        assert isinstance(source, daemon.KubernetesLike)
+        assert isinstance(source, daemonconfig.KubernetesLike)
         assert source.cache._allow == ("app",)
         assert source._node == "node-a"
         assert server.requests == []  # built, not started: the daemon starts it later
@@ -79,19 +80,19 @@ def test_kubernetes_source_from_settings(tmp_path: Path) -> None:
 
 
 def test_bad_kubeconfig_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(daemon.ConfigError, match=r"^cannot configure the Kubernetes client: "):
-        daemon._metadata(Settings(node_name="node-a", metadata="kubernetes",
-                                  kubeconfig=str(tmp_path / "missing")))
+    with pytest.raises(daemonconfig.ConfigError, match=r"^cannot configure the Kubernetes client: "):
+        daemonconfig.metadata_source(Settings(node_name="node-a", metadata="kubernetes",
+                                              kubeconfig=str(tmp_path / "missing")))
 
 
 def test_other_sources_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     inventory = tmp_path / "inventory.yaml"
     inventory.write_text("pods: []\n")
-    source = daemon._metadata(Settings(node_name="node-a", inventory=str(inventory)))
+    source = daemonconfig.metadata_source(Settings(node_name="node-a", inventory=str(inventory)))
     assert isinstance(source, StaticInventory)
-    assert not isinstance(source, daemon.KubernetesLike)
-    assert isinstance(daemon._metadata(Settings(node_name="node-a")), NoMetadata)
+    assert not isinstance(source, daemonconfig.KubernetesLike)
+    assert isinstance(daemonconfig.metadata_source(Settings(node_name="node-a")), NoMetadata)
 
 
 class _Listing:

@@ -1,0 +1,95 @@
+"""The daemon's HTTP side: what /metrics renders, the trace API with its alert captures,
+and the Api the server answers with (the server itself is bound earlier, by run())."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from monitor.auth import Authenticator, FailureLimiter
+from monitor.collector import PodCollector
+from monitor.exposition import Registry
+from monitor.kernel.kallsyms import Symbols
+from monitor.metadata import MetadataSource
+from monitor.probes.base import Probe
+from monitor.server import Api
+from monitor.settings import Settings
+from monitor.state import MonitorState
+from monitor.traces.alertcaptures import AlertCaptures
+from monitor.traces.api import TraceApi
+from monitor.traces.capture import CaptureManager, Limits
+from monitor.traces.store import CaptureStore
+
+if TYPE_CHECKING:  # the kernel side is imported once the configuration is known to be good
+    from monitor.kernelside import KernelSide
+    from monitor.reconcileside import VethWatch
+
+
+@dataclass(frozen=True)
+class HttpSide:
+    api: Api
+    traces: TraceApi | None  # with the trace probe only
+
+
+def build(settings: Settings, kernel: KernelSide, state: MonitorState,  # noqa: PLR0917
+          metadata: MetadataSource, probes: Sequence[Probe], watch: VethWatch,
+          authenticator: Authenticator, *, alive: Callable[[], bool]) -> HttpSide:
+    """`probes`: those the settings asked for (the kernel's may be fewer); `alive`: whether
+    the reconcile thread runs (/healthz)."""
+    registry = metrics(settings, kernel, state, metadata, probes, watch)
+    traces = _traces(settings, kernel, state)
+    api = Api(registry, state, settings.node_name, alive=alive, auth=authenticator, extensions=traces,
+              auth_metrics=settings.auth_metrics,
+              allow_insecure_auth=settings.allow_insecure_auth,
+              failures=FailureLimiter(settings.auth_failures_per_minute))
+    return HttpSide(api, traces)
+
+
+def metrics(settings: Settings, kernel: KernelSide, state: MonitorState,  # noqa: PLR0917
+            metadata: MetadataSource, probes: Sequence[Probe], watch: VethWatch) -> Registry:
+    """The registry /metrics renders, with every collector registered."""
+    programs, bypass, unseen = kernel.programs, watch.bypass, watch.unseen
+    registry = Registry()
+    registry.register(PodCollector(
+        probes=programs.probes, maps=kernel.maps, state=state, node=settings.node_name,
+        kernel=kernel.kernel, node_slot=settings.max_interfaces,
+        probe_states=probe_states(probes, programs.notes),
+        program_stats=programs.program_stats if programs.stats_enabled() else None,
+        bcc_version=programs.bcc_version, pod_labels=settings.pod_labels,
+        api_stats=getattr(metadata, "stats", None),
+        bypassed=(lambda: bypass.bypassed) if bypass is not None else None,
+        redirected=(lambda: bypass.redirected) if bypass is not None else None,
+        before_attach=unseen.by_pod if unseen is not None else None,
+        scrape_stats=registry.scrape_stats))
+    return registry
+
+
+def probe_states(wanted: Sequence[Probe], notes: Mapping[str, str]) -> dict[str, str]:
+    """loaded, degraded or off, for podnet_monitor_probe_state."""
+    states = {}
+    for probe in wanted:
+        note = notes.get(probe.name, "")
+        states[probe.name] = ("off" if note.startswith("not loaded") else
+                              "degraded" if note else "loaded")
+    return states
+
+
+def _traces(settings: Settings, kernel: KernelSide, state: MonitorState) -> TraceApi | None:
+    """The capture machinery, if the trace probe is loaded."""
+    if not any(p.name == "trace" for p in kernel.probes):
+        return None
+    limits = Limits(max_duration=settings.trace_max_duration,
+                    default_duration=min(10.0, settings.trace_max_duration),
+                    max_packets=settings.trace_max_packets, max_bytes=settings.trace_max_bytes,
+                    max_snaplen=settings.trace_max_snaplen, default_snaplen=settings.trace_snaplen,
+                    per_node=settings.traces_per_node, per_pod=settings.traces_per_pod)
+    symbols = Symbols()
+    symbols.open()  # now, while the process may still hold CAP_SYSLOG (monitor/kallsyms.py)
+    captures = CaptureManager(kernel.programs, kernel.maps, limits, lambda: state.snapshot.index,
+                              settings.node_name, drop_reason=kernel.kernel.drop_reason,
+                              symbol=symbols.resolve, on_lost=state.count_lost)
+    store = CaptureStore(settings.capture_dir, max_files=settings.capture_max_files,
+                         max_bytes=settings.capture_max_bytes)
+    return TraceApi(captures, store, AlertCaptures(captures, store, settings.node_name),
+                    settings.node_name)

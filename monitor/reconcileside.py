@@ -1,0 +1,91 @@
+"""The daemon's reconciler side: the pass, the loop that runs it, and what runs beside it.
+
+Beside every pass: the probes' sweeps, a wake-up when an edited inventory names
+pods, the bypass check, and new interfaces' first statistics (what their veths
+carried before our programs were on them). All of it runs in the reconcile thread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from monitor.bypass import BypassDetector
+from monitor.kernel.netlink import link_events
+from monitor.kernelside import KernelSide
+from monitor.metadata import MetadataSource
+from monitor.probes.base import Sweep
+from monitor.reconcile import Discovery, Loop, Reconciler
+from monitor.runtime import RuntimeIndex
+from monitor.settings import Settings
+from monitor.state import MonitorState
+from monitor.unseen import BeforeAttach
+
+
+def reconciler(settings: Settings, kernel: KernelSide, metadata: MetadataSource,
+               state: MonitorState, *, check_only: bool) -> Reconciler:
+    runtime = RuntimeIndex(settings.runtime_dirs)
+    return Reconciler(
+        discovery=Discovery(settings.proc_root, settings.pause_comm, settings.netns_dirs),
+        links=kernel.netlink, attacher=kernel.attacher, slots=kernel.slots, metadata=metadata,
+        state=state, forget=kernel.forget(), node=settings.node_name, max_pods=settings.max_pods,
+        runtime_uids=runtime.uids, runtime_names=runtime.podman_containers,
+        after_first_pass=None if check_only else kernel.after_first_pass)
+
+
+@dataclass(frozen=True)
+class VethWatch:
+    """Each pod veth's own statistics against our counts, with the packets probe only:
+    whether its traffic bypasses our programs, and what it carried before the attach."""
+
+    bypass: BypassDetector | None
+    unseen: BeforeAttach | None
+
+    @classmethod
+    def of(cls, kernel: KernelSide, state: MonitorState) -> VethWatch:
+        if not any(p.name == "packets" for p in kernel.probes):
+            return cls(None, None)
+        netlink = kernel.netlink
+        return cls(BypassDetector(kernel.maps, lambda: state.snapshot.index, netlink.link_stats,
+                                  netlink.peer_stats, kernel.attacher.explain),
+                   BeforeAttach(kernel.maps, lambda: state.snapshot.index, netlink.veth_counts))
+
+
+def loop(settings: Settings, reconciler: Reconciler, kernel: KernelSide,  # noqa: PLR0917
+         metadata: MetadataSource, state: MonitorState, watch: VethWatch) -> Loop:
+    """The loop, not started: its run() is the reconcile thread's."""
+    maps, bypass, unseen = kernel.maps, watch.bypass, watch.unseen
+    sweeps = [p.sweep for p in kernel.probes if p.sweep]
+    timeouts = {"tcp_connect": settings.tcp_connect_timeout, "dns": settings.dns_timeout}
+    next_bypass_check = [0.0]
+
+    inventory_changed = getattr(metadata, "changed", None)
+
+    def sweep() -> None:
+        ctx = Sweep(maps, time.monotonic_ns(), timeouts)
+        for fn in sweeps:
+            fn(ctx)
+        if inventory_changed is not None and inventory_changed():
+            running.wake()  # an edited inventory names pods now, not at the next rescan
+        if bypass is not None and time.monotonic() >= next_bypass_check[0]:
+            next_bypass_check[0] = time.monotonic() + settings.bypass_check_interval
+            bypass.check()
+            state.bypassed = dict(bypass.bypassed)
+        elif bypass is not None:
+            bypass.observe_new()
+
+    def first_looks() -> None:
+        """After every pass: new interfaces' first statistics, as soon after the attach
+        as can be (what passed before it, and a start for the bypass check)."""
+        if unseen is not None:
+            unseen.observe_new()
+        if bypass is not None:
+            bypass.observe_new()
+
+    running = Loop(reconciler, resync_interval=settings.resync_interval,
+                   debounce=settings.event_debounce, events_factory=link_events, state=state,
+                   on_exit=kernel.netlink.close, sweep=sweep,
+                   sweep_interval=settings.sweep_interval,
+                   detach_on_exit=not settings.leave_attached,
+                   after_pass=first_looks)
+    return running
