@@ -17,108 +17,35 @@ a dependency as the oracle (and as `podnetmon top`'s parser).
 Only what podnetmon exports is supported: counters, gauges and histograms with
 legacy (ASCII) metric and label names, no timestamps, exemplars, units or
 `_created` samples.
+
+Numbers and names as prometheus_client writes them are in monitor/promtext.py, the
+choice of format from a scraper's Accept header in monitor/scrapeformat.py.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from itertools import accumulate
 from operator import itemgetter
 from typing import Any, ClassVar, Protocol
 
-# Name escaping schemes a scraper may ask for (the Accept header's escaping=).
-ALLOW_UTF8, UNDERSCORES, DOTS, VALUES = "allow-utf-8", "underscores", "dots", "values"
-_ESCAPINGS = (ALLOW_UTF8, UNDERSCORES, DOTS, VALUES)
-
-CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
-CONTENT_TYPE_TEXT_1 = "text/plain; version=1.0.0; charset=utf-8"
-CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
-# The OpenMetrics versions answered as asked for, the ones prometheus_client writes. Any
-# other version= is never echoed into Content-Type (see negotiate).
-OPENMETRICS_VERSIONS = ("1.0.0", "2.0.0")
+from monitor.promtext import (
+    EXACT,
+    escape_name,
+    escape_value,
+    go_float,
+    header_name,
+    label_name,
+    sample_value,
+)
+from monitor.scrapeformat import TEXT, Format
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-
-
-# -- numbers and names, as prometheus_client writes them --------------------------------------------
-
-def go_float(value: float) -> str:
-    """A sample value as Go (and so prometheus_client.utils.floatToGoString) prints it."""
-    d = float(value)
-    if d == math.inf:
-        return "+Inf"
-    if d == -math.inf:
-        return "-Inf"
-    if math.isnan(d):
-        return "NaN"
-    s = repr(d)
-    dot = s.find(".")
-    # Go's shortest form takes an exponent from 10^6 up, Python's repr() from 10^16 only:
-    # prometheus_client rewrites repr() the Go way past six integer digits (positives only)
-    if d > 0 and dot > 6:
-        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.")
-        return f"{mantissa}e+{dot - 1:02d}"
-    return s
-
-
-_EXACT = 10**15  # below this an int converts to float exactly and repr() shows it in full
-
-
-def _number(value: float) -> str:
-    """go_float, with a short cut for the common case: a counter's int below 10^6."""
-    # repr(float(n)) is f"{n}.0" for |n| < 10^16; go_float leaves it so up to 6 digits
-    # (and for every negative n, which never takes the exponent form)
-    if type(value) is int and -_EXACT < value < 1_000_000:
-        return f"{value}.0"
-    return go_float(value)
-
-
-def _escape_value(value: str) -> str:
-    """A label value (or OpenMetrics HELP text) in double quotes: \\, newline and " escaped."""
-    if "\\" in value or "\n" in value or '"' in value:  # rare: skip three replace() scans
-        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-    return value
-
-
-def _is_label_rune(c: str, i: int) -> bool:
-    return "a" <= c <= "z" or "A" <= c <= "Z" or c == "_" or ("0" <= c <= "9" and i > 0)
-
-
-def _is_metric_rune(c: str, i: int) -> bool:
-    return _is_label_rune(c, i) or c == ":"
-
-
-def _escape_name(name: str, escaping: str, metric_runes: bool) -> str:
-    """A (valid, legacy) name under an escaping scheme, as prometheus_client's _escape does
-    it; `metric_runes`: ':' counts as valid (metric names) or not (label names)."""
-    valid = _is_metric_rune if metric_runes else _is_label_rune
-    if escaping == UNDERSCORES:
-        return "".join(c if valid(c, i) else "_" for i, c in enumerate(name))
-    if escaping == DOTS:
-        return "".join("__" if c == "_" else "_dot_" if c == "." else c if valid(c, i) else "__"
-                       for i, c in enumerate(name))
-    if escaping == VALUES:  # legacy names are valid UTF-8: no _FFFD_ case
-        return "U__" + "".join("__" if c == "_" else c if valid(c, i) else f"_{ord(c):x}_"
-                               for i, c in enumerate(name))
-    return _escape_value(name)  # allow-utf-8
-
-
-def _header_name(name: str, escaping: str) -> str:
-    """A metric name on HELP/TYPE lines (and text-format samples): escape_metric_name.
-    Legacy names are left alone except under dots, which always rewrites."""
-    return _escape_name(name, escaping, True) if escaping == DOTS else name
-
-
-def _label_name(name: str, escaping: str) -> str:
-    """escape_label_name for a legacy label name: only dots rewrites it."""
-    return _escape_name(name, escaping, False) if escaping == DOTS else name
 
 
 # -- families ----------------------------------------------------------------------------------------
@@ -210,98 +137,14 @@ class Collector(Protocol):
     def describe(self) -> Iterable[Family]: ...
     def collect(self) -> Iterable[Family]: ...
 
-
-# -- negotiation -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Format:
-    """What a scraper gets: OpenMetrics or the Prometheus text format, and name escaping."""
-
-    openmetrics: bool
-    escaping: str
-    content_type: str
-
-
-TEXT = Format(False, UNDERSCORES, CONTENT_TYPE_TEXT)
-OPENMETRICS = Format(True, UNDERSCORES, CONTENT_TYPE_OPENMETRICS)
-
-
-def _param(tokens: Sequence[str], key: str) -> str:
-    for tok in tokens:
-        if "=" in tok:
-            name, value = tok.strip().split("=", 1)
-            if name == key:
-                return value
-    return ""
-
-
-def _escaping(tokens: Sequence[str]) -> str:
-    for tok in tokens:
-        if "=" in tok:
-            name, value = tok.strip().split("=", 1)
-            if name == "escaping":
-                return value if value in _ESCAPINGS else UNDERSCORES
-    return UNDERSCORES
-
-
-def _version(version: str) -> tuple[int | str, ...]:
-    parts: list[int | str] = []
-    for part in version.split("."):
-        try:
-            parts.append(int(part))
-        except ValueError:
-            parts.append(part)
-    return tuple(parts)
-
-
-def _at_least_1(version: str) -> bool:
-    # a tuple comparison as prometheus_client makes it, except that a version part that is
-    # not a number (which raises TypeError there, dropping the connection) means "no":
-    # a bad Accept header gets the text format, never a failed scrape
-    try:
-        return _version(version) >= (1, 0, 0)
-    except TypeError:
-        return False
-
-
-def negotiate(accept: str) -> Format:
-    """The format for an Accept header, chosen as prometheus_client's choose_encoder does:
-    the first OpenMetrics entry of a version it writes (or none given), else the first
-    text/plain entry of version >= 1.0.0, else the text format 0.0.4. Prometheus asks
-    for OpenMetrics first. (The OpenMetrics version only matters to native histograms,
-    which podnetmon has none of: the body is 1.0.0's whatever the version.)
-
-    Unlike choose_encoder, nothing the client wrote reaches Content-Type unchecked: that
-    echoes any version that compares >= (1, 0, 0), such as `1.5.<script>` or one with
-    an obs-folded CRLF in it, into the response's headers. Here the version must be one
-    of OPENMETRICS_VERSIONS (surrounding spaces aside) and the escaping one of the four
-    schemes; an OpenMetrics entry with any other version is passed over, as
-    choose_encoder passes over 0.0.1."""
-    for accepted in (accept or "").split(","):
-        tokens = accepted.split(";")
-        mime = tokens[0].strip()
-        if mime == "application/openmetrics-text":
-            version, escaping = _param(tokens, "version").strip(), _escaping(tokens)
-            if not version:
-                return OPENMETRICS
-            if version in OPENMETRICS_VERSIONS:
-                return Format(True, escaping, f"application/openmetrics-text; version={version}; "
-                                              f"charset=utf-8; escaping={escaping}")
-        elif mime == "text/plain":
-            version, escaping = _param(tokens, "version"), _escaping(tokens)
-            if version and _at_least_1(version):
-                return Format(False, escaping, f"{CONTENT_TYPE_TEXT_1}; escaping={escaping}")
-    return TEXT
-
-
 # -- rendering ---------------------------------------------------------------------------------------
 
 def _sample_name(name: str, fmt: Format) -> str:
     """A sample's name on its line: the text format writes it as on HELP/TYPE lines;
     prometheus_client's OpenMetrics writer escapes it with label-name runes instead."""
     if fmt.openmetrics:
-        return _escape_name(name, fmt.escaping, False)
-    return _header_name(name, fmt.escaping)
+        return escape_name(name, fmt.escaping, False)
+    return header_name(name, fmt.escaping)
 
 
 def _header(family: Family, fmt: Format) -> str:
@@ -312,7 +155,7 @@ def _header(family: Family, fmt: Format) -> str:
         doc = doc.replace('"', r"\"")
     elif kind == "counter":
         name += "_total"  # the text format names a counter family by its samples
-    name = _header_name(name, fmt.escaping)
+    name = header_name(name, fmt.escaping)
     return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
 
 
@@ -323,7 +166,7 @@ def _sorted(names: Sequence[str]) -> tuple[int, ...]:
 
 def _template(names: Sequence[str], order: Sequence[int], escaping: str) -> str:
     """A %-template of labels in `order`: name="%s" joined by commas (a name has no %)."""
-    return ",".join(f'{_label_name(names[i], escaping)}="%s"' for i in order)
+    return ",".join(f'{label_name(names[i], escaping)}="%s"' for i in order)
 
 
 def _picker(order: Sequence[int]) -> Callable[[tuple[str, ...]], tuple[str, ...]]:
@@ -337,7 +180,7 @@ def _picker(order: Sequence[int]) -> Callable[[tuple[str, ...]], tuple[str, ...]
         out = pick(values)
         joined = "".join(out)
         if "\\" in joined or "\n" in joined or '"' in joined:
-            return tuple(map(_escape_value, out))
+            return tuple(map(escape_value, out))
         return out
 
     return picked
@@ -347,12 +190,12 @@ def _render_simple(family: CounterFamily | GaugeFamily, fmt: Format, out: list[s
     suffix = "_total" if family.type == "counter" else ""
     name = _sample_name(family.name + suffix, fmt)
     if not family.labels:
-        out.extend([f"{name} {_number(value)}\n" for _, value in family.series])
+        out.extend([f"{name} {sample_value(value)}\n" for _, value in family.series])
         return
     order = _sorted(family.labels)
     line = f"{name}{{{_template(family.labels, order, fmt.escaping)}}} %s\n"
     picked = _picker(order)
-    out.extend([line % (*picked(values), _number(value)) for values, value in family.series])
+    out.extend([line % (*picked(values), sample_value(value)) for values, value in family.series])
 
 
 # A histogram series' text, by its label values, with the counts and sum it was made from.
@@ -395,10 +238,10 @@ def _render_histogram(family: HistogramFamily, fmt: Format, out: list[str],
     after = _template(names, order[split:], fmt.escaping)
     every = _template(names, order, fmt.escaping)
     picked = _picker(order) if names else None
-    le = _label_name("le", fmt.escaping)
+    le = label_name("le", fmt.escaping)
     # the whole series as one %-template, written in one go: (head, tail, value) for each
     # bucket, then the labels and value of _count and of _sum
-    series = "".join([f'%s{le}="{_escape_value(b).replace("%", "%%")}"%s%s\n'
+    series = "".join([f'%s{le}="{escape_value(b).replace("%", "%%")}"%s%s\n'
                       for b in family.bounds])
     series += (f"{_sample_name(family.name + '_count', fmt)}%s %s\n"
                f"{_sample_name(family.name + '_sum', fmt)}%s %s\n")
@@ -418,8 +261,8 @@ def _render_histogram(family: HistogramFamily, fmt: Format, out: list[str],
             if split < len(names):
                 tail = f",{after % label_values[split:]}}} "
             labels = f"{{{every % label_values}}}"
-        numbers = [f"{n}.0" if type(n) is int and -_EXACT < n < 1_000_000 else go_float(n)
-                   for n in accumulate(counts)]  # _number, inlined: 30 a series
+        numbers = [f"{n}.0" if type(n) is int and -EXACT < n < 1_000_000 else go_float(n)
+                   for n in accumulate(counts)]  # sample_value, inlined: 30 a series
         args: list[str] = [head, tail, ""] * len(numbers)
         args[2::3] = numbers
         args += (labels, numbers[-1], labels, go_float(sum_value))

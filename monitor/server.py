@@ -26,9 +26,10 @@ from urllib.parse import parse_qs, urlsplit
 
 from monitor import __version__, log
 from monitor.auth import Access, Authenticator, AuthError, FailureLimiter, NoAuth, Request
-from monitor.exposition import Registry, negotiate
+from monitor.exposition import Registry
 from monitor.identity import NAMESPACE_RE, POD_NAME_RE
 from monitor.listener import Conn, ConnReader, ConnWriter, FrontDoor, Limits, TlsFiles
+from monitor.scrapeformat import negotiate
 from monitor.state import MonitorState
 
 MAX_BODY = 1 << 20  # an Alertmanager notification is a few KB; refuse what is not

@@ -20,32 +20,29 @@ from prometheus_client.utils import floatToGoString
 
 from monitor.collector import PodCollector
 from monitor.exposition import (
-    ALLOW_UTF8,
-    CONTENT_TYPE_TEXT,
-    CONTENT_TYPE_TEXT_1,
-    DOTS,
-    OPENMETRICS,
-    OPENMETRICS_VERSIONS,
-    TEXT,
-    UNDERSCORES,
-    VALUES,
     CounterFamily,
     DuplicateSeriesError,
     Family,
-    Format,
     GaugeFamily,
     HistogramFamily,
     Registry,
     RenderCache,
-    _number,
-    go_float,
-    negotiate,
     render,
 )
 from monitor.identity import HostVeth, IdentityIndex, PodMeta, PodNetwork, fold, identify
 from monitor.kernel.records import ProgramStats
 from monitor.probes import REGISTRY, dns, drops, handshake, packets, retransmits, rtt, tcpflags
 from monitor.probes.base import LE
+from monitor.promtext import ALLOW_UTF8, DOTS, UNDERSCORES, VALUES, go_float, sample_value
+from monitor.scrapeformat import (
+    CONTENT_TYPE_TEXT,
+    CONTENT_TYPE_TEXT_1,
+    OPENMETRICS,
+    OPENMETRICS_VERSIONS,
+    TEXT,
+    Format,
+    negotiate,
+)
 from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
 from tests.unit.fakes import DictMaps, kernel, registry_of, u32, u64
 
@@ -73,7 +70,7 @@ SPECIAL = [0, 0.0, -0.0, 1, -1, 0.5, 1e-7, 1.5e-5, 123.456, 999_999, 1_000_000, 
 @pytest.mark.parametrize("value", SPECIAL)
 def test_numbers_as_prometheus_client_writes_them(value: float) -> None:
     assert go_float(value) == floatToGoString(value)
-    assert _number(value) == floatToGoString(value)
+    assert sample_value(value) == floatToGoString(value)
 
 
 def test_random_numbers_as_prometheus_client_writes_them() -> None:
@@ -82,7 +79,7 @@ def test_random_numbers_as_prometheus_client_writes_them() -> None:
     floats = [rnd.uniform(0, 10 ** rnd.randrange(-8, 25)) for _ in range(3000)]
     floats += [struct.unpack("d", rnd.randbytes(8))[0] for _ in range(3000)]  # any bit pattern
     for value in ints + [-n for n in ints] + floats:
-        assert _number(value) == floatToGoString(value), value
+        assert sample_value(value) == floatToGoString(value), value
         assert go_float(value) == floatToGoString(value), value
 
 

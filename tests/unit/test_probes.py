@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitor.exposition import TEXT, render
+from monitor.exposition import render
 from monitor.identity import IdentityIndex, Pod
 from monitor.kernel.kernelinfo import KernelInfo
 from monitor.probes import dns, drops, handshake, retransmits, rtt, tcpflags
@@ -24,6 +24,7 @@ from monitor.probes.drops import DropKey
 from monitor.probes.handshake import Flow, Handshake, Timeouts
 from monitor.probes.rtt import Hist
 from monitor.probes.tcpflags import Flags
+from monitor.scrapeformat import TEXT
 from tests.unit.fakes import DictMaps, kernel, registry_of, u32, u64
 
 PodFactory = Callable[..., Pod]
