@@ -117,8 +117,9 @@ def check_tracefs(settings: Settings) -> Finding:
 
 def check_tracepoints(settings: Settings) -> Finding:
     from monitor.kernel import kernelinfo
+    from monitor.probes import kernel_needs
 
-    missing = [tp for tp in kernelinfo.TRACEPOINTS
+    missing = [tp for tp in kernel_needs().tracepoints
                if kernelinfo.read_format(settings.tracefs_root, tp) is None]
     if not missing:
         return Finding("tracepoints", True, False, "the tracepoints the drop, retransmit and "

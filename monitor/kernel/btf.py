@@ -3,8 +3,9 @@
 BCC compiles against kernel headers, and where those are not the running
 kernel's (a VM kernel with stand-in headers, a node whose headers package
 lags), every kernel struct offset taken from them is wrong, silently: a read
-returns garbage or zero. The offsets the tracepoint programs need come from
-here instead and reach the C code as -D cflags.
+returns garbage or zero. The offsets the tracepoint programs need (each probe
+declares its own: Probe.offsets) come from here instead and reach the C code as
+-D cflags.
 
 The format is include/uapi/linux/btf.h: a header, a type section of
 variable-length records (type ids count from 1), a string section. Members of
@@ -14,7 +15,7 @@ anonymous structs and unions are searched recursively, their offsets added.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
@@ -188,29 +189,11 @@ class Btf:
             yield self._string(name_off), values
 
 
-# The offsets the tracepoint probes read, as -D names for the C code.
-OFFSETS: dict[str, tuple[str, str]] = {
-    "PNM_OFF_SKB_DEV": ("sk_buff", "dev"),
-    "PNM_OFF_SKB_SK": ("sk_buff", "sk"),
-    "PNM_OFF_SKB_CB": ("sk_buff", "cb"),
-    "PNM_OFF_SKB_HEAD": ("sk_buff", "head"),
-    "PNM_OFF_SKB_NETWORK_HEADER": ("sk_buff", "network_header"),
-    "PNM_OFF_SKB_END": ("sk_buff", "end"),  # an offset from head on 64-bit: the shared info
-    "PNM_OFF_SHINFO_DATAREF": ("skb_shared_info", "dataref"),
-    "PNM_OFF_DEV_NET": ("net_device", "nd_net"),
-    "PNM_OFF_DEV_IFINDEX": ("net_device", "ifindex"),
-    "PNM_OFF_NET_INUM": ("net", "ns.inum"),
-    "PNM_OFF_SK_NET": ("sock", "__sk_common.skc_net"),
-    "PNM_OFF_SK_FAMILY": ("sock", "__sk_common.skc_family"),
-    "PNM_OFF_TCP_SRTT": ("tcp_sock", "srtt_us"),
-    "PNM_OFF_TCB_GSO_SEGS": ("tcp_skb_cb", "tcp_gso_segs"),
-}
-
-
-def kernel_offsets(btf: Btf) -> dict[str, int]:
-    """Every offset in OFFSETS, from this BTF; raises BtfError naming what is missing."""
+def kernel_offsets(btf: Btf, wanted: Mapping[str, tuple[str, str]]) -> dict[str, int]:
+    """Each offset wanted (-D name: (struct, member path), as the probes declare them), from
+    this BTF; raises BtfError naming what is missing."""
     return {define: btf.offsetof(struct_name, path)
-            for define, (struct_name, path) in OFFSETS.items()}
+            for define, (struct_name, path) in wanted.items()}
 
 
 def cflags(offsets: dict[str, int]) -> list[str]:

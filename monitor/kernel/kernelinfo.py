@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from monitor import log
@@ -83,19 +84,34 @@ def symbols(print_fmt: str, field_name: str) -> dict[int, str]:
     return {int(v): name for v, name in _SYMBOL_RE.findall(print_fmt[start:end])}
 
 
-# ip6_mc_input() frees, with no reason, multicast to a group nobody on the device joined
-FUNCTIONS = ("ip6_mc_input",)
-TRACEPOINTS = ("skb:kfree_skb", "tcp:tcp_retransmit_skb", "tcp:tcp_retransmit_synack",
-               "sock:inet_sock_set_state")
+@dataclass(frozen=True)
+class KernelNeeds:
+    """What the probes ask of the kernel, every registered probe's together
+    (monitor.probes.kernel_needs): the formats of their tracepoints, the struct offsets
+    they read, the address ranges of functions they tell apart."""
+
+    tracepoints: tuple[str, ...] = ()
+    offsets: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    functions: tuple[str, ...] = ()
 
 
-def probe(*, proc_root: str, tracefs_root: str, btf_path: str) -> KernelInfo:
+# The kernel names its core drop reasons in this tracepoint's print fmt (and only there)
+DROP_REASONS_TRACEPOINT = "skb:kfree_skb"
+
+
+def probe(*, proc_root: str, tracefs_root: str, btf_path: str,
+          needs: KernelNeeds | None = None) -> KernelInfo:
+    """`needs`: what to read; None: what every registered probe needs."""
+    if needs is None:
+        from monitor.probes import kernel_needs  # late: the probes import this module
+
+        needs = kernel_needs()
     logger = log.get("kernel")
     host_netns = os.stat(os.path.join(proc_root, "self", "ns", "net")).st_ino
     subsystem_reasons: dict[int, str] = {}
     try:
         vmlinux = btf.Btf.load(btf_path)
-        offsets: dict[str, int] | None = btf.kernel_offsets(vmlinux)
+        offsets: dict[str, int] | None = btf.kernel_offsets(vmlinux, needs.offsets)
         source, problem = "btf", ""
         subsystem_reasons = btf.subsystem_drop_reasons([vmlinux, *_module_btfs(btf_path,
                                                                               vmlinux)])
@@ -103,11 +119,11 @@ def probe(*, proc_root: str, tracefs_root: str, btf_path: str) -> KernelInfo:
         offsets, source, problem = None, "none", str(exc)
         logger.warning("no kernel struct offsets: drops count under the node only, and "
                        "retransmits and RTT are off", reason=problem)
-    formats = {tp: fmt for tp in TRACEPOINTS
+    formats = {tp: fmt for tp in needs.tracepoints
                if (fmt := read_format(tracefs_root, tp)) is not None}
-    kfree = formats.get("skb:kfree_skb")
+    kfree = formats.get(DROP_REASONS_TRACEPOINT)
     reasons = {**subsystem_reasons, **(symbols(kfree.print_fmt, "reason") if kfree else {})}
-    functions = kallsyms.function_ranges(FUNCTIONS, os.path.join(proc_root, "kallsyms"))
+    functions = kallsyms.function_ranges(needs.functions, os.path.join(proc_root, "kallsyms"))
     return KernelInfo(host_netns, offsets, source, problem, formats, reasons, functions)
 
 

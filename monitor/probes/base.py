@@ -3,8 +3,12 @@
 A probe says which hooks it needs (a function the TC programs call for every
 packet, tracepoints), which maps it owns with their layouts (checked against
 the kernel's view of each map, so Python never reads one with the wrong
-layout), what it needs of the kernel (parsed ports, struct offsets), and how
-its maps become metric families at scrape time.
+layout), what it needs of the kernel (parsed ports, struct offsets, function
+addresses), which daemon settings it owns, what it takes from the daemon and
+what the daemon builds on it, and how its maps become metric families at scrape
+time. Everything else is derived from the registry of these (monitor/probes/
+__init__.py): the tracepoint formats and offsets the kernel is asked for, the
+settings' flags, and the daemon's wiring.
 """
 
 from __future__ import annotations
@@ -99,6 +103,52 @@ class Start:
     services: Mapping[str, Any]  # what the daemon shares: "peer_resolver", ...
 
 
+def _no_problems(_name: str, _value: Any, _values: Mapping[str, Any]) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A daemon setting a probe owns: monitor/settings.py makes it a field of Settings,
+    with its --flag and PODNETMON_ variable, and the probe reads it by name."""
+
+    name: str
+    default: Any  # int, float, bool, str or a tuple of str: the setting's type too
+    doc: str  # why the default is what it is, as every setting says
+    # the problems with a value (given every setting's value, for checks of two), each
+    # naming its setting first as monitor/settingscheck.py's do; none: []
+    check: Callable[[str, Any, Mapping[str, Any]], list[str]] = _no_problems
+
+    @property
+    def type(self) -> str:
+        """The type as monitor/settings.py converts a flag's or variable's text to it."""
+        if isinstance(self.default, tuple):
+            return "tuple[str, ...]"
+        return type(self.default).__name__
+
+
+def within(low: float, high: float, unit: str = ""
+           ) -> Callable[[str, Any, Mapping[str, Any]], list[str]]:
+    """A check: low <= value <= high (NaN is outside)."""
+    def check(name: str, value: Any, _values: Mapping[str, Any]) -> list[str]:
+        return [] if low <= value <= high else [f"{name}: {value}{unit} is outside {low}..{high}"]
+    return check
+
+
+def at_least_one(name: str, value: Any, _values: Mapping[str, Any]) -> list[str]:
+    return [] if value >= 1 else [f"{name}: {value} must be at least 1"]
+
+
+# The services a probe's start() can take from the daemon (Probe.needs, Start.services)
+PEER_RESOLVER = "peer_resolver"  # monitor.peers.identity.PeerResolver: addresses to identities
+SNAPSHOT = "snapshot"  # () -> the IdentityIndex of the current pods
+NODE = "node"  # this node's name
+# What the daemon builds on a loaded probe (Probe.provides)
+CAPTURES = "captures"  # on-demand packet copies: the trace API drives the probe's switch
+INTERFACE_COUNTS = "interface_counts"  # packets counted per slot: the bypass and
+#                                        before-attach checks compare them with the veths'
+
+
 @dataclass(frozen=True)
 class Probe:
     """One probe's contract with the kernel adapter and the collector."""
@@ -112,8 +162,14 @@ class Probe:
     tc_hook: str = ""  # static inline C function: void f(struct __sk_buff *, const struct pnm_pkt *)
     tracepoints: tuple[str, ...] = field(default=())  # "category:event"
     needs_ports: bool = False  # the TC parse must read ports and TCP flags
-    needs_offsets: bool = False  # reads kernel structs (offsets from BTF)
+    # the kernel struct members it reads, as the -D names its C uses: (struct, member path),
+    # resolved from BTF (monitor/kernel/btf.py) with every other probe's
+    offsets: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     degraded: str = ""  # without offsets: "" means not loaded; else what it still does
+    functions: tuple[str, ...] = ()  # kernel functions whose [start, end) it is told (kallsyms)
+    settings: tuple[Setting, ...] = ()  # the daemon settings it owns (flags, env, checks)
+    needs: tuple[str, ...] = ()  # services its start() takes from the daemon (PEER_RESOLVER...)
+    provides: tuple[str, ...] = ()  # what the daemon builds on it when loaded (CAPTURES...)
     cflags: Callable[[KernelInfo], list[str]] = field(default=lambda _k: [])
     sweep: Callable[[Sweep], None] | None = None
     # delete keys of a gone pod's netns (None: the pod lives on) and of detached ifindexes
@@ -126,6 +182,19 @@ class Probe:
     # a probe with state of its own: returns the probe with its callables bound to it
     start: Callable[[Probe, Start], Probe] | None = None
     state: Any = None  # what start() made (for tests and the daemon's shutdown)
+
+    @property
+    def needs_offsets(self) -> bool:
+        """Reads kernel structs: without BTF's offsets it is degraded or not loaded."""
+        return bool(self.offsets)
+
+
+# bpf/kstruct.h's pnm_sock_netns() and pnm_net_inum(), which every probe that reads kernel
+# structs goes through to find a socket's or a device's netns
+KSTRUCT_OFFSETS: Mapping[str, tuple[str, str]] = {
+    "PNM_OFF_NET_INUM": ("net", "ns.inum"),
+    "PNM_OFF_SK_NET": ("sock", "__sk_common.skc_net"),
+}
 
 
 TIMED_OUT = 1 << 63  # bpf/pnm.h PNM_TIMED_OUT

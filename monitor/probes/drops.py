@@ -9,7 +9,15 @@ from collections.abc import Iterator, Sequence
 from monitor.exposition import CounterFamily, Family
 from monitor.kernel.kernelinfo import KernelInfo
 from monitor.kernel.maps import decode
-from monitor.probes.base import NODE_NAMESPACE, CounterSum, MapLayout, MapWriter, Probe, Scrape
+from monitor.probes.base import (
+    KSTRUCT_OFFSETS,
+    NODE_NAMESPACE,
+    CounterSum,
+    MapLayout,
+    MapWriter,
+    Probe,
+    Scrape,
+)
 
 MAP, LOST, EXCLUDED = "pnm_drops", "pnm_drops_lost", "pnm_drops_excluded"
 TRACE, EVENTS = "pnm_drop_trace", "pnm_drop_events"  # the per-slot switch, the perf buffer
@@ -18,6 +26,21 @@ KIND_NODE, KIND_NETNS, KIND_IFINDEX = 0, 1, 2
 EXCLUDED_WHYS = ("echo_reply_to_raw_socket", "packet_socket_copy", "multicast_not_joined")
 # the drop reasons drops.c tells apart, by the running kernel's values (-D PNM_REASON_*)
 REASONS_NEEDED = ("NO_SOCKET", "PACKET_SOCK_ERROR", "NOT_SPECIFIED")
+# what drops.c reads of the kernel's structs: a drop's device, socket and headers
+OFFSETS = {
+    "PNM_OFF_SKB_DEV": ("sk_buff", "dev"),
+    "PNM_OFF_SKB_SK": ("sk_buff", "sk"),
+    "PNM_OFF_SKB_HEAD": ("sk_buff", "head"),
+    "PNM_OFF_SKB_NETWORK_HEADER": ("sk_buff", "network_header"),
+    "PNM_OFF_SKB_END": ("sk_buff", "end"),  # an offset from head on 64-bit: the shared info
+    "PNM_OFF_SHINFO_DATAREF": ("skb_shared_info", "dataref"),
+    "PNM_OFF_DEV_NET": ("net_device", "nd_net"),
+    "PNM_OFF_DEV_IFINDEX": ("net_device", "ifindex"),
+    **KSTRUCT_OFFSETS,
+    "PNM_OFF_SK_FAMILY": ("sock", "__sk_common.skc_family"),
+}
+# ip6_mc_input() frees, with no reason, multicast to a group nobody on the device joined
+IP6_MC_INPUT = "ip6_mc_input"
 
 
 class DropEvent(ctypes.Structure):
@@ -114,8 +137,8 @@ def cflags(kernel: KernelInfo) -> list[str]:
     flags = ["-DPNM_HAVE_RX_SK"] if kernel.has_field("skb:kfree_skb", "rx_sk") else []
     values = {name: value for value, name in kernel.drop_reasons.items()}
     flags += [f"-DPNM_REASON_{name}={values[name]}" for name in REASONS_NEEDED if name in values]
-    if "ip6_mc_input" in kernel.functions:
-        start, end = kernel.functions["ip6_mc_input"]
+    if IP6_MC_INPUT in kernel.functions:
+        start, end = kernel.functions[IP6_MC_INPUT]
         flags += [f"-DPNM_IP6_MC_INPUT={start:#x}ULL", f"-DPNM_IP6_MC_INPUT_END={end:#x}ULL"]
     return flags
 
@@ -125,7 +148,8 @@ PROBE = Probe(
     summary="packets the kernel dropped, by drop reason, per pod (tracepoint skb:kfree_skb)",
     c_file="drops.c",
     tracepoints=("skb:kfree_skb",),
-    needs_offsets=True,
+    offsets=OFFSETS,
+    functions=(IP6_MC_INPUT,),
     degraded="without kernel struct offsets every drop counts under the node",
     maps={MAP: MapLayout(DropKey, ctypes.c_uint64), LOST: MapLayout(ctypes.c_uint32, ctypes.c_uint64),
           EXCLUDED: MapLayout(ctypes.c_uint32, ctypes.c_uint64),

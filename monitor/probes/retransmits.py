@@ -8,9 +8,12 @@ from collections.abc import Iterator
 
 from monitor.exposition import CounterFamily, Family
 from monitor.kernel.kernelinfo import KernelInfo
-from monitor.probes.base import CounterSum, MapLayout, Probe, Scrape
+from monitor.probes.base import KSTRUCT_OFFSETS, CounterSum, MapLayout, Probe, Scrape
 
 MAP = "pnm_retrans"
+# the segment's socket (the tracepoint's), and how many segments a GSO skb holds
+OFFSETS = {**KSTRUCT_OFFSETS, "PNM_OFF_SKB_CB": ("sk_buff", "cb"),
+           "PNM_OFF_TCB_GSO_SEGS": ("tcp_skb_cb", "tcp_gso_segs")}
 
 
 def _family() -> CounterFamily:
@@ -44,7 +47,7 @@ PROBE = Probe(
     summary="TCP retransmitted segments per pod (tracepoints tcp:tcp_retransmit_skb/_synack)",
     c_file="retransmits.c",
     tracepoints=("tcp:tcp_retransmit_skb", "tcp:tcp_retransmit_synack"),
-    needs_offsets=True,
+    offsets=OFFSETS,
     maps={MAP: MapLayout(ctypes.c_uint32, ctypes.c_uint64, per_slot=True)},
     collect=collect,
     describe=describe,

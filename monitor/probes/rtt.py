@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 from monitor.exposition import Family
 from monitor.kernel.maps import word_slice, words
-from monitor.probes.base import HIST_BUCKETS, HistogramSum, MapLayout, Probe, Scrape
+from monitor.probes.base import HIST_BUCKETS, KSTRUCT_OFFSETS, HistogramSum, MapLayout, Probe, Scrape
 
 MAP = "pnm_rtt"
+OFFSETS = {**KSTRUCT_OFFSETS, "PNM_OFF_TCP_SRTT": ("tcp_sock", "srtt_us")}
 HIST = ("podnet_tcp_rtt_seconds", "The kernel's smoothed round-trip time of the pod's TCP "
         "connections, sampled once per connection when it leaves ESTABLISHED.")
 
@@ -43,7 +44,7 @@ PROBE = Probe(
             "(tracepoint sock:inet_sock_set_state)",
     c_file="rtt.c",
     tracepoints=("sock:inet_sock_set_state",),
-    needs_offsets=True,
+    offsets=OFFSETS,
     maps={MAP: MapLayout(ctypes.c_uint32, Hist, per_slot=True)},
     collect=collect,
     describe=describe,

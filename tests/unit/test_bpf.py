@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from monitor.exposition import Family
-from monitor.kernel import btf
 from monitor.kernel import source as c_source
-from monitor.probes import REGISTRY, select
+from monitor.probes import REGISTRY, kernel_needs, select
 from monitor.probes.base import MapLayout, Probe, Scrape
 from tests.unit.fakes import HOST_NETNS, OFFSETS, kernel, no_offsets_kernel
 
@@ -57,7 +56,7 @@ def test_cflags_with_offsets() -> None:
 
 def test_the_fake_kernel_has_every_offset_the_c_code_reads() -> None:
     # A fake kernel "with BTF" must define every -D the C code uses, as the real one does.
-    assert set(OFFSETS) == set(btf.OFFSETS)
+    assert set(OFFSETS) == set(kernel_needs().offsets)
 
 
 def test_cflags_without_offsets() -> None:
@@ -131,8 +130,8 @@ def test_without_offsets() -> None:
 
 def test_synthetic_needs_offsets() -> None:
     plain = probe("plain")
-    strict = probe("strict", needs_offsets=True)
-    lenient = probe("lenient", needs_offsets=True, degraded="counts less")
+    strict = probe("strict", offsets={"PNM_OFF_X": ("sk_buff", "dev")})
+    lenient = probe("lenient", offsets={"PNM_OFF_X": ("sk_buff", "dev")}, degraded="counts less")
     keep, notes = c_source.loadable([plain, strict, lenient], no_offsets_kernel())
     assert keep == [plain, lenient]
     assert notes["strict"].startswith("not loaded: no kernel struct offsets")

@@ -19,6 +19,9 @@ import pytest
 
 from monitor.kernel import btf
 from monitor.kernel.btf import Btf, BtfError
+from monitor.probes import kernel_needs
+
+OFFSETS = kernel_needs().offsets  # every registered probe's
 
 # BTF_KIND_* from include/uapi/linux/btf.h, spelled out again on purpose
 K_INT, K_PTR, K_ARRAY, K_STRUCT, K_UNION, K_ENUM, K_FWD, K_TYPEDEF = 1, 2, 3, 4, 5, 6, 7, 8
@@ -243,7 +246,7 @@ def test_offsetof(parsed: Btf, struct_name: str, path: str, expected: int) -> No
 
 
 def test_kernel_offsets_of_the_synthetic_kernel(parsed: Btf) -> None:
-    assert btf.kernel_offsets(parsed) == {
+    assert btf.kernel_offsets(parsed, OFFSETS) == {
         "PNM_OFF_SKB_DEV": 16, "PNM_OFF_SKB_SK": 24, "PNM_OFF_SKB_CB": 32,
         "PNM_OFF_SKB_HEAD": 96, "PNM_OFF_SKB_NETWORK_HEADER": 94, "PNM_OFF_SKB_END": 112,
         "PNM_OFF_SHINFO_DATAREF": 32,
@@ -412,14 +415,14 @@ def test_load_reads_the_file(tmp_path: Path) -> None:
 def test_kernel_offsets_name_what_is_missing() -> None:
     blob = kernel_like().blob().replace(b"tcp_sock\0", b"tcp_sick\0")  # no tcp_sock any more
     with pytest.raises(BtfError, match=r"^struct tcp_sock is not in this kernel's BTF$"):
-        btf.kernel_offsets(Btf(blob))
+        btf.kernel_offsets(Btf(blob), OFFSETS)
 
 
 def test_kernel_offsets_name_a_missing_member() -> None:
     # both network_header's (the group's and the anonymous struct's): no such member at all
     blob = kernel_like().blob().replace(b"network_header\0", b"network_heaver\0")
     with pytest.raises(BtfError, match=r"^struct sk_buff has no member network_header in this kernel$"):
-        btf.kernel_offsets(Btf(blob))
+        btf.kernel_offsets(Btf(blob), OFFSETS)
 
 
 # -- this machine's kernel, read by bpftool -------------------------------------------------------
@@ -491,11 +494,11 @@ def bpftool_offsetof(types: dict[int, RawType], struct_name: str, path: str) -> 
                     reason="needs a readable /sys/kernel/btf/vmlinux and bpftool")
 def test_kernel_offsets_agree_with_bpftool() -> None:
     types = bpftool_types(VMLINUX)
-    ours = btf.kernel_offsets(Btf.load(VMLINUX))
+    ours = btf.kernel_offsets(Btf.load(VMLINUX), OFFSETS)
     theirs = {define: bpftool_offsetof(types, struct_name, path)
-              for define, (struct_name, path) in btf.OFFSETS.items()}
+              for define, (struct_name, path) in OFFSETS.items()}
     assert ours == theirs
-    # the ones the brief names, spelled out, so a change to OFFSETS cannot hide them
+    # the ones the brief names, spelled out, so a change to the probes' offsets cannot hide them
     assert ours["PNM_OFF_SKB_DEV"] == bpftool_offsetof(types, "sk_buff", "dev")
     assert ours["PNM_OFF_DEV_NET"] == bpftool_offsetof(types, "net_device", "nd_net")
     assert ours["PNM_OFF_DEV_IFINDEX"] == bpftool_offsetof(types, "net_device", "ifindex")
