@@ -18,11 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
 from bench.common import UDP_SENDER, lab_pods, machine, median, run_in, spawn_in, stable
 from monitor.identity import IdentityIndex
-from monitor.kernel import kernelinfo, source, syscalls
+from monitor.kernel import kernelinfo, rtnl, source, syscalls
 from monitor.kernel.netlink import TC_PARENT_INGRESS
 from monitor.kernel.programs import Programs
 from monitor.peers.identity import PeerResolver
@@ -84,8 +83,8 @@ def measure(rounds: int, datagrams: int) -> dict[str, dict[str, list[float]]]:
             run_in(a, "ip", "neigh", "replace", ip, "lladdr", mac, "dev", "eth0", "nud",
                    "permanent")
             run_in(a, "ip", "route", "add", f"{ip}/32", "dev", "eth0")
-        ipr = IPRoute()
-        ipr.tc("add", "clsact", ifindex)  # a fresh lab veth has none; lab down removes it
+        tc = rtnl.Rtnl()
+        tc.add_clsact(ifindex)  # a fresh lab veth has none; lab down removes it
         sink = spawn_in(b, "iperf3", "-s")
         fds = {"empty": empty_fd, **{n: p.ingress_fd for n, p in programs.items()}}
         order = list(fds)
@@ -94,8 +93,9 @@ def measure(rounds: int, datagrams: int) -> dict[str, dict[str, list[float]]]:
                 # rotate who runs first: the first program pays the packet's cache misses
                 turn = order[r % len(order):] + order[:r % len(order)]
                 for prio, name in enumerate(turn, start=100):
-                    ipr.tc("add-filter", "bpf", ifindex, 1, fd=fds[name], name=f"bench-{name}",
-                           parent=TC_PARENT_INGRESS, classid=1, direct_action=True, prio=prio)
+                    tc.add_bpf_filter(ifindex, parent=TC_PARENT_INGRESS, prio=prio, handle=1,
+                                      fd=fds[name], name=f"bench-{name}", direct_action=True,
+                                      classid=1)
                 try:
                     for kind in ("udp64", "udp64x16", "tcp"):
                         start = _infos(fds)
@@ -118,12 +118,11 @@ def measure(rounds: int, datagrams: int) -> dict[str, dict[str, list[float]]]:
                             results[name][kind].append(cost[name][0] - cost["empty"][0])
                 finally:
                     for prio, _name in enumerate(turn, start=100):
-                        ipr.tc("del-filter", "bpf", ifindex, 1, parent=TC_PARENT_INGRESS,
-                               prio=prio)
+                        tc.delete_filter(ifindex, parent=TC_PARENT_INGRESS, prio=prio, handle=1)
         finally:
             sink.kill()
             sink.wait()
-            ipr.close()
+            tc.close()
     for prog in programs.values():
         prog.close()
     os.close(empty_fd)

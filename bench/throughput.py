@@ -28,6 +28,7 @@ defaults, each test takes about 6 minutes.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import subprocess
@@ -38,12 +39,10 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
-from pyroute2 import IPRoute  # type: ignore[import-untyped]
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import daemon, machine, median, run_in, spawn_in, tcpdump
-from monitor.kernel import syscalls
+from monitor.kernel import rtnl, syscalls
 from monitor.kernel.netlink import TC_PARENT_EGRESS, TC_PARENT_INGRESS
 from podnetlab.lab import Lab, LabPod
 
@@ -61,24 +60,25 @@ def empty_tc(devs: list[str]) -> Iterator[None]:
     """The floor of classic tc: a two-instruction program returning TC_ACT_UNSPEC as a
     cls_bpf filter on both hooks of each device, where podnetmon's classic filters go."""
     fd = syscalls.load_unspec_program()
-    ipr = IPRoute()
+    tc = rtnl.Rtnl()
     added: list[tuple[int, int]] = []
     try:
         for dev in devs:
             ifindex = _ifindex(dev)
             try:
-                ipr.tc("add", "clsact", ifindex)
-            except Exception:  # noqa: BLE001 - it has one already (never removed: polite)
-                pass
+                tc.add_clsact(ifindex)
+            except rtnl.RtnlError as exc:  # it has one already (never removed: polite)
+                if exc.errno != errno.EEXIST:
+                    raise
             for parent in (TC_PARENT_INGRESS, TC_PARENT_EGRESS):
-                ipr.tc("add-filter", "bpf", ifindex, 1, fd=fd, name="bench-empty", parent=parent,
-                       classid=1, direct_action=True, prio=EMPTY_PRIO)
+                tc.add_bpf_filter(ifindex, parent=parent, prio=EMPTY_PRIO, handle=1, fd=fd,
+                                  name="bench-empty", direct_action=True, classid=1)
                 added.append((ifindex, parent))
         yield
     finally:
         for ifindex, parent in added:
-            ipr.tc("del-filter", "bpf", ifindex, 1, parent=parent, prio=EMPTY_PRIO)
-        ipr.close()
+            tc.delete_filter(ifindex, parent=parent, prio=EMPTY_PRIO, handle=1)
+        tc.close()
         os.close(fd)
 
 

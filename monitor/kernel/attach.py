@@ -10,8 +10,6 @@ import errno
 import os
 from pathlib import Path
 
-from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
-
 from monitor import log
 from monitor.kernel import pins, syscalls, tracepoints
 from monitor.kernel.errors import AttachError, KernelError
@@ -20,6 +18,7 @@ from monitor.kernel.netlink import (
     TC_PARENT_EGRESS,
     TC_PARENT_INGRESS,
     Netlink,
+    RtnlError,
     filter_name_at,
     filters_before,
     remove_our_filters,
@@ -115,7 +114,7 @@ class Attacher:
             try:
                 if self._our_filter(att.ifindex, parent) != FILTER_NAME:
                     return "filter gone"
-            except NetlinkError:
+            except RtnlError:
                 return ""
         if self._mode == "auto" and self.tcx_available and self.filters_before_ours(att.ifindex):
             return "a filter runs before ours"
@@ -129,9 +128,9 @@ class Attacher:
                 self._attach_tcx(att)
             else:
                 self._attach_tc(att)
-        except (OSError, NetlinkError, KernelError) as exc:
+        except (OSError, KernelError) as exc:  # RtnlError is an OSError
             self.detach(att)  # undo the half that may have worked
-            code = getattr(exc, "code", None) or getattr(exc, "errno", None)
+            code = getattr(exc, "errno", None)
             raise AttachError(f"attach by {mode} failed: {exc}", interface=ifname,
                               netns=netns, err=code) from None
         return att
@@ -193,11 +192,11 @@ class Attacher:
         return filter_name_at(self._nl, ifindex, parent, self._prio, self._handle)
 
     def _attach_tc(self, att: Attachment) -> None:
-        ipr = self._nl.ipr()
+        tc = self._nl.tc()
         try:
-            ipr.tc("add", "clsact", att.ifindex)
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:  # a clsact the CNI (or we, before) added is fine
+            tc.add_clsact(att.ifindex)
+        except RtnlError as exc:
+            if exc.errno != errno.EEXIST:  # a clsact the CNI (or we, before) added is fine
                 raise
         for fd, parent in ((self._programs.ingress_fd, TC_PARENT_INGRESS),
                            (self._programs.egress_fd, TC_PARENT_EGRESS)):
@@ -206,9 +205,9 @@ class Attacher:
                 raise KernelError(f"priority {self._prio} handle {self._handle:#x} holds "
                                   f"another agent's filter {taken!r}; set tc_priority")
             # replace: atomic swap if ours is there from before (a restart), create otherwise
-            ipr.tc("replace-filter", "bpf", att.ifindex, self._handle, fd=fd,
-                   name=FILTER_NAME, parent=parent, classid=1, direct_action=True,
-                   prio=self._prio)
+            tc.replace_bpf_filter(att.ifindex, parent=parent, prio=self._prio,
+                                  handle=self._handle, fd=fd, name=FILTER_NAME,
+                                  direct_action=True, classid=1)
         self._unpin_links(att.ifindex)  # left by a daemon that attached by tcx
 
     def detach(self, att: Attachment) -> None:

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import os
 
-from pyroute2 import IPRoute  # type: ignore[import-untyped]
-from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
-
-from monitor.kernel import loader, netns, syscalls
-from monitor.kernel.netlink import TC_PARENT_INGRESS
+from monitor.kernel import loader, netns, rtnl, syscalls
+from monitor.kernel.rtnl import TC_PARENT_INGRESS
 
 
 def probe_attach_features() -> dict[str, str]:
@@ -30,17 +27,15 @@ def probe_attach_features() -> dict[str, str]:
         try:
             netns.unshare()
             prog = syscalls.load_unspec_program()
-            ipr = IPRoute()
-            try:
-                ipr.tc("add", "clsact", 1)
-                result["clsact"] = ""
-                ipr.tc("add-filter", "bpf", 1, 1, fd=prog, name="pnm_probe",
-                       parent=TC_PARENT_INGRESS, classid=1, direct_action=True, prio=1)
-                result["cls_bpf"] = ""
-            except (NetlinkError, OSError) as exc:
-                result["clsact" if result["clsact"] else "cls_bpf"] = str(exc)
-            finally:
-                ipr.close()
+            with rtnl.Rtnl() as tc:
+                try:
+                    tc.add_clsact(1)
+                    result["clsact"] = ""
+                    tc.add_bpf_filter(1, parent=TC_PARENT_INGRESS, prio=1, handle=1, fd=prog,
+                                      name="pnm_probe", direct_action=True, classid=1)
+                    result["cls_bpf"] = ""
+                except OSError as exc:
+                    result["clsact" if result["clsact"] else "cls_bpf"] = str(exc)
             try:
                 os.close(syscalls.tcx_link_create(prog, 1, syscalls.BPF_TCX_INGRESS, first=True))
                 result["tcx"] = ""

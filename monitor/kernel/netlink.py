@@ -1,8 +1,8 @@
 """rtnetlink as the daemon uses it: per-thread sockets for link dumps, one link's
 statistics, nsids and link events; classic tc filters read and removed.
 
-pyroute2 sockets are bound to the thread that made them (0.9 runs an event
-loop per socket), so each thread gets its own from a thread-local.
+One stack, our own (monitor.kernel.rtnl): a socket serves one request at a time, so
+each thread gets its own from a thread-local.
 """
 
 from __future__ import annotations
@@ -10,41 +10,27 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from typing import Any
-
-from pyroute2 import IPRoute  # type: ignore[import-untyped]
-from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from monitor import log
 from monitor.kernel import rtnl
 from monitor.kernel.records import HostSide, VethCounts, VethLink
+from monitor.kernel.rtnl import TC_PARENT_EGRESS, TC_PARENT_INGRESS, RtnlError
+
+__all__ = ["FILTER_NAME", "TC_PARENT_EGRESS", "TC_PARENT_INGRESS", "Netlink", "RtnlError"]
 
 FILTER_NAME = "podnetmon"
-TC_PARENT_INGRESS = 0xFFFFFFF2  # ffff:fff2, clsact's ingress hook
-TC_PARENT_EGRESS = 0xFFFFFFF3
-
-
-def _attr(msg: Any, name: str) -> Any:
-    return msg.get_attr(name)
 
 
 class Netlink:
-    """Per-thread rtnetlink sockets: our own (monitor.kernel.rtnl) for the reconciler's
-    frequent link dumps and nsid queries, pyroute2 for the rarer tc changes.
-
-    pyroute2 sockets are bound to the thread that made them (0.9 runs an event
-    loop per socket), so each thread gets its own from a thread-local.
-    """
+    """Per-thread rtnetlink sockets (monitor.kernel.rtnl): link dumps, nsid queries,
+    one link's statistics, and the tc requests of the attacher."""
 
     def __init__(self) -> None:
         self._local = threading.local()
 
-    def ipr(self) -> Any:
-        ipr = getattr(self._local, "ipr", None)
-        if ipr is None:
-            ipr = IPRoute()
-            self._local.ipr = ipr
-        return ipr
+    def tc(self) -> rtnl.Rtnl:
+        """This thread's socket, for tc requests."""
+        return self._rtnl()
 
     def _rtnl(self) -> rtnl.Rtnl:
         sock = getattr(self._local, "rtnl", None)
@@ -55,7 +41,7 @@ class Netlink:
 
     def close(self) -> None:
         """Close this thread's sockets."""
-        for name in ("ipr", "rtnl"):
+        for name in ("rtnl",):
             sock = getattr(self._local, name, None)
             if sock is not None:
                 sock.close()
@@ -111,12 +97,9 @@ class Netlink:
 def filter_name_at(netlink: Netlink, ifindex: int, parent: int, prio: int,
                    handle: int) -> str | None:
     """The name of the bpf filter at this priority and handle, or None if there is none."""
-    for msg in netlink.ipr().get_filters(index=ifindex, parent=parent):
-        if msg["handle"] != handle or (msg["info"] >> 16) != prio:
-            continue
-        options = _attr(msg, "TCA_OPTIONS")
-        name = options.get_attr("TCA_BPF_NAME") if options is not None else None
-        return str(name or "")
+    for found in netlink.tc().filters(ifindex, parent):
+        if found.handle == handle and found.prio == prio:
+            return found.name
     return None
 
 
@@ -128,10 +111,10 @@ def remove_our_filters(netlink: Netlink, ifindex: int, prio: int, handle: int) -
         try:
             if filter_name_at(netlink, ifindex, parent, prio, handle) != FILTER_NAME:
                 continue
-            netlink.ipr().tc("del-filter", "bpf", ifindex, handle, parent=parent, prio=prio)
+            netlink.tc().delete_filter(ifindex, parent=parent, prio=prio, handle=handle)
             removed += 1
-        except NetlinkError as exc:
-            if exc.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
+        except RtnlError as exc:
+            if exc.errno not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
                 log.get("attach").warning("detach failed", ifindex=ifindex, error=str(exc))
     return removed
 
@@ -143,15 +126,13 @@ def filters_before(netlink: Netlink, ifindex: int, prio: int) -> list[str]:
     found = []
     for parent, hook in ((TC_PARENT_INGRESS, "ingress"), (TC_PARENT_EGRESS, "egress")):
         try:
-            msgs = netlink.ipr().get_filters(index=ifindex, parent=parent)
-        except NetlinkError:
+            filters = netlink.tc().filters(ifindex, parent)
+        except RtnlError:
             continue
-        for msg in msgs:
-            at = msg["info"] >> 16
-            options = _attr(msg, "TCA_OPTIONS")
-            name = options.get_attr("TCA_BPF_NAME") if options is not None else None
-            if msg["handle"] and (at < prio or (at == prio and name != FILTER_NAME)):
-                found.append(f"{hook} prio {at} {name or _attr(msg, 'TCA_KIND')}")
+        for each in filters:
+            at = each.prio
+            if each.handle and (at < prio or (at == prio and each.name != FILTER_NAME)):
+                found.append(f"{hook} prio {at} {each.name or each.kind}")
     return sorted(set(found))
 
 

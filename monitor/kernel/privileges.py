@@ -22,6 +22,8 @@ import ctypes
 import os
 from collections.abc import Iterable
 
+from monitor.kernel import arch
+
 CAP_DAC_OVERRIDE = 1
 CAP_NET_ADMIN = 12
 CAP_SYS_PTRACE = 19
@@ -40,7 +42,6 @@ NAMES = dict(enumerate((
     "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM",
     "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE")))
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
-_SYS_CAPGET, _SYS_CAPSET = 125, 126  # x86-64
 
 
 class _Header(ctypes.Structure):
@@ -52,18 +53,19 @@ class _Data(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-def _call(number: int, data: ctypes.Array[_Data]) -> None:
+def _call(name: str, data: ctypes.Array[_Data]) -> None:
+    """capget(2) or capset(2), by its number on this architecture (monitor.kernel.arch)."""
     libc = ctypes.CDLL(None, use_errno=True)
     header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
-    if libc.syscall(number, ctypes.byref(header), data) != 0:
+    if libc.syscall(arch.number(name), ctypes.byref(header), data) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"cap{'get' if number == _SYS_CAPGET else 'set'}: {os.strerror(err)}")
+        raise OSError(err, f"{name}: {os.strerror(err)}")
 
 
 def current() -> tuple[int, int]:
     """(effective, permitted) of the calling thread, as 64-bit masks."""
     data = (_Data * 2)()
-    _call(_SYS_CAPGET, data)
+    _call("capget", data)
     return (data[0].effective | data[1].effective << 32,
             data[0].permitted | data[1].permitted << 32)
 
@@ -90,5 +92,5 @@ def drop_to(keep: Iterable[int] = RUNTIME_CAPABILITIES) -> list[str]:
     for i in range(2):
         data[i].effective = data[i].permitted = (wanted >> (32 * i)) & 0xFFFFFFFF
         data[i].inheritable = 0
-    _call(_SYS_CAPSET, data)
+    _call("capset", data)
     return names(dropped)

@@ -1,4 +1,4 @@
-"""Plain data the kernel adapter returns, importable without bcc or pyroute2."""
+"""Plain data the kernel adapter returns, importable without bcc."""
 
 from __future__ import annotations
 

@@ -59,7 +59,8 @@ class BpfError(OSError):
     """A bpf(2) command failed; errno and the command are kept."""
 
 
-def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
+def bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
+    """One bpf(2) command with an attribute block made by attr(); BpfError on failure."""
     ret = int(_libc.syscall(arch.number("bpf"), cmd, attr, _ATTR_SIZE))
     if ret < 0:
         err = ctypes.get_errno()
@@ -67,7 +68,8 @@ def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
     return ret
 
 
-def _attr(*fields: tuple[int, str, int]) -> ctypes.Array[ctypes.c_char]:
+def attr(*fields: tuple[int, str, int]) -> ctypes.Array[ctypes.c_char]:
+    """A zeroed union bpf_attr with (offset, struct format, value) fields packed in."""
     buf = ctypes.create_string_buffer(_ATTR_SIZE)
     for offset, fmt, value in fields:
         struct.pack_into(fmt, buf, offset, value)
@@ -81,21 +83,21 @@ def tcx_link_create(prog_fd: int, ifindex: int, attach_type: int, *, first: bool
     (BPF_F_BEFORE with no relative program means "at the head").
     """
     flags = BPF_F_BEFORE if first else 0
-    return _bpf(BPF_LINK_CREATE, _attr((0, "I", prog_fd), (4, "I", ifindex),
+    return bpf(BPF_LINK_CREATE, attr((0, "I", prog_fd), (4, "I", ifindex),
                                         (8, "I", attach_type), (12, "I", flags)))
 
 
 def link_detach(link_fd: int) -> None:
     """Detach a link now, even if other fds to it remain open."""
-    _bpf(BPF_LINK_DETACH, _attr((0, "I", link_fd)))
+    bpf(BPF_LINK_DETACH, attr((0, "I", link_fd)))
 
 
 def tcx_query(ifindex: int, attach_type: int) -> list[int]:
     """Program ids on a device's tcx hook, in run order (empty if none)."""
     ids = (ctypes.c_uint32 * 64)()
-    buf = _attr((0, "I", ifindex), (4, "I", attach_type), (24, "I", len(ids)))
+    buf = attr((0, "I", ifindex), (4, "I", attach_type), (24, "I", len(ids)))
     struct.pack_into("Q", buf, 16, ctypes.addressof(ids))
-    _bpf(BPF_PROG_QUERY, buf)
+    bpf(BPF_PROG_QUERY, buf)
     count = struct.unpack_from("I", buf, 24)[0]
     return list(ids[: min(count, len(ids))])
 
@@ -106,7 +108,7 @@ def enable_run_stats() -> int:
     Returns an fd: statistics stay on for as long as it is open, so the
     daemon's exit turns them off again without touching the sysctl.
     """
-    return _bpf(BPF_ENABLE_STATS, _attr((0, "I", BPF_STATS_RUN_TIME)))
+    return bpf(BPF_ENABLE_STATS, attr((0, "I", BPF_STATS_RUN_TIME)))
 
 
 @dataclass(frozen=True)
@@ -124,9 +126,9 @@ _PROG_INFO_SIZE = 232  # sizeof(struct bpf_prog_info) in 6.1 uapi; newer kernels
 
 def prog_info(prog_fd: int) -> ProgInfo:
     info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
-    buf = _attr((0, "I", prog_fd), (4, "I", _PROG_INFO_SIZE))
+    buf = attr((0, "I", prog_fd), (4, "I", _PROG_INFO_SIZE))
     struct.pack_into("Q", buf, 8, ctypes.addressof(info))
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, buf)
+    bpf(BPF_OBJ_GET_INFO_BY_FD, buf)
     prog_id = struct.unpack_from("I", info, 4)[0]
     name = info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
     run_time_ns, run_cnt = struct.unpack_from("QQ", info, 192)
@@ -141,10 +143,10 @@ def map_update(map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> b
     False if the element is gone). For per-CPU maps `value` holds one 8-byte-aligned
     slot per possible CPU."""
     k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value, len(value))
-    buf = _attr((0, "I", map_fd), (8, "Q", ctypes.addressof(k)), (16, "Q", ctypes.addressof(v)),
+    buf = attr((0, "I", map_fd), (8, "Q", ctypes.addressof(k)), (16, "Q", ctypes.addressof(v)),
                 (24, "Q", flags))
     try:
-        _bpf(BPF_MAP_UPDATE_ELEM, buf)
+        bpf(BPF_MAP_UPDATE_ELEM, buf)
     except BpfError as exc:
         if flags == BPF_EXIST and exc.errno == errno.ENOENT:
             return False
@@ -156,9 +158,9 @@ def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
     """One element's value, or None if there is no such key."""
     k = ctypes.create_string_buffer(key, len(key))
     v = ctypes.create_string_buffer(value_size)
-    buf = _attr((0, "I", map_fd), (8, "Q", ctypes.addressof(k)), (16, "Q", ctypes.addressof(v)))
+    buf = attr((0, "I", map_fd), (8, "Q", ctypes.addressof(k)), (16, "Q", ctypes.addressof(v)))
     try:
-        _bpf(BPF_MAP_LOOKUP_ELEM, buf)
+        bpf(BPF_MAP_LOOKUP_ELEM, buf)
     except BpfError as exc:
         if exc.errno == errno.ENOENT:
             return None
@@ -170,7 +172,7 @@ def map_delete(map_fd: int, key: bytes) -> bool:
     """Delete one element; False if it was not there."""
     k = ctypes.create_string_buffer(key, len(key))
     try:
-        _bpf(BPF_MAP_DELETE_ELEM, _attr((0, "I", map_fd), (8, "Q", ctypes.addressof(k))))
+        bpf(BPF_MAP_DELETE_ELEM, attr((0, "I", map_fd), (8, "Q", ctypes.addressof(k))))
     except BpfError as exc:
         if exc.errno == errno.ENOENT:
             return False
@@ -190,19 +192,19 @@ def map_items(map_fd: int, key_size: int, value_size: int) -> list[tuple[bytes, 
     val = ctypes.create_string_buffer(value_size)
     first = True
     while True:
-        buf = _attr((0, "I", map_fd), (8, "Q", 0 if first else ctypes.addressof(cur)),
+        buf = attr((0, "I", map_fd), (8, "Q", 0 if first else ctypes.addressof(cur)),
                     (16, "Q", ctypes.addressof(nxt)))
         try:
-            _bpf(BPF_MAP_GET_NEXT_KEY, buf)
+            bpf(BPF_MAP_GET_NEXT_KEY, buf)
         except BpfError as exc:
             if exc.errno == errno.ENOENT:
                 return out
             raise
         first = False
         ctypes.memmove(cur, nxt, key_size)
-        look = _attr((0, "I", map_fd), (8, "Q", ctypes.addressof(cur)), (16, "Q", ctypes.addressof(val)))
+        look = attr((0, "I", map_fd), (8, "Q", ctypes.addressof(cur)), (16, "Q", ctypes.addressof(val)))
         try:
-            _bpf(BPF_MAP_LOOKUP_ELEM, look)
+            bpf(BPF_MAP_LOOKUP_ELEM, look)
         except BpfError as exc:
             if exc.errno == errno.ENOENT:
                 continue
@@ -234,9 +236,9 @@ class MapInfo:
 
 def map_info(map_fd: int) -> MapInfo:
     info = ctypes.create_string_buffer(88)
-    buf = _attr((0, "I", map_fd), (4, "I", len(info)))
+    buf = attr((0, "I", map_fd), (4, "I", len(info)))
     struct.pack_into("Q", buf, 8, ctypes.addressof(info))
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, buf)
+    bpf(BPF_OBJ_GET_INFO_BY_FD, buf)
     map_type, map_id, key_size, value_size, max_entries = struct.unpack_from("5I", info, 0)
     name = info.raw[24:40].split(b"\0", 1)[0].decode(errors="replace")
     return MapInfo(map_type, map_id, key_size, value_size, max_entries, name)
@@ -253,14 +255,14 @@ def load_unspec_program() -> int:
     insns = struct.pack("<BBhi", 0xB7, 0, 0, -1) + struct.pack("<BBhi", 0x95, 0, 0, 0)
     code = ctypes.create_string_buffer(insns, len(insns))
     license_ = ctypes.create_string_buffer(b"GPL")
-    buf = _attr((0, "I", BPF_PROG_TYPE_SCHED_CLS), (4, "I", 2))
+    buf = attr((0, "I", BPF_PROG_TYPE_SCHED_CLS), (4, "I", 2))
     struct.pack_into("QQ", buf, 8, ctypes.addressof(code), ctypes.addressof(license_))
     struct.pack_into("16s", buf, 48, b"pnm_probe")
-    return _bpf(BPF_PROG_LOAD, buf)
+    return bpf(BPF_PROG_LOAD, buf)
 
 
 def prog_fd_by_id(prog_id: int) -> int:
-    return _bpf(BPF_PROG_GET_FD_BY_ID, _attr((0, "I", prog_id)))
+    return bpf(BPF_PROG_GET_FD_BY_ID, attr((0, "I", prog_id)))
 
 
 def is_missing(exc: OSError) -> bool:
@@ -288,11 +290,11 @@ def map_lookup_batch(map_fd: int, key_size: int, value_size: int, count: int,
     key_buf = (ctypes.c_char * len(keys)).from_buffer(keys)
     value_buf = (ctypes.c_char * len(values)).from_buffer(values)
     # union bpf_attr, batch: in_batch, out_batch, keys, values (u64 pointers), count, map_fd
-    buf = _attr((0, "Q", ctypes.addressof(in_batch) if in_batch is not None else 0),
+    buf = attr((0, "Q", ctypes.addressof(in_batch) if in_batch is not None else 0),
                 (8, "Q", ctypes.addressof(out_batch)), (16, "Q", ctypes.addressof(key_buf)),
                 (24, "Q", ctypes.addressof(value_buf)), (32, "I", count), (36, "I", map_fd))
     try:
-        _bpf(BPF_MAP_LOOKUP_BATCH, buf)
+        bpf(BPF_MAP_LOOKUP_BATCH, buf)
     except BpfError as exc:
         if exc.errno != errno.ENOENT:  # ENOENT: the map ended before `count` elements
             raise
@@ -327,12 +329,12 @@ def batch_items(map_fd: int, key_size: int, value_size: int,
         keys, values = bytearray(key_size * count), bytearray(value_size * count)
         key_buf = (ctypes.c_char * len(keys)).from_buffer(keys)
         value_buf = (ctypes.c_char * len(values)).from_buffer(values)
-        buf = _attr((0, "Q", 0 if first else ctypes.addressof(token)),
+        buf = attr((0, "Q", 0 if first else ctypes.addressof(token)),
                     (8, "Q", ctypes.addressof(nxt)), (16, "Q", ctypes.addressof(key_buf)),
                     (24, "Q", ctypes.addressof(value_buf)), (32, "I", count), (36, "I", map_fd))
         ended = False
         try:
-            _bpf(BPF_MAP_LOOKUP_BATCH, buf)
+            bpf(BPF_MAP_LOOKUP_BATCH, buf)
         except BpfError as exc:
             if exc.errno == errno.ENOSPC:
                 del key_buf, value_buf
@@ -358,9 +360,9 @@ def map_delete_batch(map_fd: int, keys: list[bytes]) -> int:
     for start in range(0, len(keys), 4096):
         chunk = keys[start:start + 4096]
         packed = ctypes.create_string_buffer(b"".join(chunk), len(b"".join(chunk)) or 1)
-        buf = _attr((16, "Q", ctypes.addressof(packed)), (32, "I", len(chunk)), (36, "I", map_fd))
+        buf = attr((16, "Q", ctypes.addressof(packed)), (32, "I", len(chunk)), (36, "I", map_fd))
         try:
-            _bpf(BPF_MAP_DELETE_BATCH, buf)
+            bpf(BPF_MAP_DELETE_BATCH, buf)
             deleted += len(chunk)
         except BpfError as exc:
             if exc.errno != errno.ENOENT:

@@ -28,7 +28,7 @@ from monitor.kernel.perfring import (
     perf_attr,
     perf_event_open,
 )
-from monitor.kernel.syscalls import BpfError, _attr, _bpf
+from monitor.kernel.syscalls import BpfError, attr, bpf
 
 # enum bpf_cmd
 BPF_OBJ_PIN = 6
@@ -109,16 +109,16 @@ def attach_tracepoint(prog_fd: int, category: str, event: str,
     """
     name = f"{category}:{event}"
     tp_id = tracepoint_id(category, event, tracefs)
-    attr = perf_attr(PERF_TYPE_TRACEPOINT, tp_id, sample_period=1)
+    perf_event = perf_attr(PERF_TYPE_TRACEPOINT, tp_id, sample_period=1)
     try:
-        perf_fd = perf_event_open(attr, -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
+        perf_fd = perf_event_open(perf_event, -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
     except OSError as exc:
         err = exc.errno or errno.EINVAL
         raise TracepointError(err, f"perf_event_open for tracepoint {name} (id {tp_id}): "
                               f"{os.strerror(err)}") from None
     try:
-        return _bpf(BPF_LINK_CREATE, _attr((0, "I", prog_fd), (4, "I", perf_fd),
-                                           (8, "I", BPF_PERF_EVENT)))
+        return bpf(BPF_LINK_CREATE, attr((0, "I", prog_fd), (4, "I", perf_fd),
+                                         (8, "I", BPF_PERF_EVENT)))
     except OSError as exc:
         err = exc.errno or errno.EINVAL
         hint = {errno.EINVAL: " (is it a TRACEPOINT program?)",
@@ -135,7 +135,7 @@ def pin(fd: int, path: str) -> None:
     raw = os.fsencode(path)
     name = ctypes.create_string_buffer(raw, len(raw) + 1)
     try:
-        _bpf(BPF_OBJ_PIN, _attr((0, "Q", ctypes.addressof(name)), (8, "I", fd)))
+        bpf(BPF_OBJ_PIN, attr((0, "Q", ctypes.addressof(name)), (8, "I", fd)))
     except OSError as exc:
         hint = " (only inside a bpffs mount)" if exc.errno == errno.EPERM else ""
         raise _reraise(exc, f"pinning fd {fd}{hint}", path) from None
@@ -146,7 +146,7 @@ def get_pinned(path: str) -> int:
     raw = os.fsencode(path)
     name = ctypes.create_string_buffer(raw, len(raw) + 1)
     try:
-        return _bpf(BPF_OBJ_GET, _attr((0, "Q", ctypes.addressof(name))))
+        return bpf(BPF_OBJ_GET, attr((0, "Q", ctypes.addressof(name))))
     except OSError as exc:
         raise _reraise(exc, "opening the pinned bpf object", path) from None
 
@@ -154,9 +154,9 @@ def get_pinned(path: str) -> int:
 def link_info(link_fd: int) -> LinkInfo:
     """Type, id and program of a link, plus device and hook for tcx links."""
     info = ctypes.create_string_buffer(_LINK_INFO_SIZE)
-    buf = _attr((0, "I", link_fd), (4, "I", _LINK_INFO_SIZE), (8, "Q", ctypes.addressof(info)))
+    buf = attr((0, "I", link_fd), (4, "I", _LINK_INFO_SIZE), (8, "Q", ctypes.addressof(info)))
     try:
-        _bpf(BPF_OBJ_GET_INFO_BY_FD, buf)
+        bpf(BPF_OBJ_GET_INFO_BY_FD, buf)
     except OSError as exc:
         raise _reraise(exc, f"BPF_OBJ_GET_INFO_BY_FD on link fd {link_fd}") from None
     link_type, link_id, prog_id = struct.unpack_from("<III", info, 0)
@@ -172,7 +172,7 @@ def link_update(link_fd: int, new_prog_fd: int) -> None:
     Not every link type can: a perf event link (a tracepoint) answers EINVAL on 6.18.
     """
     try:
-        _bpf(BPF_LINK_UPDATE, _attr((0, "I", link_fd), (4, "I", new_prog_fd)))
+        bpf(BPF_LINK_UPDATE, attr((0, "I", link_fd), (4, "I", new_prog_fd)))
     except OSError as exc:
         raise _reraise(exc, f"BPF_LINK_UPDATE of link fd {link_fd} to prog fd "
                             f"{new_prog_fd}") from None
