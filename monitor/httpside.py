@@ -3,15 +3,16 @@ and the Api the server answers with (the server itself is bound earlier, by run(
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from monitor.auth import Authenticator, FailureLimiter
-from monitor.collector import PodCollector
+from monitor.collector import PodCollector, ProbeReadings
 from monitor.exposition import Registry
 from monitor.kernel.kallsyms import Symbols
 from monitor.metadata import MetadataSource
+from monitor.monitormetrics import MonitorCollector, probe_states
 from monitor.probes.base import Probe
 from monitor.server import Api
 from monitor.settings import Settings
@@ -50,29 +51,20 @@ def metrics(settings: Settings, kernel: KernelSide, state: MonitorState,  # noqa
             metadata: MetadataSource, probes: Sequence[Probe], watch: VethWatch) -> Registry:
     """The registry /metrics renders, with every collector registered."""
     programs, bypass, unseen = kernel.programs, watch.bypass, watch.unseen
-    registry = Registry()
+    registry, readings = Registry(), ProbeReadings()
     registry.register(PodCollector(
         probes=programs.probes, maps=kernel.maps, state=state, node=settings.node_name,
-        kernel=kernel.kernel, node_slot=settings.max_interfaces,
+        kernel=kernel.kernel, node_slot=settings.max_interfaces, pod_labels=settings.pod_labels,
+        redirected=(lambda: bypass.redirected) if bypass is not None else None,
+        before_attach=unseen.by_pod if unseen is not None else None, readings=readings))
+    registry.register(MonitorCollector(  # after the pod collector: it reads `readings`
+        state=state, kernel=kernel.kernel, readings=readings,
         probe_states=probe_states(probes, programs.notes),
         program_stats=programs.program_stats if programs.stats_enabled() else None,
-        bcc_version=programs.bcc_version, pod_labels=settings.pod_labels,
-        api_stats=getattr(metadata, "stats", None),
+        bcc_version=programs.bcc_version, api_stats=getattr(metadata, "stats", None),
         bypassed=(lambda: bypass.bypassed) if bypass is not None else None,
-        redirected=(lambda: bypass.redirected) if bypass is not None else None,
-        before_attach=unseen.by_pod if unseen is not None else None,
         scrape_stats=registry.scrape_stats))
     return registry
-
-
-def probe_states(wanted: Sequence[Probe], notes: Mapping[str, str]) -> dict[str, str]:
-    """loaded, degraded or off, for podnet_monitor_probe_state."""
-    states = {}
-    for probe in wanted:
-        note = notes.get(probe.name, "")
-        states[probe.name] = ("off" if note.startswith("not loaded") else
-                              "degraded" if note else "loaded")
-    return states
 
 
 def _traces(settings: Settings, kernel: KernelSide, state: MonitorState) -> TraceApi | None:

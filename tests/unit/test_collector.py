@@ -1,4 +1,5 @@
-"""The scrape-time collector over fake kernel maps, and the per-CPU folding helpers."""
+"""The scrape-time collectors (the pods', the monitor's own) over fake kernel maps, and the
+per-CPU folding helpers."""
 
 from __future__ import annotations
 
@@ -6,17 +7,21 @@ import ctypes
 import dataclasses
 import platform
 import struct
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 import monitor
-from monitor.collector import PodCollector
-from monitor.exposition import DuplicateSeriesError, Registry
+from monitor.collector import PodCollector, ProbeReadings
+from monitor.exposition import DuplicateSeriesError, Family, Registry
 from monitor.identity import OVERFLOW, HostVeth, IdentityIndex, Pod, PodMeta, PodNetwork, fold, identify
+from monitor.kernel.kernelinfo import KernelInfo
 from monitor.kernel.maps import only_u64, sum_u64_slots
 from monitor.kernel.records import ProgramStats
+from monitor.monitormetrics import MonitorCollector
 from monitor.probes import REGISTRY, drops, packets, retransmits
 from monitor.probes.base import Scrape
 from monitor.probes.packets import Counts
@@ -66,6 +71,33 @@ class FakeMaps:
         return [self.slots.get(slot) for slot in slots]
 
 
+class DaemonCollectors:
+    """The pod collector and the monitor's own, as the daemon registers them
+    (monitor/httpside.py): one after the other, sharing the probe readings."""
+
+    def __init__(self, *, probes: Sequence[Any], state: MonitorState, kernel: KernelInfo,
+                 probe_states: Mapping[str, str] | None = None,
+                 program_stats: Callable[[], Sequence[ProgramStats]] | None = None,
+                 bcc_version: str = "", api_stats: Callable[[], Mapping[str, float]] | None = None,
+                 bypassed: Callable[[], Mapping[tuple[str, str], str]] | None = None,
+                 scrape_stats: Callable[[], tuple[int, float]] | None = None,
+                 **pod_kwargs: Any) -> None:
+        self.pods = PodCollector(probes=probes, state=state, kernel=kernel, **pod_kwargs)
+        self.monitor = MonitorCollector(
+            state=state, kernel=kernel, readings=self.pods.readings,
+            probe_states=probe_states or {p.name: "loaded" for p in probes},
+            program_stats=program_stats, bcc_version=bcc_version, api_stats=api_stats,
+            bypassed=bypassed, scrape_stats=scrape_stats)
+
+    def describe(self) -> Iterator[Family]:
+        yield from self.pods.describe()
+        yield from self.monitor.describe()
+
+    def collect(self) -> Iterator[Family]:
+        yield from self.pods.collect()
+        yield from self.monitor.collect()
+
+
 def status(pod: Pod, mode: str = "tc") -> PodStatus:
     return PodStatus(pod.namespace, pod.name, pod.uid, pod.netns_inode, pod.has_metadata,
                      pod.network.pause_pid, pod.network.pinned_path,
@@ -81,7 +113,7 @@ def setup(maps: FakeMaps, pods: Sequence[Pod], slots: dict[int, int] | None = No
     modes = list(modes) or ["tc"] * len(pods)
     state.publish(Snapshot(IdentityIndex(pods, slots),
                            tuple(status(p, m) for p, m in zip(pods, modes, strict=True))))
-    registry = registry_of(PodCollector(
+    registry = registry_of(DaemonCollectors(
         probes=[packets.PROBE], maps=maps, state=state, node="node-1", kernel=kernel(),
         node_slot=1024,
         program_stats=(lambda: program_stats) if program_stats is not None else None,
@@ -89,7 +121,7 @@ def setup(maps: FakeMaps, pods: Sequence[Pod], slots: dict[int, int] | None = No
     return registry, state
 
 
-def render(collector: PodCollector) -> str:
+def render(collector: DaemonCollectors) -> str:
     """The collector's text exposition, as /metrics serves it by default."""
     registry = Registry()
     registry.register(collector)
@@ -262,8 +294,8 @@ def test_monitor_metrics(make_pod: PodFactory) -> None:
 
 
 def test_no_bpf_stats_families_without_program_stats(make_pod: PodFactory) -> None:
-    text = render(PodCollector(probes=[packets.PROBE], maps=FakeMaps(), state=MonitorState(),
-                               node="node-1", kernel=kernel(), node_slot=1024))
+    text = render(DaemonCollectors(probes=[packets.PROBE], maps=FakeMaps(), state=MonitorState(),
+                                   node="node-1", kernel=kernel(), node_slot=1024))
     assert "podnet_monitor_bpf_run" not in text
     assert "podnet_monitor_bpf_runs" not in text
 
@@ -305,17 +337,17 @@ def test_registering_reads_no_map_and_a_scrape_reads_them(make_pod: PodFactory) 
     state = MonitorState()
     state.publish(Snapshot(IdentityIndex([make_pod(4026532001, [(7, "veth7")])], {7: 2})))
     registry = Registry()
-    registry.register(PodCollector(probes=[packets.PROBE], maps=maps, state=state, node="node-1",
-                                   kernel=kernel(), node_slot=1024))
+    registry.register(DaemonCollectors(probes=[packets.PROBE], maps=maps, state=state, node="node-1",
+                                       kernel=kernel(), node_slot=1024))
     assert maps.reads == []
     registry.render()
     assert maps.reads == [("pnm_packets", 2)]
 
 
 def test_registering_twice_is_refused() -> None:
-    def collector() -> PodCollector:
-        return PodCollector(probes=[packets.PROBE], maps=FakeMaps(), state=MonitorState(),
-                            node="node-1", kernel=kernel(), node_slot=1024)
+    def collector() -> DaemonCollectors:
+        return DaemonCollectors(probes=[packets.PROBE], maps=FakeMaps(), state=MonitorState(),
+                                node="node-1", kernel=kernel(), node_slot=1024)
 
     registry = Registry()
     registry.register(collector())
@@ -326,12 +358,13 @@ def test_registering_twice_is_refused() -> None:
 def test_describe_names_every_family_without_samples(make_pod: PodFactory) -> None:
     state = MonitorState()
     state.publish(Snapshot(IdentityIndex([make_pod(4026532001, [(7, "veth7")])])))
-    collector = PodCollector(probes=[packets.PROBE], maps=FakeMaps(), state=state,
-                             node="node-1", kernel=kernel(), node_slot=1024, program_stats=list)
+    collector = DaemonCollectors(probes=[packets.PROBE], maps=FakeMaps(), state=state,
+                                 node="node-1", kernel=kernel(), node_slot=1024, program_stats=list)
     assert [f.series for f in collector.describe()] == [[]] * 28
     assert [m.name for m in collector.describe()] == [
         "podnet_packets", "podnet_bytes", "podnet_tcp_segments",
-        "podnet_packets_before_attach", "podnet_bytes_before_attach", "podnet_pod_info",
+        "podnet_packets_before_attach", "podnet_bytes_before_attach",
+        "podnet_redirected_packets", "podnet_redirected_bytes", "podnet_pod_info",
         "podnet_monitor_attached_pods",
         "podnet_monitor_attach_errors", "podnet_monitor_reconciles",
         "podnet_monitor_reconcile_seconds", "podnet_monitor_collect_errors",
@@ -339,7 +372,6 @@ def test_describe_names_every_family_without_samples(make_pod: PodFactory) -> No
         "podnet_monitor_probe_state", "podnet_monitor_series_dropped", "podnet_monitor_maps",
         "podnet_monitor_netlink_overflows", "podnet_monitor_reattaches",
         "podnet_monitor_api_synced", "podnet_monitor_api_requests", "podnet_monitor_bypassed",
-        "podnet_redirected_packets", "podnet_redirected_bytes",
         "podnet_monitor_bpf_run_seconds", "podnet_monitor_bpf_runs",
         "podnet_monitor_scrapes", "podnet_monitor_scrape_seconds",
         "podnet_monitor_lost_events"]
@@ -351,7 +383,7 @@ def test_exposition_text(make_pod: PodFactory) -> None:
     text = generate_latest(registry).decode()
     state = MonitorState()
     state.publish(Snapshot(IdentityIndex([web], {7: 0}), (status(web),)))
-    assert render(PodCollector(
+    assert render(DaemonCollectors(
         probes=[packets.PROBE], maps=FakeMaps({0: counts({(INGRESS, TCP): 10}, {(INGRESS, TCP): 1500})}),
         state=state, node="node-1", kernel=kernel(), node_slot=1024, bcc_version="0.26.0")) == text
     assert "# TYPE podnet_packets_total counter" in text
@@ -430,8 +462,8 @@ def collector_over(maps: object, pods: Sequence[Pod], slots: dict[int, int], *,
                    probes: Sequence[object] = (), **kwargs: object) -> CollectorRegistry:
     state = MonitorState()
     state.publish(Snapshot(IdentityIndex(pods, slots), tuple(status(p) for p in pods)))
-    return registry_of(PodCollector(probes=list(probes) or [packets.PROBE], maps=maps,  # type: ignore[arg-type]
-                                    state=state, **kwargs))  # type: ignore[arg-type]
+    return registry_of(DaemonCollectors(probes=list(probes) or [packets.PROBE], maps=maps,  # type: ignore[arg-type]
+                                        state=state, **kwargs))  # type: ignore[arg-type]
 
 
 def test_kernel_offsets_none() -> None:
@@ -486,8 +518,8 @@ def test_one_probe_failing_leaves_the_others(make_pod: PodFactory) -> None:
 def test_describe_of_every_probe_reads_no_map() -> None:
     maps = DictMaps()
     state = MonitorState()
-    collector = PodCollector(probes=list(REGISTRY.values()), maps=maps, state=state, node="n",
-                             kernel=kernel(), node_slot=1024)
+    collector = DaemonCollectors(probes=list(REGISTRY.values()), maps=maps, state=state, node="n",
+                                 kernel=kernel(), node_slot=1024)
     names = [m.name for m in collector.describe()]
     assert names[:12] == [
         "podnet_packets", "podnet_bytes", "podnet_tcp_segments", "podnet_peer_packets",
@@ -516,8 +548,8 @@ def registry_with(pods: Sequence[Pod], slots: dict[int, int] | None = None, *, m
                   state: MonitorState | None = None, **kwargs: object) -> CollectorRegistry:
     state = state or MonitorState()
     state.publish(Snapshot(IdentityIndex(pods, slots), tuple(status(p) for p in pods)))
-    return registry_of(PodCollector(probes=[packets.PROBE], maps=maps or FakeMaps(), state=state,  # type: ignore[arg-type]
-                                    node="node-1", kernel=kernel(), node_slot=1024, **kwargs),  # type: ignore[arg-type]
+    return registry_of(DaemonCollectors(probes=[packets.PROBE], maps=maps or FakeMaps(), state=state,  # type: ignore[arg-type]
+                                        node="node-1", kernel=kernel(), node_slot=1024, **kwargs),  # type: ignore[arg-type]
                        auto_describe=True)
 
 
@@ -584,7 +616,7 @@ def test_series_dropped_counter() -> None:
 def test_api_families_only_with_api_stats() -> None:
     text = generate_latest(registry_with([])).decode()
     assert "podnet_monitor_api" not in text
-    assert "podnet_monitor_api" not in render(PodCollector(
+    assert "podnet_monitor_api" not in render(DaemonCollectors(
         probes=[packets.PROBE], maps=FakeMaps(), state=MonitorState(), node="node-1",
         kernel=kernel(), node_slot=1024))
     stats = {"synced": 1.0, "list": 2, "watch": 7, "error": 3}
@@ -616,8 +648,8 @@ def lost_values(registry: CollectorRegistry) -> dict[str, float]:
 def test_lost_events_merge_the_drop_map_and_the_traces() -> None:
     state = MonitorState()
     maps = DictMaps({drops.LOST: {u32(0): u64(9)}})
-    registry = registry_of(PodCollector(probes=[drops.PROBE], maps=maps, state=state, node="node-1",
-                                        kernel=kernel(), node_slot=1024))
+    registry = registry_of(DaemonCollectors(probes=[drops.PROBE], maps=maps, state=state, node="node-1",
+                                            kernel=kernel(), node_slot=1024))
     # every source is there from the start, at 0: a rate() needs the series before the first loss
     assert lost_values(registry) == {"capture": 0, "drop_events": 0, "drops": 9}
     state.count_lost("capture", 5)  # the trace perf buffers' lost callbacks (CaptureManager on_lost)
@@ -635,9 +667,9 @@ def test_lost_events_of_the_same_source_are_added() -> None:
     other = dataclasses.replace(retransmits.PROBE, name="other", lost=lost_too)
     state = MonitorState()
     state.count_lost("other", 3)
-    registry = registry_of(PodCollector(probes=[drops.PROBE, other],
-                                        maps=DictMaps({drops.LOST: {u32(0): u64(9)}}),
-                                        state=state, node="node-1", kernel=kernel(), node_slot=1024))
+    registry = registry_of(DaemonCollectors(probes=[drops.PROBE, other],
+                                            maps=DictMaps({drops.LOST: {u32(0): u64(9)}}),
+                                            state=state, node="node-1", kernel=kernel(), node_slot=1024))
     assert lost_values(registry) == {"capture": 0, "drop_events": 0, "drops": 13, "other": 5}
 
 
@@ -657,8 +689,8 @@ def test_an_unreadable_drop_map_does_not_reset_the_lost_counter() -> None:
             return super().items(name)
 
     maps = Flaky({drops.LOST: {u32(0): u64(9)}})
-    registry = registry_of(PodCollector(probes=[drops.PROBE], maps=maps, state=MonitorState(),
-                                        node="node-1", kernel=kernel(), node_slot=1024))
+    registry = registry_of(DaemonCollectors(probes=[drops.PROBE], maps=maps, state=MonitorState(),
+                                            node="node-1", kernel=kernel(), node_slot=1024))
     assert lost_values(registry)["drops"] == 9
     maps.broken = True
     assert lost_values(registry) == {"capture": 0, "drop_events": 0}  # absent for that scrape
@@ -668,8 +700,8 @@ def test_an_unreadable_drop_map_does_not_reset_the_lost_counter() -> None:
 
 def test_maps_state_says_where_counters_started(make_pod: PodFactory) -> None:
     state = MonitorState()
-    collector = PodCollector(probes=[packets.PROBE], maps=FakeMaps(), state=state,
-                             node="node-1", kernel=kernel(), node_slot=1024)
+    collector = DaemonCollectors(probes=[packets.PROBE], maps=FakeMaps(), state=state,
+                                 node="node-1", kernel=kernel(), node_slot=1024)
     for where in ("adopted", "fresh", "reset", "unpinned"):
         state.maps_states = {"core": "adopted", "packets": where}
         family = next(f for f in collector.collect() if f.name == "podnet_monitor_maps")
@@ -692,6 +724,22 @@ def test_one_scrape_reads_one_identity_snapshot(make_pod: PodFactory) -> None:
             return super().lookup_slots(name, slots)
 
     maps = Swapping({0: counts({(EGRESS, TCP): 5}, {}), 1: counts({}, {})})
-    text = render(PodCollector(probes=[packets.PROBE], maps=maps, state=state, node="n",
-                               kernel=kernel(), node_slot=1024))
+    text = render(DaemonCollectors(probes=[packets.PROBE], maps=maps, state=state, node="n",
+                                   kernel=kernel(), node_slot=1024))
     assert 'uid="old"' in text and 'uid="new"' not in text  # pod_info of the counted pod
+
+
+def test_a_scrapes_lost_events_are_its_own_threads() -> None:
+    """Scrapes run side by side in the HTTP workers: the monitor's collector exposes the
+    lost events the pod collector read in the same scrape, not another thread's."""
+    readings = ProbeReadings()
+    readings.start()
+    readings.add_lost({"drops": 9})
+    seen: list[dict[str, int]] = []
+    other = threading.Thread(target=lambda: seen.append(readings.lost()))
+    other.start()
+    other.join()
+    assert seen == [{}]
+    assert readings.lost() == {"drops": 9}
+    readings.start()  # the next scrape in this thread: none until its probes are read
+    assert readings.lost() == {}

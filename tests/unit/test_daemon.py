@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor import daemon, daemonconfig, httpside
+from monitor import daemon, daemonconfig, monitormetrics
 from monitor.kernel import source
 from monitor.metadata.kubernetes import KubernetesSource
 from monitor.metadata.static import NoMetadata, StaticInventory
@@ -25,21 +25,21 @@ def test_probe_states() -> None:
     notes = {"drops": "degraded: without kernel struct offsets ...",
              "retransmits": "not loaded: no kernel struct offsets (x)",
              "rtt": "not loaded: this kernel has no tracepoint sock:inet_sock_set_state"}
-    assert httpside.probe_states(wanted, notes) == {"packets": "loaded", "drops": "degraded",
+    assert monitormetrics.probe_states(wanted, notes) == {"packets": "loaded", "drops": "degraded",
                                                   "retransmits": "off", "rtt": "off"}
 
 
 def test_probe_states_from_loadable() -> None:
     wanted = select([])
     _, notes = source.loadable(wanted, no_offsets_kernel(tracepoints=ALL_TRACEPOINTS))
-    assert httpside.probe_states(wanted, notes) == {
+    assert monitormetrics.probe_states(wanted, notes) == {
         "packets": "loaded", "peers": "loaded", "tcpflags": "loaded", "handshake": "loaded",
         "dns": "loaded", "dnsnames": "loaded",
         "drops": "degraded", "retransmits": "off", "rtt": "off", "trace": "loaded"}
 
 
 def test_probe_states_ignore_notes_of_probes_not_wanted() -> None:
-    assert httpside.probe_states(select(["packets"]), {"rtt": "not loaded: x"}) == {"packets": "loaded"}
+    assert monitormetrics.probe_states(select(["packets"]), {"rtt": "not loaded: x"}) == {"packets": "loaded"}
 
 
 # -- which metadata source `auto` stands for, and how it is built ---------------------------------

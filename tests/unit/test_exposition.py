@@ -18,7 +18,6 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.utils import floatToGoString
 
-from monitor.collector import PodCollector
 from monitor.exposition import (
     CounterFamily,
     DuplicateSeriesError,
@@ -45,6 +44,7 @@ from monitor.scrapeformat import (
 )
 from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
 from tests.unit.fakes import DictMaps, kernel, registry_of, u32, u64
+from tests.unit.test_collector import DaemonCollectors
 
 ESCAPINGS = (UNDERSCORES, ALLOW_UTF8, DOTS, VALUES)
 # Every format the negotiation can end in, with prometheus_client's encoder for it
@@ -343,8 +343,8 @@ def test_a_version_that_is_not_a_number_gets_the_text_format(accept: str) -> Non
 
 # -- the whole collector ------------------------------------------------------------------------
 
-def collector_over(npods: int, seed: int, **kwargs: object) -> PodCollector:
-    """A PodCollector with every probe over fake maps: npods pods, some with two
+def collector_over(npods: int, seed: int, **kwargs: object) -> DaemonCollectors:
+    """The daemon's collectors with every probe over fake maps: npods pods, some with two
     interfaces, one folded into _overflow, random counters and histograms."""
     rnd = random.Random(seed)
     maps: dict[str, dict[bytes, bytes]] = {}
@@ -404,7 +404,7 @@ def collector_over(npods: int, seed: int, **kwargs: object) -> PodCollector:
         for p in pods)))
     state.count_reconcile(0.1)
     state.count_lost("capture", 2)
-    return PodCollector(
+    return DaemonCollectors(
         probes=list(REGISTRY.values()), maps=DictMaps(maps), state=state, node="node-1",
         kernel=kernel(drop_reasons={2: "NOT_SPECIFIED", 3: "NO_SOCKET"}), node_slot=1024,
         program_stats=lambda: [ProgramStats("pnm_tc_ingress", 1, 1_234_567_891, 42)],

@@ -812,16 +812,16 @@ def test_a_folded_pod_that_goes_is_forgotten() -> None:
 
 
 def test_one_overflow_pod_info_for_all_folded_pods() -> None:
-    from monitor.collector import PodCollector
     from monitor.probes import packets
     from tests.unit.fakes import DictMaps, kernel, registry_of, sample_names
+    from tests.unit.test_collector import DaemonCollectors
 
     world = capped(1)
     for i in range(4):
         add_pod(world, i)
     world.run()
-    collector = PodCollector(probes=[packets.PROBE], maps=DictMaps(), state=world.state, node="node-1",
-                             kernel=kernel(), node_slot=1024)
+    collector = DaemonCollectors(probes=[packets.PROBE], maps=DictMaps(), state=world.state,
+                                 node="node-1", kernel=kernel(), node_slot=1024)
     samples = sample_names(registry_of(collector.collect), "podnet_pod_info")
     assert sorted((labels["namespace"], labels["pod"]) for _n, labels, _v in samples) == [
         OVER, ("shop", "pod-0")]
