@@ -2,28 +2,31 @@
 
 Every field documents why its default is what it is. Every host path is a
 setting, so that a DaemonSet can point the daemon at the host's /proc,
-cgroup root, netns directories and bpffs mounted somewhere else.
+cgroup root, netns directories and bpffs mounted somewhere else. The daemon's
+own settings are the table below; each registered probe adds the settings it owns
+(Probe.settings), so a probe's timeout or limits are declared beside the code that
+reads them. What makes a value bad: monitor/settingscheck.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import ipaddress
 import os
-import re
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from monitor.probes import REGISTRY
+from monitor.probes.base import Probe
+from monitor.settingscheck import ATTACH_MODES, problems, prometheus_label
+
+__all__ = ["ATTACH_MODES", "EMPTY_ENV_IS_A_VALUE", "ENV_PREFIX", "CoreSettings", "Settings",
+           "SettingsError", "add_arguments", "describe", "env_name", "flag_name", "from_sources",
+           "names", "probe_list", "problems", "prometheus_label", "settings_class"]
 
 ENV_PREFIX = "PODNETMON_"
-ATTACH_MODES = ("auto", "tc", "tcx")
-METADATA_SOURCES = ("auto", "kubernetes", "inventory", "none")
-AUTH_MODES = ("auto", "token", "kubernetes", "none")
-LOG_FORMATS = ("auto", "json", "console")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-PEER_INDEXES = ("auto", "cluster", "none")
 
 
 class SettingsError(ValueError):
@@ -48,8 +51,8 @@ def _doc(text: str, **kwargs: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Everything the daemon can be told; see each field's doc."""
+class CoreSettings:
+    """What the daemon itself can be told; see each field's doc. Settings adds the probes'."""
 
     listen: str = _doc(
         "host:port of the one HTTP listener (/metrics, /healthz, /readyz, /api/v1). "
@@ -136,13 +139,6 @@ class Settings:
         "The running kernel's BTF, where kernel struct offsets come from. Without it, drops "
         "count under the node only and retransmits and RTT are off.",
         default="/sys/kernel/btf/vmlinux")
-    tcp_connect_timeout: float = _doc(
-        "Seconds a SYN may wait for its SYN-ACK before the attempt counts as failed "
-        "(reason=timeout). 5 s is past Linux's first two SYN retransmits (1 s, 3 s).",
-        default=5.0)
-    dns_timeout: float = _doc(
-        "Seconds a DNS query may wait for its answer before it counts as a timeout; glibc's "
-        "resolver gives up on a server after 5 s by default.", default=5.0)
     sweep_interval: float = _doc(
         "Seconds between sweeps of pending handshakes and DNS queries for timeouts: how "
         "late past its timeout a timeout is counted at most.", default=1.0)
@@ -216,54 +212,6 @@ class Settings:
     auth_max_reviews: int = _doc(
         "TokenReviews and SubjectAccessReviews in flight at most; a request that finds no "
         "slot within a second gets 503.", default=4)
-    capture_dir: str = _doc("Where captures started by alerts are stored (0700; files 0600).",
-                            default="/var/lib/podnetmon/captures")
-    capture_max_files: int = _doc("Stored captures kept at most; the oldest go first.",
-                                  default=20)
-    capture_max_bytes: int = _doc("Bytes of stored captures kept at most; the oldest go "
-                                  "first.", default=500 << 20)
-    trace_max_duration: float = _doc("The longest trace anyone may ask for, in seconds.",
-                                     default=300.0)
-    trace_max_packets: int = _doc("Packets (or drop events) a trace may take at most.",
-                                  default=1_000_000)
-    trace_max_bytes: int = _doc("Bytes of packets a trace may take at most.", default=1 << 30)
-    trace_snaplen: int = _doc(
-        "Bytes copied of each packet unless a trace asks otherwise: one MTU, headers and the "
-        "start of the payload; each copied byte costs on the packet's path.", default=1500)
-    trace_max_snaplen: int = _doc("The largest snap length a trace may ask for (a perf event "
-                                  "holds at most 64 KiB).", default=65000)
-    traces_per_node: int = _doc("Traces running at once on the node, at most.", default=4)
-    traces_per_pod: int = _doc("Traces of one pod running at once, at most.", default=2)
-    peer_top: int = _doc(
-        "Peers (workloads, services, nodes) per pod and direction with series of their own "
-        "in podnet_peer_*; the rest are summed under peer_kind=_other. Ten answers 'towards "
-        "whom?' for almost every pod and keeps the series bounded; 0 puts every peer in "
-        "_other.", default=10)
-    peer_ttl: float = _doc(
-        "Seconds a peer (or a failing DNS name) with a series of its own may be silent before "
-        "its series goes (its count joins _other): long enough to outlast a scrape interval "
-        "and a retry backoff, short enough that a pod's old peers do not hold its places.",
-        default=300.0)
-    dns_top: int = _doc(
-        "Failing DNS names per pod with series of their own in podnet_dns_name_failures; "
-        "the rest are summed under qname=_other. A pod that fails on more than ten names "
-        "at once has one problem the first ten show.", default=10)
-    peer_interval: float = _doc(
-        "Seconds between drains of the kernel's peer maps besides the scrapes (so they do not "
-        "fill between scrapes); also the window peers are ranked over.", default=10.0)
-    cluster_cidrs: tuple[str, ...] = _doc(
-        "The cluster's pod CIDRs (comma-separated, IPv4 and IPv6): a peer address inside "
-        "them that no pod holds is `unknown` (a pod just gone) rather than `external`.",
-        default=())
-    service_cidrs: tuple[str, ...] = _doc(
-        "The cluster's service CIDRs: a peer address inside them that no Service holds is "
-        "`unknown` rather than `external`.", default=())
-    peer_index: str = _doc(
-        "Where peer identities come from beyond this node's own pods and addresses: "
-        "cluster (a cluster-wide list+watch of pods and services: every node then pays "
-        "the whole cluster's pod churn, see the README), none (this node only, the rest "
-        "by CIDR), or auto: cluster when pod names come from the Kubernetes API.",
-        default="auto")
     log_level: str = _doc("debug, info, warning or error.", default="info")
     log_format: str = _doc("auto (JSON unless stderr is a terminal), json or console.",
                            default="auto")
@@ -282,130 +230,38 @@ class Settings:
         return int(self.listen.rsplit(":", 1)[1])
 
 
-def _validate(s: Settings) -> None:
+def _validate(s: CoreSettings) -> None:
     found = problems(s)
     if found:
         raise SettingsError(found)
 
 
-def problems(s: Settings) -> list[str]:
-    """Every problem with these settings, each naming its setting first; none: [].
-
-    All are listed, not the first: someone fixing a manifest should not have to start
-    the daemon once per mistake (`run` exits 2 with the whole list)."""
-    found: list[str] = []
-    bad = found.append
-    _host, sep, port = s.listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        bad(f"listen: {s.listen!r} is not host:port (e.g. 0.0.0.0:9655)")
-    if s.metadata not in METADATA_SOURCES:
-        bad(f"metadata: {s.metadata!r} is not one of {', '.join(METADATA_SOURCES)}")
-    if s.metadata == "inventory" and not s.inventory:
-        bad("metadata: inventory needs --inventory PATH")
-    if not 1 <= s.max_pods <= 100000:
-        bad(f"max_pods: {s.max_pods} is outside 1..100000")
-    names: dict[str, str] = {}
-    for label in s.pod_labels:
-        if not label or len(label) > 317:
-            bad(f"pod_labels: {label!r} is not a Kubernetes label key")
-        other = names.setdefault(prometheus_label(label), label)
-        if other != label:
-            bad(f"pod_labels: {other!r} and {label!r} would both be exported "
-                f"as {prometheus_label(label)}")
-    if s.auth not in AUTH_MODES:
-        bad(f"auth: {s.auth!r} is not one of {', '.join(AUTH_MODES)}")
-    if s.auth == "token" and not s.auth_token_file:
-        bad("auth: token needs --auth-token-file PATH")
-    if not 14 <= s.trace_snaplen <= s.trace_max_snaplen <= 65000:
-        bad("trace_snaplen and trace_max_snaplen: need 14 <= snaplen <= max <= 65000")
-    if not 0 < s.trace_max_duration <= 86400:
-        bad(f"trace_max_duration: {s.trace_max_duration} s is outside (0, 86400]")
-    for name in ("trace_max_packets", "trace_max_bytes", "traces_per_node", "traces_per_pod",
-                 "capture_max_files", "capture_max_bytes"):
-        if getattr(s, name) < 1:
-            bad(f"{name}: {getattr(s, name)} must be at least 1")
-    if s.attach_mode not in ATTACH_MODES:
-        bad(f"attach_mode: {s.attach_mode!r} is not one of {', '.join(ATTACH_MODES)}")
-    if s.log_format not in LOG_FORMATS:
-        bad(f"log_format: {s.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
-    if s.log_level not in LOG_LEVELS:
-        bad(f"log_level: {s.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-    if not 1 <= s.tc_priority <= 0xFFFF:
-        bad(f"tc_priority: {s.tc_priority} is outside 1..65535")
-    if not 1 <= s.tc_handle <= 0xFFFFFFFF:
-        bad(f"tc_handle: {s.tc_handle} is outside 1..0xffffffff")
-    if not 0.1 <= s.resync_interval <= 3600:
-        bad(f"resync_interval: {s.resync_interval} s is outside 0.1..3600")
-    if not 0 <= s.event_debounce <= 1:
-        bad(f"event_debounce: {s.event_debounce} s is outside 0..1")
-    for name in ("tcp_connect_timeout", "dns_timeout"):
-        if not 0.1 <= getattr(s, name) <= 600:
-            bad(f"{name}: {getattr(s, name)} s is outside 0.1..600")
-    if not 1 <= s.bypass_check_interval <= 3600:
-        bad(f"bypass_check_interval: {s.bypass_check_interval} s is outside 1..3600")
-    if not 0.1 <= s.sweep_interval <= 60:
-        bad(f"sweep_interval: {s.sweep_interval} s is outside 0.1..60")
-    if not 16 <= s.max_interfaces <= 65536:
-        bad(f"max_interfaces: {s.max_interfaces} is outside 16..65536")
-    if not s.pause_comm or len(s.pause_comm) > 15:
-        bad("pause_comm: must be 1 to 15 characters (the kernel's comm length)")
-    for name in ("proc_root", "bpffs_root", "tracefs_root", "btf_path", "capture_dir"):
-        if name == "bpffs_root" and not s.bpffs_root:
-            continue  # empty: pin nothing (see the field)
-        if not os.path.isabs(getattr(s, name)):
-            bad(f"{name}: {getattr(s, name)!r} must be an absolute path")
-    if bool(s.tls_cert_file) != bool(s.tls_key_file):
-        bad("tls_cert_file and tls_key_file: give both or neither")
-    if s.tls_client_ca_file and not s.tls_cert_file:
-        bad("tls_client_ca_file: client certificates need TLS "
-            "(--tls-cert-file and --tls-key-file)")
-    if not 1 <= s.http_max_connections <= 65536:
-        bad(f"http_max_connections: {s.http_max_connections} is outside 1..65536")
-    if not 1 <= s.http_workers <= 256:
-        bad(f"http_workers: {s.http_workers} is outside 1..256")
-    for name in ("http_header_timeout", "http_idle_timeout", "http_body_timeout",
-                 "http_write_timeout"):
-        if not 0.1 <= getattr(s, name) <= 3600:
-            bad(f"{name}: {getattr(s, name)} s is outside 0.1..3600")
-    if not 1 <= s.auth_failures_per_minute <= 100000:
-        bad(f"auth_failures_per_minute: {s.auth_failures_per_minute} is "
-            "outside 1..100000")
-    if not 1 <= s.auth_max_reviews <= 256:
-        bad(f"auth_max_reviews: {s.auth_max_reviews} is outside 1..256")
-    if not s.auth_audiences:
-        bad("auth_audiences: name at least one audience (a token meant for "
-            "any audience would be one meant for the API server)")
-    for name in ("peer_top", "dns_top"):
-        if not 0 <= getattr(s, name) <= 1000:
-            bad(f"{name}: {getattr(s, name)} is outside 0..1000")
-    if not 1 <= s.peer_ttl <= 86400:
-        bad(f"peer_ttl: {s.peer_ttl} s is outside 1..86400")
-    if not 1 <= s.peer_interval <= 600:
-        bad(f"peer_interval: {s.peer_interval} s is outside 1..600")
-    if s.peer_index not in PEER_INDEXES:
-        bad(f"peer_index: {s.peer_index!r} is not one of {', '.join(PEER_INDEXES)}")
-    for name in ("cluster_cidrs", "service_cidrs"):
-        for cidr in getattr(s, name):
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                bad(f"{name}: {cidr!r} is not a CIDR (10.244.0.0/16, fd00::/108)")
-    for name in ("netns_dirs", "runtime_dirs"):
-        for d in getattr(s, name):
-            if not os.path.isabs(d):
-                bad(f"{name}: {d!r} must be an absolute path")
-    from monitor.probes import REGISTRY  # late: settings' users need no probe until here
-
-    unknown = [p for p in s.probes if p not in REGISTRY]
-    if unknown:
-        bad(f"probes: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
-            f"{'a probe' if len(unknown) == 1 else 'probes'}; known: {', '.join(REGISTRY)}")
-    return found
+def settings_class(probes: Iterable[Probe]) -> type[CoreSettings]:
+    """The daemon's settings with those the probes own after its own, in registry order:
+    a field each, documented, defaulted and checked as the probe declares it."""
+    taken = {f.name for f in dataclasses.fields(CoreSettings)}
+    added: list[tuple[str, str, Any]] = []
+    for probe in probes:
+        for setting in probe.settings:
+            if setting.name in taken:
+                raise ValueError(f"setting {setting.name!r} of probe {probe.name!r} is "
+                                 "one the daemon has already")
+            taken.add(setting.name)
+            added.append((setting.name, setting.type, field(
+                default=setting.default, metadata={"doc": setting.doc, "setting": setting})))
+    cls = dataclasses.make_dataclass("Settings", added, bases=(CoreSettings,), frozen=True)
+    cls.__module__ = __name__
+    return cls
 
 
-def prometheus_label(key: str) -> str:
-    """A Kubernetes label key as a Prometheus label name: label_<key>, [^a-zA-Z0-9_] -> _."""
-    return "label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+if TYPE_CHECKING:
+    class Settings(CoreSettings):
+        """CoreSettings and every registered probe's settings, which the type checker
+        cannot know of: those read as Any (their probes check their values)."""
+
+        def __getattr__(self, name: str) -> Any: ...
+else:
+    Settings = settings_class(REGISTRY.values())
 
 
 def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
@@ -451,8 +307,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def probe_list() -> str:
     """Every probe of the registry with what it counts, for --probes' help."""
-    from monitor.probes import REGISTRY
-
     return "The probes: " + "; ".join(f"{name}: {p.summary}" for name, p in REGISTRY.items()) + "."
 
 

@@ -15,9 +15,11 @@ from monitor.probes.base import (
     MapLayout,
     Probe,
     Scrape,
+    Setting,
     Sweep,
     sweep_pending,
     u32_key,
+    within,
 )
 
 MAP, PENDING, TIMEOUTS = "pnm_dns", "pnm_dns_pending", "pnm_dns_timeouts"
@@ -90,6 +92,12 @@ def describe() -> Iterator[Family]:
     yield from _families()
 
 
+TIMEOUT = Setting(
+    "dns_timeout", 5.0,
+    "Seconds a DNS query may wait for its answer before it counts as a timeout; glibc's "
+    "resolver gives up on a server after 5 s by default.",
+    within(0.1, 600, " s"))
+
 # A resolver's retries of one query (glibc: attempts x timeout) end well within this.
 RETRY_SPAN = 60.0
 
@@ -119,4 +127,5 @@ PROBE = Probe(
     collect=collect,
     describe=describe,
     sweep=sweep,
+    settings=(TIMEOUT,),
 )

@@ -22,7 +22,17 @@ from typing import Any, cast
 
 from monitor.exposition import CounterFamily, Family
 from monitor.kernel import syscalls
-from monitor.probes.base import TIMED_OUT, MapLayout, MapWriter, Probe, Scrape, Start, Sweep
+from monitor.probes.base import (
+    TIMED_OUT,
+    MapLayout,
+    MapWriter,
+    Probe,
+    Scrape,
+    Setting,
+    Start,
+    Sweep,
+    within,
+)
 from monitor.probes.dns import RETRY_SPAN, rcode_name
 from monitor.topn import TopSeries
 
@@ -121,6 +131,14 @@ def _families() -> tuple[CounterFamily]:
 
 def describe() -> Iterator[Family]:
     yield from _families()
+
+
+TOP = Setting(
+    "dns_top", 10,
+    "Failing DNS names per pod with series of their own in podnet_dns_name_failures; "
+    "the rest are summed under qname=_other. A pod that fails on more than ten names "
+    "at once has one problem the first ten show.",
+    within(0, 1000))
 
 
 @dataclass(frozen=True)
@@ -276,4 +294,5 @@ PROBE = Probe(
     collect=_unstarted,
     describe=describe,
     start=start,
+    settings=(TOP,),
 )

@@ -14,9 +14,11 @@ from monitor.probes.base import (
     MapLayout,
     Probe,
     Scrape,
+    Setting,
     Sweep,
     sweep_pending,
     u32_key,
+    within,
 )
 
 ROLES = ("client", "server")  # PNM_ROLE_* order
@@ -90,6 +92,12 @@ def describe() -> Iterator[Family]:
     yield failures
 
 
+TIMEOUT = Setting(
+    "tcp_connect_timeout", 5.0,
+    "Seconds a SYN may wait for its SYN-ACK before the attempt counts as failed "
+    "(reason=timeout). 5 s is past Linux's first two SYN retransmits (1 s, 3 s).",
+    within(0.1, 600, " s"))
+
 # Linux gives up on a SYN after tcp_syn_retries (6): about 127 s.
 SYN_RETRY_SPAN = 130.0
 
@@ -122,4 +130,5 @@ PROBE = Probe(
     collect=collect,
     describe=describe,
     sweep=sweep,
+    settings=(TIMEOUT,),
 )

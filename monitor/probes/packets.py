@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from monitor.exposition import CounterFamily, Family
 from monitor.kernel.maps import MapReader, word_slice, words
-from monitor.probes.base import MapLayout, Probe, Scrape
+from monitor.probes.base import INTERFACE_COUNTS, MapLayout, Probe, Scrape
 
 # Index order of pnm_counts' arrays, as bpf/pnm.h numbers them.
 DIRECTIONS = ("ingress", "egress")  # PNM_DIR_INGRESS (pod receives), PNM_DIR_EGRESS (pod sends)
@@ -104,4 +104,5 @@ PROBE = Probe(
     maps={MAP: MapLayout(ctypes.c_uint32, Counts, per_slot=True)},
     collect=collect,
     describe=describe,
+    provides=(INTERFACE_COUNTS,),
 )

@@ -17,6 +17,7 @@ podnet_packets_total and podnet_bytes_total.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import struct
 import threading
 import time
@@ -29,7 +30,19 @@ from monitor.exposition import CounterFamily, Family
 from monitor.identity import IdentityIndex
 from monitor.kernel import syscalls
 from monitor.kernel.maps import sum_u64_slots
-from monitor.probes.base import MapLayout, MapWriter, Probe, Scrape, Start, Sweep
+from monitor.probes.base import (
+    NODE,
+    PEER_RESOLVER,
+    SNAPSHOT,
+    MapLayout,
+    MapWriter,
+    Probe,
+    Scrape,
+    Setting,
+    Start,
+    Sweep,
+    within,
+)
 from monitor.topn import TopSeries
 
 EPOCH, OUTER, DRAINED = "pnm_peer_epoch", "pnm_peer_maps", "pnm_peer_drained"
@@ -132,6 +145,56 @@ def _families() -> tuple[CounterFamily, CounterFamily]:
 
 def describe() -> Iterator[Family]:
     yield from _families()
+
+
+PEER_INDEXES = ("auto", "cluster", "none")
+
+
+def _cidrs(name: str, value: tuple[str, ...], _values: Mapping[str, Any]) -> list[str]:
+    bad = []
+    for cidr in value:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            bad.append(f"{name}: {cidr!r} is not a CIDR (10.244.0.0/16, fd00::/108)")
+    return bad
+
+
+def _peer_index(name: str, value: str, _values: Mapping[str, Any]) -> list[str]:
+    if value in PEER_INDEXES:
+        return []
+    return [f"{name}: {value!r} is not one of {', '.join(PEER_INDEXES)}"]
+
+
+SETTINGS = (
+    Setting("peer_top", 10,
+            "Peers (workloads, services, nodes) per pod and direction with series of their own "
+            "in podnet_peer_*; the rest are summed under peer_kind=_other. Ten answers 'towards "
+            "whom?' for almost every pod and keeps the series bounded; 0 puts every peer in "
+            "_other.", within(0, 1000)),
+    Setting("peer_ttl", 300.0,
+            "Seconds a peer (or a failing DNS name) with a series of its own may be silent "
+            "before its series goes (its count joins _other): long enough to outlast a scrape "
+            "interval and a retry backoff, short enough that a pod's old peers do not hold "
+            "its places.", within(1, 86400, " s")),
+    Setting("peer_interval", 10.0,
+            "Seconds between drains of the kernel's peer maps besides the scrapes (so they do "
+            "not fill between scrapes); also the window peers are ranked over.",
+            within(1, 600, " s")),
+    Setting("cluster_cidrs", (),
+            "The cluster's pod CIDRs (comma-separated, IPv4 and IPv6): a peer address inside "
+            "them that no pod holds is `unknown` (a pod just gone) rather than `external`.",
+            _cidrs),
+    Setting("service_cidrs", (),
+            "The cluster's service CIDRs: a peer address inside them that no Service holds is "
+            "`unknown` rather than `external`.", _cidrs),
+    Setting("peer_index", "auto",
+            "Where peer identities come from beyond this node's own pods and addresses: "
+            "cluster (a cluster-wide list+watch of pods and services: every node then pays "
+            "the whole cluster's pod churn, see the README), none (this node only, the rest "
+            "by CIDR), or auto: cluster when pod names come from the Kubernetes API.",
+            _peer_index),
+)
 
 
 @dataclass(frozen=True)
@@ -398,4 +461,6 @@ PROBE = Probe(
     describe=describe,
     cflags=lambda _k: ["-DPNM_WANT_PEER"],
     start=start,
+    settings=SETTINGS,
+    needs=(PEER_RESOLVER, SNAPSHOT, NODE),
 )

@@ -3,7 +3,9 @@ a probe added to a registry needs nothing else changed to be asked for."""
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,6 +121,10 @@ def test_a_probe_added_to_a_registry_is_asked_for_with_no_other_change(
     assert reads.offsets["PNM_OFF_SKB_LEN"] == ("sk_buff", "len")
     assert "netif_receive_skb" in reads.functions
     assert "net:netif_receive_skb" not in kernel_needs().tracepoints  # the real one unchanged
+    from monitor import settings
+
+    fields = dataclasses.fields(settings.settings_class(registry.values()))
+    assert [f.name for f in fields][-1] == "fake_window"
 
 
 def test_two_probes_reading_one_offset_name_as_two_members_are_refused() -> None:
@@ -135,3 +141,53 @@ def test_two_probes_owning_one_setting_are_refused() -> None:
                   collect=nothing, describe=no_families)
     with pytest.raises(RegistryError, match="setting 'fake_window' claimed by 'fake' and 'other'"):
         _registry([FAKE, other])
+
+
+# -- settings -------------------------------------------------------------------------------------
+
+def test_the_settings_probes_own_are_declared_by_the_probes() -> None:
+    from monitor import settings
+
+    owned = {s.name: (p.name, s) for p in REGISTRY.values() for s in p.settings}
+    fields = {f.name: f for f in dataclasses.fields(settings.Settings)}
+    for name, (_probe, setting) in owned.items():
+        f = fields[name]
+        assert (f.default, f.metadata["doc"], f.type) == (setting.default, setting.doc,
+                                                          setting.type)
+        assert f.metadata["setting"] is setting
+    core = {f.name for f in dataclasses.fields(settings.CoreSettings)}
+    assert set(fields) == core | set(owned)  # nothing else, and no setting twice
+    assert not core & set(owned)
+    # the daemon's own table names none of them: they are where the code reading them is
+    assert {name: probe for name, (probe, _s) in owned.items()} == {
+        "tcp_connect_timeout": "handshake", "dns_timeout": "dns", "dns_top": "dnsnames",
+        **dict.fromkeys(("peer_top", "peer_ttl", "peer_interval", "cluster_cidrs",
+                         "service_cidrs", "peer_index"), "peers"),
+        **dict.fromkeys(("capture_dir", "capture_max_files", "capture_max_bytes",
+                         "trace_max_duration", "trace_max_packets", "trace_max_bytes",
+                         "trace_snaplen", "trace_max_snaplen", "traces_per_node",
+                         "traces_per_pod"), "trace")}
+
+
+def test_a_probes_setting_is_a_flag_an_env_variable_and_checked_as_it_says() -> None:
+    from monitor import settings
+
+    cls = settings.settings_class(_registry([*REGISTRY.values(), FAKE]).values())
+    assert cls(node_name="n").fake_window == 30.0  # type: ignore[attr-defined]
+    parser = argparse.ArgumentParser()
+    for f in dataclasses.fields(cls):  # as add_arguments() does for the real Settings
+        parser.add_argument(settings.flag_name(f.name), dest=f.name)
+    assert parser.parse_args(["--fake-window", "9"]).fake_window == "9"
+    with pytest.raises(settings.SettingsError, match=r"^fake_window: 601.0 s is outside 1..600$"):
+        cls(node_name="n", fake_window=601.0)
+    assert "fake_window" not in settings.names()  # the real Settings unchanged
+
+
+def test_a_probe_cannot_take_a_daemon_settings_name() -> None:
+    from monitor import settings
+
+    thief = Probe(name="thief", summary="", c_file="thief.c", maps={},
+                  settings=(Setting("listen", "", "mine"),),
+                  collect=nothing, describe=no_families)
+    with pytest.raises(ValueError, match="'listen' of probe 'thief'"):
+        settings.settings_class([thief])
