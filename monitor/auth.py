@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from monitor import log
-from monitor.listener import Certificate
+from monitor.tls import Certificate
 
 VERBS = ("get", "list", "create")
 SUBRESOURCES = ("capture", "drops", "captures")

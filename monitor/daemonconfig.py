@@ -12,11 +12,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from monitor.auth import Authenticator, NoAuth, authenticator
-from monitor.listener import Limits, TlsError, TlsFiles
+from monitor.listener import Limits
 from monitor.metadata import MetadataSource
 from monitor.metadata.static import NoMetadata, StaticInventory
 from monitor.probes.base import Probe
 from monitor.settings import Settings
+from monitor.tls import TlsError, TlsFiles
 
 
 @runtime_checkable

@@ -11,11 +11,13 @@ alerts, reviews). Every phase has a deadline: the handshake and headers, the idl
 wait between keep-alive requests, a body, a write. When the connection cap is
 reached, the connection that has been waiting longest without a request in
 progress is closed to make room, so held-open connections cannot lock anyone out.
+
+A connection's bytes and deadlines are in monitor/connection.py, the TLS context and
+client certificates in monitor/tls.py.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import selectors
 import socket
@@ -24,19 +26,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit
 
 from monitor import log
+from monitor.connection import RECV_SIZE, Conn
+from monitor.tls import TlsFiles, peer_certificate
 
 # The routes the probe lane serves: cheap, unauthenticated by default, and what the
 # kubelet and Prometheus need answered whatever else the daemon is doing.
 PROBE_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
-RECV_SIZE = 65536
-
-
-class TlsError(ValueError):
-    """The serving certificate, its key or the client CA cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -52,217 +49,6 @@ class Limits:
     write_timeout: float = 30.0
     max_header_bytes: int = 32 << 10  # a 16 KiB token and the usual headers fit
     queued: int = 64  # requests waiting for a worker, per lane; beyond it 503
-
-
-@dataclass(frozen=True)
-class Certificate:
-    """A client certificate the TLS layer verified against the client CA."""
-
-    user: str  # the subject's CN, as the API server and kubelet read it
-    groups: tuple[str, ...]  # the subject's O values
-
-
-# -- TLS -----------------------------------------------------------------------------------
-
-
-def _stamp(path: str) -> tuple[int, int, int, int] | None:
-    try:
-        st = os.stat(path)  # follows the symlink a Kubernetes Secret volume swaps on rotation
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
-
-
-class TlsFiles:
-    """The serving context, rebuilt when the certificate, key or client CA file changes.
-
-    Checked at most once a second, on a new connection. A pair that does not load
-    (a half-written rotation: the certificate new, the key still old) keeps the last
-    good context and is tried again at the next check; at start-up it is an error.
-    """
-
-    CHECK_INTERVAL = 1.0
-
-    def __init__(self, cert_file: str, key_file: str, client_ca_file: str = "",
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.paths = tuple(p for p in (cert_file, key_file, client_ca_file) if p)
-        self.cert_file, self.key_file, self.client_ca_file = cert_file, key_file, client_ca_file
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._log = log.get("tls")
-        self._stamps = self._read_stamps()
-        self._context = self._build()  # raises TlsError: a bad pair stops the start-up
-        self._checked = clock()
-        self.reloads = 0
-
-    def _read_stamps(self) -> tuple[Any, ...]:
-        return tuple(_stamp(p) for p in self.paths)
-
-    def _build(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_alpn_protocols(["http/1.1"])
-        try:
-            ctx.load_cert_chain(self.cert_file, self.key_file)
-            if self.client_ca_file:
-                ctx.load_verify_locations(cafile=self.client_ca_file)
-                ctx.verify_mode = ssl.CERT_OPTIONAL  # a certificate is one way in, not the only one
-        except (OSError, ssl.SSLError) as exc:
-            raise TlsError(f"cannot load the TLS files ({', '.join(self.paths)}): "
-                           f"{getattr(exc, 'strerror', None) or exc}") from None
-        return ctx
-
-    def context(self) -> ssl.SSLContext:
-        now = self._clock()
-        with self._lock:
-            if now - self._checked < self.CHECK_INTERVAL:
-                return self._context
-            self._checked = now
-            stamps = self._read_stamps()
-            if stamps == self._stamps:
-                return self._context
-            try:
-                self._context = self._build()
-            except TlsError as exc:
-                self._log.warning("new TLS files do not load: still serving the last good "
-                                  "certificate", error=str(exc))
-                return self._context  # stamps not taken: retried at the next check
-            self._stamps = stamps
-            self.reloads += 1
-            self._log.info("TLS files changed: serving the new certificate", reloads=self.reloads)
-            return self._context
-
-
-def peer_certificate(sock: socket.socket) -> Certificate | None:
-    """The verified client certificate of a TLS connection, or None."""
-    if not isinstance(sock, ssl.SSLSocket):
-        return None
-    cert = sock.getpeercert()
-    if not cert:
-        return None
-    names: dict[str, list[str]] = {}
-    subject: Any = cert.get("subject", ())  # ((("commonName", "x"),), (("organizationName", "g"),))
-    for rdn in subject:
-        for key, value in rdn:
-            names.setdefault(key, []).append(value)
-    user = (names.get("commonName") or [""])[0]
-    return Certificate(user, tuple(names.get("organizationName", ()))) if user else None
-
-
-# -- a connection --------------------------------------------------------------------------
-
-
-class Conn:
-    """One client connection: its socket, what it sent that no request consumed yet,
-    and the deadline of the phase it is in."""
-
-    def __init__(self, sock: socket.socket, peer: tuple[Any, ...], tls: bool,
-                 deadline: float) -> None:
-        self.sock, self.peer, self.tls = sock, peer, tls
-        self.buf = bytearray()
-        self.handshaking = tls
-        self.busy = False  # a worker has it
-        self.deadline = deadline
-        self.certificate: Certificate | None = None
-
-    @property
-    def address(self) -> str:
-        return str(self.peer[0]) if self.peer else ""
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def headers_complete(self) -> bool:
-        data = bytes(self.buf.lstrip(b"\r\n"))  # RFC 9112: blank lines before a request are ignored
-        return b"\r\n\r\n" in data or b"\n\n" in data
-
-    def request_path(self) -> str:
-        line = bytes(self.buf.lstrip(b"\r\n")).split(b"\n", 1)[0].decode("latin-1")
-        parts = line.split()
-        return urlsplit(parts[1]).path if len(parts) >= 2 else ""
-
-
-class ConnReader:
-    """The request side of a connection for BaseHTTPRequestHandler: what the front door
-    read first, then the socket, every read bounded by the body deadline."""
-
-    closed = False
-
-    def __init__(self, conn: Conn, limits: Limits) -> None:
-        self.conn, self.limits = conn, limits
-        self._deadline: float | None = None
-
-    def _fill(self) -> bool:
-        """One more read into the buffer; False at end of stream."""
-        now = time.monotonic()
-        if self._deadline is None:
-            self._deadline = now + self.limits.body_timeout
-        left = self._deadline - now
-        if left <= 0:
-            raise TimeoutError("the request body did not arrive in time")
-        sock = self.conn.sock
-        sock.settimeout(left)
-        try:
-            data = sock.recv(RECV_SIZE)
-        finally:
-            sock.settimeout(self.limits.write_timeout)
-        if not data:
-            return False
-        self.conn.buf += data
-        return True
-
-    def readline(self, limit: int = -1) -> bytes:
-        buf = self.conn.buf
-        while True:
-            end = buf.find(b"\n")
-            if end >= 0 and (limit < 0 or end < limit):
-                line = bytes(buf[:end + 1])
-                del buf[:end + 1]
-                return line
-            if 0 <= limit <= len(buf):
-                line = bytes(buf[:limit])
-                del buf[:limit]
-                return line
-            if not self._fill():
-                line = bytes(buf)
-                buf.clear()
-                return line
-
-    def read(self, n: int = -1) -> bytes:
-        buf = self.conn.buf
-        while n < 0 or len(buf) < n:
-            if not self._fill():
-                break
-        n = len(buf) if n < 0 else min(n, len(buf))
-        data = bytes(buf[:n])
-        del buf[:n]
-        return data
-
-    def close(self) -> None:
-        return
-
-
-class ConnWriter:
-    """The response side: sendall under the socket's timeout (write_timeout unless the
-    handler set its own, as a trace does for its deadline)."""
-
-    closed = False  # BaseHTTPRequestHandler.finish() asks
-
-    def __init__(self, conn: Conn) -> None:
-        self.conn = conn
-
-    def write(self, data: bytes) -> int:
-        self.conn.sock.sendall(data)
-        return len(data)
-
-    def flush(self) -> None:
-        return
-
-    def close(self) -> None:
-        return
 
 
 # -- the front door and the lanes ----------------------------------------------------------

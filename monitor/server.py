@@ -28,7 +28,9 @@ from monitor import __version__, log
 from monitor.auth import Access, Authenticator, AuthError, FailureLimiter, NoAuth, Request
 from monitor.exposition import Registry
 from monitor.identity import NAMESPACE_RE, POD_NAME_RE
-from monitor.listener import Conn, ConnReader, ConnWriter, FrontDoor, Limits, TlsFiles
+from monitor.connection import Conn, ConnReader, ConnWriter
+from monitor.listener import FrontDoor, Limits
+from monitor.tls import TlsFiles
 from monitor.scrapeformat import negotiate
 from monitor.state import MonitorState
 

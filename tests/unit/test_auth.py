@@ -35,7 +35,7 @@ from monitor.auth import (
     TokenFileAuth,
     authenticator,
 )
-from monitor.listener import Certificate
+from monitor.tls import Certificate
 from tests.fakeapi import AUTHN_REVIEWS_PATH, AUTHZ_REVIEWS_PATH, FakeApiServer
 
 SHARED = "s3cr3t-T0ken.with_chars~+/="  # what TokenFileAuth expects

@@ -18,10 +18,12 @@ from typing import Any
 import pytest
 
 from monitor.auth import Access, Request
+from monitor.connection import Conn, ConnReader
 from monitor.exposition import Registry
-from monitor.listener import Conn, ConnReader, Limits, TlsError, TlsFiles
+from monitor.listener import Limits
 from monitor.server import Api, Handler, Server, is_loopback
 from monitor.state import MonitorState
+from monitor.tls import TlsError, TlsFiles
 from tests.pki import Pair, leaf, new_ca
 
 FAST = Limits(max_connections=40, workers=1, probe_workers=1, header_timeout=0.5,
