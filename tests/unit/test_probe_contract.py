@@ -191,3 +191,19 @@ def test_a_probe_cannot_take_a_daemon_settings_name() -> None:
                   collect=nothing, describe=no_families)
     with pytest.raises(ValueError, match="'listen' of probe 'thief'"):
         settings.settings_class([thief])
+
+
+# -- what the daemon builds on the probes, and gives them -----------------------------------------
+
+def test_the_daemon_is_wired_by_what_probes_need_and_provide() -> None:
+    from monitor.probes import needing, providing, select
+    from monitor.probes.base import CAPTURES, INTERFACE_COUNTS, NODE, PEER_RESOLVER, SNAPSHOT
+
+    assert {p.name: p.needs for p in REGISTRY.values() if p.needs} == {
+        "peers": (PEER_RESOLVER, SNAPSHOT, NODE)}
+    assert {p.name: p.provides for p in REGISTRY.values() if p.provides} == {
+        "packets": (INTERFACE_COUNTS,), "trace": (CAPTURES,)}
+    assert providing(select(["packets"]), INTERFACE_COUNTS)
+    assert not providing(select(["drops", "peers"]), CAPTURES)
+    assert needing(select(["peers"]), PEER_RESOLVER)
+    assert not needing(select(["dnsnames"]), PEER_RESOLVER)
