@@ -327,12 +327,10 @@ class Reconciler:
             for veth in pod.interfaces:
                 att = self._attached.get(veth.ifindex)
                 failure = self._failures.get(veth.ifindex)
-                ifs.append(InterfaceStatus(
-                    veth.name, veth.ifindex, att.mode if att else "",
-                    att.since if att else None, failure.error if failure else ""))
-            statuses.append(PodStatus(pod.namespace, pod.name, pod.uid, pod.netns_inode,
-                                      pod.has_metadata, pod.network.pause_pid,
-                                      pod.network.pinned_path, tuple(ifs)))
+                ifs.append(InterfaceStatus(veth, att.mode if att else "",
+                                           att.since if att else None,
+                                           failure.error if failure else ""))
+            statuses.append(PodStatus(pod, tuple(ifs)))
         self._state.publish(Snapshot(IdentityIndex(pods, self._slots.assigned()),
                                      tuple(statuses)))
 

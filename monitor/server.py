@@ -135,7 +135,7 @@ class Api:
             self.authorize(h, Access("get", path="/api/v1/pods"))
         snapshot, bypassed = self.state.snapshot, self.state.bypassed
         h.reply_json(HTTPStatus.OK, {"node": self.node, "time": time.time(), "pods": [
-            {**p.as_json(), "bypassed": bypassed.get((p.namespace, p.pod), "")}
+            {**p.as_json(), "bypassed": bypassed.get(p.pod.key, "")}
             for p in snapshot.pods]})
 
 

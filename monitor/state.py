@@ -10,42 +10,52 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from monitor.identity import IdentityIndex
+from monitor.identity import HostVeth, IdentityIndex, Pod
 
 
 @dataclass(frozen=True)
 class InterfaceStatus:
-    name: str
-    ifindex: int
+    """Where one of a pod's host veths stands: attached (how, since when) or not (why)."""
+
+    veth: HostVeth
     attach_mode: str  # "tc", "tcx", or "" when not attached
     attached_since: float | None
     last_error: str
 
+    @property
+    def name(self) -> str:
+        return self.veth.name
+
+    @property
+    def ifindex(self) -> int:
+        return self.veth.ifindex
+
+    def as_json(self) -> dict[str, object]:
+        return {"name": self.name, "ifindex": self.ifindex, "attach_mode": self.attach_mode,
+                "attached_since": self.attached_since, "last_error": self.last_error}
+
 
 @dataclass(frozen=True)
 class PodStatus:
-    namespace: str
-    pod: str
-    uid: str
-    netns: int
-    has_metadata: bool
-    pause_pid: int | None
-    pinned_netns: str | None
+    """A pod as the last pass published it, with each interface's attach status."""
+
+    pod: Pod
     interfaces: tuple[InterfaceStatus, ...]
 
     def as_json(self) -> dict[str, object]:
-        first = self.interfaces[0] if self.interfaces else None
+        """/api/v1/pods' record of the pod (its field names are the API's)."""
+        pod, first = self.pod, self.interfaces[0] if self.interfaces else None
         return {
-            "namespace": self.namespace, "pod": self.pod, "uid": self.uid,
-            "netns": self.netns, "has_metadata": self.has_metadata,
-            "pause_pid": self.pause_pid, "pinned_netns": self.pinned_netns,
+            "namespace": pod.namespace, "pod": pod.name, "uid": pod.uid,
+            "netns": pod.netns_inode, "has_metadata": pod.has_metadata,
+            "pause_pid": pod.network.pause_pid, "pinned_netns": pod.network.pinned_path,
             # the primary interface's fields at top level, for tables and jq one-liners
             "interface": first.name if first else "",
             "ifindex": first.ifindex if first else 0,
             "attach_mode": first.attach_mode if first else "",
             "attached_since": first.attached_since if first else None,
             "last_error": first.last_error if first else "",
-            "interfaces": [vars(i) for i in self.interfaces],
+            "interfaces": [i.as_json() for i in self.interfaces],
         }
 
 
@@ -117,12 +127,13 @@ def check_report(pods: Sequence[PodStatus], attach_errors: int, handle: int) -> 
     says the same as JSON events, and that is all a reader gets when stderr is not a
     terminal (a CI job, a pipe) unless this is printed too."""
     rows = []
-    for pod in pods:
-        for i in pod.interfaces:
+    for status in pods:
+        name = f"{status.pod.namespace}/{status.pod.name}"
+        for i in status.interfaces:
             state = f"attached ({i.attach_mode})" if i.attach_mode else "NOT ATTACHED"
-            rows.append((state, f"{pod.namespace}/{pod.pod}", i.name, i.last_error))
-        if not pod.interfaces:
-            rows.append(("NOT ATTACHED", f"{pod.namespace}/{pod.pod}", "-", "no host veth"))
+            rows.append((state, name, i.name, i.last_error))
+        if not status.interfaces:
+            rows.append(("NOT ATTACHED", name, "-", "no host veth"))
     attached = sum(1 for p in pods if any(i.attach_mode for i in p.interfaces))
     # the daemon's verdict (_check_once): any interface with an error, any failed attempt
     ok = not any(i.last_error for p in pods for i in p.interfaces) and not attach_errors

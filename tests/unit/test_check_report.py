@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from monitor.identity import HostVeth, PodMeta, PodNetwork, identify
 from monitor.state import InterfaceStatus, PodStatus, check_report
 
 
 def status(name: str, *interfaces: InterfaceStatus) -> PodStatus:
-    return PodStatus("lab", name, "", 4026532000, True, None, None, interfaces)
+    pod = identify(PodNetwork(4026532000, "/proc/1/ns/net"), [i.veth for i in interfaces],
+                   PodMeta("lab", name))
+    return PodStatus(pod, interfaces)
+
+
+def iface(name: str, ifindex: int, mode: str, since: float | None, error: str) -> InterfaceStatus:
+    return InterfaceStatus(HostVeth(ifindex, name), mode, since, error)
 
 
 def test_every_interface_attached_is_ok() -> None:
-    pods = [status("pod-0", InterfaceStatus("pnml0-h", 10, "tc", 1.0, "")),
-            status("pod-1", InterfaceStatus("pnml1-h", 11, "tcx", 1.0, ""))]
+    pods = [status("pod-0", iface("pnml0-h", 10, "tc", 1.0, "")),
+            status("pod-1", iface("pnml1-h", 11, "tcx", 1.0, ""))]
     assert check_report(pods, 0, 0x504F).splitlines() == [
         "podnetmon run --check: 2 pods found, 2 attached (this check's own programs, tc handle "
         "0x504f, detached again)",
@@ -22,8 +29,8 @@ def test_every_interface_attached_is_ok() -> None:
 
 
 def test_what_failed_says_why_and_the_verdict_is_the_exit_status() -> None:
-    pods = [status("pod-0", InterfaceStatus("pnml0-h", 10, "tc", 1.0, "")),
-            status("web-1", InterfaceStatus("pnml1-h", 11, "", None, "EPERM: not allowed")),
+    pods = [status("pod-0", iface("pnml0-h", 10, "tc", 1.0, "")),
+            status("web-1", iface("pnml1-h", 11, "", None, "EPERM: not allowed")),
             status("lonely")]
     assert check_report(pods, 3, 0x504F).splitlines() == [
         "podnetmon run --check: 3 pods found, 1 attached (this check's own programs, tc handle "

@@ -99,10 +99,8 @@ class DaemonCollectors:
 
 
 def status(pod: Pod, mode: str = "tc") -> PodStatus:
-    return PodStatus(pod.namespace, pod.name, pod.uid, pod.netns_inode, pod.has_metadata,
-                     pod.network.pause_pid, pod.network.pinned_path,
-                     tuple(InterfaceStatus(v.name, v.ifindex, mode, 1.0 if mode else None, "")
-                           for v in pod.interfaces))
+    return PodStatus(pod, tuple(InterfaceStatus(v, mode, 1.0 if mode else None, "")
+                                for v in pod.interfaces))
 
 
 def setup(maps: FakeMaps, pods: Sequence[Pod], slots: dict[int, int] | None = None, *,

@@ -399,8 +399,7 @@ def collector_over(npods: int, seed: int, **kwargs: object) -> DaemonCollectors:
     put(retransmits.MAP, u32(1024), u64(3))
     state = MonitorState()
     state.publish(Snapshot(IdentityIndex(pods, slots), tuple(
-        PodStatus(p.namespace, p.name, p.uid, p.netns_inode, True, None, None,
-                  tuple(InterfaceStatus(v.name, v.ifindex, "tc", 1.0, "") for v in p.interfaces))
+        PodStatus(p, tuple(InterfaceStatus(v, "tc", 1.0, "") for v in p.interfaces))
         for p in pods)))
     state.count_reconcile(0.1)
     state.count_lost("capture", 2)

@@ -16,7 +16,7 @@ from monitor.identity import HostVeth, PodMeta, PodNetwork
 from monitor.kernel.records import Attachment, VethLink
 from monitor.metadata.static import NoMetadata
 from monitor.reconcile import RETRY_MAX, Reconciler
-from monitor.state import InterfaceStatus, MonitorState, PodStatus
+from monitor.state import MonitorState
 
 UID_WEB = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
 UID_DB = "6f2c1a8e-9b0d-4c3e-8f7a-6b5c4d3e2f1a"
@@ -279,9 +279,17 @@ def test_published_status(world: World) -> None:
     world.pod(4026532001, 3, [(9, "veth9"), (7, "veth7")], uid=UID_WEB, pause_pid=100,
               pinned="/run/netns/cni-a")
     world.run()
-    assert world.state.snapshot.pods == (PodStatus(
-        "shop", "web-1", UID_WEB, 4026532001, True, 100, "/run/netns/cni-a",
-        (InterfaceStatus("veth7", 7, "tc", 50.0, ""), InterfaceStatus("veth9", 9, "tc", 50.0, ""))),)
+    (status,) = world.state.snapshot.pods
+    assert status.pod is world.state.snapshot.index.by_netns(4026532001)  # the pod, not a copy
+    assert status.as_json() == {
+        "namespace": "shop", "pod": "web-1", "uid": UID_WEB, "netns": 4026532001,
+        "has_metadata": True, "pause_pid": 100, "pinned_netns": "/run/netns/cni-a",
+        "interface": "veth7", "ifindex": 7, "attach_mode": "tc", "attached_since": 50.0,
+        "last_error": "", "interfaces": [
+            {"name": "veth7", "ifindex": 7, "attach_mode": "tc", "attached_since": 50.0,
+             "last_error": ""},
+            {"name": "veth9", "ifindex": 9, "attach_mode": "tc", "attached_since": 50.0,
+             "last_error": ""}]}
     assert world.state.attached_pods() == 1
 
 
@@ -329,7 +337,7 @@ def test_no_metadata_source() -> None:
     world.pod(4026532001, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
     world.run()
     (status,) = world.state.snapshot.pods
-    assert (status.namespace, status.pod, status.uid, status.has_metadata) == (
+    assert (status.pod.namespace, status.pod.name, status.pod.uid, status.pod.has_metadata) == (
         "_unknown", "netns-4026532001", UID_WEB, False)
 
 
@@ -341,7 +349,7 @@ def test_gone_pod_detached_then_slot_released(world: World) -> None:
     assert world.run() == detach_events(7, "veth7", 4026532001)
     assert world.slots.assigned() == {8: 1}
     assert world.state.snapshot.index.slots() == ((1, world.state.snapshot.index.by_ifindex(8)),)
-    assert [p.pod for p in world.state.snapshot.pods] == ["db-0"]
+    assert [p.pod.name for p in world.state.snapshot.pods] == ["db-0"]
     assert world.state.snapshot.index.by_ifindex(7) is None
 
 
@@ -414,7 +422,9 @@ def test_failed_attach_counted_recorded_and_backed_off(world: World) -> None:
     assert world.state.snapshot.index.slots() == ()
     assert world.state.attach_errors == 1
     (status,) = world.state.snapshot.pods
-    assert status.interfaces == (InterfaceStatus("veth7", 7, "", None, "no room on veth7"),)
+    assert [i.as_json() for i in status.interfaces] == [{
+        "name": "veth7", "ifindex": 7, "attach_mode": "", "attached_since": None,
+        "last_error": "no room on veth7"}]
     assert world.state.attached_pods() == 0
     assert world.reconciler.next_retry() == 1001.0
 
@@ -437,7 +447,9 @@ def test_failed_attach_counted_recorded_and_backed_off(world: World) -> None:
     world.clock.now = 1007.0
     assert world.run() == attach_events(7, "veth7", 4026532001)
     (status,) = world.state.snapshot.pods
-    assert status.interfaces == (InterfaceStatus("veth7", 7, "tc", 1007.0, ""),)
+    assert [i.as_json() for i in status.interfaces] == [{
+        "name": "veth7", "ifindex": 7, "attach_mode": "tc", "attached_since": 1007.0,
+        "last_error": ""}]
     assert world.reconciler.next_retry() is None
     assert world.state.attach_errors == 3
 
@@ -462,7 +474,7 @@ def test_failure_of_one_interface_does_not_stop_others(world: World) -> None:
     world.pod(4026532002, 4, [(8, "veth8")], uid=UID_DB, pause_pid=200)
     world.attacher.failing.add(7)
     world.run()
-    by_pod = {p.pod: p.interfaces[0] for p in world.state.snapshot.pods}
+    by_pod = {p.pod.name: p.interfaces[0] for p in world.state.snapshot.pods}
     assert by_pod["web-1"].attach_mode == ""
     assert by_pod["db-0"].attach_mode == "tc"
     assert world.state.attached_pods() == 1
@@ -485,7 +497,7 @@ def test_release_error_is_contained(world: World) -> None:
     world.slots.release_errors[7] = OSError(9, "Bad file descriptor")
     world.remove(4026532001)
     assert world.run() == detach_events(7, "veth7", 4026532001)
-    assert [p.pod for p in world.state.snapshot.pods] == ["db-0"]
+    assert [p.pod.name for p in world.state.snapshot.pods] == ["db-0"]
     world.pod(4026532003, 5, [(9, "veth9")], uid=None, pause_pid=300)
     assert world.run() == attach_events(9, "veth9", 4026532003)  # passes go on
 
@@ -646,7 +658,7 @@ def test_a_living_pod_keeps_its_netns_keys_when_one_interface_goes(world: World)
     world.run()
     world.links.links = [v for v in world.links.links if v.ifindex != 9]  # a secondary veth goes
     assert world.run() == detach_events(9, "veth9", NS_WEB)
-    assert [p.pod for p in world.state.snapshot.pods] == ["web-1"]  # the pod lives on
+    assert [p.pod.name for p in world.state.snapshot.pods] == ["web-1"]  # the pod lives on
     assert all(netns != NS_WEB for netns, _ in world.forgets())
 
 
@@ -743,7 +755,7 @@ def add_pod(world: World, i: int) -> None:
 
 
 def identities(world: World) -> list[tuple[str, str, str]]:
-    return [(p.namespace, p.pod, p.uid) for p in world.state.snapshot.pods]
+    return [(p.pod.namespace, p.pod.name, p.pod.uid) for p in world.state.snapshot.pods]
 
 
 OVER = ("_overflow", "_overflow")
@@ -865,7 +877,8 @@ def test_runtime_uid_for_a_pinned_netns_without_one(tmp_path: Path) -> None:
     assert runtime.calls == 1
     assert metadata.lookups == [(UID_DB, [pinned])]
     (status,) = world.state.snapshot.pods
-    assert (status.namespace, status.pod, status.uid, status.has_metadata) == ("shop", "db-0", UID_DB, True)
+    assert (status.pod.namespace, status.pod.name, status.pod.uid, status.pod.has_metadata) == (
+        "shop", "db-0", UID_DB, True)
     pod = world.state.snapshot.index.by_ifindex(8)
     assert pod is not None
     assert pod.network.uid == UID_DB
@@ -879,7 +892,7 @@ def test_runtime_uids_not_read_when_every_netns_has_a_uid() -> None:
     world.pod(4026532003, 5, [(9, "veth9")], uid=None, pause_pid=300)  # no UID, but not pinned
     world.run()
     assert runtime.calls == 0
-    assert [p.uid for p in world.state.snapshot.pods] == [UID_WEB, UID_DB, ""]
+    assert [p.pod.uid for p in world.state.snapshot.pods] == [UID_WEB, UID_DB, ""]
 
 
 def test_a_podman_container_names_a_pinned_netns_no_source_names() -> None:
@@ -899,7 +912,7 @@ def test_a_podman_container_names_a_pinned_netns_no_source_names() -> None:
     world.pod(4026532003, 5, [(9, "veth9")], uid=UID_WEB, pause_pid=300)
     world.run()
     assert len(calls) == 1  # once a pass, for every pinned netns the sources do not name
-    assert sorted((p.namespace, p.pod, p.uid) for p in world.state.snapshot.pods) == [
+    assert sorted((p.pod.namespace, p.pod.name, p.pod.uid) for p in world.state.snapshot.pods) == [
         ("_podman", "web", "9dfe1d358170"), ("shop", "db-0", UID_DB), ("shop", "web-1", UID_WEB)]
 
 
@@ -914,7 +927,7 @@ def test_runtime_uids_read_once_a_pass() -> None:
     world.run()
     assert runtime.calls == 2
     assert metadata.lookups[:2] == [(UID_WEB, ["/run/netns/uuid-1"]), (None, ["/run/netns/uuid-2"])]
-    assert [(p.namespace, p.pod, p.uid) for p in world.state.snapshot.pods] == [
+    assert [(p.pod.namespace, p.pod.name, p.pod.uid) for p in world.state.snapshot.pods] == [
         ("shop", "web-1", UID_WEB), ("_unknown", "netns-4026532002", "")]
 
 
@@ -941,7 +954,7 @@ def test_wake_runs_a_pass(world: World) -> None:
         assert world.state.reconciles == 1  # nothing else asks for a pass
         loop.wake()
         assert wait_until(lambda: world.state.reconciles == 2)
-        assert [p.pod for p in world.state.snapshot.pods] == ["web-1"]
+        assert [p.pod.name for p in world.state.snapshot.pods] == ["web-1"]
     finally:
         stop.set()
         worker.join(timeout=5)

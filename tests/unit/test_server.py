@@ -16,6 +16,7 @@ from prometheus_client.exposition import choose_encoder
 
 from monitor import log as monitor_log
 from monitor.exposition import Family, GaugeFamily, Registry
+from monitor.identity import HostVeth, PodMeta, PodNetwork, identify
 from monitor.server import Api, Server
 from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
 
@@ -146,13 +147,19 @@ def test_readyz(live: Live) -> None:
 
 
 def test_pods(live: Live) -> None:
+    web, unknown, db = (
+        identify(PodNetwork(4026532001, "/proc/100/ns/net", pause_pid=100),
+                 [HostVeth(7, "veth7"), HostVeth(9, "veth9")], PodMeta("shop", "web-1", "uid-web")),
+        identify(PodNetwork(4026532002, "/run/netns/cni-b", pinned_path="/run/netns/cni-b"),
+                 [HostVeth(8, "veth8")], None),
+        identify(PodNetwork(4026532003, "/proc/300/ns/net", pause_pid=300), [],
+                 PodMeta("shop", "db-0", "uid-db")))
     live.state.publish(Snapshot(pods=(
-        PodStatus("shop", "web-1", "uid-web", 4026532001, True, 100, None, (
-            InterfaceStatus("veth7", 7, "tc", 1700000000.5, ""),
-            InterfaceStatus("veth9", 9, "", None, "attach by tc failed: boom"))),
-        PodStatus("_unknown", "netns-4026532002", "", 4026532002, False, None, "/run/netns/cni-b",
-                  (InterfaceStatus("veth8", 8, "", None, "attach by tcx failed: busy"),)),
-        PodStatus("shop", "db-0", "uid-db", 4026532003, True, 300, None, ()),
+        PodStatus(web, (InterfaceStatus(web.interfaces[0], "tc", 1700000000.5, ""),
+                        InterfaceStatus(web.interfaces[1], "", None, "attach by tc failed: boom"))),
+        PodStatus(unknown, (InterfaceStatus(unknown.interfaces[0], "", None,
+                                            "attach by tcx failed: busy"),)),
+        PodStatus(db, ()),
     )))
     live.state.bypassed = {("shop", "db-0"): "redirect_peer", ("shop", "web-1"): ""}
     reply = live.request("/api/v1/pods")
