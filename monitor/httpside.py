@@ -7,9 +7,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from monitor.auth import Authenticator, FailureLimiter
+from monitor.auth import Authenticator
 from monitor.collector import PodCollector, ProbeReadings
 from monitor.exposition import Registry
+from monitor.failurelimit import FailureLimiter
 from monitor.kernel.kallsyms import Symbols
 from monitor.metadata import MetadataSource
 from monitor.monitormetrics import MonitorCollector, probe_states

@@ -25,14 +25,15 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from monitor import __version__, log
-from monitor.auth import Access, Authenticator, AuthError, FailureLimiter, NoAuth, Request
-from monitor.exposition import Registry
-from monitor.identity import NAMESPACE_RE, POD_NAME_RE
+from monitor.auth import Access, Authenticator, AuthError, NoAuth, Request
 from monitor.connection import Conn, ConnReader, ConnWriter
+from monitor.exposition import Registry
+from monitor.failurelimit import FailureLimiter
+from monitor.identity import NAMESPACE_RE, POD_NAME_RE
 from monitor.listener import FrontDoor, Limits
-from monitor.tls import TlsFiles
 from monitor.scrapeformat import negotiate
 from monitor.state import MonitorState
+from monitor.tls import TlsFiles
 
 MAX_BODY = 1 << 20  # an Alertmanager notification is a few KB; refuse what is not
 DRAIN_MAX = 8 << 20  # an oversized body up to this is read and dropped, so the client gets our 413

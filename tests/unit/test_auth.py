@@ -28,13 +28,13 @@ from monitor.auth import (
     NO_AUTH_REASON,
     Access,
     AuthError,
-    FailureLimiter,
-    KubernetesAuth,
     NoAuth,
     Request,
     TokenFileAuth,
     authenticator,
 )
+from monitor.failurelimit import FailureLimiter
+from monitor.kubeauth import KubernetesAuth
 from monitor.tls import Certificate
 from tests.fakeapi import AUTHN_REVIEWS_PATH, AUTHZ_REVIEWS_PATH, FakeApiServer
 

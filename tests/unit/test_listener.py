@@ -369,7 +369,7 @@ def no_leftover_threads() -> Iterator[None]:
 def test_auth_metrics_asks_the_api_for_the_non_resource_url(tmp_path: Path) -> None:
     from kubernetes import config
 
-    from monitor.auth import KubernetesAuth
+    from monitor.kubeauth import KubernetesAuth
     from tests.fakeapi import FakeApiServer
 
     with FakeApiServer() as api:

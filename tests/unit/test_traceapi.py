@@ -30,8 +30,9 @@ from scapy.layers.l2 import Ether
 from scapy.utils import PcapNgReader
 
 from monitor import log as monitor_log
-from monitor.auth import CHALLENGE, FailureLimiter, TokenFileAuth
+from monitor.auth import CHALLENGE, TokenFileAuth
 from monitor.exposition import Registry
+from monitor.failurelimit import FailureLimiter
 from monitor.identity import HostVeth, PodMeta, PodNetwork, identify
 from monitor.server import DRAIN_MAX, MAX_BODY, Api, Server
 from monitor.state import MonitorState
