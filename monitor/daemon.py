@@ -27,7 +27,8 @@ from monitor.metadata import MetadataSource
 from monitor.metadata.static import InventoryError
 from monitor.probes import RegistryError, select
 from monitor.probes.base import Probe
-from monitor.reconcile import Loop, Reconciler
+from monitor.reconcile import Reconciler
+from monitor.reconcileloop import Loop
 from monitor.server import Server
 from monitor.settings import Settings
 from monitor.state import MonitorState, check_report

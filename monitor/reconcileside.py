@@ -15,7 +15,8 @@ from monitor.kernel.netlink import link_events
 from monitor.kernelside import KernelSide
 from monitor.metadata import MetadataSource
 from monitor.probes.base import Sweep
-from monitor.reconcile import Discovery, Loop, Reconciler
+from monitor.reconcile import Discovery, Reconciler
+from monitor.reconcileloop import Loop
 from monitor.runtime import RuntimeIndex
 from monitor.settings import Settings
 from monitor.state import MonitorState

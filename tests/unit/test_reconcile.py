@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor import reconcile
+from monitor import reconcile, reconcileloop
 from monitor.identity import HostVeth, PodMeta, PodNetwork
 from monitor.kernel.records import Attachment, VethLink
 from monitor.metadata.static import NoMetadata
@@ -698,7 +698,7 @@ def run_loop(world: World, sweep: Callable[[], None] | None, stop: threading.Eve
              sweep_interval: float = 0.02) -> PipeEvents:
     events = PipeEvents()
     exits: list[bool] = []
-    loop = reconcile.Loop(world.reconciler, resync_interval=3600.0, debounce=0.0,
+    loop = reconcileloop.Loop(world.reconciler, resync_interval=3600.0, debounce=0.0,
                           events_factory=lambda: events, state=world.state,
                           on_exit=lambda: exits.append(True), sweep=sweep,
                           sweep_interval=sweep_interval)
@@ -943,7 +943,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
 def test_wake_runs_a_pass(world: World) -> None:
     events = PipeEvents()
     stop = threading.Event()
-    loop = reconcile.Loop(world.reconciler, resync_interval=3600.0, debounce=0.0,
+    loop = reconcileloop.Loop(world.reconciler, resync_interval=3600.0, debounce=0.0,
                           events_factory=lambda: events, state=world.state)
     worker = threading.Thread(target=loop.run, args=(stop,))
     worker.start()
@@ -964,7 +964,7 @@ def test_wake_runs_a_pass(world: World) -> None:
 def test_wakes_in_a_burst_cost_one_pass(world: World) -> None:
     events = PipeEvents()
     stop = threading.Event()
-    loop = reconcile.Loop(world.reconciler, resync_interval=3600.0, debounce=0.05,
+    loop = reconcileloop.Loop(world.reconciler, resync_interval=3600.0, debounce=0.05,
                           events_factory=lambda: events, state=world.state)
     for _ in range(10):
         loop.wake()
@@ -982,7 +982,7 @@ def test_wakes_in_a_burst_cost_one_pass(world: World) -> None:
 def test_wake_after_the_loop_ended_writes_nowhere(world: World) -> None:
     stop = threading.Event()
     stop.set()
-    loop = reconcile.Loop(world.reconciler, resync_interval=3600.0, debounce=0.0,
+    loop = reconcileloop.Loop(world.reconciler, resync_interval=3600.0, debounce=0.0,
                           events_factory=PipeEvents, state=world.state)
     loop.run(stop)  # one pass, then out: its pipe is closed
     r, w = os.pipe()  # likely the numbers the loop's pipe had
