@@ -15,7 +15,8 @@ from monitor.auth import Authenticator, NoAuth, authenticator
 from monitor.listener import Limits
 from monitor.metadata import MetadataSource
 from monitor.metadata.static import NoMetadata, StaticInventory
-from monitor.probes.base import Probe
+from monitor.probes import needing
+from monitor.probes.base import PEER_RESOLVER, Probe
 from monitor.settings import Settings
 from monitor.tls import TlsError, TlsFiles
 
@@ -65,7 +66,7 @@ def cluster_index(settings: Settings, metadata: MetadataSource, probes: Sequence
     mode = settings.peer_index
     if mode == "auto":
         mode = "cluster" if isinstance(metadata, KubernetesLike) else "none"
-    if mode == "none" or not any(p.name == "peers" for p in probes):
+    if mode == "none" or not needing(probes, PEER_RESOLVER):
         return None
     from monitor.metadata import kubernetes
     from monitor.peers.cluster import ClusterIndex

@@ -14,7 +14,8 @@ from monitor.failurelimit import FailureLimiter
 from monitor.kernel.kallsyms import Symbols
 from monitor.metadata import MetadataSource
 from monitor.monitormetrics import MonitorCollector, probe_states
-from monitor.probes.base import Probe
+from monitor.probes import providing
+from monitor.probes.base import CAPTURES, Probe
 from monitor.server import Api
 from monitor.settings import Settings
 from monitor.state import MonitorState
@@ -69,8 +70,8 @@ def metrics(settings: Settings, kernel: KernelSide, state: MonitorState,  # noqa
 
 
 def _traces(settings: Settings, kernel: KernelSide, state: MonitorState) -> TraceApi | None:
-    """The capture machinery, if the trace probe is loaded."""
-    if not any(p.name == "trace" for p in kernel.probes):
+    """The capture machinery, if a probe for it (trace) is loaded."""
+    if not providing(kernel.probes, CAPTURES):
         return None
     limits = Limits(max_duration=settings.trace_max_duration,
                     default_duration=min(10.0, settings.trace_max_duration),

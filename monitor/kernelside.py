@@ -20,9 +20,10 @@ from monitor.kernel.errors import KernelError
 from monitor.kernel.maps import KernelMaps
 from monitor.kernel.netlink import Netlink
 from monitor.kernel.programs import Programs
-from monitor.probes.base import Probe, Start
+from monitor.probes import needing
+from monitor.probes.base import NODE, PEER_RESOLVER, SNAPSHOT, Probe, Start
 from monitor.reconcile import Forget
-from monitor.settings import Settings
+from monitor.settings import Settings, describe
 from monitor.slots import SlotTable, per_slot_maps, slot_keyed_maps
 from monitor.state import MonitorState
 
@@ -142,18 +143,17 @@ def _pins(settings: Settings) -> pins.Pins | None:
 def start_probes(probes: Sequence[Probe], settings: Settings, maps: Any, *,
                  adopted: Callable[[str], bool],
                  slots: Any, snapshot: Any, cluster: Any = None) -> list[Probe]:
-    """Probes with state of their own (peers) are bound to it here, before any attach."""
+    """Probes with state of their own (peers) are bound to it here, before any attach,
+    given every setting and the services they need (Probe.needs)."""
     if not any(p.start for p in probes):
         return list(probes)
-    from monitor.peers.identity import PeerResolver
-    from monitor.probes.dnsnames import NameOptions
-    from monitor.probes.peers import PeerOptions
+    services: dict[str, Any] = {SNAPSHOT: snapshot, NODE: settings.node_name}
+    if needing(probes, PEER_RESOLVER):
+        from monitor.peers.identity import PeerResolver
 
-    resolver = PeerResolver(cluster_cidrs=settings.cluster_cidrs,
-                            service_cidrs=settings.service_cidrs, index=cluster)
-    options = {"peers": PeerOptions(settings.peer_top, settings.peer_ttl, settings.peer_interval),
-               "dnsnames": NameOptions(settings.dns_top, settings.peer_ttl, settings.dns_timeout)}
-    services = {"peer_resolver": resolver, "snapshot": snapshot, "node": settings.node_name}
-    return [p.start(p, Start(maps=maps, adopted=adopted(p.name), slots=slots, options=options,
+        services[PEER_RESOLVER] = PeerResolver(cluster_cidrs=settings.cluster_cidrs,
+                                               service_cidrs=settings.service_cidrs, index=cluster)
+    values = describe(settings)
+    return [p.start(p, Start(maps=maps, adopted=adopted(p.name), slots=slots, settings=values,
                              services=services)) if p.start else p for p in probes]
 

@@ -14,11 +14,12 @@ from monitor.bypass import BypassDetector
 from monitor.kernel.netlink import link_events
 from monitor.kernelside import KernelSide
 from monitor.metadata import MetadataSource
-from monitor.probes.base import Sweep
+from monitor.probes import providing
+from monitor.probes.base import INTERFACE_COUNTS, Sweep
 from monitor.reconcile import Discovery, Reconciler
 from monitor.reconcileloop import Loop
 from monitor.runtime import RuntimeIndex
-from monitor.settings import Settings
+from monitor.settings import Settings, describe
 from monitor.state import MonitorState
 from monitor.unseen import BeforeAttach
 
@@ -44,7 +45,7 @@ class VethWatch:
 
     @classmethod
     def of(cls, kernel: KernelSide, state: MonitorState) -> VethWatch:
-        if not any(p.name == "packets" for p in kernel.probes):
+        if not providing(kernel.probes, INTERFACE_COUNTS):
             return cls(None, None)
         netlink = kernel.netlink
         return cls(BypassDetector(kernel.maps, lambda: state.snapshot.index, netlink.link_stats,
@@ -57,13 +58,13 @@ def loop(settings: Settings, reconciler: Reconciler, kernel: KernelSide,  # noqa
     """The loop, not started: its run() is the reconcile thread's."""
     maps, bypass, unseen = kernel.maps, watch.bypass, watch.unseen
     sweeps = [p.sweep for p in kernel.probes if p.sweep]
-    timeouts = {"tcp_connect": settings.tcp_connect_timeout, "dns": settings.dns_timeout}
+    values = describe(settings)  # what the probes' sweeps read (their timeouts)
     next_bypass_check = [0.0]
 
     inventory_changed = getattr(metadata, "changed", None)
 
     def sweep() -> None:
-        ctx = Sweep(maps, time.monotonic_ns(), timeouts)
+        ctx = Sweep(maps, time.monotonic_ns(), values)
         for fn in sweeps:
             fn(ctx)
         if inventory_changed is not None and inventory_changed():

@@ -88,7 +88,7 @@ class Sweep:
 
     maps: MapWriter
     now_ns: int  # CLOCK_MONOTONIC, the clock bpf_ktime_get_ns() reads
-    timeouts: Mapping[str, float]  # seconds, by name: "tcp_connect", "dns"
+    settings: Mapping[str, Any]  # every setting's value by name, the probes' own among them
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ class Start:
     maps: Any  # monitor.kernel.maps.KernelMaps: handles with fds, for batch and map-in-map work
     adopted: bool  # the last daemon's pinned maps are in use: take over what it left
     slots: Callable[[], Mapping[int, int]]  # ifindex -> slot, the slot table's own view
-    options: Mapping[str, Any]  # settings, by probe name
-    services: Mapping[str, Any]  # what the daemon shares: "peer_resolver", ...
+    settings: Mapping[str, Any]  # every setting's value by name, the probes' own among them
+    services: Mapping[str, Any]  # what the daemon shares, by name: those in Probe.needs
 
 
 def _no_problems(_name: str, _value: Any, _values: Mapping[str, Any]) -> list[str]:

@@ -105,7 +105,7 @@ RETRY_SPAN = 60.0
 def sweep(ctx: Sweep) -> None:
     """Count queries left unanswered past the timeout, each once."""
     expired: dict[int, int] = {}
-    for key in sweep_pending(ctx, PENDING, ctx.timeouts["dns"], RETRY_SPAN):
+    for key in sweep_pending(ctx, PENDING, ctx.settings[TIMEOUT.name], RETRY_SPAN):
         slot = decode(Query, key).slot
         expired[slot] = expired.get(slot, 0) + 1
     for slot, n in expired.items():

@@ -275,8 +275,9 @@ def _unstarted(_scrape: Scrape) -> Iterable[Family]:
 
 
 def start(probe: Probe, ctx: Start) -> Probe:
-    accounts = NameAccounts(ctx.maps, ctx.options.get("dnsnames", NameOptions()),
-                            slots=ctx.slots)
+    values = ctx.settings  # the failing names expire as peers do, time out as queries do
+    options = NameOptions(values[TOP.name], values["peer_ttl"], values["dns_timeout"])
+    accounts = NameAccounts(ctx.maps, options, slots=ctx.slots)
     accounts.start(ctx.adopted)
     return replace(probe, collect=accounts.collect, sweep=accounts.sweep,
                    forget=accounts.forget, state=accounts)

@@ -105,7 +105,7 @@ SYN_RETRY_SPAN = 130.0
 def sweep(ctx: Sweep) -> None:
     """Count SYNs left unanswered past the timeout, each attempt once."""
     expired: dict[tuple[int, int], int] = {}
-    for key in sweep_pending(ctx, PENDING, ctx.timeouts["tcp_connect"], SYN_RETRY_SPAN):
+    for key in sweep_pending(ctx, PENDING, ctx.settings[TIMEOUT.name], SYN_RETRY_SPAN):
         flow = decode(Flow, key)
         which = (flow.slot, flow.role & 1)
         expired[which] = expired.get(which, 0) + 1

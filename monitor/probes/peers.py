@@ -436,11 +436,11 @@ def start(probe: Probe, ctx: Start) -> Probe:
     """The probe bound to a PeerAccounts of this daemon's (state of its own)."""
     from monitor.peers.local import LocalAddresses
 
-    resolver = ctx.services["peer_resolver"]
-    options = ctx.options.get("peers", PeerOptions())
-    accounts = PeerAccounts(ctx.maps, resolver, options, slots=ctx.slots,
-                            snapshot=ctx.services["snapshot"],
-                            local=LocalAddresses(ctx.services["node"]))
+    values = ctx.settings
+    options = PeerOptions(values["peer_top"], values["peer_ttl"], values["peer_interval"])
+    accounts = PeerAccounts(ctx.maps, ctx.services[PEER_RESOLVER], options, slots=ctx.slots,
+                            snapshot=ctx.services[SNAPSHOT],
+                            local=LocalAddresses(ctx.services[NODE]))
     accounts.start(ctx.adopted)
     return replace(probe, collect=accounts.collect, sweep=accounts.sweep, forget=accounts.forget,
                    state=accounts)

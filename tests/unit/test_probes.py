@@ -454,7 +454,7 @@ def test_handshake_sweep() -> None:
                h: u64(NOW - 5 * S)}  # exactly the timeout: not yet
     maps = DictMaps({handshake.PENDING: pending,
                      handshake.TIMEOUTS: {u32(1): hs_timeouts(3, 0), u32(2): hs_timeouts(0, 7)}})
-    timeouts = {"tcp_connect": 5.0, "dns": 1.0}
+    timeouts = {"tcp_connect_timeout": 5.0, "dns_timeout": 1.0}
 
     handshake.sweep(Sweep(maps, NOW, timeouts))
     assert timeouts_of(maps, 1) == (5, 1)
@@ -477,7 +477,7 @@ def test_handshake_sweep() -> None:
 
 def test_handshake_sweep_with_nothing_pending_writes_nothing() -> None:
     maps = DictMaps({handshake.TIMEOUTS: {u32(1): hs_timeouts(3, 0)}})
-    handshake.sweep(Sweep(maps, NOW, {"tcp_connect": 5.0, "dns": 5.0}))
+    handshake.sweep(Sweep(maps, NOW, {"tcp_connect_timeout": 5.0, "dns_timeout": 5.0}))
     assert maps.writes() == []
 
 
@@ -494,7 +494,7 @@ def test_dns_sweep() -> None:
                d: u64(TIMED_OUT | (NOW - 61 * S)),  # 61 < 2 + 60: kept
                e: u64(TIMED_OUT | (NOW - 63 * S))}  # 63 > 62: deleted
     maps = DictMaps({dns.PENDING: pending, dns.TIMEOUTS: {u32(1): u64(4), u32(2): u64(0)}})
-    timeouts = {"tcp_connect": 99.0, "dns": 2.0}
+    timeouts = {"tcp_connect_timeout": 99.0, "dns_timeout": 2.0}
 
     dns.sweep(Sweep(maps, NOW, timeouts))
     assert maps.maps[dns.TIMEOUTS] == {u32(1): u64(6), u32(2): u64(0)}
