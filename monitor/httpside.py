@@ -21,7 +21,8 @@ from monitor.settings import Settings
 from monitor.state import MonitorState
 from monitor.traces.alertcaptures import AlertCaptures
 from monitor.traces.api import TraceApi
-from monitor.traces.capture import CaptureManager, Limits
+from monitor.traces.capture import CaptureManager
+from monitor.traces.session import Limits
 from monitor.traces.store import CaptureStore
 
 if TYPE_CHECKING:  # the kernel side is imported once the configuration is known to be good

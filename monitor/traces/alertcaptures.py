@@ -18,7 +18,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from monitor import log
-from monitor.traces.capture import CaptureError, CaptureManager, TraceRequest, parse_duration, write_pcapng
+from monitor.traces.capture import CaptureManager
+from monitor.traces.pcapout import write_pcapng
+from monitor.traces.session import CaptureError, TraceRequest, parse_duration
 from monitor.traces.store import CaptureStore, StoredCapture
 
 REMEMBER = 24 * 3600.0  # seconds a started alert's key is kept to refuse duplicates

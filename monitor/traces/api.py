@@ -33,15 +33,10 @@ from monitor import log
 from monitor.auth import Access
 from monitor.server import Api, Handler, Params, RequestError, int_param, pod_params
 from monitor.traces.alertcaptures import AlertCaptures
-from monitor.traces.capture import (
-    CaptureError,
-    CaptureManager,
-    Session,
-    TraceRequest,
-    ndjson_drops,
-    parse_duration,
-    write_pcapng,
-)
+from monitor.traces.capture import CaptureManager
+from monitor.traces.dropevents import ndjson_drops
+from monitor.traces.pcapout import write_pcapng
+from monitor.traces.session import CaptureError, Session, TraceRequest, parse_duration
 from monitor.traces.store import CaptureStore
 
 WRITE_GRACE = 3.0  # seconds past a trace's deadline its last bytes may take to leave

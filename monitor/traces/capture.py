@@ -14,23 +14,22 @@ that stopped reading, keeps no packets coming. The perf buffers are open only
 while a trace runs.
 
 Drop traces work alike on pnm_drop_trace / pnm_drop_events, as NDJSON.
+
+A session and its request are in monitor/traces/session.py; writing one out, in
+monitor/traces/pcapout.py (pcapng) and monitor/traces/dropevents.py (NDJSON).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import io
-import ipaddress
 import itertools
-import json
 import queue
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Protocol, cast
+from collections.abc import Callable
+from typing import Protocol
 
 from monitor import log
 from monitor.identity import IdentityIndex, Pod
@@ -38,19 +37,15 @@ from monitor.kernel.maps import decode
 from monitor.probes import drops as drops_probe
 from monitor.probes import trace as trace_probe
 from monitor.probes.base import u32_key
+from monitor.traces.dropevents import drop_record
 from monitor.traces.pcapfilter import FilterError, PacketFilter, Prefilter, prefilter
-from monitor.traces.pcapng import PcapngWriter
-from monitor.traces.reorder import MAX_HOLD_NS, SLACK_NS, Released, ReorderWindow
+from monitor.traces.reorder import SLACK_NS
+from monitor.traces.session import CaptureError, Limits, Session, TraceRequest
 
 # Pages of each CPU's packet ring (drop events get a quarter): 1 MiB holds ~700 full-size
 # frames between two reads. Halved while the kernel refuses to map it (_open_rings).
 RING_PAGES = 256
 RING_PAGES_MIN = 8
-QUEUE_PACKETS = 10_000  # per session, between the perf reader and the writer
-QUEUE_BYTES = 32 << 20  # ... and in bytes: at 65,000-byte snaps, 10,000 would be 650 MB
-# Frames waiting in a trace's reorder window (monitor/reorder.py), at most: a poll's worth
-# at any rate a trace keeps up with; their bytes count in QUEUE_BYTES until written.
-REORDER_FRAMES = 10_000
 # The kernel copies at least this much of each packet whatever the snap length, so
 # that the exact filter sees the headers it tests (a filter run on a copy cut
 # short would reject packets tcpdump keeps); the copy is cut to the snap length
@@ -79,40 +74,6 @@ def _malloc_trim() -> Callable[[], None]:
 
 give_back_memory = _malloc_trim()
 
-
-class CaptureError(Exception):
-    """A trace cannot be started as asked; `status` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.reason = status, reason
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a trace may take; every request is held to these (settings)."""
-
-    max_duration: float = 300.0
-    default_duration: float = 10.0
-    max_packets: int = 1_000_000
-    max_bytes: int = 1 << 30
-    max_snaplen: int = 65000
-    default_snaplen: int = 1500
-    per_node: int = 4
-    per_pod: int = 2
-
-
-@dataclass(frozen=True)
-class TraceRequest:
-    """One trace, as asked for (already parsed; limits are checked by the manager)."""
-
-    duration: float
-    packets: int = 0  # 0: up to the limit
-    bytes: int = 0
-    snaplen: int = 0
-    filter: str = ""
-
-
 class EventReader(Protocol):
     """The kernel adapter's perf buffers (monitor.kernel.programs.Programs)."""
 
@@ -124,71 +85,6 @@ class EventReader(Protocol):
 
 class SlotWriter(Protocol):
     def put(self, name: str, key: bytes, value: bytes) -> None: ...
-
-
-@dataclass
-class Session:
-    """One running trace (packets) or drop trace (events)."""
-
-    id: int
-    kind: str  # "packets" or "drops"
-    pod: Pod
-    slots: frozenset[int]
-    interfaces: tuple[tuple[int, str, int], ...]  # (ifindex, host veth, slot)
-    request: TraceRequest
-    started: float
-    deadline: float
-    filter: PacketFilter | None = None
-    queue: queue.Queue[Any] = field(default_factory=lambda: queue.Queue(QUEUE_PACKETS))
-    packets: int = 0
-    bytes: int = 0
-    lost_kernel: int = 0  # perf buffer overruns while this session ran
-    lost_queue: int = 0  # dropped because the consumer was too slow
-    queued_bytes: int = 0  # changed by the reader and the writer: under _bytes_lock
-    packets_by_slot: dict[int, int] = field(default_factory=dict)
-    # Frames stamped up to this (wall-clock ns) have all been queued: set by the perf
-    # reader after each poll, read by the writer to put frames in order (monitor/reorder.py)
-    watermark: int = 0
-    wall_offset: int = 0  # the frames' clock: CLOCK_MONOTONIC + this is wall-clock ns
-    late: int = 0  # frames written out of order: they came after the reorder window
-    _bytes_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def reserve(self, size: int) -> bool:
-        """Room for `size` more queued bytes? Takes it if so (the reader's side)."""
-        with self._bytes_lock:
-            if self.queued_bytes + size > QUEUE_BYTES:
-                return False
-            self.queued_bytes += size
-            return True
-
-    def release(self, size: int) -> None:
-        with self._bytes_lock:
-            self.queued_bytes -= size
-    ended: str = ""  # why it ended, once it has
-    done: threading.Event = field(default_factory=threading.Event)
-    # called once, when the session first ends: the manager switches its slots off there
-    on_end: Callable[[Session], None] | None = field(default=None, repr=False, compare=False)
-
-    def end(self, why: str) -> None:
-        first = not self.ended
-        if first:
-            self.ended = why
-        self.done.set()
-        if first and self.on_end is not None:
-            self.on_end(self)
-
-
-def parse_duration(text: str) -> float:
-    """'10s', '2m', '500ms', '1h' or plain seconds; ValueError otherwise."""
-    units = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
-    text = text.strip()
-    for suffix, factor in units:
-        if text.endswith(suffix) and text[: -len(suffix)].replace(".", "", 1).isdigit():
-            return float(text[: -len(suffix)]) * factor
-    if text.replace(".", "", 1).isdigit():
-        return float(text)
-    raise ValueError(f"not a duration: {text[:40]!r} (e.g. 10s, 2m, 500ms)")
-
 
 class CaptureManager:
     """Starts and ends sessions, programs the kernel switches, reads the perf buffers."""
@@ -470,201 +366,3 @@ def _apply_prefilter(cfg: trace_probe.TraceConfig, pre: Prefilter) -> None:
         raw = pre.address.ljust(16, b"\0")
         for i in range(16):
             cfg.addr[i] = raw[i]
-
-
-def drop_record(ev: drops_probe.DropEvent, wall_offset: int, *, reason: Callable[[int], str],
-                symbol: Callable[[int], str], pod: Pod, node: str) -> dict[str, Any]:
-    """One drop event as the NDJSON line users read."""
-    ts = ev.ts + wall_offset
-    record: dict[str, Any] = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts // 1_000_000_000))
-                + f".{ts % 1_000_000_000:09d}Z",
-        "node": node, "namespace": pod.namespace, "pod": pod.name,
-        "reason": reason(ev.reason), "function": symbol(ev.location),
-        "interface": "", "ifindex": ev.ifindex,
-    }
-    interface, side = drop_interface(pod, ev.ifindex)
-    if interface:
-        record.update(interface=interface, side=side)
-    record.update(parse_headers(ev.protocol, bytes(ev.hdr)[: ev.hdr_len]))
-    return record
-
-
-LOOPBACK_IFINDEX = 1  # every netns registers lo first (include/net/flow.h LOOPBACK_IFINDEX)
-
-
-def drop_interface(pod: Pod, ifindex: int) -> tuple[str, str]:
-    """(interface, side) of the device a pod's packet was dropped on, ("", "") if unknown.
-
-    The kernel reports the skb's device, from whichever netns it is in: a drop in the
-    host's path (a TC program, the bridge) names the host veth; one in the pod's own
-    stack (a firewall rule, no socket) names the pod's end of the pair, an ifindex of
-    the pod's netns that the identity index knows as the veth's peer. Either way the
-    interface is named as everywhere else (`pods`, the trace's interfaces): by its host
-    veth, and `side` says which end. The host veth is tried first: pod ifindexes are
-    small numbers of another namespace, which a host ifindex may equal."""
-    for veth in pod.interfaces:
-        if veth.ifindex == ifindex:
-            return veth.name, "host"
-    for veth in pod.interfaces:
-        if veth.peer_ifindex and veth.peer_ifindex == ifindex:
-            return veth.name, "pod"
-    if ifindex == LOOPBACK_IFINDEX:  # the pod's loopback: a drop of its traffic to itself
-        return "lo", "pod"
-    return "", ""
-
-
-def parse_headers(ethertype: int, data: bytes) -> dict[str, Any]:
-    """Protocol, addresses and ports from the bytes at a packet's network header."""
-    out: dict[str, Any] = {}
-    l4, rest = None, b""
-    if ethertype == 0x0800 and len(data) >= 20 and data[0] >> 4 == 4:
-        ihl = (data[0] & 0x0F) * 4
-        out["family"] = "ipv4"
-        out["src"] = str(ipaddress.IPv4Address(data[12:16]))
-        out["dst"] = str(ipaddress.IPv4Address(data[16:20]))
-        fragment = struct.unpack("!H", data[6:8])[0] & 0x1FFF
-        l4, rest = data[9], data[ihl:] if ihl >= 20 and not fragment else b""
-    elif ethertype == 0x86DD and len(data) >= 40 and data[0] >> 4 == 6:
-        out["family"] = "ipv6"
-        out["src"] = str(ipaddress.IPv6Address(data[8:24]))
-        out["dst"] = str(ipaddress.IPv6Address(data[24:40]))
-        l4, rest = data[6], data[40:]  # extension headers: the protocol says which
-    elif ethertype:
-        out["ethertype"] = f"0x{ethertype:04x}"
-    if l4 is not None:
-        out["protocol"] = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}.get(l4, str(l4))
-        if l4 in (6, 17) and len(rest) >= 4:
-            out["sport"], out["dport"] = struct.unpack("!HH", rest[:4])
-    return out
-
-
-def write_pcapng(session: Session, out: BinaryIO | io.BufferedIOBase, node: str, flush_each: bool = True,
-                 progress: Callable[[Session], None] | None = None) -> None:
-    """Write a packet session as pcapng until it ends; ends it on a limit.
-
-    Runs in the consumer's thread. Raises nothing for a client that goes away:
-    the session ends with that reason.
-    """
-    pod, req = session.pod, session.request
-    comments = [f"podnetmon trace of {pod.namespace}/{pod.name} on node {node}",
-                f"filter: {req.filter or '(none)'}; snaplen {req.snaplen}; limits: "
-                f"{req.duration:g} s, {req.packets} packets, {req.bytes} bytes"]
-    try:
-        writer = PcapngWriter(cast(BinaryIO, out), comments=comments)
-        interface_of: dict[int, int] = {}  # slot -> pcapng interface id
-        for _ifindex, veth, slot in session.interfaces:
-            name = f"{pod.namespace}/{pod.name}"
-            if len(session.interfaces) > 1:
-                name += f"/{veth}"
-            interface_of[slot] = writer.add_interface(
-                name, f"node={node} netns={pod.netns_inode} host_veth={veth}",
-                snaplen=req.snaplen)
-        out.flush()
-        # Frames wait here until none stamped earlier can still come (monitor/reorder.py);
-        # their bytes stay counted in the session's budget until they are written.
-        window: ReorderWindow[Frame] = ReorderWindow(max_frames=REORDER_FRAMES)
-        full = False
-        while not full:
-            # the watermark first, then the queue: every frame stamped up to it was
-            # queued before the reader set it, so it is in the window below
-            mark = max(session.watermark,
-                       time.monotonic_ns() + session.wall_offset - MAX_HOLD_NS)
-            over = _take(session, window)
-            frames = window.flush() if over else window.release(mark)
-            for frame in frames:
-                session.release(len(frame.item[3]))
-                if not _write_frame(session, writer, interface_of, frame,
-                                    out if flush_each else None):
-                    full = True  # the byte limit: never more than asked for
-                    break
-                if progress is not None:
-                    progress(session)
-                if session.packets >= req.packets:
-                    session.end("packet limit reached")
-                    full = True
-                    break  # not one more, even if more are waiting
-            if over:
-                break
-        for frame in window.flush():  # a limit ended it: these are not written
-            session.release(len(frame.item[3]))
-        lost = session.lost_kernel + session.lost_queue
-        for slot, iface in interface_of.items():
-            # lost packets cannot be told apart by interface: each block carries them all
-            writer.statistics(iface, received=session.packets_by_slot.get(slot, 0), dropped=lost,
-                              timestamp_ns=time.time_ns(),
-                              comment=f"ended: {session.ended}; lost {session.lost_kernel} in "
-                                      f"the kernel's buffer, {session.lost_queue} waiting for "
-                                      f"the writer; {session.late} written out of time order "
-                                      "(they came after the reorder window)")
-        out.flush()
-    except TimeoutError:  # the output bounds its writes (traceapi: the trace's deadline)
-        session.end("the client stopped reading")
-    except (BrokenPipeError, ConnectionError):
-        session.end("the client went away")
-    except OSError as exc:  # a full disk under a stored capture, say: keep what was written
-        session.end(f"write failed: {exc.strerror or exc}")
-
-
-Frame = tuple[int, int, str, bytes, int]  # ts (wall ns), slot, direction, data, length
-
-
-def _take(session: Session, window: ReorderWindow[Frame]) -> bool:
-    """Move what the reader queued into the window (waiting a little for the first), one
-    past its bound at most, so that its oldest leaves early rather than the window grow
-    (the queue behind it is bounded too); True once the session is over and nothing more
-    will come."""
-    try:
-        item = session.queue.get(timeout=0.1)
-    except queue.Empty:
-        return session.done.is_set()
-    window.push(item[0], item)
-    while len(window) <= window.max_frames:
-        try:
-            item = session.queue.get_nowait()
-        except queue.Empty:
-            break
-        window.push(item[0], item)
-    return False
-
-
-def _write_frame(session: Session, writer: PcapngWriter, interface_of: dict[int, int],
-                 frame: Released[Frame], out: BinaryIO | io.BufferedIOBase | None) -> bool:
-    """Write one frame; False, the frame not written, when it would pass the byte limit
-    (which ends the session)."""
-    ts, slot, direction, data, length = frame.item
-    req = session.request
-    data = data[: req.snaplen]
-    if session.bytes + len(data) > req.bytes:
-        session.end("byte limit reached")
-        return False
-    if slot in interface_of:
-        comment = None
-        if frame.late_ns:
-            session.late += 1
-            comment = (f"out of time order: stamped {frame.late_ns / 1000:.0f} us before the "
-                       "frame written before it, it came after the reorder window")
-        writer.packet(interface_of[slot], ts, data, length, direction=direction, comment=comment)
-        session.packets += 1
-        session.bytes += len(data)
-        session.packets_by_slot[slot] = session.packets_by_slot.get(slot, 0) + 1
-        if out is not None:
-            out.flush()
-    return True
-
-
-def ndjson_drops(session: Session) -> Iterator[bytes]:
-    """Drop events as NDJSON lines until the session ends."""
-    while True:
-        try:
-            record = session.queue.get(timeout=0.5)
-        except queue.Empty:
-            if session.done.is_set():
-                return
-            yield b""  # a chance for the caller to notice a client gone
-            continue
-        session.packets += 1
-        yield (json.dumps(record) + "\n").encode()
-        if session.packets >= session.request.packets:
-            session.end("event limit reached")
-            return

@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
                                    "snaplen": str(args.snaplen or ""),
                                    "packets": str(args.count or "")})
     out: BinaryIO = sys.stdout.buffer if args.write == "-" else open(args.write, "wb")  # noqa: SIM115
-    from monitor.traces.capture import parse_duration
+    from monitor.traces.session import parse_duration
 
     total = parse_duration(args.duration)
     counter, started, last = BlockCounter(), time.monotonic(), 0.0

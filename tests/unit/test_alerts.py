@@ -21,8 +21,8 @@ from scapy.layers.l2 import Ether
 
 from monitor.identity import HostVeth, PodMeta, PodNetwork, identify
 from monitor.traces.alertcaptures import REMEMBER, AlertCaptures, alert_key
-from monitor.traces.capture import CaptureError, Limits, Session, TraceRequest
 from monitor.traces.cli import BlockCounter
+from monitor.traces.session import CaptureError, Limits, Session, TraceRequest
 from monitor.traces.store import ID_RE, CaptureStore
 
 NODE = "node-1"

@@ -36,24 +36,22 @@ from monitor.probes import trace as trace_probe
 from monitor.probes.base import u32_key
 from monitor.probes.drops import DropEvent
 from monitor.probes.trace import TraceConfig, TraceMeta
-from monitor.traces import capture
-from monitor.traces.capture import (
-    FILTER_BYTES,
+from monitor.traces import pcapout
+from monitor.traces import session as sessions
+from monitor.traces.capture import FILTER_BYTES, CaptureManager
+from monitor.traces.cli import BlockCounter
+from monitor.traces.dropevents import drop_record, ndjson_drops, parse_headers
+from monitor.traces.pcapfilter import PacketFilter
+from monitor.traces.pcapout import write_pcapng
+from monitor.traces.session import (
     QUEUE_BYTES,
     QUEUE_PACKETS,
     CaptureError,
-    CaptureManager,
     Limits,
     Session,
     TraceRequest,
-    drop_record,
-    ndjson_drops,
     parse_duration,
-    parse_headers,
-    write_pcapng,
 )
-from monitor.traces.cli import BlockCounter
-from monitor.traces.pcapfilter import PacketFilter
 from tests.unit.fakes import DictMaps
 
 TSHARK = shutil.which("tshark")
@@ -837,7 +835,7 @@ def test_a_sessions_queue_fits_in_the_daemons_memory_limit() -> None:
 
 
 def test_the_queue_is_bounded_in_bytes(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(capture, "QUEUE_BYTES", 1000)
+    monkeypatch.setattr(sessions, "QUEUE_BYTES", 1000)
     session = rig.start("db", snaplen=1500)
     frame = udp(size=300)
     for _ in range(5):
@@ -1119,7 +1117,7 @@ def test_drop_record_reads_only_hdr_len_bytes() -> None:
 
 def test_the_window_never_holds_more_than_its_bound(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     # no watermark comes (a stalled reader): frames leave early, oldest first, and in order
-    monkeypatch.setattr(capture, "REORDER_FRAMES", 4)
+    monkeypatch.setattr(pcapout, "REORDER_FRAMES", 4)
     session = rig.start("db")
     base = time.monotonic_ns()
     for us in (5, 1, 4, 2, 3, 9, 7, 8, 6):

@@ -39,8 +39,8 @@ from monitor.state import MonitorState
 from monitor.traces import api as traceapi
 from monitor.traces.alertcaptures import AlertCaptures
 from monitor.traces.api import DeadlineWriter, TraceApi
-from monitor.traces.capture import CaptureError, Limits, Session, TraceRequest
 from monitor.traces.cli import BlockCounter
+from monitor.traces.session import CaptureError, Limits, Session, TraceRequest
 from monitor.traces.store import CaptureStore
 
 NODE = "node-1"
