@@ -158,9 +158,11 @@ class RunningDaemon:
 @contextmanager
 def running_daemon(inventory: Path, *args: str, log: Path | None = None,
                    ready_timeout: float = 120, scheme: str = "http",
-                   context: ssl.SSLContext | None = None) -> Iterator[RunningDaemon]:
+                   context: ssl.SSLContext | None = None,
+                   checkout: Path = ROOT) -> Iterator[RunningDaemon]:
     """The real `podnetmon run` with its JSON log kept; yields once it is ready
-    (scheme https: the daemon serves TLS per `args`, verified with `context`).
+    (scheme https: the daemon serves TLS per `args`, verified with `context`;
+    `checkout`: the source tree whose monitor package runs, another release's worktree).
 
     The log (a file of its own unless `log` names one) is what explains a bench that
     failed, and only that: it is deleted when the bench ends well, and kept, its path
@@ -173,7 +175,7 @@ def running_daemon(inventory: Path, *args: str, log: Path | None = None,
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--inventory",
                                  str(inventory), "--listen", f"127.0.0.1:{port}",
-                                 "--log-format", "json", *args], cwd=ROOT, stdout=out,
+                                 "--log-format", "json", *args], cwd=checkout, stdout=out,
                                 stderr=subprocess.STDOUT)
     failed = True
     try:
