@@ -22,22 +22,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from monitor.kernel import syscalls
-from monitor.kernel.perfring import (
+from monitor.kernel.perfevent import (
     PERF_FLAG_FD_CLOEXEC,
     PERF_TYPE_TRACEPOINT,
     perf_attr,
     perf_event_open,
 )
-from monitor.kernel.syscalls import BpfError, attr, bpf
-
-# enum bpf_cmd
-BPF_OBJ_PIN = 6
-BPF_OBJ_GET = 7
-BPF_OBJ_GET_INFO_BY_FD = 15
-BPF_LINK_CREATE = 28
-BPF_LINK_UPDATE = 29
-
-BPF_PERF_EVENT = 41  # enum bpf_attach_type
+from monitor.kernel.syscalls import (
+    BPF_LINK_CREATE,
+    BPF_LINK_UPDATE,
+    BPF_OBJ_GET,
+    BPF_OBJ_GET_INFO_BY_FD,
+    BPF_OBJ_PIN,
+    BPF_PERF_EVENT,
+    BpfError,
+    attr,
+    bpf,
+)
 
 # enum bpf_link_type (the ones this project makes)
 BPF_LINK_TYPE_PERF_EVENT = 7
