@@ -36,8 +36,8 @@ from pathlib import Path
 
 import yaml
 
-from monitor import neighbours
 from monitor.kernel import netns
+from podnetlab.neighbourtables import restore_neighbour_tables, size_neighbour_tables
 
 LAB_DIR = Path(os.environ.get("PODNETMON_LAB_DIR", "/run/podnetmon-lab"))
 BRIDGE = "pnmlab0"
@@ -257,55 +257,14 @@ class Lab:
                 made.append(self._create(first + i, style, None, None))
         finally:
             self._save([*pods, *made])  # before wiring: a crash from here on is cleaned up
-        self._size_neighbour_tables(len(pods) + len(made) + CHURN_ROOM)
+        size_neighbour_tables(self._thresholds_file, len(pods) + len(made) + CHURN_ROOM)
         self._wire(made)
         return made
 
-    # -- the node's neighbour tables ----------------------------------------------
-
     @property
     def _thresholds_file(self) -> Path:
+        """The node's neighbour thresholds as they were and as the lab raised them."""
         return self.dir / "neighbour-thresholds.json"
-
-    def _size_neighbour_tables(self, pods: int) -> None:
-        """Raise the node's neighbour-table thresholds to what `pods` pods need (one
-        table for all namespaces: 500 lab pods fill the default 1,024), keeping what
-        they were, and what the lab wrote, for `down` to put back."""
-        try:
-            kept = json.loads(self._thresholds_file.read_text())
-        except (OSError, ValueError):
-            kept = {}
-        for family in ("ipv4", "ipv6"):
-            try:
-                table = neighbours.read_table(family)
-            except (OSError, ValueError):
-                continue
-            wanted = neighbours.sufficient_thresholds(table, neighbours.needed(pods))
-            if wanted == table.thresholds:
-                continue
-            neighbours.write_thresholds(family, wanted)
-            original = kept.get(family, {}).get("original", list(table.thresholds))
-            kept[family] = {"original": original, "lab": list(wanted)}
-        if kept:
-            self._thresholds_file.write_text(json.dumps(kept))
-
-    def _restore_neighbour_tables(self) -> list[str]:
-        """Put back the thresholds the lab raised, unless someone changed them since."""
-        try:
-            kept = json.loads(self._thresholds_file.read_text())
-        except (OSError, ValueError):
-            return []
-        restored = []
-        for family, values in kept.items():
-            try:
-                now = neighbours.read_table(family).thresholds
-            except (OSError, ValueError):
-                continue
-            if list(now) == values["lab"]:
-                original = tuple(values["original"])
-                neighbours.write_thresholds(family, (original[0], original[1], original[2]))
-                restored.append(f"{family} neighbour thresholds {original}")
-        return restored
 
     @property
     def runtime_dir(self) -> Path:
@@ -483,7 +442,7 @@ class Lab:
                 except OSError:
                     pass
             removed.append(f"cgroup {root}")
-        removed += self._restore_neighbour_tables()
+        removed += restore_neighbour_tables(self._thresholds_file)
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
             removed.append(f"dir {self.dir}")
