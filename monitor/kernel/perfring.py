@@ -6,14 +6,15 @@ bpf_perf_event_output(ctx, &map, BPF_F_CURRENT_CPU, ...) writes. The layouts
 follow include/uapi/linux/perf_event.h and were checked with offsetof() against
 the running kernel's BTF (perf_event_attr, perf_event_mmap_page).
 
-The ring parser (`Ring`, `parse_records`) works on any writable buffer laid out
-like a perf mmap (one metadata page, then the data area), so it is tested
-without a kernel.
+`Ring` works on any writable buffer laid out like a perf mmap (one metadata page,
+then the data area), so it is tested without a kernel. perf_event_open(2) and the
+record format are monitor.kernel.perfevent's, libbpf's reader is
+monitor.kernel.perfbuffer's; this module holds ours and PerfReader, which picks one.
 
 Memory ordering: the kernel writes a record, then (release) data_head; a reader must
 load data_head with acquire semantics (smp_rmb after it), read the records, and store
 data_tail with release semantics (smp_mb before it), or the kernel may overwrite
-records still being read. Two readers do that here:
+records still being read. Two readers do that:
 
 - "python" (`Ring`): plain loads and stores, correct on x86-64 only, whose TSO gives
   exactly that order: a load is never reordered with an older load (records are read
@@ -24,11 +25,12 @@ records still being read. Two readers do that here:
   reorderings, and CPython offers no fence; nor does a call into C give one unless
   the callee issues a barrier instruction (libc exports none; libatomic's
   __atomic_load_8 would, but libatomic1 is no dependency of bcc's packages).
-- "libbpf": libbpf's perf_buffer (libbpf.so.1, a dependency of Debian's libbpfcc),
-  whose reader reads head by smp_load_acquire and writes tail by smp_store_release;
-  libbpf's own include/linux/compiler.h spells both, off x86-64, as a full barrier
-  (__sync_synchronize: `dmb ish` on arm64) after the head load and before the tail
-  store, stronger than the ABI asks. It calls back once per record.
+- "libbpf" (monitor.kernel.perfbuffer): libbpf's perf_buffer (libbpf.so.1, a
+  dependency of Debian's libbpfcc), whose reader reads head by smp_load_acquire and
+  writes tail by smp_store_release; libbpf's own include/linux/compiler.h spells both,
+  off x86-64, as a full barrier (__sync_synchronize: `dmb ish` on arm64) after the
+  head load and before the tail store, stronger than the ABI asks. It calls back once
+  per record.
 
 PerfReader takes ours on x86-64, where it measured faster (bench/RESULTS.md, issue 16;
 bench/ring_cost.py), and libbpf's on every other architecture; both are tested here.
@@ -39,34 +41,29 @@ see Ring.__init__.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
-import functools
 import mmap
 import os
 import select
 import struct
-from collections.abc import Callable
 from types import TracebackType
 
 from monitor.kernel import arch, syscalls
-
-# enum perf_type_id, perf_sw_ids, perf_event_sample_format, perf_event_type
-PERF_TYPE_SOFTWARE = 1
-PERF_TYPE_TRACEPOINT = 2
-PERF_COUNT_SW_BPF_OUTPUT = 10
-PERF_SAMPLE_RAW = 1 << 10
-PERF_RECORD_LOST = 2
-PERF_RECORD_SAMPLE = 9
-PERF_FLAG_FD_CLOEXEC = 1 << 3
-PERF_EVENT_IOC_ENABLE = 0x2400  # _IO('$', 0)
-PERF_EVENT_IOC_DISABLE = 0x2401  # _IO('$', 1)
-_ATTR_FLAG_DISABLED = 1 << 0  # the first bit of the flags word at offset 40
-
-# struct perf_event_attr: type@0 size@4 config@8 sample_period@16 sample_type@24
-# flags@40 wakeup_events@48. 128 is PERF_ATTR_SIZE_VER7; newer kernels (136 on 6.18)
-# take a shorter attr as if the missing tail were zero.
-_PERF_ATTR_SIZE = 128
+from monitor.kernel.perfbuffer import LibbpfRings
+from monitor.kernel.perfevent import (
+    PERF_COUNT_SW_BPF_OUTPUT,
+    PERF_EVENT_IOC_ENABLE,
+    PERF_FLAG_FD_CLOEXEC,
+    PERF_SAMPLE_RAW,
+    PERF_TYPE_SOFTWARE,
+    EventCallback,
+    LostCallback,
+    PerfError,
+    parse_records,
+    perf_attr,
+    perf_event_open,
+    perf_ioctl,
+)
 
 # struct perf_event_mmap_page: the control words of the data ring
 _OFF_DATA_HEAD = 1024
@@ -76,49 +73,6 @@ _OFF_DATA_SIZE = 1048
 _META_SIZE = 1056
 
 _U64 = struct.Struct("<Q")  # data_offset, data_size: set once by the kernel at mmap time
-_HEADER = struct.Struct("<IHH")  # struct perf_event_header: type, misc, size
-_SAMPLE = struct.Struct("<IHHI")  # the header and the u32 size of PERF_SAMPLE_RAW
-_LOST = struct.Struct("<IHHQQ")  # the header, u64 id, u64 lost
-_HEADER_SIZE = _HEADER.size
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_libc.ioctl.restype = ctypes.c_int
-_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
-
-EventCallback = Callable[[bytes], None]
-LostCallback = Callable[[int], None]
-
-
-class PerfError(OSError):
-    """perf_event_open(2), a perf ioctl or the ring mmap failed; errno is kept."""
-
-
-def perf_event_open(attr: ctypes.Array[ctypes.c_char], pid: int, cpu: int, group_fd: int,
-                    flags: int) -> int:
-    """The raw syscall; raises PerfError (OSError) with errno on failure."""
-    fd = int(_libc.syscall(arch.number("perf_event_open"), attr, ctypes.c_int(pid), ctypes.c_int(cpu),
-                           ctypes.c_int(group_fd), ctypes.c_ulong(flags)))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise PerfError(err, f"perf_event_open(cpu={cpu}): {os.strerror(err)}")
-    return fd
-
-
-def perf_attr(type_: int, config: int, *, sample_period: int = 1, sample_type: int = 0,
-              wakeup_events: int = 0, disabled: bool = False) -> ctypes.Array[ctypes.c_char]:
-    """A struct perf_event_attr with the few fields this project sets."""
-    buf = ctypes.create_string_buffer(_PERF_ATTR_SIZE)
-    struct.pack_into("<IIQQQ", buf, 0, type_, _PERF_ATTR_SIZE, config, sample_period, sample_type)
-    struct.pack_into("<Q", buf, 40, _ATTR_FLAG_DISABLED if disabled else 0)
-    struct.pack_into("<I", buf, 48, wakeup_events)
-    return buf
-
-
-def perf_ioctl(fd: int, request: int, arg: int = 0) -> None:
-    if _libc.ioctl(fd, request, arg) < 0:
-        err = ctypes.get_errno()
-        raise PerfError(err, f"ioctl({request:#x}) on perf fd {fd}: {os.strerror(err)}")
 
 
 def online_cpus(path: str = "/sys/devices/system/cpu/online") -> list[int]:
@@ -133,32 +87,6 @@ def online_cpus(path: str = "/sys/devices/system/cpu/online") -> list[int]:
         cpus.extend(range(int(first), int(last or first) + 1))
     return cpus
 
-
-def parse_records(data: bytes, on_event: EventCallback, on_lost: LostCallback) -> int:
-    """Deliver the records in `data` (whole records, oldest first); returns samples delivered.
-
-    A sample's bytes are exactly the `size` the kernel wrote: that includes the
-    padding that keeps records 8-byte aligned, so callers that need the exact
-    length must carry it in the payload. A header smaller than itself (a zero
-    size) or running past the end means the data cannot be trusted: the rest is
-    dropped and the reader carries on at the kernel's head.
-    """
-    off, end, delivered = 0, len(data), 0
-    while end - off >= _HEADER_SIZE:
-        rtype, _misc, size = _HEADER.unpack_from(data, off)
-        if size < _HEADER_SIZE or size > end - off:
-            break
-        if rtype == PERF_RECORD_SAMPLE and size >= _SAMPLE.size:
-            raw = _SAMPLE.unpack_from(data, off)[3]
-            start = off + _SAMPLE.size
-            if raw <= size - _SAMPLE.size:
-                on_event(data[start:start + raw])
-                delivered += 1
-        elif rtype == PERF_RECORD_LOST and size >= _LOST.size:
-            on_lost(_LOST.unpack_from(data, off)[4])
-        # anything else (this attr asks for no other record type) is skipped by its size
-        off += size
-    return delivered
 
 
 class Ring:
@@ -223,110 +151,6 @@ class Ring:
         return parse_records(self.read(), on_event, on_lost)
 
 
-# libbpf's perf_buffer (libbpf.so.1, >= 0.6 for perf_buffer__new_raw's signature; bcc's
-# Debian package depends on libbpf1): the same rings, read in C with the barriers the
-# perf ABI asks for on every architecture (smp_load_acquire of data_head,
-# smp_store_release of data_tail), each record handed to a Python callback.
-_LIBBPF_PERF_EVENT_ERROR, _LIBBPF_PERF_EVENT_CONT = -1, -2
-_EVENT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
-
-
-class _PerfBufferRawOpts(ctypes.Structure):
-    """struct perf_buffer_raw_opts (libbpf >= 1.0): sz, two zero-width `long :0`, cpu_cnt,
-    cpus, map_keys; 32 bytes on LP64."""
-
-    _fields_ = [("sz", ctypes.c_size_t), ("cpu_cnt", ctypes.c_int),
-                ("cpus", ctypes.POINTER(ctypes.c_int)), ("map_keys", ctypes.POINTER(ctypes.c_int))]
-
-
-@functools.cache
-def libbpf() -> ctypes.CDLL:
-    """libbpf.so.1 with the perf_buffer functions typed; PerfError if it is not installed."""
-    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
-    try:
-        lib = ctypes.CDLL(name, use_errno=True)
-    except OSError as exc:
-        raise PerfError(errno.ENOENT, f"libbpf ({name}) cannot be loaded: {exc}") from None
-    lib.perf_buffer__new_raw.restype = ctypes.c_void_p
-    lib.perf_buffer__new_raw.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p,
-                                         _EVENT_FN, ctypes.c_void_p,
-                                         ctypes.POINTER(_PerfBufferRawOpts)]
-    lib.perf_buffer__free.restype = None
-    lib.perf_buffer__free.argtypes = [ctypes.c_void_p]
-    lib.perf_buffer__epoll_fd.restype = ctypes.c_int
-    lib.perf_buffer__epoll_fd.argtypes = [ctypes.c_void_p]
-    lib.perf_buffer__consume.restype = ctypes.c_int
-    lib.perf_buffer__consume.argtypes = [ctypes.c_void_p]
-    return lib
-
-
-class _LibbpfRings:
-    """One PERF_EVENT_ARRAY's rings opened and read by libbpf's perf_buffer__new_raw.
-
-    libbpf opens the perf events with our attr on the CPUs given, mmaps them, stores
-    their fds under the same keys, reads each ring with the perf ABI's barriers and
-    calls back once per record (a record that wraps past the end of the ring comes
-    joined, in libbpf's own buffer); perf_buffer__free deletes the map entries again.
-    """
-
-    def __init__(self, map_fd: int, cpus: list[int], *, pages: int,
-                 attr: ctypes.Array[ctypes.c_char], on_event: EventCallback,
-                 on_lost: LostCallback) -> None:
-        self._lib = libbpf()
-        self._on_event, self._on_lost = on_event, on_lost
-        self.delivered = 0
-        self._error: BaseException | None = None
-        self._callback = _EVENT_FN(self._record)  # kept alive as long as libbpf may call it
-        self._attr = attr
-        keys = (ctypes.c_int * len(cpus))(*cpus)
-        self._cpus = keys
-        opts = _PerfBufferRawOpts(ctypes.sizeof(_PerfBufferRawOpts), len(cpus), keys, keys)
-        pb = self._lib.perf_buffer__new_raw(map_fd, pages, ctypes.addressof(attr),
-                                            self._callback, None, ctypes.byref(opts))
-        if not pb:
-            err = ctypes.get_errno() or errno.EINVAL
-            raise PerfError(err, f"libbpf perf_buffer__new_raw on map fd {map_fd} ({pages} "
-                            f"pages a CPU): {os.strerror(err)}")
-        self._pb: int | None = pb
-
-    def _record(self, _ctx: int | None, _cpu: int, header: int) -> int:
-        try:
-            size = ctypes.c_uint16.from_address(header + 6).value  # perf_event_header.size
-            data = ctypes.string_at(header, size)
-            if size >= _SAMPLE.size:  # the common case inline: a sample, one unpack
-                rtype, _misc, _size, raw = _SAMPLE.unpack_from(data)
-                if rtype == PERF_RECORD_SAMPLE and raw <= size - _SAMPLE.size:
-                    self._on_event(data[_SAMPLE.size:_SAMPLE.size + raw])
-                    self.delivered += 1
-                    return _LIBBPF_PERF_EVENT_CONT
-            self.delivered += parse_records(data, self._on_event, self._on_lost)
-        except BaseException as exc:  # noqa: BLE001 - carried across C, raised in consume()
-            self._error = exc
-            return _LIBBPF_PERF_EVENT_ERROR  # libbpf stops this ring; the record is consumed
-        return _LIBBPF_PERF_EVENT_CONT
-
-    def fileno(self) -> int:
-        if self._pb is None:
-            raise ValueError("the perf reader is closed")
-        return int(self._lib.perf_buffer__epoll_fd(self._pb))
-
-    def consume(self) -> int:
-        """Every ring read to its head; returns samples delivered."""
-        if self._pb is None:
-            raise ValueError("the perf reader is closed")
-        self.delivered, self._error = 0, None
-        ret = self._lib.perf_buffer__consume(self._pb)
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        if ret < 0:
-            raise PerfError(-ret, f"libbpf perf_buffer__consume: {os.strerror(-ret)}")
-        return self.delivered
-
-    def close(self) -> None:
-        if self._pb is not None:
-            self._lib.perf_buffer__free(self._pb)
-            self._pb = None
 
 
 READERS = ("python", "libbpf")
@@ -377,7 +201,7 @@ class PerfReader:
         self._maps: list[mmap.mmap] = []
         self._rings: list[Ring] = []
         self._keys: list[int] = []
-        self._libbpf: _LibbpfRings | None = None
+        self._libbpf: LibbpfRings | None = None
         self._waiter: select.poll | None = None
         self._epoll: select.epoll | None = None
         try:
@@ -387,7 +211,7 @@ class PerfReader:
                              disabled=True)
             if reader == "libbpf":
                 cpus = online_cpus()
-                self._libbpf = _LibbpfRings(self._map_fd, cpus, pages=pages, attr=attr,
+                self._libbpf = LibbpfRings(self._map_fd, cpus, pages=pages, attr=attr,
                                             on_event=on_event, on_lost=on_lost)
                 self._keys = cpus
                 self._waiter = select.poll()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.kernel import arch, perfring, syscalls
+from monitor.kernel import arch, perfevent, syscalls
 
 
 @pytest.fixture(autouse=True)
@@ -46,11 +46,11 @@ def test_the_calls_themselves_refuse_before_any_syscall(monkeypatch: pytest.Monk
     monkeypatch.setattr(platform, "machine", lambda: "riscv64")
     made: list[int] = []
     monkeypatch.setattr(syscalls, "_libc", type("L", (), {"syscall": lambda *a: made.append(1)})())
-    monkeypatch.setattr(perfring, "_libc", type("L", (), {"syscall": lambda *a: made.append(1)})())
+    monkeypatch.setattr(perfevent, "_libc", type("L", (), {"syscall": lambda *a: made.append(1)})())
     with pytest.raises(arch.UnsupportedArchitectureError, match="riscv64"):
         syscalls.link_detach(3)
     with pytest.raises(arch.UnsupportedArchitectureError, match="riscv64"):
-        perfring.perf_event_open(perfring.perf_attr(1, 10), -1, 0, -1, 0)
+        perfevent.perf_event_open(perfevent.perf_attr(1, 10), -1, 0, -1, 0)
     assert made == []
 
 
@@ -65,9 +65,9 @@ def test_bpf_goes_through_the_number_of_this_machine(monkeypatch: pytest.MonkeyP
             return 7
 
     monkeypatch.setattr(syscalls, "_libc", Libc())
-    monkeypatch.setattr(perfring, "_libc", Libc())
+    monkeypatch.setattr(perfevent, "_libc", Libc())
     assert syscalls.enable_run_stats() == 7
-    assert perfring.perf_event_open(perfring.perf_attr(1, 10), -1, 0, -1, 0) == 7
+    assert perfevent.perf_event_open(perfevent.perf_attr(1, 10), -1, 0, -1, 0) == 7
     assert [c[0] for c in calls] == [280, 241]
     assert isinstance(calls[1][2], ctypes.c_int)
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from monitor.kernel import perfring, tracepoints
-from monitor.kernel.perfring import PERF_RECORD_LOST, PERF_RECORD_SAMPLE, Ring, parse_records
+from monitor.kernel import perfbuffer, perfevent, perfring, tracepoints
+from monitor.kernel.perfevent import PERF_RECORD_LOST, PERF_RECORD_SAMPLE, parse_records
+from monitor.kernel.perfring import Ring
 
 PAGE = 4096
 HEAD, TAIL, DATA_OFFSET, DATA_SIZE = 1024, 1032, 1040, 1048
@@ -248,9 +249,9 @@ def test_online_cpu_lists(tmp_path: Path) -> None:
 
 
 def test_perf_attr_layout() -> None:
-    attr = perfring.perf_attr(perfring.PERF_TYPE_SOFTWARE, perfring.PERF_COUNT_SW_BPF_OUTPUT,
-                              sample_type=perfring.PERF_SAMPLE_RAW, wakeup_events=32,
-                              disabled=True)
+    attr = perfevent.perf_attr(perfevent.PERF_TYPE_SOFTWARE, perfevent.PERF_COUNT_SW_BPF_OUTPUT,
+                               sample_type=perfevent.PERF_SAMPLE_RAW, wakeup_events=32,
+                               disabled=True)
     type_, size, config, period, sample_type = struct.unpack_from("<IIQQQ", attr, 0)
     assert (type_, size, config, period, sample_type) == (1, 128, 10, 1, 1 << 10)
     assert struct.unpack_from("<Q", attr, 40)[0] == 1  # disabled
@@ -315,19 +316,19 @@ def test_our_reader_is_refused_where_plain_loads_are_not_ordered(
 
 
 def test_libbpf_has_what_the_reader_calls() -> None:
-    lib = perfring.libbpf()
+    lib = perfbuffer.libbpf()
     for name in ("perf_buffer__new_raw", "perf_buffer__consume", "perf_buffer__epoll_fd",
                  "perf_buffer__free"):
         assert hasattr(lib, name)
     # struct perf_buffer_raw_opts of libbpf >= 1.0 on LP64: sz, (long :0 x2), cpu_cnt, cpus, map_keys
-    opts = perfring._PerfBufferRawOpts
+    opts = perfbuffer._PerfBufferRawOpts
     assert ctypes.sizeof(opts) == 32
     assert [getattr(opts, f).offset for f in ("sz", "cpu_cnt", "cpus", "map_keys")] == [0, 8, 16, 24]
 
 
-def _libbpf_rings(events: list[bytes], lost: list[int]) -> perfring._LibbpfRings:
-    """The callback half of _LibbpfRings, without a kernel behind it."""
-    rings = object.__new__(perfring._LibbpfRings)
+def _libbpf_rings(events: list[bytes], lost: list[int]) -> perfbuffer.LibbpfRings:
+    """The callback half of LibbpfRings, without a kernel behind it."""
+    rings = object.__new__(perfbuffer.LibbpfRings)
     rings._on_event, rings._on_lost = events.append, lost.append
     rings.delivered, rings._error = 0, None
     return rings
@@ -342,7 +343,7 @@ def test_the_libbpf_callback_parses_each_record_it_is_handed() -> None:
     record = bytes(fake.buf[PAGE:PAGE + fake.head])
     for rec in (record, lost_record(5), struct.pack("<IHHQ", 99, 0, 16, 0)):
         buf = ctypes.create_string_buffer(rec, len(rec))
-        assert rings._record(None, 0, ctypes.addressof(buf)) == perfring._LIBBPF_PERF_EVENT_CONT
+        assert rings._record(None, 0, ctypes.addressof(buf)) == perfbuffer._LIBBPF_PERF_EVENT_CONT
     assert events == [raw] and lost == [5] and rings.delivered == 1
 
 
@@ -352,5 +353,5 @@ def test_a_raising_callback_stops_libbpf_and_is_kept_for_drain() -> None:
     fake = FakeRing()
     fake.sample(b"x" * 8)
     buf = ctypes.create_string_buffer(bytes(fake.buf[PAGE:PAGE + fake.head]), fake.head)
-    assert rings._record(None, 0, ctypes.addressof(buf)) == perfring._LIBBPF_PERF_EVENT_ERROR
+    assert rings._record(None, 0, ctypes.addressof(buf)) == perfbuffer._LIBBPF_PERF_EVENT_ERROR
     assert isinstance(rings._error, KeyError)
