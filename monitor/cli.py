@@ -243,7 +243,8 @@ def format_pods(pods: list[dict[str, object]]) -> str:
 
 
 def _lab(args: argparse.Namespace) -> int:
-    from podnetlab.lab import Lab, LabError
+    from podnetlab.errors import LabError
+    from podnetlab.lab import Lab
 
     lab = Lab()
     try:

@@ -37,37 +37,27 @@ from pathlib import Path
 import yaml
 
 from monitor.kernel import netns
+from podnetlab.errors import LabError
 from podnetlab.neighbourtables import restore_neighbour_tables, size_neighbour_tables
+from podnetlab.runtimes import (
+    CGROUP_PARENT,
+    STYLES,
+    cgroup2_root,
+    make_cgroup,
+    rmdir_up,
+    start_pause,
+    write_bundle,
+)
 
 LAB_DIR = Path(os.environ.get("PODNETMON_LAB_DIR", "/run/podnetmon-lab"))
 BRIDGE = "pnmlab0"
 VETH_PREFIX = "pnml"
 NETNS_PREFIX = "pnmlab-"
 NETNS_DIR = Path("/run/netns")
-CGROUP_PARENT = "podnetmon-lab"
 NAMESPACE = "lab"
 # Pods beyond those made by `up` that the neighbour tables are sized for: the live pods
 # of a churn benchmark (20 a second living 2 s) beside the idle ones
 CHURN_ROOM = 100
-
-# How each runtime lays a pod out (what podnetmon must cope with):
-STYLES = {
-    # dockershim: a pause process in a cgroupfs-driver cgroup, netns not pinned
-    "docker": "pause process, cgroupfs cgroup, no pinned netns",
-    # containerd: netns pinned first (/run/netns/cni-*), pause runs in it, systemd cgroup
-    "containerd": "pinned netns, pause process in it, systemd cgroup cri-containerd-*.scope",
-    # CRI-O with its infra container: like containerd, plus an OCI bundle carrying the UID
-    "crio": "pinned netns, pause process, crio-*.scope, OCI bundle with the pod UID",
-    # CRI-O without an infra container: no pause process; only the bundle of an app
-    # container ties the pinned netns to the pod UID
-    "crio-noinfra": "pinned netns, no pause process, OCI bundle with the pod UID",
-    # a pinned netns and nothing else: named through the inventory's netns key only
-    "pinned": "pinned netns, no pause process, no bundle",
-}
-
-
-class LabError(RuntimeError):
-    """A lab operation failed; the message says which step and why."""
 
 
 @dataclass(frozen=True)
@@ -174,16 +164,6 @@ def _sysctl(key: str, value: str) -> None:
         path.write_text(value)
     except OSError:
         pass  # an interface already gone, or a kernel without the knob: not lab-fatal
-
-
-def cgroup2_root() -> Path:
-    """The unified (v2) hierarchy's mount point, wherever this host put it."""
-    with open("/proc/self/mounts", encoding="utf-8") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 2 and parts[2] == "cgroup2":
-                return Path(parts[1])
-    raise LabError("no cgroup2 hierarchy is mounted; the lab places pause processes in one")
 
 
 def pod_ips(index: int) -> tuple[str, str]:
@@ -319,64 +299,16 @@ class Lab:
             pinned_path = str(NETNS_DIR / f"{NETNS_PREFIX}{index}")
             _run("ip", "netns", "add", f"{NETNS_PREFIX}{index}")
         if style in ("docker", "containerd", "crio"):
-            cgroup = self._make_cgroup(style, uid, container)
-            pause_pid = self._start_pause(cgroup, pinned_path)
+            cgroup = make_cgroup(style, uid, container)
+            pause_pid = start_pause(self.pause_bin, cgroup, pinned_path)
         if style in ("crio", "crio-noinfra"):
-            self._write_bundle(container, uid, str(pinned_path))
+            write_bundle(self.runtime_dir, container, uid, str(pinned_path))
         netns_path = str(pinned_path) if pause_pid is None else f"/proc/{pause_pid}/ns/net"
         bundle = str(self.runtime_dir / container) if style in ("crio", "crio-noinfra") else ""
         ip4, ip6 = pod_ips(index)
         return LabPod(index, NAMESPACE, name or f"pod-{index}", uid, os.stat(netns_path).st_ino,
                       netns_path, pause_pid, pinned_path, f"{VETH_PREFIX}{index}", ip4, ip6,
                       cgroup, str(self.inventory), style, bundle)
-
-    def _make_cgroup(self, style: str, uid: str, container: str) -> str:
-        """A kubelet-shaped cgroup: cgroupfs driver for docker, systemd for the others."""
-        if style == "docker":
-            rel = f"{CGROUP_PARENT}/kubepods/burstable/pod{uid}/{container}"
-        else:
-            scope = "crio" if style == "crio" else "cri-containerd"
-            rel = (f"{CGROUP_PARENT}/kubepods.slice/kubepods-besteffort.slice/"
-                   f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice/"
-                   f"{scope}-{container}.scope")
-        path = cgroup2_root() / rel
-        path.mkdir(parents=True, exist_ok=True)
-        return str(path)
-
-    def _write_bundle(self, container: str, uid: str, netns: str) -> None:
-        """The part of a CRI-O OCI bundle podnetmon reads (userdata/config.json)."""
-        path = self.runtime_dir / container / "userdata" / "config.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({
-            "ociVersion": "1.0.2",
-            "annotations": {"io.kubernetes.pod.uid": uid, "io.kubernetes.container.name": "app"},
-            "linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": netns}]}}))
-
-    def _start_pause(self, cgroup: str, pinned: str | None) -> int:
-        """The pause process: it joins its pod's cgroup and makes its netns (or joins the
-        pinned one, as containerd's pause does) between fork and exec, so it is never seen
-        outside its pod. One fork and one exec: the churn benchmarks make 20 pods a second."""
-        procs = os.path.join(cgroup, "cgroup.procs")
-        target = os.open(pinned, os.O_RDONLY | os.O_CLOEXEC) if pinned else -1
-
-        def enter() -> None:  # in the child, between fork and exec (Popen raises its OSError)
-            with open(procs, "w") as f:
-                f.write(str(os.getpid()))
-            if target >= 0:
-                netns.setns(target)
-            else:
-                netns.unshare()
-
-        try:
-            proc = subprocess.Popen([str(self.pause_bin), "infinity"], stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True, preexec_fn=enter)  # noqa: PLW1509
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise LabError(f"the pause process did not start: {exc}") from None
-        finally:
-            if target >= 0:
-                os.close(target)
-        return proc.pid
 
     def _wire(self, pods: Sequence[LabPod], quiet: Quiet | None = None) -> None:
         """Veth pairs into the pods, host sides on the bridge, addresses inside."""
@@ -408,7 +340,7 @@ class Lab:
         if pod.pinned:
             _run("ip", "netns", "del", Path(pod.pinned).name, check=False)
         if pod.cgroup:
-            _rmdir_up(Path(pod.cgroup), stop=cgroup2_root() / CGROUP_PARENT)
+            rmdir_up(Path(pod.cgroup), stop=cgroup2_root() / CGROUP_PARENT)
         if pod.bundle:
             shutil.rmtree(pod.bundle, ignore_errors=True)
 
@@ -505,12 +437,3 @@ def _lab_links() -> list[str]:
             names.append(entry)
     return sorted(names, key=lambda n: n == BRIDGE)  # veths first, then the bridge
 
-
-def _rmdir_up(path: Path, *, stop: Path) -> None:
-    """Remove a cgroup and its now-empty parents, up to (not including) `stop`."""
-    while path != stop and stop in path.parents:
-        try:
-            path.rmdir()
-        except OSError:
-            return
-        path = path.parent

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from podnetlab.lab import BRIDGE, CGROUP_PARENT, Lab, cgroup2_root
+from podnetlab.lab import BRIDGE, Lab
+from podnetlab.runtimes import CGROUP_PARENT, cgroup2_root
 from tests.kernel.support import (
     ROOT,
     Daemon,
