@@ -42,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import daemon, machine, median, run_in, spawn_in, tcpdump
-from monitor.kernel import rtnl, syscalls
+from monitor.kernel import rtnl, rtnlwire, syscalls
 from monitor.kernel.netlink import TC_PARENT_EGRESS, TC_PARENT_INGRESS
 from podnetlab.lab import Lab, LabPod
 
@@ -67,7 +67,7 @@ def empty_tc(devs: list[str]) -> Iterator[None]:
             ifindex = _ifindex(dev)
             try:
                 tc.add_clsact(ifindex)
-            except rtnl.RtnlError as exc:  # it has one already (never removed: polite)
+            except rtnlwire.RtnlError as exc:  # it has one already (never removed: polite)
                 if exc.errno != errno.EEXIST:
                     raise
             for parent in (TC_PARENT_INGRESS, TC_PARENT_EGRESS):

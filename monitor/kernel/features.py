@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from monitor.kernel import loader, netns, rtnl, syscalls
-from monitor.kernel.rtnl import TC_PARENT_INGRESS
+from monitor.kernel.rtnltc import TC_PARENT_INGRESS
 
 
 def probe_attach_features() -> dict[str, str]:

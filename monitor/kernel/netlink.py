@@ -12,9 +12,10 @@ import os
 import threading
 
 from monitor import log
-from monitor.kernel import rtnl
+from monitor.kernel import linkevents, rtnl, rtnllinks
 from monitor.kernel.records import HostSide, VethCounts, VethLink
-from monitor.kernel.rtnl import TC_PARENT_EGRESS, TC_PARENT_INGRESS, RtnlError
+from monitor.kernel.rtnltc import TC_PARENT_EGRESS, TC_PARENT_INGRESS
+from monitor.kernel.rtnlwire import RtnlError
 
 __all__ = ["FILTER_NAME", "TC_PARENT_EGRESS", "TC_PARENT_INGRESS", "Netlink", "RtnlError"]
 
@@ -47,7 +48,7 @@ class Netlink:
                 sock.close()
                 setattr(self._local, name, None)
 
-    def links(self) -> list[rtnl.Link]:
+    def links(self) -> list[rtnllinks.Link]:
         return self._rtnl().links()
 
     def veths(self) -> list[VethLink]:
@@ -64,7 +65,7 @@ class Netlink:
         """One host device's statistics (one request, not a dump); None if it is gone."""
         try:
             link = self._rtnl().link(ifindex)
-        except rtnl.RtnlError:
+        except RtnlError:
             return None
         if link is None:
             return None
@@ -76,7 +77,7 @@ class Netlink:
         without entering it; None if it is gone."""
         try:
             link = self._rtnl().link(ifindex, nsid)
-        except rtnl.RtnlError:
+        except RtnlError:
             return None
         return (link.rx_packets, link.rx_bytes) if link is not None else None
 
@@ -88,7 +89,7 @@ class Netlink:
             return None
         try:
             return self._rtnl().netnsid(fd)
-        except rtnl.RtnlError:
+        except RtnlError:
             return None
         finally:
             os.close(fd)
@@ -140,10 +141,10 @@ def all_links(netlink: Netlink) -> list[tuple[int, str]]:
     """(ifindex, name) of every interface in this netns."""
     return [(link.ifindex, link.name) for link in netlink.links()]
 
-def link_events() -> rtnl.LinkEvents:
+def link_events() -> linkevents.LinkEvents:
     """Wakes the reconciler on rtnetlink link changes; made and used in its thread.
 
     An overflowed socket (ENOBUFS, events lost) counts as an event: the answer to
     lost events is a full rescan, which is what every event triggers anyway.
     """
-    return rtnl.LinkEvents()
+    return linkevents.LinkEvents()

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from monitor import log
 from monitor.identity import IdentityIndex, Pod
-from monitor.kernel import rtnl
+from monitor.kernel import rtnl, rtnllinks
 from monitor.peers.identity import Peer
 
 Key = tuple[int, bytes]  # (family, 16-byte address: IPv4 in the first four bytes)
@@ -27,11 +27,11 @@ Key = tuple[int, bytes]  # (family, 16-byte address: IPv4 in the first four byte
 class Addresses(Protocol):
     """The kernel's side (monitor.kernel.rtnl.Rtnl has it)."""
 
-    def addresses(self, nsid: int | None = None) -> list[rtnl.Address]: ...
+    def addresses(self, nsid: int | None = None) -> list[rtnllinks.Address]: ...
     def netnsid(self, fd: int) -> int | None: ...
 
 
-def key_of(address: rtnl.Address) -> Key:
+def key_of(address: rtnllinks.Address) -> Key:
     return address.family, address.address.ljust(16, b"\0")
 
 
@@ -99,7 +99,7 @@ class LocalAddresses:
 
     def _addresses(self, nsid: int | None) -> list[Key]:
         try:
-            found: Iterable[rtnl.Address] = self._rtnl().addresses(nsid)
+            found: Iterable[rtnllinks.Address] = self._rtnl().addresses(nsid)
         except OSError as exc:
             self._log.debug("addresses unreadable", nsid=nsid, error=str(exc))
             return []

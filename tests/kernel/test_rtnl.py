@@ -25,7 +25,10 @@ from typing import Any
 
 import pytest
 
-from monitor.kernel.rtnl import Link, LinkEvents, Rtnl, RtnlError
+from monitor.kernel.linkevents import LinkEvents
+from monitor.kernel.rtnl import Rtnl
+from monitor.kernel.rtnllinks import Link
+from monitor.kernel.rtnlwire import RtnlError
 
 pytestmark = [pytest.mark.kernel,
               pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,

@@ -21,7 +21,9 @@ import pytest
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
 from monitor.kernel import syscalls
-from monitor.kernel.rtnl import TC_PARENT_EGRESS, TC_PARENT_INGRESS, Rtnl, RtnlError, TcFilter
+from monitor.kernel.rtnl import Rtnl
+from monitor.kernel.rtnltc import TC_PARENT_EGRESS, TC_PARENT_INGRESS, TcFilter
+from monitor.kernel.rtnlwire import RtnlError
 from tests.kernel.support import bpftool_json, tc_filters
 
 pytestmark = [pytest.mark.kernel,

@@ -10,7 +10,9 @@ from collections.abc import Callable
 
 import pytest
 
-from monitor.kernel.rtnl import LinkEvents, Rtnl, RtnlError
+from monitor.kernel.linkevents import LinkEvents
+from monitor.kernel.rtnl import Rtnl
+from monitor.kernel.rtnlwire import RtnlError
 
 # Kernel numbers, written out again so that a wrong constant in the module shows up here.
 RTM_NEWLINK, RTM_GETLINK, RTM_NEWNSID, RTM_GETNSID = 16, 18, 88, 90
