@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RunningDaemon, lab_pods, machine, median, percentile, run_in, running_daemon, stamp
 from podnetlab.churn import SINK_PORT, UDP_SINK, Churn, ChurnPod, Wire, observer
-from podnetlab.lab import LabPod, Quiet
+from podnetlab.lab import LabPod
+from podnetlab.netsetup import Quiet
 
 DIRECTIONS = ("egress", "ingress")
 VERDICTS = ("exact", "consistent", "MISSED", "OVER", "unread")

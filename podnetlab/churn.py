@@ -24,7 +24,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from monitor.kernel import netns, rtnl
-from podnetlab.lab import Lab, LabPod, Quiet
+from podnetlab.lab import Lab, LabPod
+from podnetlab.netsetup import Quiet
 
 SINK_PORT = 9  # discard: the peer answers with ICMP port unreachable, which nobody minds
 # A program for the peer: takes the churned pods' datagrams on the port in argv[1]

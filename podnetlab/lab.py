@@ -27,18 +27,17 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-from monitor.kernel import netns
 from podnetlab.errors import LabError
 from podnetlab.neighbourtables import restore_neighbour_tables, size_neighbour_tables
+from podnetlab.netsetup import Quiet, configure_inside, in_netns, ip_batch, sysctl
 from podnetlab.runtimes import (
     CGROUP_PARENT,
     STYLES,
@@ -92,78 +91,6 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-
-
-def _in_netns(netns_path: str, fn: Callable[[LabPod], None], pod: LabPod) -> None:
-    """Run fn in a thread that has entered the netns: what it opens in /proc/sys/net and
-    the processes it starts are the pod's. The thread ends with it; the caller's netns
-    never changes."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            try:
-                netns.setns(fd)
-            except OSError as exc:
-                raise LabError(f"setns into {netns_path}: {exc.strerror}") from None
-            fn(pod)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            errors.append(exc)
-        finally:
-            os.close(fd)
-
-    thread = threading.Thread(target=run, name=f"lab-{pod.name}")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-
-
-@dataclass(frozen=True)
-class Quiet:
-    """A pod that sends nothing of its own accord: no IPv6 (no MLD reports, flooded to
-    every port of the bridge) and permanent neighbour entries (no ARP broadcasts), so
-    its veth carries only what it is made to send. For churn that compares each pod's
-    counts with its veth's statistics at rest, beside pods being made."""
-
-    neighbours: Mapping[str, str] = field(default_factory=dict)  # IPv4 address -> MAC
-
-
-def _configure_inside(pod: LabPod, quiet: Quiet | None = None) -> None:
-    """Inside the pod's netns: no RA, no DAD (sysctls first), then addresses and links up."""
-    keys = ["net/ipv6/conf/eth0/accept_ra", "net/ipv6/conf/eth0/router_solicitations",
-            "net/ipv6/conf/all/accept_dad", "net/ipv6/conf/eth0/accept_dad"]
-    for key in keys:
-        with open(f"/proc/sys/{key}", "w") as f:
-            f.write("0")
-    if quiet is not None:
-        with open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "w") as f:
-            f.write("1")
-    commands = [f"addr add {pod.ip}/16 dev eth0"]
-    if quiet is None:
-        commands.append(f"addr add {pod.ip6}/64 dev eth0 nodad")
-    else:
-        commands += [f"neigh replace {ip} lladdr {mac} dev eth0 nud permanent"
-                     for ip, mac in quiet.neighbours.items()]
-    _ip_batch([*commands, "link set lo up", "link set eth0 up"])
-
-
-def _ip_batch(commands: Iterable[str]) -> None:
-    """Many `ip` commands in one process; stops at the first that fails."""
-    text = "".join(f"{c}\n" for c in commands)
-    proc = subprocess.run(["ip", "-batch", "-"], input=text, capture_output=True, text=True,
-                          check=False)
-    if proc.returncode != 0:
-        raise LabError(f"`ip -batch` failed: {proc.stderr.strip() or proc.returncode}")
-
-
-def _sysctl(key: str, value: str) -> None:
-    path = Path("/proc/sys") / key.replace(".", "/")
-    try:
-        path.write_text(value)
-    except OSError:
-        pass  # an interface already gone, or a kernel without the knob: not lab-fatal
 
 
 def pod_ips(index: int) -> tuple[str, str]:
@@ -261,7 +188,7 @@ class Lab:
                  "forward_delay", "0")
             # No IPv6 on the host side: no router solicitations or MLD from the host
             # into the lab, so what pods see is what the lab's traffic sends.
-            _sysctl(f"net.ipv6.conf.{BRIDGE}.disable_ipv6", "1")
+            sysctl(f"net.ipv6.conf.{BRIDGE}.disable_ipv6", "1")
             _run("ip", "link", "set", BRIDGE, "up")
         if not self.state_file.exists():
             self._save([])
@@ -314,13 +241,14 @@ class Lab:
         """Veth pairs into the pods, host sides on the bridge, addresses inside."""
         if not pods:
             return
-        _ip_batch(f"link add {p.host_veth} type veth peer name eth0 netns "
-                  f"{p.pause_pid if p.pinned is None else Path(p.pinned).name}" for p in pods)
+        ip_batch(f"link add {p.host_veth} type veth peer name eth0 netns "
+                 f"{p.pause_pid if p.pinned is None else Path(p.pinned).name}" for p in pods)
         for p in pods:
-            _sysctl(f"net.ipv6.conf.{p.host_veth}.disable_ipv6", "1")
-        _ip_batch(f"link set {p.host_veth} master {BRIDGE} up" for p in pods)
+            sysctl(f"net.ipv6.conf.{p.host_veth}.disable_ipv6", "1")
+        ip_batch(f"link set {p.host_veth} master {BRIDGE} up" for p in pods)
         for p in pods:
-            _in_netns(p.netns_path, functools.partial(_configure_inside, quiet=quiet), p)
+            in_netns(p.netns_path, functools.partial(configure_inside, p.ip, p.ip6, quiet),
+                     f"lab-{p.name}")
 
     # -- down -------------------------------------------------------------------
 

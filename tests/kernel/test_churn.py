@@ -18,7 +18,8 @@ import sys
 from collections.abc import Callable
 
 from podnetlab.churn import SINK_PORT, UDP_SINK, Churn, ChurnPod, observer
-from podnetlab.lab import Lab, Quiet
+from podnetlab.lab import Lab
+from podnetlab.netsetup import Quiet
 from tests.kernel.support import Daemon, census, in_pod, spawn_in_pod, wait_for
 
 
