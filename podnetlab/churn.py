@@ -187,7 +187,7 @@ class Churn:
     def __init__(self, lab: Lab, peer_ip: str, *, rate: float, lifetime: float,
                  interval: float = 0.01, peer_port: int = SINK_PORT,
                  quiet: Quiet | None = None) -> None:
-        """quiet: pods made quiet (lab.Quiet), e.g. with the peer as a permanent
+        """quiet: pods made quiet (netsetup.Quiet), e.g. with the peer as a permanent
         neighbour; a peer that listens on peer_port then sends nothing back either."""
         self.lab, self.peer_ip, self.peer_port, self.quiet = lab, peer_ip, peer_port, quiet
         self.rate, self.lifetime, self.interval = rate, lifetime, interval
