@@ -154,3 +154,31 @@ def test_the_raw_call_check_sees_every_form(code: str) -> None:
 
 def test_the_kernel_packages_own_wrapper_is_allowed() -> None:
     assert not raw_kernel_uses(ast.parse("from monitor.kernel import netns\nnetns.setns(3)\n"))
+
+
+def kernel_constants(tree: ast.Module) -> dict[str, object]:
+    """Module-level NAME = <int literal> of a module: the kernel ABI numbers it defines."""
+    out: dict[str, object] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                and isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper() \
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, int):
+            out[node.targets[0].id] = node.value.value
+    return out
+
+
+def test_each_kernel_constant_is_defined_in_one_module_only() -> None:
+    """A bpf(2) command or netlink number written twice can drift apart: one module owns
+    it, the others import it."""
+    owners: dict[str, list[str]] = {}
+    for name, tree in sources("monitor/kernel"):
+        for constant in kernel_constants(tree):
+            owners.setdefault(constant, []).append(name)
+    twice = {constant: where for constant, where in owners.items()
+             if len(where) > 1 and not constant.startswith("_")}
+    assert not twice, twice
+
+
+def test_the_constant_check_sees_a_redefinition() -> None:
+    assert kernel_constants(ast.parse("BPF_OBJ_PIN = 6\nname = 1\nFLAG: int = 2\n")) == {
+        "BPF_OBJ_PIN": 6}
