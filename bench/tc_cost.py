@@ -26,7 +26,7 @@ from monitor.kernel.netlink import TC_PARENT_INGRESS
 from monitor.kernel.programs import Programs
 from monitor.peers.identity import PeerResolver
 from monitor.probes import select
-from monitor.probes.peers import PeerAccounts, PeerOptions
+from monitor.probes.peeraccounts import PeerAccounts, PeerOptions
 from monitor.slots import SlotTable, per_slot_maps
 
 
