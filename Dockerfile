@@ -52,13 +52,13 @@ COPY podnetlab/ podnetlab/
 COPY bpf/ bpf/
 
 # The wheel holds the monitor package (and the lab's, which the daemon never imports), and
-# monitor/kernel/adapter.py finds the C programs in bpf/ beside the package
+# monitor/kernel/source.py finds the C programs in bpf/ beside the package
 # (Path(__file__).parents[2] / "bpf"): they are copied there.
 # The compose_source call fails the build if the daemon cannot find every probe's C source,
 # the PacketFilter one if trace filters cannot be compiled (libpcap).
 RUN pip install --no-cache-dir --disable-pip-version-check . \
     && podnetmon --version \
-    && python -c 'from monitor import probes; from monitor.kernel import adapter; adapter.compose_source(probes.select(()))' \
+    && python -c 'from monitor import probes; from monitor.kernel import source; source.compose_source(probes.select(()))' \
     && python -c 'from monitor.traces.pcapfilter import PacketFilter; PacketFilter("icmp", snaplen=96)' \
     && rm -rf /src
 

@@ -2,7 +2,7 @@
 
 Pure file reading, so it runs on fake /proc and cgroup trees in unit tests.
 Finding the host veth of each namespace needs netlink and lives in the
-kernel adapter; the reconciler joins the two.
+kernel package; the reconciler joins the two.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Plain data the kernel adapter returns, importable without bcc."""
+"""Plain data the kernel package returns, importable without bcc."""
 
 from __future__ import annotations
 

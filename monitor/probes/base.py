@@ -151,7 +151,7 @@ INTERFACE_COUNTS = "interface_counts"  # packets counted per slot: the bypass an
 
 @dataclass(frozen=True)
 class Probe:
-    """One probe's contract with the kernel adapter and the collector."""
+    """One probe's contract with the kernel package, the daemon and the collector."""
 
     name: str
     summary: str

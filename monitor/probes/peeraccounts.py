@@ -107,7 +107,7 @@ class Local(Protocol):
 
 
 class EpochMaps(Protocol):
-    """What a drain needs of the kernel adapter's maps (monitor.kernel.maps.KernelMaps)."""
+    """What a drain needs of the kernel package's maps (monitor.kernel.maps.KernelMaps)."""
 
     def handle(self, name: str) -> Any: ...
 

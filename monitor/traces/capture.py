@@ -75,7 +75,7 @@ def _malloc_trim() -> Callable[[], None]:
 give_back_memory = _malloc_trim()
 
 class EventReader(Protocol):
-    """The kernel adapter's perf buffers (monitor.kernel.programs.Programs)."""
+    """The kernel package's perf buffers (monitor.kernel.programs.Programs)."""
 
     def open_perf(self, name: str, callback: Callable[[bytes], None],
                   lost: Callable[[int], None], pages: int) -> None: ...
