@@ -1,4 +1,5 @@
-"""The kernel package's pure parts (monitor.kernel.source): cflags, which probes can load, the composed C source.
+"""The kernel package's pure parts (monitor.kernel.source): cflags, which probes can load,
+the composed C source.
 
 Nothing here compiles or loads.
 """

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -469,6 +470,20 @@ def test_dockerfile_builds_the_daemon_image() -> None:
     assert re.search(r'^ENTRYPOINT \["podnetmon"\]$', text, re.M)
     assert re.search(r'^CMD \["run"\]$', text, re.M)
     assert not re.search(r"^USER ", text, re.M)  # root: BPF needs it (see the DaemonSet)
+
+
+def test_the_images_build_checks_run_against_this_tree() -> None:
+    """Each `python -c '...'` the image build runs (it fails the build if the package cannot
+    find its C sources or compile a trace filter) runs here too: a module it names that was
+    moved or renamed fails this test, not the image build an hour later."""
+    snippets = re.findall(r"python -c '([^']+)'", DOCKERFILE.read_text())
+    assert len(snippets) >= 2, snippets
+    for code in snippets:
+        if code.strip() == "import bcc":
+            continue  # the base image's python3-bpfcc, checked before the package exists
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert done.returncode == 0, (code, done.stderr[-2000:])
 
 
 def test_dockerignore_keeps_what_the_build_copies_and_drops_the_rest() -> None:
