@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine
 from monitor.kernel import rtnl, syscalls
-from monitor.kernel.rtnl import TC_PARENT_EGRESS, TC_PARENT_INGRESS
+from monitor.kernel.rtnltc import TC_PARENT_EGRESS, TC_PARENT_INGRESS
+from monitor.kernel.rtnlwire import RtnlError
 
 EXPEDITED = Path("/sys/kernel/rcu_expedited")
 HOOKS = (syscalls.BPF_TCX_INGRESS, syscalls.BPF_TCX_EGRESS)
@@ -113,7 +114,7 @@ def main() -> int:
                 for ifindex in devices:
                     try:
                         tc.add_clsact(ifindex)
-                    except rtnl.RtnlError as exc:
+                    except RtnlError as exc:
                         if exc.errno != errno.EEXIST:
                             raise
                     for parent in (TC_PARENT_INGRESS, TC_PARENT_EGRESS):
