@@ -29,9 +29,7 @@ from dataclasses import dataclass
 
 from monitor import log
 from monitor.identity import IdentityIndex
-from monitor.kernel.maps import MapReader
 from monitor.kernel.records import HostSide
-from monitor.probes import packets
 
 MIN_PACKETS = 20  # the interface must have moved this much for a verdict
 SHORTFALL = 0.5  # ours below this share of the interface's: bypassed (reads are not atomic)
@@ -52,6 +50,9 @@ class _Seen:
 
 # ifindex -> HostSide of every veth, from one netlink dump
 LinkStats = Callable[[], dict[int, HostSide]]
+# our counts by slot, (egress packets, egress bytes, ingress packets, ingress bytes), from
+# the probe that provides them (Probe.interface_totals, bound to the maps)
+SlotTotals = Callable[[list[int]], dict[int, tuple[int, int, int, int]]]
 # (nsid, ifindex) -> (rx_packets, rx_bytes) of a pod-side device, None if unreadable
 PeerStats = Callable[[int, int], tuple[int, int] | None]
 # why our programs miss an interface's packets: tc_filter_first, tcx_program_first, ...
@@ -61,10 +62,10 @@ Explain = Callable[[int], str]
 class BypassDetector:
     """Compares, per attached interface, the veth's packet counts (both sides) with ours."""
 
-    def __init__(self, maps: MapReader, snapshot: Callable[[], IdentityIndex],
+    def __init__(self, totals: SlotTotals, snapshot: Callable[[], IdentityIndex],
                  stats: LinkStats, peer_stats: PeerStats | None = None,
                  explain: Explain | None = None) -> None:
-        self._maps, self._snapshot, self._stats = maps, snapshot, stats
+        self._totals, self._snapshot, self._stats = totals, snapshot, stats
         self._peer_stats, self._explain = peer_stats, explain
         self._seen: dict[int, _Seen] = {}
         self.bypassed: dict[tuple[str, str], str] = {}  # pod -> reason, "" if not bypassed
@@ -73,7 +74,7 @@ class BypassDetector:
 
     def _ours(self, slots: list[int]) -> dict[int, tuple[int, int]]:
         """(egress, ingress) packets we counted, by slot, in one batch read."""
-        return {slot: (t[0], t[2]) for slot, t in packets.totals(self._maps, slots).items()}
+        return {slot: (t[0], t[2]) for slot, t in self._totals(slots).items()}
 
     def _peer(self, host: HostSide) -> tuple[int | None, int]:
         if self._peer_stats is None or host.nsid is None or not host.peer_ifindex:

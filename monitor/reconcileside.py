@@ -7,6 +7,7 @@ carried before our programs were on them). All of it runs in the reconcile threa
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from monitor.bypass import BypassDetector
 from monitor.kernel.netlink import link_events
 from monitor.kernelside import KernelSide
 from monitor.metadata import MetadataSource
-from monitor.probes import providing
+from monitor.probes import provider
 from monitor.probes.base import INTERFACE_COUNTS, Sweep
 from monitor.reconcile import Discovery, Reconciler
 from monitor.reconcileloop import Loop
@@ -45,12 +46,14 @@ class VethWatch:
 
     @classmethod
     def of(cls, kernel: KernelSide, state: MonitorState) -> VethWatch:
-        if not providing(kernel.probes, INTERFACE_COUNTS):
+        counting = provider(kernel.probes, INTERFACE_COUNTS)
+        if counting is None or counting.interface_totals is None:
             return cls(None, None)
+        totals = functools.partial(counting.interface_totals, kernel.maps)
         netlink = kernel.netlink
-        return cls(BypassDetector(kernel.maps, lambda: state.snapshot.index, netlink.link_stats,
+        return cls(BypassDetector(totals, lambda: state.snapshot.index, netlink.link_stats,
                                   netlink.peer_stats, kernel.attacher.explain),
-                   BeforeAttach(kernel.maps, lambda: state.snapshot.index, netlink.veth_counts))
+                   BeforeAttach(totals, lambda: state.snapshot.index, netlink.veth_counts))
 
 
 def loop(settings: Settings, reconciler: Reconciler, kernel: KernelSide,  # noqa: PLR0917

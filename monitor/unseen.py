@@ -41,9 +41,7 @@ from dataclasses import dataclass
 
 from monitor import log
 from monitor.identity import IdentityIndex
-from monitor.kernel.maps import MapReader
 from monitor.kernel.records import VethCounts
-from monitor.probes import packets
 
 READS = 3
 FORGET_AFTER = 60.0  # seconds: far longer than any scrape holds its snapshot
@@ -51,6 +49,9 @@ FORGET_AFTER = 60.0  # seconds: far longer than any scrape holds its snapshot
 
 # ifindex -> the veth's statistics now, None if it is gone
 ReadVeth = Callable[[int], VethCounts | None]
+# our counts by slot, (egress packets, egress bytes, ingress packets, ingress bytes), from
+# the probe that provides them (Probe.interface_totals, bound to the maps)
+SlotTotals = Callable[[list[int]], dict[int, tuple[int, int, int, int]]]
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,9 @@ class Baseline:
 class BeforeAttach:
     """Baselines of attached veths: what passed before our programs were on them."""
 
-    def __init__(self, maps: MapReader, snapshot: Callable[[], IdentityIndex],
+    def __init__(self, totals: SlotTotals, snapshot: Callable[[], IdentityIndex],
                  read_veth: ReadVeth, clock: Callable[[], float] = time.monotonic) -> None:
-        self._maps, self._snapshot, self._read_veth = maps, snapshot, read_veth
+        self._totals, self._snapshot, self._read_veth = totals, snapshot, read_veth
         self._clock = clock
         self._baselines: dict[tuple[int, int], Baseline] = {}  # (ifindex, netns) -> baseline
         self._gone_since: dict[tuple[int, int], float] = {}  # detached: kept a while
@@ -99,9 +100,9 @@ class BeforeAttach:
         egress: list[tuple[int, int]] = []
         ingress: list[tuple[int, int]] = []
         for _ in range(READS):
-            first = packets.totals(self._maps, [slot]).get(slot)  # ours, then ...
+            first = self._totals([slot]).get(slot)  # ours, then ...
             veth = self._read_veth(ifindex)  # ... the statistics, then ...
-            then = packets.totals(self._maps, [slot]).get(slot)  # ... ours again
+            then = self._totals([slot]).get(slot)  # ... ours again
             if first is None or veth is None or then is None:
                 return None  # gone meanwhile, or not counting yet: the next pass retries
             egress.append((veth.rx_packets - first[0], veth.rx_bytes - first[1]))

@@ -73,6 +73,11 @@ def providing(probes: Iterable[Probe], what: str) -> bool:
     return any(what in p.provides for p in probes)
 
 
+def provider(probes: Iterable[Probe], what: str) -> Probe | None:
+    """The first of these probes that provides `what`, if one does."""
+    return next((p for p in probes if what in p.provides), None)
+
+
 def needing(probes: Iterable[Probe], what: str) -> bool:
     """Whether one of these probes takes `what` from the daemon (Probe.needs)."""
     return any(what in p.needs for p in probes)

@@ -147,6 +147,9 @@ NODE = "node"  # this node's name
 CAPTURES = "captures"  # on-demand packet copies: the trace API drives the probe's switch
 INTERFACE_COUNTS = "interface_counts"  # packets counted per slot: the bypass and
 #                                        before-attach checks compare them with the veths'
+#                                        (Probe.interface_totals reads them)
+# (egress packets, egress bytes, ingress packets, ingress bytes) by slot, all protocols
+InterfaceTotals = Callable[[MapReader, list[int]], dict[int, tuple[int, int, int, int]]]
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,7 @@ class Probe:
     settings: tuple[Setting, ...] = ()  # the daemon settings it owns (flags, env, checks)
     needs: tuple[str, ...] = ()  # services its start() takes from the daemon (PEER_RESOLVER...)
     provides: tuple[str, ...] = ()  # what the daemon builds on it when loaded (CAPTURES...)
+    interface_totals: InterfaceTotals | None = None  # with INTERFACE_COUNTS: how to read them
     cflags: Callable[[KernelInfo], list[str]] = field(default=lambda _k: [])
     sweep: Callable[[Sweep], None] | None = None
     # delete keys of a gone pod's netns (None: the pod lives on) and of detached ifindexes

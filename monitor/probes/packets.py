@@ -105,4 +105,5 @@ PROBE = Probe(
     collect=collect,
     describe=describe,
     provides=(INTERFACE_COUNTS,),
+    interface_totals=totals,
 )

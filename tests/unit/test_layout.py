@@ -182,3 +182,23 @@ def test_each_kernel_constant_is_defined_in_one_module_only() -> None:
 def test_the_constant_check_sees_a_redefinition() -> None:
     assert kernel_constants(ast.parse("BPF_OBJ_PIN = 6\nname = 1\nFLAG: int = 2\n")) == {
         "BPF_OBJ_PIN": 6}
+
+
+# The trace machinery is the user side of two probes' trace switches: it writes their
+# per-slot switches and decodes their perf events, so it knows their layouts by name.
+PROBE_IMPORTS_ALLOWED = {"monitor.traces.capture": {"monitor.probes.trace", "monitor.probes.drops"},
+                         "monitor.traces.dropevents": {"monitor.probes.drops"}}
+
+
+def test_no_code_outside_a_probe_names_a_probe() -> None:
+    """Outside monitor/probes the registry is read (monitor.probes, its base), never one
+    probe's module: what the daemon builds on a probe comes from its Probe record."""
+    from monitor.probes import REGISTRY
+
+    probe_modules = {f"monitor.probes.{p.c_file.removesuffix('.c')}" for p in REGISTRY.values()}
+    graph = import_graph()
+    found = {mod: sorted(deps & probe_modules - PROBE_IMPORTS_ALLOWED.get(mod, set()))
+             for mod, deps in graph.items() if mod.startswith("monitor")
+             and not mod.startswith("monitor.probes")}
+    assert not {mod: deps for mod, deps in found.items() if deps}
+    assert "monitor.probes.packets" in probe_modules  # the names are the modules' names

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from monitor.identity import IdentityIndex
 from monitor.kernel.records import VethCounts
 from monitor.probes import packets
-from monitor.unseen import FORGET_AFTER, READS, Baseline, BeforeAttach
+from monitor.unseen import FORGET_AFTER, READS, Baseline, BeforeAttach, SlotTotals
 from tests.unit.conftest import PodFactory
 from tests.unit.fakes import DictMaps, u32
 
@@ -68,8 +68,13 @@ class TickingMaps:
         return self.kernel.maps.lookup(name, key)
 
 
+def totals_of(kernel: Kernel) -> SlotTotals:
+    """Our counts as the packets probe reads them, from maps that tick with the kernel."""
+    return lambda slots: packets.totals(TickingMaps(kernel), slots)  # type: ignore[arg-type]
+
+
 def detector(kernel: Kernel, index: IdentityIndex) -> BeforeAttach:
-    return BeforeAttach(TickingMaps(kernel), lambda: index, kernel.read_veth)  # type: ignore[arg-type]
+    return BeforeAttach(totals_of(kernel), lambda: index, kernel.read_veth)
 
 
 def test_a_quiet_veth_gives_its_statistics_less_ours(make_pod: PodFactory) -> None:
@@ -120,7 +125,7 @@ def test_a_reused_ifindex_starts_afresh_and_pods_sum_their_veths(make_pod: PodFa
     first = IdentityIndex([make_pod(4026532001, [(7, "veth7")], namespace="a", name="p")], {7: 3})
     kernel = Kernel(3, ours=(0, 0), veth=(4, 0))
     current = [first]
-    unseen = BeforeAttach(TickingMaps(kernel), lambda: current[0],  # type: ignore[arg-type]
+    unseen = BeforeAttach(totals_of(kernel), lambda: current[0],
                           kernel.read_veth)
     unseen.observe_new()
     assert unseen.by_pod(first)[("a", "p")].egress_packets == 4
@@ -156,7 +161,7 @@ def test_a_scrape_holding_the_snapshot_a_pod_was_in_still_finds_its_baseline(
     kernel = Kernel(3, ours=(5, 2), veth=(12, 6))
     current = [with_pod]
     now = [100.0]
-    unseen = BeforeAttach(TickingMaps(kernel), lambda: current[0], kernel.read_veth,  # type: ignore[arg-type]
+    unseen = BeforeAttach(totals_of(kernel), lambda: current[0], kernel.read_veth,
                           clock=lambda: now[0])
     unseen.observe_new()
     held_by_a_scrape = with_pod
