@@ -202,3 +202,14 @@ def test_no_code_outside_a_probe_names_a_probe() -> None:
              and not mod.startswith("monitor.probes")}
     assert not {mod: deps for mod, deps in found.items() if deps}
     assert "monitor.probes.packets" in probe_modules  # the names are the modules' names
+
+
+MAX_MODULE_LINES = 400
+
+
+def test_every_module_is_small_enough_to_read_whole() -> None:
+    """A module past 400 lines holds more than one concern; split it where they part."""
+    long = {str(path.relative_to(ROOT)): n for package in PACKAGES
+            for path in (ROOT / package).rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, long
