@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def busy_ns() -> int:
     """CPU time spent busy since boot, over every CPU, in ns (/proc/stat's first line)."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     ticks = sum(int(fields[i]) for i in BUSY_FIELDS)
-    return ticks * 1_000_000_000 // int(subprocess.check_output(["getconf", "CLK_TCK"]))
+    return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
 def programs() -> dict[int, tuple[str, int, int]]:

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import UDP_SENDER, lab_pods, machine, median, run_in, spawn_in, stable
 from monitor.identity import IdentityIndex
 from monitor.kernel import kernelinfo, rtnl, source, syscalls
-from monitor.kernel.netlink import TC_PARENT_INGRESS
 from monitor.kernel.programs import Programs
+from monitor.kernel.rtnltc import TC_PARENT_INGRESS
 from monitor.peers.identity import PeerResolver
 from monitor.probes import select
 from monitor.probes.peeraccounts import PeerAccounts, PeerOptions

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import daemon, machine, median, run_in, spawn_in, tcpdump
 from monitor.kernel import rtnl, rtnlwire, syscalls
-from monitor.kernel.netlink import TC_PARENT_EGRESS, TC_PARENT_INGRESS
+from monitor.kernel.rtnltc import TC_PARENT_EGRESS, TC_PARENT_INGRESS
 from podnetlab.lab import Lab, LabPod
 
 EMPTY_PRIO = 4096  # where the daemon's classic filters go

@@ -15,16 +15,15 @@ from monitor.kernel import pins, syscalls, tracepoints
 from monitor.kernel.errors import AttachError, KernelError
 from monitor.kernel.netlink import (
     FILTER_NAME,
-    TC_PARENT_EGRESS,
-    TC_PARENT_INGRESS,
     Netlink,
-    RtnlError,
     filter_name_at,
     filters_before,
     remove_our_filters,
 )
 from monitor.kernel.programs import Programs
 from monitor.kernel.records import Attachment
+from monitor.kernel.rtnltc import TC_PARENT_EGRESS, TC_PARENT_INGRESS
+from monitor.kernel.rtnlwire import RtnlError
 
 
 def tcx_supported() -> bool:

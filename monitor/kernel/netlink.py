@@ -17,8 +17,6 @@ from monitor.kernel.records import HostSide, VethCounts, VethLink
 from monitor.kernel.rtnltc import TC_PARENT_EGRESS, TC_PARENT_INGRESS
 from monitor.kernel.rtnlwire import RtnlError
 
-__all__ = ["FILTER_NAME", "TC_PARENT_EGRESS", "TC_PARENT_INGRESS", "Netlink", "RtnlError"]
-
 FILTER_NAME = "podnetmon"
 
 
