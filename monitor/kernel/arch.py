@@ -1,7 +1,7 @@
 """What differs between the CPU architectures podnetmon runs on: raw syscall numbers.
 
-The few syscalls this project makes by number (glibc has no wrapper for bpf(2) or
-perf_event_open(2)) have one number on x86-64 and another on arm64, which uses the
+The few syscalls this project makes by number (glibc has no wrapper for bpf(2),
+perf_event_open(2) or membarrier(2)) have one number on x86-64 and another on arm64, which uses the
 asm-generic table. Numbers from the kernel's uapi headers:
 arch/x86/entry/syscalls/syscall_64.tbl (installed as asm/unistd_64.h) and
 include/uapi/asm-generic/unistd.h. Every other call into libc (setns, unshare, mount,
@@ -19,8 +19,10 @@ import platform
 
 # name -> number, per architecture (the names platform.machine() gives on Linux)
 SYSCALLS: dict[str, dict[str, int]] = {
-    "x86_64": {"bpf": 321, "perf_event_open": 298, "capget": 125, "capset": 126},
-    "aarch64": {"bpf": 280, "perf_event_open": 241, "capget": 90, "capset": 91},
+    "x86_64": {"bpf": 321, "perf_event_open": 298, "capget": 125, "capset": 126,
+               "membarrier": 324},
+    "aarch64": {"bpf": 280, "perf_event_open": 241, "capget": 90, "capset": 91,
+                "membarrier": 283},
 }
 # other spellings of the same machines (BSD, Go, Debian and macOS names)
 ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from monitor import log
-from monitor.kernel import pins, syscalls, tracepoints
+from monitor.kernel import pins, rcu, syscalls, tracepoints
 from monitor.kernel.errors import AttachError, KernelError
 from monitor.kernel.netlink import (
     FILTER_NAME,
@@ -21,9 +25,10 @@ from monitor.kernel.netlink import (
     remove_our_filters,
 )
 from monitor.kernel.programs import Programs
-from monitor.kernel.records import Attachment
+from monitor.kernel.records import MOVE_TO_TCX, Attachment
 from monitor.kernel.rtnltc import TC_PARENT_EGRESS, TC_PARENT_INGRESS
 from monitor.kernel.rtnlwire import RtnlError
+from monitor.kernel.source import MOVING_MAP
 
 
 def tcx_supported() -> bool:
@@ -47,6 +52,7 @@ class Attacher:
         self._programs, self._nl, self._pins = programs, netlink, pin
         self._mode, self._prio, self._handle = mode, tc_priority, tc_handle
         self.tcx_available = tcx_supported()
+        self._moves, self._moves_lock = 0, threading.Lock()
         self._log = log.get("attach")
         if mode == "tcx" and not self.tcx_available:
             raise KernelError("attach_mode=tcx but this kernel has no tcx (needs 6.6 and "
@@ -116,7 +122,7 @@ class Attacher:
             except RtnlError:
                 return ""
         if self._mode == "auto" and self.tcx_available and self.filters_before_ours(att.ifindex):
-            return "a filter runs before ours"
+            return MOVE_TO_TCX
         return ""
 
     def attach(self, ifindex: int, ifname: str, netns: int) -> Attachment:
@@ -135,24 +141,83 @@ class Attacher:
         return att
 
     def _attach_tcx(self, att: Attachment) -> None:
+        classic = self._our_filter_parents(att.ifindex)  # a move from tc (or a restart)
+        with self._moving(bool(classic), lambda: self._point_filters_at_ours(att.ifindex, classic)):
+            for fd, hook, direction in ((self._programs.ingress_fd, syscalls.BPF_TCX_INGRESS, "ingress"),
+                                        (self._programs.egress_fd, syscalls.BPF_TCX_EGRESS, "egress")):
+                link = self._pinned_link(att.ifindex, hook, direction)
+                if link is not None:  # the last daemon's: swap the program in place, atomically
+                    try:
+                        tracepoints.link_update(link, fd)
+                    finally:
+                        os.close(link)
+                    continue
+                link = syscalls.tcx_link_create(fd, att.ifindex, hook, first=True)
+                if self._pins is None:
+                    att.link_fds.append(link)  # the link lives as long as this fd
+                    continue
+                try:
+                    tracepoints.pin(link, str(self._link_pin(att.ifindex, direction)))
+                finally:
+                    os.close(link)  # the pin holds it: no fd per interface
+            self._remove_our_filters(att.ifindex)  # left by a daemon that attached by tc
+
+    @contextmanager
+    def _moving(self, moving: bool, make_ours: Callable[[], None]) -> Iterator[None]:
+        """The move of a device from one hook to the other (bpf/tc_main.c, pnm_moving):
+        with the switch on and after a grace period, every pass through a hook that
+        runs our program on both sees the switch on, and counts once; the switch goes off
+        only a grace period after the old hook lost ours. make_ours points the old hook
+        at this daemon's programs first: the last daemon's may know no mark."""
+        if not moving:
+            yield
+            return
+        self._switch(+1)
+        try:
+            make_ours()
+            rcu.grace_period()
+            yield
+        finally:
+            rcu.grace_period()
+            self._switch(-1)
+
+    def _switch(self, step: int) -> None:
+        with self._moves_lock:
+            self._moves += step
+            self._programs.maps.put(MOVING_MAP, struct.pack("=I", 0),
+                                    struct.pack("=I", self._moves))
+
+    def _our_filter_parents(self, ifindex: int) -> list[int]:
+        found = []
+        for parent in (TC_PARENT_INGRESS, TC_PARENT_EGRESS):
+            try:
+                if self._our_filter(ifindex, parent) == FILTER_NAME:
+                    found.append(parent)
+            except RtnlError:
+                pass
+        return found
+
+    def _point_filters_at_ours(self, ifindex: int, parents: list[int]) -> None:
+        fds = {TC_PARENT_INGRESS: self._programs.ingress_fd,
+               TC_PARENT_EGRESS: self._programs.egress_fd}
+        for parent in parents:
+            self._nl.tc().replace_bpf_filter(ifindex, parent=parent, prio=self._prio,
+                                             handle=self._handle, fd=fds[parent],
+                                             name=FILTER_NAME, direct_action=True, classid=1)
+
+    def _point_links_at_ours(self, ifindex: int) -> None:
         for fd, hook, direction in ((self._programs.ingress_fd, syscalls.BPF_TCX_INGRESS, "ingress"),
                                     (self._programs.egress_fd, syscalls.BPF_TCX_EGRESS, "egress")):
-            link = self._pinned_link(att.ifindex, hook, direction)
-            if link is not None:  # the last daemon's: swap the program in place, atomically
+            link = self._pinned_link(ifindex, hook, direction)
+            if link is not None:
                 try:
                     tracepoints.link_update(link, fd)
                 finally:
                     os.close(link)
-                continue
-            link = syscalls.tcx_link_create(fd, att.ifindex, hook, first=True)
-            if self._pins is None:
-                att.link_fds.append(link)  # the link lives as long as this fd
-                continue
-            try:
-                tracepoints.pin(link, str(self._link_pin(att.ifindex, direction)))
-            finally:
-                os.close(link)  # the pin holds it: no fd per interface
-        self._remove_our_filters(att.ifindex)  # left by a daemon that attached by tc
+
+    def _has_pinned_links(self, ifindex: int) -> bool:
+        return self._pins is not None and any(
+            self._link_pin(ifindex, direction).exists() for direction in ("ingress", "egress"))
 
     def _link_pin(self, ifindex: int, direction: str) -> Path:
         return pins.tcx_link_path(self._pins, ifindex, direction) if self._pins else Path()
@@ -197,17 +262,17 @@ class Attacher:
         except RtnlError as exc:
             if exc.errno != errno.EEXIST:  # a clsact the CNI (or we, before) added is fine
                 raise
-        for fd, parent in ((self._programs.ingress_fd, TC_PARENT_INGRESS),
-                           (self._programs.egress_fd, TC_PARENT_EGRESS)):
+        for parent in (TC_PARENT_INGRESS, TC_PARENT_EGRESS):
             taken = self._our_filter(att.ifindex, parent)
             if taken is not None and taken != FILTER_NAME:
                 raise KernelError(f"priority {self._prio} handle {self._handle:#x} holds "
                                   f"another agent's filter {taken!r}; set tc_priority")
+        # a move from tcx: the links a daemon that attached by tcx left pinned
+        with self._moving(self._has_pinned_links(att.ifindex),
+                          lambda: self._point_links_at_ours(att.ifindex)):
             # replace: atomic swap if ours is there from before (a restart), create otherwise
-            tc.replace_bpf_filter(att.ifindex, parent=parent, prio=self._prio,
-                                  handle=self._handle, fd=fd, name=FILTER_NAME,
-                                  direct_action=True, classid=1)
-        self._unpin_links(att.ifindex)  # left by a daemon that attached by tcx
+            self._point_filters_at_ours(att.ifindex, [TC_PARENT_INGRESS, TC_PARENT_EGRESS])
+            self._unpin_links(att.ifindex)
 
     def detach(self, att: Attachment) -> None:
         """Remove ours from one interface. Idempotent; a vanished interface is fine."""

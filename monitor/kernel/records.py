@@ -16,6 +16,12 @@ class VethLink:
     peer_ifindex: int
 
 
+# Attacher.verify()'s answer where a classic filter of another agent now runs before
+# ours and tcx can go first: the move keeps ours on the old hook until the new one
+# counts (attach.py), so the device is not detached first.
+MOVE_TO_TCX = "a filter runs before ours"
+
+
 @dataclass
 class Attachment:
     """Our programs on one interface."""

@@ -34,6 +34,7 @@ IFSLOT_SPILL_MAP = "pnm_ifslot_spill"  # ifindex -> slot, where the bucket was t
 NETNS_MAP = "pnm_netns"  # a pod's netns inode -> the slot its tracepoint events count in
 SLOT_OWNER_MAP = "pnm_slot_owner"  # slot -> {ifindex, netns}: for the next daemon
 GENERATION_MAP = "pnm_generation"  # which daemon's tracepoint programs count
+MOVING_MAP = "pnm_moving"  # bpf/tc_main.c: nonzero while a device moves between tc and tcx
 IFSLOT_BUCKETS = 65536
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from monitor import reconcile, reconcileloop
 from monitor.identity import HostVeth, PodMeta, PodNetwork
-from monitor.kernel.records import Attachment, VethLink
+from monitor.kernel.records import MOVE_TO_TCX, Attachment, VethLink
 from monitor.metadata.static import NoMetadata
 from monitor.reconcile import RETRY_MAX, Reconciler
 from monitor.state import MonitorState
@@ -1039,3 +1039,16 @@ def test_verify_reattaches_where_ours_went_missing_and_keeps_the_slot(world: Wor
     world.attacher.broken = {}
     assert world.reconciler.verify([7, 8, 99]) == 0  # fine now; 99 is nobody's
     assert world.slots.slots == {7: 0, 8: 1}  # the slot stayed: the counts carry on
+
+
+def test_a_move_to_tcx_is_not_detached_first(world: World) -> None:
+    # Another agent's classic filter now runs before ours: the attacher moves the device
+    # to tcx while our filter still counts (attach.py's move); detaching first would
+    # lose what passes between the two calls.
+    world.pod(NS_WEB, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
+    world.run()
+    world.events.clear()
+    world.attacher.broken = {7: MOVE_TO_TCX}
+    assert world.reconciler.verify() == 1
+    assert world.events == [("attach", 7, "veth7", NS_WEB)]
+    assert world.state.reattaches() == {MOVE_TO_TCX: 1}
