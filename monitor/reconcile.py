@@ -27,6 +27,7 @@ from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
 
 RETRY_FIRST = 1.0  # seconds before the first retry of a failed attach
 RETRY_MAX = 60.0
+MOVED_TO_TCX = "moved to tcx"  # podnet_monitor_reattaches_total's reason for a move
 
 
 class Links(Protocol):
@@ -35,7 +36,8 @@ class Links(Protocol):
 
 
 class AttachPort(Protocol):
-    def attach(self, ifindex: int, ifname: str, netns: int) -> Attachment: ...
+    def attach(self, ifindex: int, ifname: str, netns: int, *,
+               mode: str | None = None) -> Attachment: ...
     def detach(self, att: Attachment) -> None: ...
 
     def verify(self, att: Attachment) -> str:
@@ -105,6 +107,7 @@ class Reconciler:
         # netns: what a previous daemon left for pods gone since is removed then.
         self._after_first_pass = after_first_pass
         self._attached: dict[int, Attachment] = {}
+        self._unmovable: set[int] = set()  # ifindexes whose move to tcx failed
         self._failures: dict[int, _Failure] = {}
         # The host's nsid of each pod netns, by (inode, the path it was opened by): an nsid
         # stays while its netns lives, and a path (/proc/<pause pid>/ns/net, a runtime's
@@ -272,7 +275,32 @@ class Reconciler:
             done += 1
         return done
 
+    def move_to_tcx(self, attached_before: float, limit: int) -> int:
+        """Move up to `limit` devices attached by classic tc since before `attached_before`
+        (wall clock) to tcx, the longest-attached first; the attacher counts every packet
+        once through a move. One that fails stays on classic tc, still counting, and is
+        not tried again. Returns how many moved."""
+        due = sorted((att for att in self._attached.values()
+                      if att.mode == "tc" and att.since <= attached_before
+                      and att.ifindex not in self._unmovable), key=lambda a: a.since)
+        moved = 0
+        for att in due[:limit]:
+            bound = self._log.bind(interface=att.ifname, ifindex=att.ifindex, netns=att.netns)
+            try:
+                new = self._attacher.attach(att.ifindex, att.ifname, att.netns, mode="tcx")
+            except Exception as exc:  # noqa: BLE001 - contained per interface by design
+                self._unmovable.add(att.ifindex)
+                bound.warning("move to tcx failed: stays on classic tc", error=str(exc))
+                continue
+            new.since = att.since
+            self._attached[att.ifindex] = new
+            self._state.count_reattach(MOVED_TO_TCX)
+            bound.info("moved to tcx")
+            moved += 1
+        return moved
+
     def _detach(self, att: Attachment, *, reason: str) -> None:
+        self._unmovable.discard(att.ifindex)  # the ifindex may come back as another device's
         self._attacher.detach(att)
         self._release(att.ifindex)
         self._detached.append(att)

@@ -110,11 +110,17 @@ class CoreSettings:
                  "/run/containers/storage/overlay-containers",
                  "/var/lib/containers/storage/overlay-containers"))
     attach_mode: str = _doc(
-        "auto: tcx where the kernel has it and the device already carries tcx programs "
-        "(a CNI like Cilium that returns TCX_PASS would hide classic tc filters), classic "
-        "tc otherwise; tc or tcx force one. tcx costs less per packet, more per attach "
-        "(an RCU grace period under the rtnl lock, ~10 ms a link): bench/RESULTS.md.",
+        "auto: on a kernel with tcx, a device is attached by classic tc at once (0.04 ms "
+        "a link) and moved to tcx once attached for tcx_move_after seconds (each tcx link "
+        "holds the rtnl lock for an RCU grace period, ~10 ms, so pods that come and go "
+        "never pay it), and at once where it carries tcx programs or another agent's "
+        "classic filter runs before ours; classic tc where the kernel has no tcx. tc or "
+        "tcx force one. tcx costs less per packet: bench/RESULTS.md.",
         default="auto")
+    tcx_move_after: float = _doc(
+        "Seconds a device stays on classic tc in attach_mode auto before it moves to tcx "
+        "(2 devices a second, each counted once through the move); 0: never move.",
+        default=60.0)
     tc_priority: int = _doc(
         "Priority of our classic tc filters. 4096 runs after CNIs that take the first "
         "slots (Cilium uses 1) and before filters added without a priority (the kernel "

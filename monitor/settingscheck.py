@@ -56,6 +56,8 @@ def problems(s: CoreSettings) -> list[str]:
         bad(f"log_format: {s.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
     if s.log_level not in LOG_LEVELS:
         bad(f"log_level: {s.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    if not 0 <= s.tcx_move_after <= 86400:
+        bad(f"tcx_move_after: {s.tcx_move_after} s is outside 0..86400")
     if not 1 <= s.tc_priority <= 0xFFFF:
         bad(f"tc_priority: {s.tc_priority} is outside 1..65535")
     if not 1 <= s.tc_handle <= 0xFFFFFFFF:

@@ -125,8 +125,16 @@ class Attacher:
             return MOVE_TO_TCX
         return ""
 
-    def attach(self, ifindex: int, ifname: str, netns: int) -> Attachment:
-        mode = self.choose_mode(ifindex)
+    @property
+    def moves_to_tcx(self) -> bool:
+        """Whether devices attached by classic tc move to tcx later (mode auto, tcx here)."""
+        return self._mode == "auto" and self.tcx_available
+
+    def attach(self, ifindex: int, ifname: str, netns: int, *,
+               mode: str | None = None) -> Attachment:
+        """Ours on both hooks of a device, by `mode` or the one choose_mode() gives; ours
+        already on the other hook moves over, every packet counted once."""
+        mode = mode or self.choose_mode(ifindex)
         att = Attachment(ifindex, ifname, netns, mode)
         try:
             if mode == "tcx":

@@ -285,6 +285,11 @@ def tc_filters(dev: str, hook: str) -> str:
                           text=True, check=True).stdout
 
 
+# Where a device carries ours, by our_programs()'s keys: both hooks by classic tc, or both
+# by tcx (attach_mode auto moves a device from one to the other after --tcx-move-after).
+ON_ONE_HOOK = ({"tc ingress", "tc egress"}, {"tcx ingress", "tcx egress"})
+
+
 def our_programs(dev: str) -> dict[str, list[int]]:
     """Our programs on a device's hooks, seen from outside the daemon, by hook:
     {"tc ingress": [prog id], "tcx egress": [...]}. Classic filters from `tc filter show`

@@ -1,6 +1,7 @@
 """A device moved between classic tc and tcx under traffic: every packet counted once.
 
-An upgrade to a daemon that attaches by tcx (or back to classic tc) finds our programs
+attach_mode auto moves a device from classic tc to tcx once it has stayed a while, and
+an upgrade to a daemon that attaches by tcx (or back to classic tc) finds our programs
 on the other hook. For a moment both hooks carry ours, and a pass through a hook runs
 tcx first, then the classic filter; the move's switch and skb mark (bpf/tc_main.c) make
 the second count nothing. Without them every packet between the tcx attach and the
@@ -66,52 +67,89 @@ def modes(daemon: Daemon) -> dict[str, str]:
     return {str(p["pod"]): str(p["attach_mode"]) for p in daemon.pods_api()}
 
 
-def test_moves_between_tc_and_tcx_under_traffic_count_every_packet_once(lab: Lab) -> None:
-    server, client = lab.up(2)
-    pods = (server, client)
-    inventory = str(lab.inventory)
-    daemon = Daemon("--attach-mode", "tc", "--leave-attached", "true", inventory=inventory)
-    sender = None
-    try:
-        assert modes(daemon) == {server.name: "tc", client.name: "tc"}
+class Traffic:
+    """The sender running between a quiet window before and one after; then every pod's
+    counts must have moved exactly as its host veth's statistics did."""
+
+    def __init__(self, daemon: Daemon, server: LabPod, client: LabPod) -> None:
+        self.pods, self.client = (server, client), client
         in_pod(client, "ping", "-c", "1", "-W", "1", server.ip)  # neighbours settle first
         in_pod(client, "ping", "-6", "-c", "1", "-W", "1", server.ip6)
-        before = quiet_window(daemon, list(pods))
-        kernel_before = {p.name: veth_counts(p, before) for p in pods}
-        started = time.monotonic()
-        sender = subprocess.Popen([*client.exec_prefix(), sys.executable, "-c", SENDER,
-                                   server.ip, server.ip6], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
-        wait_for(lambda: veth_counts(client)["egress"] - kernel_before[client.name]["egress"]
-                 > 1000, 10)
+        self.before = quiet_window(daemon, list(self.pods))
+        self.kernel_before = {p.name: veth_counts(p, self.before) for p in self.pods}
+        self.started = time.monotonic()
+        self.sender = subprocess.Popen([*client.exec_prefix(), sys.executable, "-c", SENDER,
+                                        server.ip, server.ip6], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True)
+        wait_for(lambda: self._carried(client, veth_counts(client)) > 1000, 10)
+
+    def _carried(self, pod: LabPod, now: dict[str, int], direction: str = "egress") -> int:
+        return now[direction] - self.kernel_before[pod.name][direction]
+
+    def stop_and_compare(self, daemon: Daemon, what: str) -> None:
+        assert self.sender.stdin is not None and self.sender.stdout is not None
+        self.sender.stdin.close()
+        sent = int(self.sender.stdout.readline())
+        assert self.sender.wait(timeout=10) == 0
+        print(f"{what} under {sent} datagrams in {time.monotonic() - self.started:.1f} s")
+        after = quiet_window(daemon, list(self.pods))
+        assert sent > 10_000
+        for pod in self.pods:
+            ours, was = counted(after.metrics, pod), counted(self.before.metrics, pod)
+            kernel = veth_counts(pod, after)
+            for direction in ("egress", "ingress"):
+                assert (ours[direction] - was[direction]
+                        == self._carried(pod, kernel, direction)), (pod.name, direction)
+        # the sender's datagrams all crossed its veth: the traffic really ran through
+        assert self._carried(self.client, veth_counts(self.client)) >= sent
+
+    def kill(self) -> None:
+        if self.sender.poll() is None:
+            self.sender.kill()
+            self.sender.wait()
+
+
+def test_moves_between_tc_and_tcx_under_traffic_count_every_packet_once(lab: Lab) -> None:
+    server, client = lab.up(2)
+    inventory = str(lab.inventory)
+    daemon = Daemon("--attach-mode", "tc", "--leave-attached", "true", inventory=inventory)
+    traffic = None
+    try:
+        assert modes(daemon) == {server.name: "tc", client.name: "tc"}
+        traffic = Traffic(daemon, server, client)
         for mode in ("tcx", "tc"):  # the upgrade, and back
             assert daemon.stop() == 0
             daemon = Daemon("--attach-mode", mode, "--leave-attached", "true",
                             inventory=inventory)
             assert modes(daemon) == {server.name: mode, client.name: mode}
-            for pod in pods:  # moved: ours on the new hook only
+            for pod in (server, client):  # moved: ours on the new hook only
                 assert set(our_programs(pod.host_veth)) == {f"{mode} ingress",
                                                             f"{mode} egress"}
-        assert sender.stdin is not None and sender.stdout is not None
-        sender.stdin.close()
-        sent = int(sender.stdout.readline())
-        assert sender.wait(timeout=10) == 0
-        print(f"moved twice under {sent} datagrams in {time.monotonic() - started:.1f} s")
-        after = quiet_window(daemon, list(pods))
-        assert sent > 10_000
-        for pod in pods:
-            ours = counted(after.metrics, pod)
-            was = counted(before.metrics, pod)
-            kernel = veth_counts(pod, after)
-            for direction in ("egress", "ingress"):
-                moved = kernel[direction] - kernel_before[pod.name][direction]
-                assert ours[direction] - was[direction] == moved, (pod.name, direction)
-        # the sender's datagrams all crossed its veth: the traffic really ran through
-        assert veth_counts(client)["egress"] - kernel_before[client.name]["egress"] >= sent
+        traffic.stop_and_compare(daemon, "moved twice")
     finally:
-        if sender is not None and sender.poll() is None:
-            sender.kill()
-            sender.wait()
+        if traffic is not None:
+            traffic.kill()
         daemon.stop()
         _cleanup()
     assert not PINS.exists()
+
+
+def test_auto_moves_a_device_to_tcx_once_it_stayed_and_counts_through(lab: Lab) -> None:
+    server, client = lab.up(2)
+    daemon = Daemon("--tcx-move-after", "3", inventory=str(lab.inventory))  # auto
+    traffic = None
+    try:
+        assert modes(daemon) == {server.name: "tc", client.name: "tc"}  # at once, by tc
+        traffic = Traffic(daemon, server, client)
+        wait_for(lambda: modes(daemon) == {server.name: "tcx", client.name: "tcx"}, 15)
+        for pod in (server, client):
+            assert set(our_programs(pod.host_veth)) == {"tcx ingress", "tcx egress"}
+        traffic.stop_and_compare(daemon, "moved to tcx")
+        assert daemon.scrape().sum("podnet_monitor_reattaches_total",
+                                   reason="moved to tcx") == 2
+    finally:
+        if traffic is not None:
+            traffic.kill()
+        daemon.stop()
+    for pod in (server, client):
+        assert our_programs(pod.host_veth) == {}

@@ -30,6 +30,7 @@ from tests.cluster import fixtures
 from tests.cluster.controlplane import ISSUER, ROOT, ControlPlane
 from tests.cluster.node import KubeletNode, RealPod, remove_empty_dirs, started_node
 from tests.kernel.support import (
+    ON_ONE_HOOK,
     Metrics,
     assert_pings_counted_exactly,
     https_get,
@@ -273,7 +274,7 @@ def _stopped_pod_leaves_only_what_it_documents(cluster: ControlPlane, node: Kube
     mounts = Path("/proc/self/mountinfo").read_text()
     assert uid not in mounts, [m for m in mounts.splitlines() if uid in m]
     for pod in pods:  # left attached on purpose (the next daemon adopts them) ...
-        assert set(our_programs(pod.host_veth)) == {"tc ingress", "tc egress"}, pod.name
+        assert set(our_programs(pod.host_veth)) in ON_ONE_HOOK, pod.name
     assert any(Path("/sys/fs/bpf/podnetmon").rglob("*"))
     removed = cleanup.cleanup("/sys/fs/bpf", Settings.tc_priority, Settings.tc_handle)
     assert removed

@@ -63,11 +63,12 @@ class FakeAttacher:
         self.failing: set[int] = set()
         self.broken: dict[int, str] = {}  # ifindex -> why ours is not what it should be there
 
-    def attach(self, ifindex: int, ifname: str, netns: int) -> Attachment:
-        self.events.append(("attach", ifindex, ifname, netns))
+    def attach(self, ifindex: int, ifname: str, netns: int, *,
+               mode: str | None = None) -> Attachment:
+        self.events.append(("attach", ifindex, ifname, netns, *([mode] if mode else [])))
         if ifindex in self.failing:
             raise OSError(f"no room on {ifname}")
-        return Attachment(ifindex, ifname, netns, "tc", since=self.clock())
+        return Attachment(ifindex, ifname, netns, mode or "tc", since=self.clock())
 
     def detach(self, att: Attachment) -> None:
         self.events.append(("detach", att.ifindex, att.ifname, att.netns))
@@ -1039,6 +1040,45 @@ def test_verify_reattaches_where_ours_went_missing_and_keeps_the_slot(world: Wor
     world.attacher.broken = {}
     assert world.reconciler.verify([7, 8, 99]) == 0  # fine now; 99 is nobody's
     assert world.slots.slots == {7: 0, 8: 1}  # the slot stayed: the counts carry on
+
+
+def test_devices_attached_long_enough_move_to_tcx_oldest_first_within_the_limit(
+        world: World) -> None:
+    world.pod(NS_WEB, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
+    world.run()
+    world.clock.now += 30
+    world.pod(NS_DB, 4, [(8, "veth8")], uid=UID_DB, pause_pid=200)
+    world.run()
+    world.clock.now += 30
+    world.events.clear()
+    # both attached before now - 10 s; the limit lets one go: the one attached first
+    assert world.reconciler.move_to_tcx(world.clock() - 10, 1) == 1
+    assert world.events == [("attach", 7, "veth7", NS_WEB, "tcx")]
+    # only veth8 is still on tc, and it was attached 30 s ago: not before now - 40 s
+    assert world.reconciler.move_to_tcx(world.clock() - 40, 5) == 0
+    assert world.reconciler.move_to_tcx(world.clock() - 10, 5) == 1
+    assert world.events[-1] == ("attach", 8, "veth8", NS_DB, "tcx")
+    assert world.reconciler.move_to_tcx(world.clock(), 5) == 0  # nothing left on tc
+    assert world.state.reattaches() == {"moved to tcx": 2}
+    assert world.slots.slots == {7: 0, 8: 1}  # the slots stayed: the counts carry on
+    world.take()
+    # the next pass publishes the new mode, and attaches nothing again
+    assert not [e for e in world.run() if e[0] in ("attach", "detach")]
+    assert {i.ifindex: i.attach_mode for p in world.state.snapshot.pods
+            for i in p.interfaces} == {7: "tcx", 8: "tcx"}
+
+
+def test_a_move_that_fails_stays_on_tc_and_is_not_tried_again(world: World) -> None:
+    world.pod(NS_WEB, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
+    world.run()
+    world.attacher.failing = {7}
+    world.events.clear()
+    assert world.reconciler.move_to_tcx(world.clock() + 1, 5) == 0
+    assert world.events == [("attach", 7, "veth7", NS_WEB, "tcx")]  # no detach: tc counts on
+    world.attacher.failing = set()
+    assert world.reconciler.move_to_tcx(world.clock() + 1, 5) == 0
+    assert len(world.events) == 1
+    assert world.state.reattaches() == {}
 
 
 def test_a_move_to_tcx_is_not_detached_first(world: World) -> None:

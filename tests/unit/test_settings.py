@@ -181,6 +181,7 @@ def test_conversion_errors_name_the_setting(name: str, raw: str, message: str) -
     ("dns_timeout", 1000.0, "dns_timeout: 1000.0 s is outside 0.1..600"),
     ("sweep_interval", 0.01, "sweep_interval: 0.01 s is outside 0.1..60"),
     ("sweep_interval", 61.0, "sweep_interval: 61.0 s is outside 0.1..60"),
+    ("tcx_move_after", -1.0, "tcx_move_after: -1.0 s is outside 0..86400"),
     ("metadata", "api", "metadata: 'api' is not one of auto, kubernetes, inventory, none"),
     ("metadata", "inventory", "metadata: inventory needs --inventory PATH"),
     ("max_pods", 0, "max_pods: 0 is outside 1..100000"),
@@ -215,7 +216,7 @@ def test_validation_errors_name_the_setting(field: str, value: object, prefix: s
     ("resync_interval", 0.1), ("resync_interval", 3600.0), ("pause_comm", "a" * 15),
     ("event_debounce", 0.0), ("max_interfaces", 16), ("max_interfaces", 65536),
     ("tcp_connect_timeout", 0.1), ("tcp_connect_timeout", 600.0), ("dns_timeout", 0.1),
-    ("dns_timeout", 600.0), ("sweep_interval", 0.1), ("sweep_interval", 60.0),
+    ("dns_timeout", 600.0), ("sweep_interval", 0.1), ("sweep_interval", 60.0), ("tcx_move_after", 0.0),
     ("btf_path", "/boot/vmlinux.btf"), ("max_pods", 1), ("max_pods", 100000),
     ("pod_labels", ("a" * 317,)), ("metadata", "none"), ("metadata", "kubernetes"),
     ("runtime_dirs", ()), ("auth", "none"), ("auth", "kubernetes"), ("capture_max_files", 1),
@@ -296,7 +297,8 @@ def test_add_arguments_one_flag_per_field() -> None:
     flags = {opt for action in parser._actions for opt in action.option_strings} - {"-h", "--help"}
     assert flags == {
         "--listen", "--node-name", "--proc-root", "--netns-dirs", "--bpffs-root",
-        "--tracefs-root", "--pause-comm", "--inventory", "--attach-mode", "--tc-priority",
+        "--tracefs-root", "--pause-comm", "--inventory", "--attach-mode", "--tcx-move-after",
+        "--tc-priority",
         "--tc-handle", "--resync-interval", "--event-debounce", "--max-interfaces", "--bpf-stats",
         "--probes", "--log-level", "--log-format", "--btf-path", "--tcp-connect-timeout",
         "--dns-timeout", "--sweep-interval", "--metadata", "--kubeconfig", "--pod-labels",
