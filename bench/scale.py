@@ -227,6 +227,7 @@ def report_churn(daemon: RunningDaemon, pods: Sequence[ChurnPod], watch: ChurnWa
     verdicts: Counter[str] = Counter()
     drops: Counter[str] = Counter()
     to_count, to_attach, early, dropping, never, over = [], [], 0, 0, 0, 0
+    made = [cp.ready - cp.created for cp in pods]
     for cp in pods:
         attached = first_event(cp, attached_log, cp.created)
         detached = first_event(cp, detached_log, attached if attached is not None else cp.created)
@@ -249,7 +250,8 @@ def report_churn(daemon: RunningDaemon, pods: Sequence[ChurnPod], watch: ChurnWa
     return (f"first datagram counted after {spread_ms(to_count)} (goal p99 1 s); attached after "
             f"{spread_ms(to_attach)} ({len(pods) - len(to_attach)} never); never counted: {never}; "
             f"over-counted: {over}; verdicts: " + ", ".join(f"{v} {verdicts[v]}" for v in VERDICTS)
-            + f"; before-attach packets in {early} pods; drops in {dropping} pods ({by_reason})")
+            + f"; before-attach packets in {early} pods; drops in {dropping} pods ({by_reason})"
+            + f"; the lab made each pod in {spread_ms(made)}")
 
 
 def main() -> int:
@@ -260,6 +262,9 @@ def main() -> int:
     parser.add_argument("--churn-seconds", type=float, default=30)
     parser.add_argument("--rate", type=float, default=20, help="pods created (and deleted) per s")
     parser.add_argument("--lifetime", type=float, default=2.0)
+    parser.add_argument("--daemon-arg", action="append", default=[],
+                        help="an argument for `podnetmon run` (repeat it), e.g. "
+                             "--daemon-arg=--tcx-move-after=1")
     parser.add_argument("--quiet-pods", action="store_true",
                         help="churned pods send nothing but their datagrams (no ARP, no IPv6, "
                              "no ICMP back); default noisy")
@@ -270,7 +275,7 @@ def main() -> int:
     started = time.monotonic()
     with lab_pods(args.pods) as (lab, pods):
         print(f"lab: {args.pods} pods in {time.monotonic() - started:.1f} s", flush=True)
-        with running_daemon(lab.inventory) as daemon:
+        with running_daemon(lab.inventory, *args.daemon_arg) as daemon:
             loaded = stamp(daemon.events("bpf programs loaded")[0])
             ready = stamp(daemon.events("ready")[0])
             on_hooks = attached_by_bpftool()
@@ -315,6 +320,9 @@ def main() -> int:
                   f"churn's {churned:.1f} s; daemon CPU {churn_cpu * 100:.0f}% of a core", flush=True)
             print(f"RESULT memory after churn: VmRSS {daemon.status('VmRSS') / 1024:.1f} MiB",
                   flush=True)
+            moved = daemon.events("moved to tcx")
+            print(f"RESULT moved to tcx: {len(moved)} devices (of {args.pods} idle pods), "
+                  f"{time.time() - ready:.0f} s after ready", flush=True)
     return 0
 
 

@@ -43,6 +43,9 @@ def _ns_per_run(now: syscalls.ProgInfo, before: syscalls.ProgInfo) -> tuple[floa
 
 # name -> probes ([] = every probe); "peers" is the packets probe plus the peer aggregation
 VARIANTS = {"packets": ["packets"], "peers": ["packets", "peers"], "all": []}
+# --per-probe: the packet counters and each other probe with a TC hook, one at a time
+PER_PROBE = {f"+{name}": ["packets", name]
+             for name in ("tcpflags", "handshake", "dns", "dnsnames", "trace")}
 
 
 def _slots_for(programs: Programs, ifindex: int, kernel_netns: int) -> None:
@@ -61,12 +64,13 @@ def _slots_for(programs: Programs, ifindex: int, kernel_netns: int) -> None:
                      snapshot=IdentityIndex).start(adopted=False)
 
 
-def measure(rounds: int, datagrams: int) -> dict[str, dict[str, list[float]]]:
+def measure(rounds: int, datagrams: int,
+            variants: dict[str, list[str]]) -> dict[str, dict[str, list[float]]]:
     stats_fd = syscalls.enable_run_stats()
     kernel = kernelinfo.probe(proc_root="/proc", tracefs_root="/sys/kernel/tracing",
                               btf_path="/sys/kernel/btf/vmlinux")
     programs = {name: Programs(select(probes), kernel, max_interfaces=64, bpf_stats=False)
-                for name, probes in VARIANTS.items()}
+                for name, probes in variants.items()}
     empty_fd = syscalls.load_unspec_program()  # "return TC_ACT_UNSPEC", two instructions
     results: dict[str, dict[str, list[float]]] = {
         name: {"udp64": [], "udp64x16": [], "tcp": []} for name in programs}
@@ -134,9 +138,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--datagrams", type=int, default=200_000)
+    parser.add_argument("--per-probe", action="store_true",
+                        help="also the packet counters with each other TC probe alone")
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    results = measure(args.rounds, args.datagrams)
+    results = measure(args.rounds, args.datagrams,
+                      {**VARIANTS, **(PER_PROBE if args.per_probe else {})})
     for name, kinds in results.items():
         for kind, deltas in kinds.items():
             print(f"RESULT tc_cost {name} {kind}: median +{median(deltas):.1f} ns/packet over an "
