@@ -136,7 +136,9 @@ def test_moves_between_tc_and_tcx_under_traffic_count_every_packet_once(lab: Lab
 
 def test_auto_moves_a_device_to_tcx_once_it_stayed_and_counts_through(lab: Lab) -> None:
     server, client = lab.up(2)
-    daemon = Daemon("--tcx-move-after", "3", inventory=str(lab.inventory))  # auto
+    # auto; a pass each second publishes the moves in /api/v1/pods
+    daemon = Daemon("--tcx-move-after", "3", "--resync-interval", "1",
+                    inventory=str(lab.inventory))
     traffic = None
     try:
         assert modes(daemon) == {server.name: "tc", client.name: "tc"}  # at once, by tc
