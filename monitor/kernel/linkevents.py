@@ -8,13 +8,23 @@ import errno
 import socket
 import struct
 
-from monitor.kernel.rtnltc import RTM_DELQDISC, RTM_DELTFILTER, RTM_NEWQDISC, RTM_NEWTFILTER
+from monitor.kernel.rtnltc import (
+    RTM_DELCHAIN,
+    RTM_DELQDISC,
+    RTM_DELTFILTER,
+    RTM_NEWCHAIN,
+    RTM_NEWQDISC,
+    RTM_NEWTFILTER,
+)
 from monitor.kernel.rtnlwire import BUFSIZE, FLUSH_LIMIT, HDRLEN, S32, RtnlError, Socket, align, open_socket
 
 # <linux/rtnetlink.h>
 RTMGRP_LINK = 1
 RTMGRP_TC = 8  # 1 << (RTNLGRP_TC - 1): qdiscs and filters added and removed
-_TC_TYPES = frozenset((RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER, RTM_DELTFILTER))
+# The chain messages come with filters (a device's first at a hook makes chain 0, its last
+# deletes it): taken for link events, each of our moves to tcx cost a full rescan.
+_TC_TYPES = frozenset((RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER, RTM_DELTFILTER,
+                       RTM_NEWCHAIN, RTM_DELCHAIN))
 
 
 def _count_messages(buf: bytearray, n: int, tc: set[int] | None = None) -> int:

@@ -31,6 +31,8 @@ from monitor.kernel.rtnlwire import (
 
 # <linux/rtnetlink.h>
 RTM_NEWQDISC, RTM_DELQDISC, RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 36, 37, 44, 45, 46
+# a filter chain made by a device's first filter at a hook, deleted with its last
+RTM_NEWCHAIN, RTM_DELCHAIN = 100, 101
 TCA_KIND = 1
 TCA_OPTIONS = 2
 

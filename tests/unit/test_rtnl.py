@@ -412,6 +412,19 @@ def test_drain_counts_messages_and_overflows() -> None:
     assert kernel.closed
 
 
+def test_tc_messages_name_their_device_and_are_no_link_events() -> None:
+    # what `tc filter add` then `del` on a fresh clsact sends to RTNLGRP_TC (measured):
+    # RTM_NEWQDISC, RTM_NEWCHAIN, RTM_NEWTFILTER, RTM_DELTFILTER, RTM_DELCHAIN
+    kernel = FakeKernel(lambda *_: [])
+    kernel.pending.extend([nlmsg(mtype, 0, 0, tcmsg(ifindex, 0, INGRESS, 0))
+                           for mtype, ifindex in ((36, 7), (100, 7), (44, 8), (45, 8), (101, 9))])
+    events = LinkEvents(sock=kernel)
+    assert events.drain() == 0  # no rescan for these
+    assert events.tc_changed == {7, 8, 9}
+    kernel.pending.append(newlink(0, 7, nla_str(IFLA_IFNAME, "pnmrt0"), flags=0))
+    assert events.drain() == 1
+
+
 def test_drain_raises_other_errors() -> None:
     kernel = FakeKernel(lambda *_: [])
     kernel.pending.append(OSError(errno.EBADF, "Bad file descriptor"))
