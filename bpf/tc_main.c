@@ -24,25 +24,26 @@
  * switch and waits an RCU grace period before it adds the second program, and takes
  * the first away and waits again before it clears the switch (monitor/kernel/
  * attach.py): every pass that runs both sees the switch on. Outside a move the cost
- * is one inlined array lookup and one compare. Not pinned: only this daemon's
- * programs mark, and they are the only ones a move lets run. */
+ * is one inlined array lookup and one compare, and no packet's cb is looked at, so
+ * whatever another layer left there can never make us skip a packet. Not pinned:
+ * only this daemon's programs mark, and they are the only ones a move lets run. */
 BPF_ARRAY(pnm_moving, __u32, 1);
 #define PNM_MOVE_MARK 0x706e6d76u /* "pnmv" */
 
 static __always_inline int pnm_counted_on_this_hook(struct __sk_buff *skb, __u32 hook)
 {
+    __u32 zero = 0;
+    __u32 *moving = pnm_moving.lookup(&zero);
+    if (!moving || !*moving)
+        return 0; /* no move: one of ours per hook, and skb->cb is not even read */
     __u32 mark = PNM_MOVE_MARK ^ (skb->ifindex << 1) ^ hook;
     if (skb->cb[0] == mark && skb->cb[1] == ~mark) {
         skb->cb[0] = 0;
         skb->cb[1] = 0;
         return 1;
     }
-    __u32 zero = 0;
-    __u32 *moving = pnm_moving.lookup(&zero);
-    if (moving && *moving) {
-        skb->cb[0] = mark;
-        skb->cb[1] = ~mark;
-    }
+    skb->cb[0] = mark;
+    skb->cb[1] = ~mark;
     return 0;
 }
 

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from monitor import discovery, log
 from monitor.identity import HostVeth, IdentityIndex, Pod, PodMeta, PodNetwork, fold, identify
-from monitor.kernel.records import MOVE_TO_TCX, Attachment, VethLink
+from monitor.kernel.records import FILTER_RUNS_FIRST, Attachment, VethLink
 from monitor.metadata import MetadataSource
 from monitor.state import InterfaceStatus, MonitorState, PodStatus, Snapshot
 
@@ -259,7 +259,7 @@ class Reconciler:
                 continue
             bound = self._log.bind(interface=att.ifname, ifindex=ifindex, netns=att.netns)
             try:
-                if reason != MOVE_TO_TCX:  # a move counts on the old hook until the new one does
+                if reason != FILTER_RUNS_FIRST:  # a move counts on the old hook until the new one does
                     self._attacher.detach(att)  # whatever is left of ours
                 new = self._attacher.attach(att.ifindex, att.ifname, att.netns)
             except Exception as exc:  # noqa: BLE001 - contained per interface by design

@@ -25,7 +25,7 @@ from monitor.kernel.netlink import (
     remove_our_filters,
 )
 from monitor.kernel.programs import Programs
-from monitor.kernel.records import MOVE_TO_TCX, Attachment
+from monitor.kernel.records import FILTER_RUNS_FIRST, Attachment
 from monitor.kernel.rtnltc import TC_PARENT_EGRESS, TC_PARENT_INGRESS
 from monitor.kernel.rtnlwire import RtnlError
 from monitor.kernel.source import MOVING_MAP
@@ -122,7 +122,7 @@ class Attacher:
             except RtnlError:
                 return ""
         if self._mode == "auto" and self.tcx_available and self.filters_before_ours(att.ifindex):
-            return MOVE_TO_TCX
+            return FILTER_RUNS_FIRST
         return ""
 
     @property
@@ -151,15 +151,9 @@ class Attacher:
     def _attach_tcx(self, att: Attachment) -> None:
         classic = self._our_filter_parents(att.ifindex)  # a move from tc (or a restart)
         with self._moving(bool(classic), lambda: self._point_filters_at_ours(att.ifindex, classic)):
-            for fd, hook, direction in ((self._programs.ingress_fd, syscalls.BPF_TCX_INGRESS, "ingress"),
-                                        (self._programs.egress_fd, syscalls.BPF_TCX_EGRESS, "egress")):
-                link = self._pinned_link(att.ifindex, hook, direction)
-                if link is not None:  # the last daemon's: swap the program in place, atomically
-                    try:
-                        tracepoints.link_update(link, fd)
-                    finally:
-                        os.close(link)
-                    continue
+            for fd, hook, direction in self._tcx_hooks():
+                if self._update_pinned_link(att.ifindex, hook, direction, fd):
+                    continue  # the last daemon's: its program swapped in place, atomically
                 link = syscalls.tcx_link_create(fd, att.ifindex, hook, first=True)
                 if self._pins is None:
                     att.link_fds.append(link)  # the link lives as long as this fd
@@ -214,14 +208,24 @@ class Attacher:
                                              name=FILTER_NAME, direct_action=True, classid=1)
 
     def _point_links_at_ours(self, ifindex: int) -> None:
-        for fd, hook, direction in ((self._programs.ingress_fd, syscalls.BPF_TCX_INGRESS, "ingress"),
-                                    (self._programs.egress_fd, syscalls.BPF_TCX_EGRESS, "egress")):
-            link = self._pinned_link(ifindex, hook, direction)
-            if link is not None:
-                try:
-                    tracepoints.link_update(link, fd)
-                finally:
-                    os.close(link)
+        for fd, hook, direction in self._tcx_hooks():
+            self._update_pinned_link(ifindex, hook, direction, fd)
+
+    def _tcx_hooks(self) -> tuple[tuple[int, int, str], ...]:
+        """(our program, tcx attach type, pin name) for each hook."""
+        return ((self._programs.ingress_fd, syscalls.BPF_TCX_INGRESS, "ingress"),
+                (self._programs.egress_fd, syscalls.BPF_TCX_EGRESS, "egress"))
+
+    def _update_pinned_link(self, ifindex: int, hook: int, direction: str, fd: int) -> bool:
+        """Swap our program into the tcx link pinned for this hook, if there is one."""
+        link = self._pinned_link(ifindex, hook, direction)
+        if link is None:
+            return False
+        try:
+            tracepoints.link_update(link, fd)
+        finally:
+            os.close(link)
+        return True
 
     def _has_pinned_links(self, ifindex: int) -> bool:
         return self._pins is not None and any(

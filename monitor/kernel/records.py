@@ -19,7 +19,7 @@ class VethLink:
 # Attacher.verify()'s answer where a classic filter of another agent now runs before
 # ours and tcx can go first: the move keeps ours on the old hook until the new one
 # counts (attach.py), so the device is not detached first.
-MOVE_TO_TCX = "a filter runs before ours"
+FILTER_RUNS_FIRST = "a filter runs before ours"
 
 
 @dataclass

@@ -285,6 +285,15 @@ def tc_filters(dev: str, hook: str) -> str:
                           text=True, check=True).stdout
 
 
+PINS = Path("/sys/fs/bpf/podnetmon")  # the daemon's pinned maps and links
+
+
+def cleanup() -> None:
+    """`podnetmon cleanup`: what daemons run with --leave-attached left, removed."""
+    subprocess.run([sys.executable, "-m", "monitor", "cleanup"], cwd=ROOT, check=True,
+                   capture_output=True)
+
+
 # Where a device carries ours, by our_programs()'s keys: both hooks by classic tc, or both
 # by tcx (attach_mode auto moves a device from one to the other after --tcx-move-after).
 ON_ONE_HOOK = ({"tc ingress", "tc egress"}, {"tcx ingress", "tcx egress"})

@@ -21,16 +21,17 @@ from pathlib import Path
 
 from podnetlab.lab import Lab, LabPod
 from tests.kernel.support import (
+    PINS,
     Daemon,
     Metrics,
     Window,
+    cleanup,
     iface_stats,
     in_pod,
     our_programs,
     quiet_window,
     wait_for,
 )
-from tests.kernel.test_restart import PINS, _cleanup
 
 # Datagrams to a closed port on the server, both IP families, until stdin closes;
 # the server's ICMP errors come back, so both veths carry both directions.
@@ -130,7 +131,7 @@ def test_moves_between_tc_and_tcx_under_traffic_count_every_packet_once(lab: Lab
         if traffic is not None:
             traffic.kill()
         daemon.stop()
-        _cleanup()
+        cleanup()
     assert not PINS.exists()
 
 

@@ -20,16 +20,16 @@ import pytest
 from podnetlab.lab import Lab, LabPod
 from tests.kernel.support import (
     LOG_DIR,
+    PINS,
     ROOT,
     UDP_SENDER,
     Daemon,
+    cleanup,
     in_pod,
     our_programs,
     quiet_window,
     wait_for,
 )
-
-PINS = Path("/sys/fs/bpf/podnetmon")
 
 
 def udp_no_ports(pod: LabPod) -> int:
@@ -120,14 +120,9 @@ def test_twenty_restarts_under_ping_lose_no_packet_and_no_count(lab: Lab) -> Non
         ping_out.close()
         os.unlink(ping_out.name)
         daemon.stop()  # it leaves everything attached, as told: cleanup removes it
-        _cleanup()
+        cleanup()
     assert not PINS.exists()
     assert our_programs(client.host_veth) == {}
-
-
-def _cleanup() -> None:
-    subprocess.run([sys.executable, "-m", "monitor", "cleanup"], cwd=ROOT, check=True,
-                   capture_output=True)
 
 
 @pytest.mark.parametrize("mode", ["tcx", "tc"])
@@ -264,7 +259,7 @@ def test_tcx_links_are_pinned_and_updated_in_place(lab: Lab) -> None:
         assert after == before + 20  # the second ten requests and replies: counted, not lost
     finally:
         daemon.stop()
-        _cleanup()
+        cleanup()
     assert not PINS.exists()
 
 

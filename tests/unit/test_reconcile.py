@@ -13,7 +13,7 @@ import pytest
 
 from monitor import reconcile, reconcileloop
 from monitor.identity import HostVeth, PodMeta, PodNetwork
-from monitor.kernel.records import MOVE_TO_TCX, Attachment, VethLink
+from monitor.kernel.records import FILTER_RUNS_FIRST, Attachment, VethLink
 from monitor.metadata.static import NoMetadata
 from monitor.reconcile import RETRY_MAX, Reconciler
 from monitor.state import MonitorState
@@ -1088,7 +1088,7 @@ def test_a_move_to_tcx_is_not_detached_first(world: World) -> None:
     world.pod(NS_WEB, 3, [(7, "veth7")], uid=UID_WEB, pause_pid=100)
     world.run()
     world.events.clear()
-    world.attacher.broken = {7: MOVE_TO_TCX}
+    world.attacher.broken = {7: FILTER_RUNS_FIRST}
     assert world.reconciler.verify() == 1
     assert world.events == [("attach", 7, "veth7", NS_WEB)]
-    assert world.state.reattaches() == {MOVE_TO_TCX: 1}
+    assert world.state.reattaches() == {FILTER_RUNS_FIRST: 1}
