@@ -4,15 +4,11 @@
  * what the pod sends (PNM_DIR_EGRESS), its TC egress what the pod receives
  * (PNM_DIR_INGRESS).
  *
- * The packet is parsed once per run into struct pnm_pkt, and every probe's TC
- * hook reads that instead of parsing again. Fixed headers are copied straight
- * from the linear area when they are there (a few ns); otherwise, and for
- * IPv6 extension headers, through bpf_skb_load_bytes() (~25 ns), which copes
- * with paged data and fails on truncated packets (which then count as "other",
- * or with no L4 header), so no packet can make a probe read out of bounds.
+ * The packet in hand and its parse are tc_packet.h's, which follows this text.
  *
  * This text is concatenated ahead of the probes' C by the kernel adapter
- * (monitor/bpf.py), not #included: BCC rewrites map syntax in the main file only.
+ * (monitor/kernel/source.py), not #included: BCC rewrites map syntax in the main
+ * file only. Its text versions the core's pinned maps (maps_layout_versions).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -157,6 +153,9 @@ static __always_inline __u32 pnm_hist_bucket(__u64 us)
     return b < PNM_HIST_BUCKETS ? b : PNM_HIST_BUCKETS - 1;
 }
 
+/* The packet in hand, parsed once per run by tc_packet.h. No map holds it; it stays in
+ * this text, which versions the core's pinned maps, because taking it out would change
+ * that version and start every counter afresh at an upgrade. */
 struct pnm_pkt {
     __u32 slot;       /* the interface's slot (see above) */
     __u32 len;        /* skb->len: what the interface statistics count */
@@ -178,210 +177,7 @@ struct pnm_pkt {
 #endif
 };
 
-static __always_inline __u8 pnm_classify(__u8 l4proto)
-{
-    switch (l4proto) {
-    case IPPROTO_TCP:
-        return PNM_PROTO_TCP;
-    case IPPROTO_UDP:
-        return PNM_PROTO_UDP;
-    case IPPROTO_ICMP:
-    case IPPROTO_ICMPV6:
-        return PNM_PROTO_ICMP;
-    default:
-        return PNM_PROTO_OTHER;
-    }
-}
-
-static __always_inline void pnm_parse_ipv4(struct __sk_buff *skb, struct pnm_pkt *pkt)
-{
-    struct iphdr ip;
-    void *data = (void *)(long)skb->data;
-    void *end = (void *)(long)skb->data_end;
-    if (data + ETH_HLEN + sizeof(ip) <= end)
-        __builtin_memcpy(&ip, data + ETH_HLEN, sizeof(ip));
-    else if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
-        return; /* truncated: counted as other */
-    pkt->family = 4;
-    pkt->l4proto = ip.protocol;
-#ifdef PNM_WANT_PEER
-    if (pkt->dir == PNM_DIR_EGRESS)
-        __builtin_memcpy(pkt->peer, &ip.daddr, 4);
-    else
-        __builtin_memcpy(pkt->peer, &ip.saddr, 4);
-#endif
-    /* Fragment offset != 0: the L4 header is in the first fragment only. The
-     * fragment still carries the protocol's bytes, so it is classified by it. */
-    if (ip.frag_off & bpf_htons(0x1fff)) {
-        pkt->fragment = 1;
-        return;
-    }
-    if (ip.ihl >= 5) /* ihl < 5 is malformed: no L4 offset is trusted */
-        pkt->l4_off = ETH_HLEN + ip.ihl * 4;
-}
-
-static __always_inline void pnm_parse_ipv6(struct __sk_buff *skb, struct pnm_pkt *pkt)
-{
-    struct ipv6hdr ip6;
-    void *data = (void *)(long)skb->data;
-    void *end = (void *)(long)skb->data_end;
-    if (data + ETH_HLEN + sizeof(ip6) <= end)
-        __builtin_memcpy(&ip6, data + ETH_HLEN, sizeof(ip6));
-    else if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
-        return;
-    pkt->family = 6;
-#ifdef PNM_WANT_PEER
-    if (pkt->dir == PNM_DIR_EGRESS)
-        __builtin_memcpy(pkt->peer, &ip6.daddr, 16);
-    else
-        __builtin_memcpy(pkt->peer, &ip6.saddr, 16);
-#endif
-    __u8 next = ip6.nexthdr;
-    __u32 off = ETH_HLEN + sizeof(ip6);
-#pragma unroll
-    for (int i = 0; i < PNM_IPV6_MAX_EXT; i++) {
-        __u8 ext[2];
-        switch (next) {
-        case IPPROTO_HOPOPTS:
-        case IPPROTO_ROUTING:
-        case IPPROTO_DSTOPTS:
-            if (bpf_skb_load_bytes(skb, off, ext, 2) < 0)
-                goto unknown;
-            next = ext[0];
-            off += (ext[1] + 1) * 8;
-            break;
-        case IPPROTO_AH: /* length in 4-octet units, minus 2 */
-            if (bpf_skb_load_bytes(skb, off, ext, 2) < 0)
-                goto unknown;
-            next = ext[0];
-            off += (ext[1] + 2) * 4;
-            break;
-        case IPPROTO_FRAGMENT: {
-            __u8 frag[4];
-            if (bpf_skb_load_bytes(skb, off, frag, 4) < 0)
-                goto unknown;
-            next = frag[0];
-            off += 8;
-            if (((frag[2] << 8) | frag[3]) & 0xfff8) { /* offset != 0 */
-                pkt->l4proto = next;
-                pkt->fragment = 1;
-                return;
-            }
-            break;
-        }
-        default:
-            pkt->l4proto = next;
-            if (off <= 0xffff)
-                pkt->l4_off = off;
-            return;
-        }
-    }
-unknown:
-    /* Too many extension headers, or cut short: an IPv6 packet of unknown kind. */
-    pkt->l4proto = IPPROTO_NONE;
-}
-
-/* Ports, and for TCP the flags byte: the first 14 bytes of a TCP header, the
- * 8 of a UDP header. A packet too short for them gets no ports. */
-static __always_inline void pnm_parse_l4(struct __sk_buff *skb, struct pnm_pkt *pkt)
-{
-    __u32 off = pkt->l4_off;
-    void *data = (void *)(long)skb->data;
-    void *end = (void *)(long)skb->data_end;
-    if (!off)
-        return;
-    if (pkt->l4proto == IPPROTO_TCP) {
-        __u8 tcp[14];
-        if (off <= PNM_MAX_DIRECT_L4_OFF && data + off + sizeof(tcp) <= end)
-            __builtin_memcpy(tcp, data + off, sizeof(tcp));
-        else if (bpf_skb_load_bytes(skb, off, tcp, sizeof(tcp)) < 0)
-            return;
-        __builtin_memcpy(&pkt->sport, tcp, 2);
-        __builtin_memcpy(&pkt->dport, tcp + 2, 2);
-        pkt->tcp_flags = tcp[13];
-        pkt->has_ports = 1;
-    } else if (pkt->l4proto == IPPROTO_UDP) {
-        __u8 udp[8];
-        if (off <= PNM_MAX_DIRECT_L4_OFF && data + off + sizeof(udp) <= end)
-            __builtin_memcpy(udp, data + off, sizeof(udp));
-        else if (bpf_skb_load_bytes(skb, off, udp, sizeof(udp)) < 0)
-            return;
-        __builtin_memcpy(&pkt->sport, udp, 2);
-        __builtin_memcpy(&pkt->dport, udp + 2, 2);
-        pkt->has_ports = 1;
-    }
-}
-
-static __always_inline void pnm_parse(struct __sk_buff *skb, struct pnm_pkt *pkt, __u8 dir)
-{
-    pkt->len = skb->len;
-    /* A VLAN tag the pod sent in the frame is moved out of the data (into
-     * vlan_tci) before TC ingress sees it, but the veth counted it in rx_bytes.
-     * Going to the pod the tag is never in the data, nor in tx_bytes. */
-    if (dir == PNM_DIR_EGRESS && skb->vlan_present)
-        pkt->len += 4;
-    pkt->dir = dir;
-    pkt->l4proto = PNM_NO_L4;
-    if (skb->protocol == bpf_htons(ETH_P_IP))
-        pnm_parse_ipv4(skb, pkt);
-    else if (skb->protocol == bpf_htons(ETH_P_IPV6))
-        pnm_parse_ipv6(skb, pkt);
-    pkt->proto_class = pnm_classify(pkt->l4proto);
-#ifdef PNM_WANT_PORTS
-    pnm_parse_l4(skb, pkt);
-#endif
-}
-
-/* The pod-side (local) and far-side (remote) addresses of a packet, IPv4 in
- * the first four bytes. Read again from the packet: only the few probes that
- * need them (handshakes, DNS) pay for it, and only on the packets they track. */
-static __always_inline int pnm_addrs(struct __sk_buff *skb, const struct pnm_pkt *pkt,
-                                     __u8 *local, __u8 *remote)
-{
-    __u8 a[32] = {};
-    if (pkt->family == 4) {
-        if (bpf_skb_load_bytes(skb, ETH_HLEN + 12, a, 8) < 0)
-            return -1;
-        __builtin_memcpy(a + 16, a + 4, 4); /* daddr to the second half */
-        __builtin_memset(a + 4, 0, 4);
-    } else if (pkt->family == 6) {
-        if (bpf_skb_load_bytes(skb, ETH_HLEN + 8, a, 32) < 0)
-            return -1;
-    } else {
-        return -1;
-    }
-    /* a[0..16) is the source, a[16..32) the destination */
-    if (pkt->dir == PNM_DIR_EGRESS) {
-        __builtin_memcpy(local, a, 16);
-        __builtin_memcpy(remote, a + 16, 16);
-    } else {
-        __builtin_memcpy(local, a + 16, 16);
-        __builtin_memcpy(remote, a, 16);
-    }
-    return 0;
-}
-
-/* DNS over UDP port 53 as the pod's resolver sees it (dns.c, dnsnames.c): a query the
- * pod sends (PNM_DNS_QUERY) or an answer it receives (PNM_DNS_ANSWER), with the first
- * four bytes of its header (id, flags) and where the DNS message starts; 0 for anything
- * else, a pod serving DNS included. */
+/* What pnm_dns_message() (tc_packet.h) finds: a query the pod sends, an answer it
+ * receives. */
 #define PNM_DNS_QUERY 1
 #define PNM_DNS_ANSWER 2
-static __always_inline int pnm_dns_message(struct __sk_buff *skb, const struct pnm_pkt *pkt,
-                                           __u8 hdr[4], __u32 *payload)
-{
-    if (pkt->l4proto != IPPROTO_UDP || !pkt->has_ports)
-        return 0;
-    int sent = pkt->dir == PNM_DIR_EGRESS;
-    if (sent ? pkt->dport != bpf_htons(53) : pkt->sport != bpf_htons(53))
-        return 0;
-    *payload = (__u32)pkt->l4_off + 8;
-    if (skb->len < *payload + 12)
-        return 0; /* too short for a DNS header */
-    if (bpf_skb_load_bytes(skb, *payload, hdr, 4) < 0)
-        return 0;
-    int is_answer = (hdr[2] & 0x80) != 0; /* the QR bit */
-    if (is_answer == sent)
-        return 0; /* a query coming in or an answer going out: the pod is a server here */
-    return sent ? PNM_DNS_QUERY : PNM_DNS_ANSWER;
-}

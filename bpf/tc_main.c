@@ -16,7 +16,7 @@
  * not at all. While the daemon moves one, our program can run twice on one pass
  * through a hook (tcx first, then the classic filter: sch_handle_ingress/egress),
  * and there is no instant at which to swap one for the other. So, while
- * pnm_moving[0] is nonzero, the first of ours on a hook counts and marks the packet
+ * the moving switch (tc_packet.h) is on, the first of ours on a hook counts and marks the packet
  * in skb->cb (the tc layer's scratch space, qdisc_skb_cb.data: nothing between tcx
  * and the classic filters touches it), and a second on the same hook sees the mark,
  * clears it and counts nothing. The mark names the device and the hook, so a mark
@@ -27,14 +27,11 @@
  * is one inlined array lookup and one compare, and no packet's cb is looked at, so
  * whatever another layer left there can never make us skip a packet. Not pinned:
  * only this daemon's programs mark, and they are the only ones a move lets run. */
-BPF_ARRAY(pnm_moving, __u32, 1);
 #define PNM_MOVE_MARK 0x706e6d76u /* "pnmv" */
 
 static __always_inline int pnm_counted_on_this_hook(struct __sk_buff *skb, __u32 hook)
 {
-    __u32 zero = 0;
-    __u32 *moving = pnm_moving.lookup(&zero);
-    if (!moving || !*moving)
+    if (!pnm_switch(PNM_SWITCH_MOVING))
         return 0; /* no move: one of ours per hook, and skb->cb is not even read */
     __u32 mark = PNM_MOVE_MARK ^ (skb->ifindex << 1) ^ hook;
     if (skb->cb[0] == mark && skb->cb[1] == ~mark) {

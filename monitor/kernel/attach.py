@@ -28,7 +28,7 @@ from monitor.kernel.programs import Programs
 from monitor.kernel.records import FILTER_RUNS_FIRST, Attachment
 from monitor.kernel.rtnltc import TC_PARENT_EGRESS, TC_PARENT_INGRESS
 from monitor.kernel.rtnlwire import RtnlError
-from monitor.kernel.source import MOVING_MAP
+from monitor.kernel.source import SWITCH_MOVING, SWITCHES_MAP
 
 
 def tcx_supported() -> bool:
@@ -166,7 +166,8 @@ class Attacher:
 
     @contextmanager
     def _moving(self, moving: bool, make_ours: Callable[[], None]) -> Iterator[None]:
-        """The move of a device from one hook to the other (bpf/tc_main.c, pnm_moving):
+        """The move of a device from one hook to the other (bpf/tc_main.c; pnm_switches,
+        SWITCH_MOVING):
         with the switch on and after a grace period, every pass through a hook that
         runs our program on both sees the switch on, and counts once; the switch goes off
         only a grace period after the old hook lost ours. make_ours points the old hook
@@ -186,7 +187,7 @@ class Attacher:
     def _switch(self, step: int) -> None:
         with self._moves_lock:
             self._moves += step
-            self._programs.maps.put(MOVING_MAP, struct.pack("=I", 0),
+            self._programs.maps.put(SWITCHES_MAP, struct.pack("=I", SWITCH_MOVING),
                                     struct.pack("=I", self._moves))
 
     def _our_filter_parents(self, ifindex: int) -> list[int]:

@@ -26,11 +26,11 @@ from monitor.kernel.source import (
     GENERATION_MAP,
     IFSLOT_SPILL_MAP,
     IFSLOTS_MAP,
-    MOVING_MAP,
     NETNS_MAP,
     PROG_EGRESS,
     PROG_INGRESS,
     SLOT_OWNER_MAP,
+    SWITCHES_MAP,
     build_cflags,
     compose_source,
     loadable,
@@ -92,7 +92,7 @@ class Programs:
         programs = [(PROG_INGRESS, "sched_cls"), (PROG_EGRESS, "sched_cls")]
         programs += [(tracepoint_function(tp), "tracepoint")
                      for p in self.probes for tp in p.tracepoints]
-        map_names = [*CORE_MAPS, MOVING_MAP, *(m for p in self.probes for m in p.maps),
+        map_names = [*CORE_MAPS, SWITCHES_MAP, *(m for p in self.probes for m in p.maps),
                      *_PERF_OUTPUT.findall(source)]
         spec = loader.Spec(source, tuple(cflags), tuple(programs), tuple(map_names))
         started = time.monotonic()
@@ -159,7 +159,7 @@ class Programs:
                    self._handle(NETNS_MAP, 4, 4, ncpus, "core"),
                    self._handle(SLOT_OWNER_MAP, 4, 8, ncpus, "core"),
                    self._handle(GENERATION_MAP, 4, 4, ncpus, "core"),
-                   self._handle(MOVING_MAP, 4, 4, ncpus, "core")]
+                   self._handle(SWITCHES_MAP, 4, 4, ncpus, "core")]
         for probe in self.probes:
             for name, layout in probe.maps.items():
                 handle = self._handle(name, ctypes.sizeof(layout.key), ctypes.sizeof(layout.value),

@@ -34,7 +34,9 @@ IFSLOT_SPILL_MAP = "pnm_ifslot_spill"  # ifindex -> slot, where the bucket was t
 NETNS_MAP = "pnm_netns"  # a pod's netns inode -> the slot its tracepoint events count in
 SLOT_OWNER_MAP = "pnm_slot_owner"  # slot -> {ifindex, netns}: for the next daemon
 GENERATION_MAP = "pnm_generation"  # which daemon's tracepoint programs count
-MOVING_MAP = "pnm_moving"  # bpf/tc_main.c: nonzero while a device moves between tc and tcx
+SWITCHES_MAP = "pnm_switches"  # bpf/tc_packet.h: the daemon's switches, read on every packet
+SWITCH_MOVING = 0  # nonzero while a device moves between tc and tcx (bpf/tc_main.c)
+SWITCH_TRACING = 1  # nonzero while any trace of a pod is on (bpf/trace.c)
 IFSLOT_BUCKETS = 65536
 
 
@@ -48,7 +50,8 @@ def compose_source(probes: Sequence[Probe], bpf_dir: Path = BPF_DIR,
     maps are pinned in its own directory: PNM_PIN_DIR is redefined before its file
     (PNM_MAP expands it where it is used).
     """
-    parts = [f'#line 1 "{name}"\n{(bpf_dir / name).read_text()}' for name in ("pnm.h", "kstruct.h")]
+    parts = [f'#line 1 "{name}"\n{(bpf_dir / name).read_text()}'
+             for name in ("pnm.h", "kstruct.h", "tc_packet.h")]
     for probe in probes:
         if pin_dirs is not None and probe.name in pin_dirs:
             parts.append(f'#undef PNM_PIN_DIR\n#define PNM_PIN_DIR "{pin_dirs[probe.name]}"')

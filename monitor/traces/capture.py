@@ -34,6 +34,7 @@ from typing import Protocol
 from monitor import log
 from monitor.identity import IdentityIndex, Pod
 from monitor.kernel.maps import decode
+from monitor.kernel.source import SWITCH_TRACING, SWITCHES_MAP
 from monitor.probes import drops as drops_probe
 from monitor.probes import trace as trace_probe
 from monitor.probes.base import u32_key
@@ -203,7 +204,12 @@ class CaptureManager:
                             snaplen, r.filter)
 
     def _program(self, slots: frozenset[int]) -> None:
-        """Set each slot's kernel switches from the sessions that want it (lock held)."""
+        """Set each slot's kernel switches from the sessions that want it, and the node's
+        tracing switch, which lets packets skip their slot's settings while no packet
+        trace runs (bpf/trace.c): on before any slot's, off after every slot's (lock held)."""
+        tracing = any(s.kind == "packets" and not s.ended for s in self._sessions.values())
+        if tracing:
+            self._set_tracing(True)
         for slot in slots:
             wanting = [s for s in self._sessions.values() if slot in s.slots and not s.ended]
             packets = [s for s in wanting if s.kind == "packets"]
@@ -216,6 +222,11 @@ class CaptureManager:
             self._maps.put(trace_probe.MAP, u32_key(slot), bytes(cfg))
             on = any(s.kind == "drops" for s in wanting)
             self._maps.put(drops_probe.TRACE, u32_key(slot), struct.pack("=I", on))
+        if not tracing:
+            self._set_tracing(False)
+
+    def _set_tracing(self, on: bool) -> None:
+        self._maps.put(SWITCHES_MAP, u32_key(SWITCH_TRACING), struct.pack("=I", on))
 
     # -- the perf reader ------------------------------------------------------------
 

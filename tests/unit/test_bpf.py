@@ -168,8 +168,8 @@ def test_several_missing_tracepoints_are_named() -> None:
 @pytest.fixture
 def bpf_dir(tmp_path: Path) -> Path:
     for name, text in {"pnm.h": "/* PNM_H */", "kstruct.h": "/* KSTRUCT_H */",
-                       "tc_main.c": "/* TC_MAIN */", "a.c": "/* A_C */", "b.c": "/* B_C */",
-                       "c.c": "/* C_C */"}.items():
+                       "tc_packet.h": "/* TC_PACKET_H */", "tc_main.c": "/* TC_MAIN */",
+                       "a.c": "/* A_C */", "b.c": "/* B_C */", "c.c": "/* C_C */"}.items():
         (tmp_path / name).write_text(text + "\n")
     return tmp_path
 
@@ -182,12 +182,12 @@ def dispatcher_calls(source: str) -> list[str]:
 def test_compose_source_order_and_dispatcher(bpf_dir: Path) -> None:
     probes = [probe("a", tc_hook="a_tc"), probe("b"), probe("c", tc_hook="c_tc")]
     source = c_source.compose_source(probes, bpf_dir)
-    marks = ["/* PNM_H */", "/* KSTRUCT_H */", "/* A_C */", "/* B_C */", "/* C_C */",
+    marks = ["/* PNM_H */", "/* KSTRUCT_H */", "/* TC_PACKET_H */", "/* A_C */", "/* B_C */", "/* C_C */",
              "pnm_tc_probes(", "/* TC_MAIN */"]
     positions = [source.index(m) for m in marks]
     assert positions == sorted(positions)
     assert dispatcher_calls(source) == ["a_tc", "c_tc"]
-    for name in ("pnm.h", "kstruct.h", "a.c", "b.c", "c.c", "tc_main.c"):
+    for name in ("pnm.h", "kstruct.h", "tc_packet.h", "a.c", "b.c", "c.c", "tc_main.c"):
         assert f'#line 1 "{name}"\n' in source
 
 
@@ -244,3 +244,16 @@ def test_a_probes_change_moves_its_layout_only_and_the_cores_moves_every_one(
     assert [o for o in before if changed[o] != before[o]] == ["dns"]
     resized = c_source.maps_layout_versions(128, tmp_path / "bpf")
     assert all(resized[o] != changed[o] for o in before)  # the core's sizes: all of them
+
+
+def test_the_packet_parser_versions_no_pinned_map(tmp_path: Path) -> None:
+    """tc_packet.h (the parse of the packet in hand, the daemon's unpinned switches) can
+    change in any release without starting a single counter afresh at the upgrade."""
+    import shutil
+
+    shutil.copytree(c_source.BPF_DIR, tmp_path / "bpf")
+    before = c_source.maps_layout_versions(64, tmp_path / "bpf")
+    parser = tmp_path / "bpf" / "tc_packet.h"
+    parser.write_text(parser.read_text() + "\n#define PNM_PARSE_SOMETHING_NEW 1\n"
+                      "struct pnm_parse_scratch { __u64 word; };\n")
+    assert c_source.maps_layout_versions(64, tmp_path / "bpf") == before

@@ -31,6 +31,7 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
 from scapy.layers.l2 import ARP, Ether
 
 from monitor.identity import HostVeth, IdentityIndex, Pod, PodMeta, PodNetwork, identify
+from monitor.kernel.source import SWITCH_TRACING, SWITCHES_MAP
 from monitor.probes import drops as drops_probe
 from monitor.probes import trace as trace_probe
 from monitor.probes.base import u32_key
@@ -131,6 +132,10 @@ class Rig:
 
     def cfg(self, slot: int) -> TraceConfig:
         return TraceConfig.from_buffer_copy(self.maps.maps[trace_probe.MAP][u32_key(slot)])
+
+    def tracing_switch(self) -> int:
+        value = self.maps.maps.get(SWITCHES_MAP, {}).get(u32_key(SWITCH_TRACING), bytes(4))
+        return int(struct.unpack("=I", value)[0])
 
     def drop_switch(self, slot: int) -> int:
         return int(struct.unpack("=I", self.maps.maps[drops_probe.TRACE][u32_key(slot)])[0])
@@ -310,11 +315,34 @@ def test_a_packet_trace_switches_on_every_slot_of_the_pod_with_its_prefilter(rig
         assert bytes(cfg.addr) == bytes(16)
         assert rig.drop_switch(slot) == 0
     assert rig.written_slots() == {(trace_probe.MAP, 3), (trace_probe.MAP, 5),
-                                   (drops_probe.TRACE, 3), (drops_probe.TRACE, 5)}  # not db's 4
+                                   (drops_probe.TRACE, 3), (drops_probe.TRACE, 5),
+                                   (SWITCHES_MAP, SWITCH_TRACING)}  # not db's 4
     rig.manager.finish(session, "done")
     for slot in (3, 5):
         assert bytes(rig.cfg(slot)) == bytes(TraceConfig())  # off, and no prefilter left
         assert rig.drop_switch(slot) == 0
+
+
+def test_the_node_tracing_switch_is_on_while_any_packet_trace_runs(rig: Rig) -> None:
+    """With it off, no packet looks up its slot's trace settings (bpf/trace.c): so it is on
+    before any slot's settings are, and off only once no packet trace is left."""
+    assert rig.tracing_switch() == 0
+    drops = rig.start("db", kind="drops")
+    assert rig.tracing_switch() == 0  # drop traces need no packet's settings
+    before = len(rig.maps.writes())
+    first = rig.start("web")
+    ops = [(name, key) for _op, name, key in rig.maps.writes()]
+    assert ops[before] == (SWITCHES_MAP, u32_key(SWITCH_TRACING))  # before any slot's settings
+    second = rig.start("db")
+    assert rig.tracing_switch() == 1
+    rig.manager.finish(first, "done")
+    assert rig.tracing_switch() == 1  # the other still runs
+    rig.manager.finish(second, "done")
+    assert rig.tracing_switch() == 0
+    ops = [(name, key) for _op, name, key in rig.maps.writes()]
+    assert ops[-1] == (SWITCHES_MAP, u32_key(SWITCH_TRACING))  # after every slot's
+    rig.manager.finish(drops, "done")
+    assert rig.tracing_switch() == 0
 
 
 @pytest.mark.parametrize(("expression", "expected"), [
@@ -399,7 +427,8 @@ def test_a_session_that_ends_switches_its_slots_off_before_it_is_finished(rig: R
     assert due.id in rig.manager._sessions  # not finished: that is its consumer's to do
     writes = len(rig.maps.writes())
     rig.manager.finish(due, "the client went away")
-    assert len(rig.maps.writes()) == writes + 2  # programmed once more, both maps, no more
+    # programmed once more: both maps, and the node's tracing switch off, no more
+    assert len(rig.maps.writes()) == writes + 3
 
 
 @pytest.mark.parametrize("how", ["deadline", "limit", "pod"])
