@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import UDP_SENDER, lab_pods, machine, median, run_in, spawn_in, stable
 from monitor.identity import IdentityIndex
-from monitor.kernel import kernelinfo, rtnl, source, syscalls
+from monitor.kernel import kernelinfo, rtnl, source, syscalls, tracepoints
 from monitor.kernel.programs import Programs
 from monitor.kernel.rtnltc import TC_PARENT_INGRESS
 from monitor.peers.identity import PeerResolver
@@ -64,20 +66,63 @@ def _slots_for(programs: Programs, ifindex: int, kernel_netns: int) -> None:
                      snapshot=IdentityIndex).start(adopted=False)
 
 
-def measure(rounds: int, datagrams: int,
-            variants: dict[str, list[str]]) -> dict[str, dict[str, list[float]]]:
+# Run in a worktree of another revision, by its own code: load each variant, give it the
+# device's slot as the daemon would, pin its ingress program where the parent opens it.
+AGAINST_CHILD = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+from bench.tc_cost import _slots_for
+from monitor.kernel import kernelinfo, tracepoints
+from monitor.kernel.programs import Programs
+from monitor.probes import select
+ifindex, netns, pin_dir, *variants = sys.argv[1:]
+kernel = kernelinfo.probe(proc_root="/proc", tracefs_root="/sys/kernel/tracing",
+                          btf_path="/sys/kernel/btf/vmlinux")
+for variant in variants:
+    name, _, probes = variant.partition("=")
+    program = Programs(select([p for p in probes.split(",") if p]), kernel, max_interfaces=64,
+                       bpf_stats=False)
+    _slots_for(program, int(ifindex), int(netns))
+    tracepoints.pin(program.ingress_fd, os.path.join(pin_dir, name))
+os._exit(0)  # no clean-up: the pinned programs keep their maps, slots set
+"""
+
+
+def against(rev: str, variants: dict[str, list[str]], ifindex: int, netns: int) -> dict[str, int]:
+    """`rev`'s programs for each variant, loaded from a worktree of it: name -> program fd."""
+    from bench.versions import worktree
+
+    tree = worktree(rev)
+    try:
+        # the pins go with the directory: the programs stay loaded by the fds opened here
+        with tempfile.TemporaryDirectory(prefix="pnm-bench-", dir="/sys/fs/bpf") as pins:
+            child = subprocess.run(
+                [sys.executable, "-c", AGAINST_CHILD, str(ifindex), str(netns), pins,
+                 *(f"{n}={','.join(p)}" for n, p in variants.items())],
+                cwd=tree, capture_output=True, text=True, check=False)
+            if child.returncode != 0:
+                raise RuntimeError(f"{rev}'s programs did not load:\n{child.stderr[-3000:]}")
+            return {f"{rev}:{n}": tracepoints.get_pinned(f"{pins}/{n}") for n in variants}
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)],
+                       cwd=Path(__file__).resolve().parent.parent, check=False)
+
+
+def measure(rounds: int, datagrams: int, variants: dict[str, list[str]],
+            against_rev: str | None = None) -> dict[str, dict[str, list[float]]]:
     stats_fd = syscalls.enable_run_stats()
     kernel = kernelinfo.probe(proc_root="/proc", tracefs_root="/sys/kernel/tracing",
                               btf_path="/sys/kernel/btf/vmlinux")
     programs = {name: Programs(select(probes), kernel, max_interfaces=64, bpf_stats=False)
                 for name, probes in variants.items()}
     empty_fd = syscalls.load_unspec_program()  # "return TC_ACT_UNSPEC", two instructions
-    results: dict[str, dict[str, list[float]]] = {
-        name: {"udp64": [], "udp64x16": [], "tcp": []} for name in programs}
     with lab_pods(2) as (_lab, (a, b)):
         ifindex = int(Path(f"/sys/class/net/{a.host_veth}/ifindex").read_text())
         for prog in programs.values():
             _slots_for(prog, ifindex, a.netns)
+        others = against(against_rev, variants, ifindex, a.netns) if against_rev else {}
+        results: dict[str, dict[str, list[float]]] = {
+            name: {"udp64": [], "udp64x16": [], "tcp": []} for name in [*programs, *others]}
         # sixteen peers, all b: addresses of its own, each with a's neighbour entry for it,
         # so that a's datagrams to them take turns (the peers probe's worst case)
         mac = json.loads(run_in(b, "ip", "-j", "link", "show", "eth0"))[0]["address"]
@@ -90,7 +135,7 @@ def measure(rounds: int, datagrams: int,
         tc = rtnl.Rtnl()
         tc.add_clsact(ifindex)  # a fresh lab veth has none; lab down removes it
         sink = spawn_in(b, "iperf3", "-s")
-        fds = {"empty": empty_fd, **{n: p.ingress_fd for n, p in programs.items()}}
+        fds = {"empty": empty_fd, **{n: p.ingress_fd for n, p in programs.items()}, **others}
         order = list(fds)
         try:
             for r in range(rounds):
@@ -118,7 +163,7 @@ def measure(rounds: int, datagrams: int,
                         line = ", ".join(f"{n} {c[0]:6.1f}" for n, c in cost.items())
                         print(f"round {r} {kind:5} ns/run over {runs.pop()} runs: {line}",
                               flush=True)
-                        for name in programs:
+                        for name in results:
                             results[name][kind].append(cost[name][0] - cost["empty"][0])
                 finally:
                     for prio, _name in enumerate(turn, start=100):
@@ -127,6 +172,8 @@ def measure(rounds: int, datagrams: int,
             sink.kill()
             sink.wait()
             tc.close()
+            for fd in others.values():
+                os.close(fd)
     for prog in programs.values():
         prog.close()
     os.close(empty_fd)
@@ -140,15 +187,29 @@ def main() -> int:
     parser.add_argument("--datagrams", type=int, default=200_000)
     parser.add_argument("--per-probe", action="store_true",
                         help="also the packet counters with each other TC probe alone")
+    parser.add_argument("--against", metavar="REV",
+                        help="also every variant as this git revision builds it, in the stack")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     results = measure(args.rounds, args.datagrams,
-                      {**VARIANTS, **(PER_PROBE if args.per_probe else {})})
+                      {**VARIANTS, **(PER_PROBE if args.per_probe else {})}, args.against)
     for name, kinds in results.items():
         for kind, deltas in kinds.items():
             print(f"RESULT tc_cost {name} {kind}: median +{median(deltas):.1f} ns/packet over an "
                   f"empty program ({len(deltas)} rounds, range {min(deltas):+.1f}.."
                   f"{max(deltas):+.1f})")
+    if args.against:
+        # each round's difference on the same packets: the machine's drift between rounds,
+        # which the ranges above carry, cancels
+        for name, kinds in results.items():
+            if ":" in name:
+                continue
+            for kind, deltas in kinds.items():
+                paired = [new - old for new, old in
+                          zip(deltas, results[f"{args.against}:{name}"][kind], strict=True)]
+                print(f"RESULT tc_cost {name} {kind} against {args.against}: median "
+                      f"{median(paired):+.1f} ns/packet, round by round (range "
+                      f"{min(paired):+.1f}..{max(paired):+.1f})")
     return 0
 
 
