@@ -9,7 +9,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHES = ["tc_cost.py", "throughput.py", "tracepoint_cost.py", "trace_cost.py", "scale.py",
            "node_api.py", "peer_index.py", "peers.py", "ring_cost.py", "cpu_share.py",
-           "tcx_attach.py"]
+           "hot_cost.py", "tcx_attach.py", "tcx_move.py"]
 
 
 def main() -> int:
