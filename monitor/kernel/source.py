@@ -35,8 +35,8 @@ NETNS_MAP = "pnm_netns"  # a pod's netns inode -> the slot its tracepoint events
 SLOT_OWNER_MAP = "pnm_slot_owner"  # slot -> {ifindex, netns}: for the next daemon
 GENERATION_MAP = "pnm_generation"  # which daemon's tracepoint programs count
 SWITCHES_MAP = "pnm_switches"  # bpf/tc_packet.h: the daemon's switches, read on every packet
-SWITCH_MOVING = 0  # nonzero while a device moves between tc and tcx (bpf/tc_main.c)
-SWITCH_TRACING = 1  # nonzero while any trace of a pod is on (bpf/trace.c)
+SWITCH_MOVING = 1  # nonzero while a device moves between tc and tcx (bpf/tc_main.c)
+SWITCH_TRACING = 2  # nonzero while any trace of a pod is on (bpf/trace.c); 0 is unused
 IFSLOT_BUCKETS = 65536
 
 

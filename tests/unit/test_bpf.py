@@ -257,3 +257,13 @@ def test_the_packet_parser_versions_no_pinned_map(tmp_path: Path) -> None:
     parser.write_text(parser.read_text() + "\n#define PNM_PARSE_SOMETHING_NEW 1\n"
                       "struct pnm_parse_scratch { __u64 word; };\n")
     assert c_source.maps_layout_versions(64, tmp_path / "bpf") == before
+
+
+def test_the_switches_are_numbered_alike_in_c_and_python() -> None:
+    text = (c_source.BPF_DIR / "tc_packet.h").read_text()
+    defined = dict(re.findall(r"#define PNM_SWITCH_(\w+) (\d+)", text))
+    assert {name: int(v) for name, v in defined.items()} == {
+        "MOVING": c_source.SWITCH_MOVING, "TRACING": c_source.SWITCH_TRACING}
+    size = re.search(r"BPF_ARRAY\(pnm_switches, __u32, (\d+)\)", text)
+    assert size is not None
+    assert max(c_source.SWITCH_MOVING, c_source.SWITCH_TRACING) < int(size.group(1))
