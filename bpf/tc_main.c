@@ -15,10 +15,10 @@
 /* Moving a device between classic tc and tcx without counting a packet twice or
  * not at all. While the daemon moves one, our program can run twice on one pass
  * through a hook (tcx first, then the classic filter: sch_handle_ingress/egress),
- * and there is no instant at which to swap one for the other. So, while
- * the moving switch (tc_packet.h) is on, the first of ours on a hook counts and marks the packet
- * in skb->cb (the tc layer's scratch space, qdisc_skb_cb.data: nothing between tcx
- * and the classic filters touches it), and a second on the same hook sees the mark,
+ * and there is no instant at which to swap one for the other. So, while the
+ * moving switch (tc_packet.h) is on, the first of ours on a hook counts and marks the
+ * packet in skb->cb (the tc layer's scratch space, qdisc_skb_cb.data: nothing between
+ * tcx and the classic filters touches it), and a second on the same hook sees the mark,
  * clears it and counts nothing. The mark names the device and the hook, so a mark
  * left on a packet can never silence another hook it reaches. The daemon sets the
  * switch and waits an RCU grace period before it adds the second program, and takes

@@ -11,7 +11,7 @@ a protocol class, a port, an address. prefilter() turns an expression into
 such a check only when it can prove that every packet the expression matches
 passes it, so the kernel never withholds a packet the exact filter would keep.
 
-The kernel's rule, which the proofs below rely on (bpf/trace.c, bpf/pnm.h):
+The kernel's rule, which the proofs below rely on (bpf/trace.c, bpf/tc_packet.h):
   - protocol 6 or 17: the packet's L4 protocol is that one. For IPv4 it is the
     protocol field, fragments included; for IPv6 the header after the
     extension headers (hop-by-hop, routing, destination options, AH, fragment).

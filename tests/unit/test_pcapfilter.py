@@ -4,7 +4,7 @@ The oracle is tcpdump itself (Debian's, on the same libpcap): each corpus
 frame gets its index as timestamp, `tcpdump -r corpus.pcap -w - EXPR` says
 which frames it keeps, and PacketFilter must keep exactly those. The
 prefilter is checked against a model of the kernel's rule (bpf/trace.c,
-trace_prefilter, over the fields bpf/pnm.h parses), written here from
+trace_prefilter, over the fields bpf/tc_packet.h parses), written here from
 scapy's parse of each frame, independently of monitor/pcapfilter.py.
 """
 
@@ -373,7 +373,7 @@ NO_L4 = 255  # not IP, as PNM_NO_L4: never equal to 6 or 17
 
 @dataclass(frozen=True)
 class KernelView:
-    """The fields bpf/pnm.h's parser gives trace_prefilter, for one whole frame."""
+    """The fields bpf/tc_packet.h's parser gives trace_prefilter, for one whole frame."""
 
     family: int = 0
     l4proto: int = NO_L4
@@ -382,7 +382,7 @@ class KernelView:
 
 
 def kernel_view(frame: bytes) -> KernelView:
-    """What bpf/pnm.h reads of a frame, from scapy's parse of it.
+    """What bpf/tc_packet.h reads of a frame, from scapy's parse of it.
 
     The kernel dispatches on skb->protocol: a VLAN tag still in the data makes
     the frame not IP. IPv4: the protocol field, no ports for a non-first
