@@ -267,3 +267,16 @@ def test_the_switches_are_numbered_alike_in_c_and_python() -> None:
     size = re.search(r"BPF_ARRAY\(pnm_switches, __u32, (\d+)\)", text)
     assert size is not None
     assert max(c_source.SWITCH_MOVING, c_source.SWITCH_TRACING) < int(size.group(1))
+
+
+def test_the_switches_share_one_cache_line_on_this_kernel() -> None:
+    """Both are read on every packet: two lines would be one more miss a packet. Where
+    the array's values begin is the running kernel's struct bpf_array (BTF)."""
+    from monitor.kernel.btf import Btf
+
+    vmlinux = Path("/sys/kernel/btf/vmlinux")
+    if not vmlinux.exists():
+        pytest.skip("no kernel BTF here")
+    values = Btf(vmlinux.read_bytes()).offsetof("bpf_array", "value")
+    lines = {(values + 8 * i) // 64 for i in (c_source.SWITCH_MOVING, c_source.SWITCH_TRACING)}
+    assert len(lines) == 1, f"values at {values}: entries in lines {sorted(lines)}"
