@@ -25,10 +25,13 @@ ordered to err one known way and repeated (READS times), keeping the best:
   veth_xmit() counts it. Reading the statistics first and our count after errs the
   other way: the largest is taken.
 
-A read with no packet in flight (microseconds each) is exact; at a pod's start there are
-seldom any. The baseline is taken once per attachment, keyed by (ifindex, netns): an
-ifindex reused by another pod's veth starts afresh. A gone interface's baseline is kept
-for FORGET_AFTER seconds: a scrape reads the identity snapshot it started with, which can
+A read during which no packet passed our programs (ours the same before and after the
+statistics) is exact, and ends the reads; otherwise the best of READS is kept. At a pod's
+start packets are seldom in flight, but a noisy one (ARP and MLD floods from pods being
+made beside it) had one through each of three reads in a CI run: hence up to eight.
+The baseline is taken once per attachment, keyed by (ifindex, netns): an ifindex reused
+by another pod's veth starts afresh. A gone interface's baseline is kept for
+FORGET_AFTER seconds: a scrape reads the identity snapshot it started with, which can
 still hold the pod while the reconciler has already let it go (its series must not drop
 to zero in that scrape's last moments).
 """
@@ -43,7 +46,7 @@ from monitor import log
 from monitor.identity import IdentityIndex
 from monitor.kernel.records import VethCounts
 
-READS = 3
+READS = 8  # at most: the first quiet read ends them
 FORGET_AFTER = 60.0  # seconds: far longer than any scrape holds its snapshot
 
 
@@ -110,6 +113,8 @@ class BeforeAttach:
             # CPU's backlog full): the veth counts those in tx_dropped, not tx_packets
             ingress.append((veth.tx_packets + veth.tx_dropped - then[2],
                             veth.tx_bytes - then[3]))
+            if first == then:
+                break  # nothing passed our programs while the statistics were read: exact
         (out_packets, out_bytes), (in_packets, in_bytes) = min(egress), max(ingress)
         baseline = Baseline(max(0, out_packets), max(0, out_bytes), max(0, in_packets),
                             max(0, in_bytes))

@@ -184,6 +184,9 @@ def watch_switch(maps: dict[str, int], name: str, slot: int, pid: int, *, starte
         time.sleep(0.05)
 
 
+BACK_WITHIN_KIB = 16 << 10  # what a trace's end must give back, within: its queue is 32 MiB
+
+
 def memory_back(pid: int, baseline: int, within_kib: int, timeout: float) -> tuple[int, float]:
     started = time.monotonic()
     while True:
@@ -224,7 +227,7 @@ def test_a_client_that_reads_nothing_ends_its_trace_on_time(run: LabRun, kind: s
         time.sleep(max(0.0, started + duration + WRITE_GRACE + 0.5 - time.monotonic()))
         # within 16 MiB: the 32 MiB queue of packets is what must come back (kept, RSS
         # stayed ~35 MiB up); glibc keeps some freed pages of the threads' arenas
-        back, took = memory_back(pid, rss_before, 16 << 10, timeout=10)
+        back, took = memory_back(pid, rss_before, BACK_WITHIN_KIB, timeout=10)
         left = daemon_sockets(port)  # before the client reads what its buffer holds
         ending = reads_to_the_end(client, timeout=5)
         client.close()
@@ -240,7 +243,9 @@ def test_a_client_that_reads_nothing_ends_its_trace_on_time(run: LabRun, kind: s
     assert seen.on_for <= duration + 2, f"the switch stayed on {seen.on_for:.1f} s"
     if kind == "capture":  # the stalled client's queue really filled (else nothing is shown)
         assert seen.peak_kib > rss_before + (16 << 10), (rss_before, seen.peak_kib)
-    assert back <= rss_before + (8 << 10), f"RSS {back} KiB, {rss_before} KiB before the trace"
+    # the bound waited for: a stricter one (8 MiB) failed a CI run at 9.1 MiB up, read the
+    # moment the wait for 16 MiB ended
+    assert back <= rss_before + BACK_WITHIN_KIB, f"RSS {back} KiB, {rss_before} KiB before"
     assert perf_fds(pid) == fds_before == 0  # the perf buffers close with the last trace
     # the daemon reset the connection: no socket of its own kept for the unsent bytes
     assert left == [] and ending == "reset", (left, ending)
