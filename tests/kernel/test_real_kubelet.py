@@ -149,8 +149,11 @@ def test_peers_named_by_the_real_api_and_a_service_before_kube_proxys_nat(
                         "--timeout=60s", check=False)
 
     def delta(pod: str) -> dict[tuple[str, str, str, str], float]:
+        # external peers left out: a new pod's own IPv6 router solicitations (70 bytes to
+        # ff02::2, seconds apart) fell in the window of one CI run; the Service or the pod
+        # named as external would still fail, as the keys expected below would be missing
         return {k: v - before[pod].get(k, 0) for k, v in after[pod].items()
-                if v - before[pod].get(k, 0)}
+                if v - before[pod].get(k, 0) and k[1] != "external"}
     frame = 14 + 20 + 8 + 100
     # the client sees the Service, both ways: before the DNAT, and after its reverse
     assert delta(web.name) == {("egress", "service", "shop", "cache"): 5 * frame,
